@@ -1,0 +1,1 @@
+//! Support library of the system tests lives in `tests/tests/support`.

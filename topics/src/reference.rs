@@ -1,0 +1,443 @@
+//! The topic reference (`docs/topics.md`), generated from the types so it cannot drift.
+//!
+//! A test compares the committed file with [`markdown`]; regenerate with
+//! `cargo run -p topics --example gen-topics-doc > docs/topics.md`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::legacy;
+use crate::payload::*;
+use crate::topic::{Command, Notification};
+use crate::vm::VmId;
+
+/// Who serves a command.
+fn served_by(c: Command) -> &'static str {
+    match c {
+        Command::Benchmark => "every agent, Dom0",
+        Command::Discover => "every agent, Dom0 controller",
+        Command::SupervisionCounters => "Dom0 controller",
+        _ => "sys-usb agent (disk provider)",
+    }
+}
+
+fn describe(c: Command) -> &'static str {
+    match c {
+        Command::ListDisks => "List the disks connected to the system.",
+        Command::ListFiles => {
+            "List a disk's files, recursively. The listing is capped; `truncated: true` says the cap was hit."
+        }
+        Command::ReadFile => {
+            "Copy a file into the local repository; the copy's SHA-256 is verified, then announced on `system/disk/new_file/notification`."
+        }
+        Command::CopyFile => {
+            "Copy a file from one disk to another (same path, missing folders created). An existing target is refused with `already_exists` unless `overwrite: true`."
+        }
+        Command::RemoveFile => "Remove a file from a disk.",
+        Command::Benchmark => {
+            "Start a measurement: `module` is `messaging` (round trip over the channel) or `disks` (read throughput). Answers `started` at once, then `finished` with `figures` on the same response topic."
+        }
+        Command::GetFileFootprint => "The file's SHA-256, lowercase hex.",
+        Command::CreateFile => {
+            "Create a file from Base64 `data` (size-limited before decoding); missing parent folders are created. An existing file is refused with `already_exists` unless `overwrite: true`."
+        }
+        Command::Discover => {
+            "List the system's components. Several parties answer, each with its own part (Dom0: itself and the linked VMs; an agent: itself and its disks)."
+        }
+        Command::SupervisionCounters => {
+            "Dom0 extension: per-VM link counters (packets, bytes, refusals, drops)."
+        }
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn vm(s: &str) -> VmId {
+    VmId::parse(s).unwrap_or_else(|_| VmId::dom0())
+}
+
+fn req_id() -> Option<RequestId> {
+    RequestId::parse("7").ok()
+}
+
+/// An example request and response payload for each command, built from the typed values.
+pub fn example(c: Command) -> (Vec<u8>, Vec<u8>) {
+    let gui = vm("vm-gui");
+    let id = req_id();
+    let path = || "docs/report.pdf".to_owned();
+    match c {
+        Command::ListDisks => (
+            Request::new(gui, id.clone(), NoArgs {}).to_json(),
+            Response::ok(
+                id,
+                ListDisksReply {
+                    disks: vec![Disk {
+                        label: "KINGSTON".into(),
+                        id: "usb0".into(),
+                    }],
+                },
+            )
+            .to_json(),
+        ),
+        Command::ListFiles => (
+            Request::new(
+                gui,
+                id.clone(),
+                ListFilesArgs {
+                    disk: "usb0".into(),
+                },
+            )
+            .to_json(),
+            Response::ok(
+                id,
+                ListFilesReply {
+                    disk: "usb0".into(),
+                    files: vec![
+                        FileEntry {
+                            path: "docs".into(),
+                            size: 0,
+                            name: "docs".into(),
+                            kind: FileKind::Folder,
+                        },
+                        FileEntry {
+                            path: path(),
+                            size: 5120,
+                            name: "report.pdf".into(),
+                            kind: FileKind::File,
+                        },
+                    ],
+                    truncated: false,
+                },
+            )
+            .to_json(),
+        ),
+        Command::ReadFile => (
+            Request::new(
+                gui,
+                id.clone(),
+                ReadFileArgs {
+                    source_disk: "usb0".into(),
+                    filepath: path(),
+                },
+            )
+            .to_json(),
+            Response::ok(
+                id,
+                ReadFileReply {
+                    filepath: Some("usb0/docs/report.pdf".into()),
+                    size_in_bytes: Some(5120),
+                    footprint: Some(
+                        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+                    ),
+                },
+            )
+            .to_json(),
+        ),
+        Command::CopyFile => (
+            Request::new(
+                gui,
+                id.clone(),
+                CopyFileArgs {
+                    source_disk: "usb0".into(),
+                    filepath: path(),
+                    target_disk: "usb1".into(),
+                    overwrite: false,
+                },
+            )
+            .to_json(),
+            Response::ok(id, StatusOnly {}).to_json(),
+        ),
+        Command::RemoveFile => (
+            Request::new(
+                gui,
+                id.clone(),
+                RemoveFileArgs {
+                    disk: "usb0".into(),
+                    filepath: path(),
+                },
+            )
+            .to_json(),
+            Response::<StatusOnly>::error(
+                id,
+                ErrorBody::new(
+                    ErrorCode::NotFound,
+                    "no file `docs/report.pdf` on disk `usb0`",
+                ),
+            )
+            .to_json(),
+        ),
+        Command::Benchmark => {
+            let mut figures = BTreeMap::new();
+            figures.insert("round_trip_p50_us".to_owned(), 412.0);
+            figures.insert("round_trip_p99_us".to_owned(), 980.0);
+            figures.insert("samples".to_owned(), 200.0);
+            (
+                Request::new(
+                    gui,
+                    id.clone(),
+                    BenchmarkArgs {
+                        module: "messaging".into(),
+                    },
+                )
+                .to_json(),
+                Response::with_status(
+                    id,
+                    Status::Finished,
+                    BenchmarkReply {
+                        module: "messaging".into(),
+                        figures,
+                    },
+                )
+                .to_json(),
+            )
+        }
+        Command::GetFileFootprint => (
+            Request::new(
+                gui,
+                id.clone(),
+                FootprintArgs {
+                    disk: "usb0".into(),
+                    filepath: path(),
+                },
+            )
+            .to_json(),
+            Response::ok(
+                id,
+                FootprintReply {
+                    disk: Some("usb0".into()),
+                    filepath: Some(path()),
+                    footprint: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+                        .into(),
+                },
+            )
+            .to_json(),
+        ),
+        Command::CreateFile => (
+            Request::new(
+                gui,
+                id.clone(),
+                CreateFileArgs {
+                    disk: "usb0".into(),
+                    filepath: "notes/hello.txt".into(),
+                    data: crate::binary::encode(b"hello\n"),
+                    overwrite: false,
+                },
+            )
+            .to_json(),
+            Response::ok(id, StatusOnly {}).to_json(),
+        ),
+        Command::Discover => (
+            Request::new(gui, id.clone(), NoArgs {}).to_json(),
+            Response::ok(
+                id,
+                DiscoverReply {
+                    components: vec![
+                        Component {
+                            id: "sys-usb".into(),
+                            label: "sys-usb".into(),
+                            kind: "domu".into(),
+                        },
+                        Component {
+                            id: "usb0".into(),
+                            label: "KINGSTON".into(),
+                            kind: "disk".into(),
+                        },
+                    ],
+                },
+            )
+            .to_json(),
+        ),
+        Command::SupervisionCounters => (
+            Request::new(vm("dom0"), id.clone(), NoArgs {}).to_json(),
+            Response::ok(
+                id,
+                CountersReply {
+                    links: vec![LinkCounters {
+                        vm: "sys-usb".into(),
+                        linked: true,
+                        session: true,
+                        packets_in: 120,
+                        packets_out: 118,
+                        bytes_in: 20480,
+                        bytes_out: 19876,
+                        refused: 0,
+                        dropped: 0,
+                    }],
+                },
+            )
+            .to_json(),
+        ),
+    }
+}
+
+/// An example payload for each notification.
+pub fn notification_example(n: Notification) -> Vec<u8> {
+    match n {
+        Notification::NewFile => json(&NewFileEvent {
+            disk: "usb0".into(),
+            filepath: "docs/report.pdf".into(),
+            size_in_bytes: 5120,
+        })
+        .into_bytes(),
+        Notification::Error => json(&ErrorEvent {
+            module: "sys-usb/disks".into(),
+            datetime: "2026-11-22T10:00:00Z".into(),
+            level: level::ERROR,
+            description: "disk usb1 vanished during a copy".into(),
+        })
+        .into_bytes(),
+        Notification::LinkState => json(&LinkEvent {
+            vm: "vm-gui".into(),
+            state: LinkState::SessionUp,
+            datetime: "2026-11-22T10:00:00Z".into(),
+            detail: None,
+        })
+        .into_bytes(),
+    }
+}
+
+fn describe_notification(n: Notification) -> &'static str {
+    match n {
+        Notification::NewFile => {
+            "A new file is available on a disk or in the local repository (announced once). Published by the sys-usb agent."
+        }
+        Notification::Error => {
+            "An error occurred in a module. `level` is a syslog severity (2 critical, 3 error, 4 warning, 5 notice); `datetime` is RFC 3339 UTC. Published by anyone; Dom0 reports policy refusals here (VM and topic, never the payload)."
+        }
+        Notification::LinkState => {
+            "Dom0 extension: a VM link changed state (`linked`, `unlinked`, `session_up`, `session_down`, `identity_refused`, `overflow`, `violations`). Published by the Dom0 controller."
+        }
+    }
+}
+
+fn fields(payload: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(payload) {
+        Ok(serde_json::Value::Object(m)) => m
+            .keys()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => String::new(),
+    }
+}
+
+/// The whole reference document.
+pub fn markdown() -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# Topics reference\n\n\
+         <!-- Generated by `cargo run -p topics --example gen-topics-doc > docs/topics.md`; a test checks it. Do not edit. -->\n\n\
+         The dictionary of the messaging note (`seeds/001_8d8afb6a68192828.txt`), as implemented by the crate `topics`.\n\n\
+         ## Grammar\n\n\
+         - Command request: `<root>/request`; response: `<root>/response/<requester>`; notification: `<root>/notification`.\n\
+         - VM id (requester, `sender`, MQTT client id, channel socket name): `[a-z0-9][a-z0-9_-]{{0,31}}`. `dom0` is reserved to Dom0.\n\
+         - Topics: at most 256 bytes, no empty level, no NUL, never starting with `$`; names carry no wildcard.\n\
+         - Payloads: compact UTF-8 JSON objects. Unknown extra fields are ignored; a wrong type is refused naming the field.\n\n\
+         ## Envelope\n\n\
+         - Every request carries `sender` (the requester's VM id; Dom0 refuses a request whose `sender` is not the channel's VM) \
+         and an optional `request_id` (1 to 64 visible ASCII characters) that the response echoes.\n\
+         - Every response carries `status`: `ok` or `error` (benchmarks: `started`, then `finished`). \
+         An error carries `error: {{\"code\", \"message\"}}`.\n\
+         - Error codes: {}.\n\
+         - Binary data is standard Base64 with padding; `footprint` is the lowercase hex SHA-256.\n\n\
+         ## Commands\n",
+        ErrorCode::ALL
+            .iter()
+            .map(|c| format!("`{c}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for c in Command::ALL {
+        let (req, resp) = example(c);
+        let legacy = match (legacy::type_commande(c), legacy::commande(c)) {
+            (Some(t), Some(l)) => format!("`TypeCommande.{t}` / `\"commande\": \"{l}\"`"),
+            _ => "none (Dom0 extension)".to_owned(),
+        };
+        let _ = writeln!(
+            s,
+            "### `{root}`\n\n{desc}\n\n\
+             | | |\n|---|---|\n\
+             | request | `{root}/request` |\n\
+             | response | `{root}/response/<requester>` |\n\
+             | served by | {served} |\n\
+             | legacy | {legacy} |\n\
+             | request fields | {rf} |\n\
+             | response fields | {pf} |\n\n\
+             ```json\n{req}\n{resp}\n```\n",
+            root = c.root(),
+            desc = describe(c),
+            served = served_by(c),
+            rf = fields(&req),
+            pf = fields(&resp),
+            req = String::from_utf8_lossy(&req),
+            resp = String::from_utf8_lossy(&resp),
+        );
+    }
+    let _ = writeln!(s, "## Notifications\n");
+    for n in Notification::ALL {
+        let ex = notification_example(n);
+        let legacy = match (legacy::type_evenement(n), legacy::evenement(n)) {
+            (Some(t), Some(l)) => format!("`TypeEvenement.{t}` / `\"evenement\": \"{l}\"`"),
+            _ => "none (Dom0 extension)".to_owned(),
+        };
+        let _ = writeln!(
+            s,
+            "### `{root}`\n\n{desc}\n\n\
+             | | |\n|---|---|\n\
+             | topic | `{root}/notification` |\n\
+             | legacy | {legacy} |\n\
+             | fields | {f} |\n\n\
+             ```json\n{ex}\n```\n",
+            root = n.root(),
+            desc = describe_notification(n),
+            f = fields(&ex),
+            ex = String::from_utf8_lossy(&ex),
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every example decodes with its command's types: the reference shows payloads the code accepts.
+    #[test]
+    fn examples_decode() {
+        fn check<S: CommandSpec>() {
+            let (req, resp) = example(S::COMMAND);
+            decode_request::<S::Args>(&req)
+                .unwrap_or_else(|e| panic!("{:?} request: {e}", S::COMMAND));
+            decode_response::<S::Reply>(&resp)
+                .unwrap_or_else(|e| panic!("{:?} response: {e}", S::COMMAND));
+        }
+        check::<ListDisks>();
+        check::<ListFiles>();
+        check::<ReadFile>();
+        check::<CopyFile>();
+        check::<RemoveFile>();
+        check::<Benchmark>();
+        check::<GetFileFootprint>();
+        check::<CreateFile>();
+        check::<Discover>();
+        check::<SupervisionCounters>();
+        decode::<NewFileEvent>(&notification_example(Notification::NewFile)).unwrap();
+        decode::<ErrorEvent>(&notification_example(Notification::Error)).unwrap();
+        decode::<LinkEvent>(&notification_example(Notification::LinkState)).unwrap();
+    }
+
+    #[test]
+    fn committed_reference_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/topics.md");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == markdown(),
+            "docs/topics.md is stale: run `cargo run -p topics --example gen-topics-doc > docs/topics.md`"
+        );
+    }
+}
