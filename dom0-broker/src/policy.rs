@@ -1,0 +1,307 @@
+//! Per-VM policy: which topics a VM may publish to and subscribe to. Deny by default.
+//!
+//! Evaluation (order-independent, written down in `docs/security.md`):
+//! 1. `$`-topics are never reachable from a VM, whatever the rules say.
+//! 2. A VM's effective rules are its own section plus the `*` section; `{vm}` becomes its name;
+//!    roles expand to plain filters.
+//! 3. A `deny_*` filter that matches wins over every allow.
+//! 4. Otherwise an allow filter must match (publish, delivery) or cover (subscribe) the topic.
+//! 5. Otherwise: denied.
+//!
+//! A subscription with wildcards is allowed only if every topic it can match is readable: it must be
+//! covered by one allowed filter and intersect no deny filter. It is refused, never narrowed.
+//! Publishing to a topic whose last level is `request` also needs a JSON payload whose `sender` is
+//! the VM itself.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+use topics::topic::{filter_covers, filter_matches, validate_filter};
+use topics::vm::VmId;
+
+/// Why an action was denied. Carries no payload bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// `$`-topics are the broker's.
+    Reserved,
+    /// The topic or filter is not valid under our grammar.
+    Invalid(String),
+    /// No allow rule matches.
+    NotAllowed,
+    /// A deny rule matches.
+    Denied(String),
+    /// A request whose `sender` is missing, malformed or another VM.
+    Sender(String),
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Denial::Reserved => f.write_str("$-topics are reserved to the broker"),
+            Denial::Invalid(e) => write!(f, "invalid topic: {e}"),
+            Denial::NotAllowed => f.write_str("no rule allows it"),
+            Denial::Denied(rule) => write!(f, "denied by rule {rule:?}"),
+            Denial::Sender(e) => write!(f, "sender check failed: {e}"),
+        }
+    }
+}
+
+/// Roles: sugar that expands to plain filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Asks the dictionary's commands and reads responses addressed to itself and notifications.
+    Client,
+    /// Serves the disk commands (`sys-usb`): reads their requests, answers them, announces files.
+    DiskProvider,
+    /// Answers `discover` and `benchmark` (every agent does).
+    Agent,
+}
+
+impl Role {
+    /// (publish, subscribe) filters of the role, with `{vm}` placeholders.
+    pub fn filters(self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self {
+            Role::Client => (
+                &["system/+/+/request", "system/events/error/notification"],
+                &["system/+/+/response/{vm}", "system/+/+/notification"],
+            ),
+            Role::DiskProvider => (
+                &["system/disks/+/response/+", "system/disk/new_file/notification"],
+                &["system/disks/+/request"],
+            ),
+            Role::Agent => (
+                &[
+                    "system/components/discover/response/+",
+                    "system/misc/benchmark/response/+",
+                    "system/events/error/notification",
+                ],
+                &["system/components/discover/request", "system/misc/benchmark/request"],
+            ),
+        }
+    }
+}
+
+/// One section of the policy file: rules for a VM name or for `*`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Section {
+    #[serde(default)]
+    pub roles: Vec<Role>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub deny_publish: Vec<String>,
+    #[serde(default)]
+    pub deny_subscribe: Vec<String>,
+}
+
+/// The policy file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Sections keyed by VM name or `*`.
+    #[serde(default)]
+    pub vm: BTreeMap<String, Section>,
+}
+
+/// A VM's effective rules, `{vm}` substituted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+    pub deny_publish: Vec<String>,
+    pub deny_subscribe: Vec<String>,
+}
+
+/// A validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    file: PolicyFile,
+}
+
+/// Why a policy cannot be used. `run` refuses to start on any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: [vm.{section:?}]: {message}")]
+    Invalid { path: String, section: String, message: String },
+}
+
+/// The policy built in when no file is given (same as `deploy/alpine/policy.toml`).
+pub const DEFAULT_POLICY: &str = include_str!("../../deploy/alpine/policy.toml");
+
+impl Policy {
+    /// Parses and validates a policy; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+        let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().replace('\n', " ").trim().to_owned(),
+        })?;
+        for (name, section) in &file.vm {
+            let invalid = |message: String| PolicyError::Invalid {
+                path: origin.to_owned(),
+                section: name.clone(),
+                message,
+            };
+            if name != "*" {
+                VmId::parse(name).map_err(|e| invalid(format!("not a VM name: {e}")))?;
+                if name == topics::vm::DOM0 {
+                    return Err(invalid("`dom0` is Dom0 itself, not a VM".into()));
+                }
+            }
+            let lists = [
+                ("publish", &section.publish),
+                ("subscribe", &section.subscribe),
+                ("deny_publish", &section.deny_publish),
+                ("deny_subscribe", &section.deny_subscribe),
+            ];
+            for (list, filters) in lists {
+                for f in filters {
+                    let concrete = f.replace("{vm}", "x");
+                    if concrete.contains(['{', '}']) {
+                        return Err(invalid(format!("{list}: {f:?}: only {{vm}} may be substituted")));
+                    }
+                    validate_filter(&concrete).map_err(|e| invalid(format!("{list}: {f:?}: {e}")))?;
+                    if f.contains("{vm}") && f.split('/').any(|l| l.contains("{vm}") && l != "{vm}") {
+                        return Err(invalid(format!("{list}: {f:?}: {{vm}} must be a whole level")));
+                    }
+                }
+            }
+        }
+        Ok(Policy { file })
+    }
+
+    /// Loads a policy file.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read { path: origin.clone(), source })?;
+        Policy::parse(&text, &origin)
+    }
+
+    /// The built-in default policy.
+    pub fn builtin() -> Policy {
+        // The built-in policy is tested to parse; fall back to deny-all rather than panic.
+        Policy::parse(DEFAULT_POLICY, "built-in policy").unwrap_or(Policy { file: PolicyFile::default() })
+    }
+
+    /// VM names with their own section.
+    pub fn named_vms(&self) -> impl Iterator<Item = &str> {
+        self.file.vm.keys().filter(|k| *k != "*").map(String::as_str)
+    }
+
+    /// The effective rules of a VM.
+    pub fn rules_for(&self, vm: &VmId) -> Rules {
+        let mut rules = Rules::default();
+        for key in ["*", vm.as_str()] {
+            let Some(s) = self.file.vm.get(key) else { continue };
+            for role in &s.roles {
+                let (p, sub) = role.filters();
+                rules.publish.extend(p.iter().map(|f| subst(f, vm)));
+                rules.subscribe.extend(sub.iter().map(|f| subst(f, vm)));
+            }
+            rules.publish.extend(s.publish.iter().map(|f| subst(f, vm)));
+            rules.subscribe.extend(s.subscribe.iter().map(|f| subst(f, vm)));
+            rules.deny_publish.extend(s.deny_publish.iter().map(|f| subst(f, vm)));
+            rules.deny_subscribe.extend(s.deny_subscribe.iter().map(|f| subst(f, vm)));
+        }
+        for list in [&mut rules.publish, &mut rules.subscribe, &mut rules.deny_publish, &mut rules.deny_subscribe] {
+            let mut seen = std::collections::BTreeSet::new();
+            list.retain(|f| seen.insert(f.clone()));
+        }
+        rules
+    }
+
+    /// The rendered section names, for the Mosquitto ACL and `check-policy`.
+    pub fn sections(&self) -> &BTreeMap<String, Section> {
+        &self.file.vm
+    }
+}
+
+fn subst(filter: &str, vm: &VmId) -> String {
+    filter.replace("{vm}", vm.as_str())
+}
+
+/// True when two filters can match a common topic.
+pub fn filters_intersect(a: &str, b: &str) -> bool {
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some(p), Some(q)) if p == "+" || q == "+" || p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+impl Rules {
+    /// May the VM publish to `topic` (a name)? The payload check for requests is separate.
+    pub fn check_publish(&self, topic: &str) -> Result<(), Denial> {
+        if topic.starts_with('$') {
+            return Err(Denial::Reserved);
+        }
+        topics::topic::validate_name(topic).map_err(|e| Denial::Invalid(e.to_string()))?;
+        if let Some(d) = self.deny_publish.iter().find(|d| filter_matches(d, topic)) {
+            return Err(Denial::Denied(d.clone()));
+        }
+        if self.publish.iter().any(|a| filter_matches(a, topic)) { Ok(()) } else { Err(Denial::NotAllowed) }
+    }
+
+    /// May the VM subscribe to `filter`? Every topic it can match must be readable.
+    pub fn check_subscribe(&self, filter: &str) -> Result<(), Denial> {
+        if filter.starts_with('$') {
+            return Err(Denial::Reserved);
+        }
+        validate_filter(filter).map_err(|e| Denial::Invalid(e.to_string()))?;
+        if let Some(d) = self.deny_subscribe.iter().find(|d| filters_intersect(d, filter)) {
+            return Err(Denial::Denied(d.clone()));
+        }
+        if self.subscribe.iter().any(|a| filter_covers(a, filter)) { Ok(()) } else { Err(Denial::NotAllowed) }
+    }
+
+    /// May a message on `topic` be delivered to the VM? (Defence in depth at delivery.)
+    pub fn check_deliver(&self, topic: &str) -> Result<(), Denial> {
+        if topic.starts_with('$') {
+            return Err(Denial::Reserved);
+        }
+        if let Some(d) = self.deny_subscribe.iter().find(|d| filter_matches(d, topic)) {
+            return Err(Denial::Denied(d.clone()));
+        }
+        if self.subscribe.iter().any(|a| filter_matches(a, topic)) { Ok(()) } else { Err(Denial::NotAllowed) }
+    }
+}
+
+/// True for topics whose payload must carry the publisher's own `sender`.
+pub fn is_request_topic(topic: &str) -> bool {
+    topic.rsplit('/').next() == Some(topics::topic::REQUEST)
+}
+
+/// The `sender` check of a request payload.
+pub fn check_sender(vm: &VmId, payload: &[u8]) -> Result<(), Denial> {
+    match topics::payload::decode_envelope(payload) {
+        Ok(env) if &env.sender == vm => Ok(()),
+        Ok(env) => Err(Denial::Sender(format!("sender is {:?}, not the channel's VM", env.sender.as_str()))),
+        Err(e) => Err(Denial::Sender(e.to_string())),
+    }
+}
+
+/// The whole publish decision: topic rules, then the sender of requests.
+pub fn check_publish(rules: &Rules, vm: &VmId, topic: &str, payload: &[u8]) -> Result<(), Denial> {
+    rules.check_publish(topic)?;
+    if is_request_topic(topic) {
+        check_sender(vm, payload)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,190 @@
+use super::*;
+
+fn vm(s: &str) -> VmId {
+    VmId::parse(s).unwrap()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    Pub,
+    Sub,
+    Deliver,
+}
+
+fn decide(policy: &Policy, who: &str, act: Act, topic: &str, payload: &str) -> Result<(), Denial> {
+    let v = vm(who);
+    let rules = policy.rules_for(&v);
+    match act {
+        Act::Pub => check_publish(&rules, &v, topic, payload.as_bytes()),
+        Act::Sub => rules.check_subscribe(topic),
+        Act::Deliver => rules.check_deliver(topic),
+    }
+}
+
+const GUI_REQ: &str = r#"{"sender":"vm-gui"}"#;
+const USB_REQ: &str = r#"{"sender":"sys-usb"}"#;
+
+/// The default policy: (VM, action, topic, payload) → allowed, or the kind of denial.
+#[test]
+fn default_policy_table() {
+    use Act::*;
+    let p = Policy::builtin();
+    let na = || Err(Denial::NotAllowed);
+    let rows: Vec<(&str, Act, &str, &str, Result<(), Denial>)> = vec![
+        // vm-gui, a client: publishes requests as itself.
+        ("vm-gui", Pub, "system/disks/list_disks/request", GUI_REQ, Ok(())),
+        ("vm-gui", Pub, "system/disks/create_file/request", r#"{"sender":"vm-gui","disk":"d","filepath":"f","data":""}"#, Ok(())),
+        ("vm-gui", Pub, "system/components/discover/request", GUI_REQ, Ok(())),
+        ("vm-gui", Pub, "system/misc/benchmark/request", GUI_REQ, Ok(())),
+        // ... never as another VM, never without sender, never with garbage.
+        ("vm-gui", Pub, "system/disks/list_disks/request", USB_REQ, Err(Denial::Sender(String::new()))),
+        ("vm-gui", Pub, "system/disks/list_disks/request", "{}", Err(Denial::Sender(String::new()))),
+        ("vm-gui", Pub, "system/disks/list_disks/request", "not json", Err(Denial::Sender(String::new()))),
+        ("vm-gui", Pub, "system/disks/list_disks/request", r#"{"sender":"dom0"}"#, Err(Denial::Sender(String::new()))),
+        ("vm-gui", Pub, "system/disks/list_disks/request", r#"{"sender":"VM-GUI"}"#, Err(Denial::Sender(String::new()))),
+        // ... may not answer disk requests (a fake list_disks response).
+        ("vm-gui", Pub, "system/disks/list_disks/response/vm-gui", "{}", na()),
+        ("vm-gui", Pub, "system/disks/list_disks/response/sys-usb", "{}", na()),
+        ("vm-gui", Pub, "system/disk/new_file/notification", "{}", na()),
+        // ... may answer discover and benchmark (every agent does), and report errors.
+        ("vm-gui", Pub, "system/components/discover/response/sys-usb", "{}", Ok(())),
+        ("vm-gui", Pub, "system/misc/benchmark/response/vm-gui", "{}", Ok(())),
+        ("vm-gui", Pub, "system/events/error/notification", "{}", Ok(())),
+        // ... not the supervision topics, not $, not application topics.
+        ("vm-gui", Pub, "system/supervision/links/notification", "{}", na()),
+        ("vm-gui", Pub, "$SYS/broker/clients", "{}", Err(Denial::Reserved)),
+        ("vm-gui", Pub, "apps/chat", "{}", na()),
+        ("vm-gui", Pub, "system/+/list_disks/request", GUI_REQ, Err(Denial::Invalid(String::new()))),
+        ("vm-gui", Pub, "system//list_disks/request", GUI_REQ, Err(Denial::Invalid(String::new()))),
+        // vm-gui subscribes to its own responses and to notifications.
+        ("vm-gui", Sub, "system/disks/list_disks/response/vm-gui", "", Ok(())),
+        ("vm-gui", Sub, "system/+/+/response/vm-gui", "", Ok(())),
+        ("vm-gui", Sub, "system/disks/+/response/vm-gui", "", Ok(())),
+        ("vm-gui", Sub, "system/disk/new_file/notification", "", Ok(())),
+        ("vm-gui", Sub, "system/+/+/notification", "", Ok(())),
+        ("vm-gui", Sub, "system/components/discover/request", "", Ok(())),
+        // ... never another VM's responses, exact or by wildcard.
+        ("vm-gui", Sub, "system/disks/list_disks/response/sys-usb", "", na()),
+        ("vm-gui", Sub, "system/+/+/response/+", "", na()),
+        ("vm-gui", Sub, "system/disks/list_disks/response/+", "", na()),
+        ("vm-gui", Sub, "system/#", "", na()),
+        ("vm-gui", Sub, "#", "", na()),
+        ("vm-gui", Sub, "+/+/+/response/vm-gui", "", na()),
+        // ... never the disk requests.
+        ("vm-gui", Sub, "system/disks/list_disks/request", "", na()),
+        ("vm-gui", Sub, "system/disks/+/request", "", na()),
+        ("vm-gui", Sub, "$SYS/#", "", Err(Denial::Reserved)),
+        ("vm-gui", Sub, "$share/g/system/+/+/response/vm-gui", "", Err(Denial::Reserved)),
+        ("vm-gui", Sub, "system/#/x", "", Err(Denial::Invalid(String::new()))),
+        // Delivery (defence in depth).
+        ("vm-gui", Deliver, "system/disks/list_disks/response/vm-gui", "", Ok(())),
+        ("vm-gui", Deliver, "system/disks/list_disks/response/sys-usb", "", na()),
+        ("vm-gui", Deliver, "system/disks/list_disks/request", "", na()),
+        ("vm-gui", Deliver, "$SYS/broker/uptime", "", Err(Denial::Reserved)),
+        ("vm-gui", Deliver, "system/events/error/notification", "", Ok(())),
+        // sys-usb, the disk provider.
+        ("sys-usb", Sub, "system/disks/+/request", "", Ok(())),
+        ("sys-usb", Sub, "system/disks/list_disks/request", "", Ok(())),
+        ("sys-usb", Sub, "system/misc/benchmark/request", "", Ok(())),
+        ("sys-usb", Sub, "system/+/+/request", "", na()),
+        ("sys-usb", Pub, "system/disks/list_disks/response/vm-gui", "{}", Ok(())),
+        ("sys-usb", Pub, "system/disks/get_file_footprint/response/vm-gui", "{}", Ok(())),
+        ("sys-usb", Pub, "system/disk/new_file/notification", "{}", Ok(())),
+        ("sys-usb", Pub, "system/events/error/notification", "{}", Ok(())),
+        ("sys-usb", Deliver, "system/disks/remove_file/request", "", Ok(())),
+        // sys-usb is not a client in the default policy.
+        ("sys-usb", Pub, "system/disks/list_disks/request", USB_REQ, na()),
+        ("sys-usb", Sub, "system/disks/list_disks/response/sys-usb", "", na()),
+        // A VM the policy does not name gets only the `*` rules.
+        ("vm-other", Pub, "system/disks/list_disks/request", r#"{"sender":"vm-other"}"#, na()),
+        ("vm-other", Sub, "system/components/discover/request", "", Ok(())),
+        ("vm-other", Pub, "system/components/discover/response/vm-gui", "{}", Ok(())),
+        ("vm-other", Sub, "system/+/+/notification", "", na()),
+    ];
+    assert!(rows.len() >= 50, "{} rows", rows.len());
+    for (who, act, topic, payload, expected) in rows {
+        let got = decide(&p, who, act, topic, payload);
+        let same = match (&got, &expected) {
+            (Err(Denial::Sender(_)), Err(Denial::Sender(_))) => true,
+            (Err(Denial::Invalid(_)), Err(Denial::Invalid(_))) => true,
+            _ => got == expected,
+        };
+        assert!(same, "{who} {act:?} {topic} {payload}: got {got:?}, expected {expected:?}");
+    }
+}
+
+#[test]
+fn vm_placeholder_and_deny_rules() {
+    let p = Policy::parse(
+        r#"
+        [vm."*"]
+        publish = ["apps/{vm}/#", "apps/shared/+"]
+        subscribe = ["apps/+/inbox/{vm}", "apps/shared/#"]
+        deny_subscribe = ["apps/shared/secret"]
+        [vm.vm-a]
+        deny_publish = ["apps/shared/forbidden"]
+        "#,
+        "test",
+    )
+    .unwrap();
+    use Act::*;
+    let rows: Vec<(&str, Act, &str, bool)> = vec![
+        ("vm-a", Pub, "apps/vm-a/x/y", true),
+        ("vm-a", Pub, "apps/vm-b/x", false),
+        ("vm-a", Pub, "apps/shared/forbidden", false),
+        ("vm-b", Pub, "apps/shared/forbidden", true),
+        ("vm-a", Sub, "apps/x/inbox/vm-a", true),
+        ("vm-a", Sub, "apps/+/inbox/vm-a", true),
+        ("vm-a", Sub, "apps/+/inbox/+", false),
+        ("vm-a", Sub, "apps/shared/public", true),
+        ("vm-a", Sub, "apps/shared/#", false),
+        ("vm-a", Sub, "apps/shared/+", false),
+        ("vm-a", Sub, "apps/shared/secret", false),
+        ("vm-a", Deliver, "apps/shared/secret", false),
+        ("vm-a", Deliver, "apps/shared/other", true),
+        // `{vm}` is the channel's name, so it can never be a wildcard.
+        ("vm-b", Sub, "apps/x/inbox/vm-a", false),
+    ];
+    for (who, act, topic, allowed) in rows {
+        assert_eq!(decide(&p, who, act, topic, "{}").is_ok(), allowed, "{who} {act:?} {topic}");
+    }
+}
+
+#[test]
+fn invalid_policies_are_refused() {
+    let rows = [
+        ("[vm.\"VM\"]\npublish=[\"a\"]", "not a VM name"),
+        ("[vm.dom0]\npublish=[\"a\"]", "Dom0 itself"),
+        ("[vm.a]\npublish=[\"a/#/b\"]", "wildcard"),
+        ("[vm.a]\npublish=[\"a/{name}\"]", "only {vm}"),
+        ("[vm.a]\npublish=[\"a/x{vm}\"]", "whole level"),
+        ("[vm.a]\npublish=[\"\"]", "empty"),
+        ("[vm.a]\npublish=\"a\"", "invalid type"),
+        ("[vm.a]\npublsh=[\"a\"]", "unknown field"),
+        ("[vm.a]\nroles=[\"admin\"]", "unknown variant"),
+        ("[vm.a\n", "expected"),
+        ("[other]\n", "unknown field"),
+    ];
+    for (text, needle) in rows {
+        let err = Policy::parse(text, "policy.toml").unwrap_err().to_string();
+        assert!(err.contains(needle), "{text:?}: {err}");
+        assert!(err.starts_with("policy.toml"), "names the file: {err}");
+    }
+}
+
+#[test]
+fn intersections() {
+    let rows = [
+        ("a/b", "a/b", true),
+        ("a/+", "a/b", true),
+        ("a/#", "+/c/d", true),
+        ("a/b", "a/c", false),
+        ("a/+/c", "a/b/d", false),
+        ("a", "a/b", false),
+        ("#", "x", true),
+    ];
+    for (a, b, i) in rows {
+        assert_eq!(filters_intersect(a, b), i, "{a} ∩ {b}");
+        assert_eq!(filters_intersect(b, a), i, "{b} ∩ {a}");
+    }
+}

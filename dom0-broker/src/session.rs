@@ -1,0 +1,695 @@
+//! The link's logic for one VM, without I/O: bytes from the guest and from the broker in, bytes to
+//! each side and [`Effect`]s out. The I/O driver (`link.rs`) moves the buffers and carries out effects.
+//!
+//! States: `Scanning` for a well-formed CONNECT (everything before it is discarded), `Connecting`
+//! while the driver opens the broker connection, `Live` while packets are relayed under policy.
+//! A malformed packet, an over-limit length, a frame that does not complete within the keepalive
+//! window, or silence beyond 1.5 × keepalive ends the broker session and returns to `Scanning`;
+//! the guest is then sent a DISCONNECT so it starts over at once.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::time::Instant;
+use topics::payload::LinkState;
+use topics::vm::VmId;
+
+use crate::mqtt::{self, FixedHeader, PacketError, connack};
+use crate::policy::{self, Rules};
+use crate::supervision::LinkStats;
+
+/// Longest CONNECT accepted while scanning (client id, will, credentials).
+pub const MAX_CONNECT: usize = 64 * 1024;
+
+/// How long an incomplete CONNECT candidate is waited for while scanning. A real CONNECT is written
+/// in one go and takes milliseconds even on a slow channel.
+pub const SCAN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Bounds of one link. Defaults in `config.rs`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest packet accepted from the guest or relayed to it.
+    pub max_packet: usize,
+    /// Channel supervision maximum; also the broker keepalive used for guests that send 0.
+    pub max_keepalive: Duration,
+    /// Bytes waiting for the guest before its session is dropped (it stopped reading).
+    pub queue_bytes: usize,
+    /// Sustained PUBLISH rate from the guest (token bucket refill per second).
+    pub rate_per_sec: u32,
+    /// Token bucket size.
+    pub burst: u32,
+    /// QoS 1/2 publishes from the guest awaiting the broker's acknowledgement.
+    pub max_inflight: usize,
+    /// Refusals in one session after which the VM is disconnected.
+    pub violation_limit: u32,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Open a broker connection, then call [`Session::broker_connected`] or [`Session::broker_failed`].
+    OpenBroker,
+    /// Close the broker connection; with `flush`, write `to_broker` out first (a clean DISCONNECT).
+    CloseBroker { flush: bool },
+    /// Report a link state change.
+    State(LinkState, Option<String>),
+    /// A refused packet, to log at warn and report on the error topic. Never carries payload bytes.
+    Refused { topic: String, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Scanning,
+    Connecting,
+    Live { connack_seen: bool },
+}
+
+/// One VM's link state.
+#[derive(Debug)]
+pub struct Session {
+    /// The channel's identity: never taken from bytes the guest sent.
+    vm: VmId,
+    limits: Limits,
+    rules: Rules,
+    stats: Arc<LinkStats>,
+    phase: Phase,
+    /// Bytes read from the guest, not yet processed.
+    pub guest_in: BytesMut,
+    /// Bytes read from the broker, not yet processed.
+    pub broker_in: BytesMut,
+    /// Bytes waiting to be written to the guest.
+    pub to_guest: BytesMut,
+    /// Bytes waiting to be written to the broker.
+    pub to_broker: BytesMut,
+    /// The rewritten CONNECT, sent once the broker connection is open.
+    pending_connect: BytesMut,
+    /// 1.5 × the effective keepalive: silence beyond this ends the session.
+    window: Duration,
+    /// When the link must ping the broker itself (guest keepalive 0).
+    own_keepalive: Option<Duration>,
+    last_guest: Instant,
+    last_to_broker: Instant,
+    /// Since when an incomplete frame sits in `guest_in`.
+    partial_since: Option<Instant>,
+    /// Outstanding PINGREQs to the broker, in order: true for the link's own.
+    pings: VecDeque<bool>,
+    /// SUBSCRIBEs with refused filters: packet id → refused positions.
+    pending_subs: HashMap<u16, Vec<bool>>,
+    /// QoS 2 publishes from the guest that were refused (we answered PUBREC; PUBREL gets PUBCOMP).
+    refused_qos2: HashSet<u16>,
+    /// QoS 2 publishes from the broker that were not delivered (we answered PUBREC).
+    dropped_qos2: HashSet<u16>,
+    /// Guest QoS 1/2 publishes awaiting the broker's PUBACK/PUBCOMP.
+    inflight: HashSet<u16>,
+    tokens: f64,
+    last_refill: Instant,
+    violations: u32,
+    effects: Vec<Effect>,
+}
+
+impl Session {
+    pub fn new(vm: VmId, limits: Limits, rules: Rules, stats: Arc<LinkStats>, now: Instant) -> Session {
+        let tokens = f64::from(limits.burst);
+        let window = limits.max_keepalive.mul_f32(1.5);
+        Session {
+            vm,
+            limits,
+            rules,
+            stats,
+            phase: Phase::Scanning,
+            guest_in: BytesMut::new(),
+            broker_in: BytesMut::new(),
+            to_guest: BytesMut::new(),
+            to_broker: BytesMut::new(),
+            pending_connect: BytesMut::new(),
+            window,
+            own_keepalive: None,
+            last_guest: now,
+            last_to_broker: now,
+            partial_since: None,
+            pings: VecDeque::new(),
+            pending_subs: HashMap::new(),
+            refused_qos2: HashSet::new(),
+            dropped_qos2: HashSet::new(),
+            inflight: HashSet::new(),
+            tokens,
+            last_refill: now,
+            violations: 0,
+            effects: Vec::new(),
+        }
+    }
+
+    pub fn vm(&self) -> &VmId {
+        &self.vm
+    }
+
+    /// True while a broker session is open or opening.
+    pub fn has_broker(&self) -> bool {
+        !matches!(self.phase, Phase::Scanning)
+    }
+
+    /// True while the driver should read the guest: not while the broker connection is opening
+    /// (bytes wait in the socket), not while the broker does not keep up (backpressure on the guest).
+    pub fn wants_guest_input(&self) -> bool {
+        self.phase != Phase::Connecting
+            && self.to_broker.len() < self.limits.max_packet.max(64 * 1024)
+            && self.guest_in.len() <= self.limits.max_packet + 8
+    }
+
+    /// Called when the link attaches to the channel: tell the guest to start over.
+    pub fn attach(&mut self) {
+        self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
+    }
+
+    /// Processes `guest_in` after a read.
+    pub fn on_guest_input(&mut self, now: Instant) -> Vec<Effect> {
+        if !self.guest_in.is_empty() {
+            self.last_guest = now;
+        }
+        self.process_guest(now);
+        std::mem::take(&mut self.effects)
+    }
+
+    fn process_guest(&mut self, now: Instant) {
+        loop {
+            let progressed = match self.phase {
+                Phase::Scanning => self.scan(now),
+                Phase::Connecting => false,
+                Phase::Live { .. } => self.relay_one_from_guest(now),
+            };
+            if !progressed {
+                break;
+            }
+        }
+        self.partial_since = match (self.guest_in.is_empty() || self.phase == Phase::Connecting, self.partial_since) {
+            (true, _) => None,
+            (false, Some(t)) => Some(t),
+            (false, None) => Some(now),
+        };
+    }
+
+    /// Looks for a CONNECT in `guest_in`. Returns true if it consumed something worth looping on.
+    fn scan(&mut self, now: Instant) -> bool {
+        let Some(start) = self.guest_in.iter().position(|b| *b == mqtt::CONNECT << 4) else {
+            self.discard(self.guest_in.len());
+            return false;
+        };
+        self.discard(start);
+        match candidate(&self.guest_in) {
+            Candidate::NotConnect => {
+                self.discard(1);
+                true
+            }
+            Candidate::Incomplete => false,
+            Candidate::Level(h, level) => {
+                // A real CONNECT of a protocol we do not speak: say so (3.1.1 clients understand rc 1).
+                self.guest_in.advance(h.frame_len());
+                tracing::warn!(vm = %self.vm, level, "CONNECT with unsupported protocol level refused");
+                mqtt::encode_connack(false, connack::UNACCEPTABLE_PROTOCOL, &mut self.to_guest);
+                true
+            }
+            Candidate::Connect(h, c) => {
+                self.guest_in.advance(h.frame_len());
+                self.stats.packets_in.fetch_add(1, Relaxed);
+                self.stats.bytes_in.fetch_add(h.frame_len() as u64, Relaxed);
+                self.on_connect(c, now)
+            }
+        }
+    }
+
+    fn discard(&mut self, n: usize) {
+        if n > 0 {
+            self.stats.garbage_bytes.fetch_add(n as u64, Relaxed);
+            self.guest_in.advance(n);
+        }
+    }
+
+    /// A well-formed CONNECT: check identity and will, rewrite, ask for a broker connection.
+    fn on_connect(&mut self, mut c: mqtt::Connect, now: Instant) -> bool {
+        if !c.client_id.is_empty() && c.client_id != self.vm.as_str() {
+            let claimed: String = c.client_id.chars().take(64).collect();
+            tracing::warn!(vm = %self.vm, claimed = ?claimed, "CONNECT with another VM's client id refused");
+            self.refusal();
+            mqtt::encode_connack(false, connack::IDENTIFIER_REJECTED, &mut self.to_guest);
+            self.effects.push(Effect::State(LinkState::IdentityRefused, Some(format!("claimed client id {claimed:?}"))));
+            return true;
+        }
+        if let Some(w) = &c.will {
+            if let Err(d) = policy::check_publish(&self.rules, &self.vm, &w.topic, &w.payload) {
+                let topic: String = w.topic.chars().take(128).collect();
+                self.refused(&topic, &format!("will message refused: {d}"));
+                mqtt::encode_connack(false, connack::NOT_AUTHORIZED, &mut self.to_guest);
+                return true;
+            }
+        }
+        let max = self.limits.max_keepalive;
+        let asked = Duration::from_secs(u64::from(c.keep_alive));
+        let effective = if asked.is_zero() || asked > max { max } else { asked };
+        self.window = effective.mul_f32(1.5);
+        if c.keep_alive == 0 {
+            // rumqttd refuses keepalive 0: keep the broker side alive ourselves.
+            c.keep_alive = u16::try_from(max.as_secs()).unwrap_or(u16::MAX).max(1);
+            self.own_keepalive = Some(max / 2);
+        } else {
+            self.own_keepalive = None;
+        }
+        // Identity is the channel's: client id and user name are the VM name; no password travels.
+        c.client_id = self.vm.to_string();
+        c.username = Some(self.vm.to_string());
+        c.password = None;
+        self.pending_connect.clear();
+        mqtt::encode_connect(&c, &mut self.pending_connect);
+        self.reset_session_state(now);
+        self.phase = Phase::Connecting;
+        self.effects.push(Effect::OpenBroker);
+        false
+    }
+
+    fn reset_session_state(&mut self, now: Instant) {
+        self.pings.clear();
+        self.pending_subs.clear();
+        self.refused_qos2.clear();
+        self.dropped_qos2.clear();
+        self.inflight.clear();
+        self.violations = 0;
+        self.tokens = f64::from(self.limits.burst);
+        self.last_refill = now;
+        self.broker_in.clear();
+        self.to_broker.clear();
+    }
+
+    /// The broker connection is open: send the CONNECT and relay from now on.
+    pub fn broker_connected(&mut self, now: Instant) -> Vec<Effect> {
+        self.to_broker.extend_from_slice(&self.pending_connect);
+        self.last_to_broker = now;
+        self.phase = Phase::Live { connack_seen: false };
+        self.on_guest_input(now)
+    }
+
+    /// The broker could not be reached: tell the guest, which will retry.
+    pub fn broker_failed(&mut self) {
+        mqtt::encode_connack(false, connack::SERVER_UNAVAILABLE, &mut self.to_guest);
+        self.phase = Phase::Scanning;
+    }
+
+    /// The broker closed the connection: the guest's session is over.
+    pub fn broker_closed(&mut self) -> Vec<Effect> {
+        if self.has_broker() {
+            self.end_session("broker closed the connection", false);
+        }
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Ends the broker session and sends the guest back to CONNECT.
+    fn end_session(&mut self, why: &str, flush: bool) {
+        let was_live = matches!(self.phase, Phase::Live { connack_seen: true });
+        self.phase = Phase::Scanning;
+        self.effects.push(Effect::CloseBroker { flush });
+        self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
+        if was_live {
+            self.effects.push(Effect::State(LinkState::SessionDown, Some(why.to_owned())));
+        }
+        tracing::info!(vm = %self.vm, reason = why, "session ended");
+    }
+
+    fn desync(&mut self, e: &PacketError) {
+        tracing::warn!(vm = %self.vm, error = %e, "malformed packet from guest; scanning for CONNECT");
+        self.stats.dropped.fetch_add(1, Relaxed);
+        self.end_session(&format!("malformed packet: {e}"), false);
+    }
+
+    fn refusal(&mut self) {
+        self.stats.refused.fetch_add(1, Relaxed);
+        self.violations += 1;
+    }
+
+    fn refused(&mut self, topic: &str, reason: &str) {
+        tracing::warn!(vm = %self.vm, topic, reason, "refused");
+        self.refusal();
+        self.effects.push(Effect::Refused { topic: topic.to_owned(), reason: reason.to_owned() });
+    }
+
+    /// Frames and relays one packet from the guest. Returns false when it needs more bytes.
+    fn relay_one_from_guest(&mut self, now: Instant) -> bool {
+        let h = match mqtt::fixed_header(&self.guest_in, self.limits.max_packet) {
+            Ok(None) => return false,
+            Ok(Some(h)) if self.guest_in.len() < h.frame_len() => return false,
+            Ok(Some(h)) => h,
+            Err(e) => {
+                self.desync(&e);
+                return true;
+            }
+        };
+        let frame = self.guest_in.split_to(h.frame_len()).freeze();
+        self.stats.packets_in.fetch_add(1, Relaxed);
+        self.stats.bytes_in.fetch_add(frame.len() as u64, Relaxed);
+        if let Err(e) = mqtt::check_flags(&h) {
+            self.desync(&e);
+            return true;
+        }
+        let body = frame.get(h.header_len..).unwrap_or_default();
+        let result = match h.kind() {
+            mqtt::CONNECT => {
+                // A new session on a live link: the old broker session ends, a new one starts.
+                return match candidate(&frame) {
+                    Candidate::Connect(_, c) => {
+                        self.phase = Phase::Scanning;
+                        self.effects.push(Effect::CloseBroker { flush: false });
+                        self.effects.push(Effect::State(LinkState::SessionDown, Some("new CONNECT".into())));
+                        self.on_connect(c, now);
+                        true
+                    }
+                    _ => {
+                        self.desync(&PacketError::BadBody);
+                        true
+                    }
+                };
+            }
+            mqtt::PUBLISH => self.guest_publish(&h, &frame, now),
+            mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP => mqtt::parse_pkid(body).map(|_| self.forward(&frame, now)),
+            mqtt::PUBREL => mqtt::parse_pkid(body).map(|id| {
+                if self.refused_qos2.remove(&id) {
+                    mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_guest);
+                } else {
+                    self.forward(&frame, now);
+                }
+            }),
+            mqtt::SUBSCRIBE => self.guest_subscribe(body, now),
+            mqtt::UNSUBSCRIBE => mqtt::parse_unsubscribe(body).map(|_| self.forward(&frame, now)),
+            mqtt::PINGREQ if body.is_empty() => {
+                self.pings.push_back(false);
+                self.forward(&frame, now);
+                Ok(())
+            }
+            mqtt::DISCONNECT if body.is_empty() => {
+                self.forward(&frame, now);
+                self.end_session("guest disconnected", true);
+                return true;
+            }
+            kind => Err(PacketError::BadType(kind)),
+        };
+        if let Err(e) = result {
+            self.desync(&e);
+        } else if self.violations >= self.limits.violation_limit {
+            tracing::warn!(vm = %self.vm, violations = self.violations, "too many refusals; disconnecting the VM");
+            self.effects.push(Effect::State(LinkState::Violations, Some(format!("{} refusals", self.violations))));
+            self.end_session("too many policy violations", false);
+        }
+        true
+    }
+
+    fn forward(&mut self, frame: &[u8], now: Instant) {
+        self.to_broker.extend_from_slice(frame);
+        self.last_to_broker = now;
+    }
+
+    fn take_token(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
+        self.last_refill = now;
+        let cap = f64::from(self.limits.burst);
+        self.tokens = (self.tokens + elapsed * f64::from(self.limits.rate_per_sec)).min(cap);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn guest_publish(&mut self, h: &FixedHeader, frame: &[u8], now: Instant) -> Result<(), PacketError> {
+        let body = frame.get(h.header_len..).unwrap_or_default();
+        let p = mqtt::parse_publish(h, body)?;
+        let verdict = if p.pkid.is_some_and(|id| self.inflight.contains(&id)) && !p.dup {
+            Err("packet id already in flight".to_owned())
+        } else if !self.take_token(now) {
+            Err(format!("rate limit ({} msg/s) exceeded", self.limits.rate_per_sec))
+        } else if p.qos > 0 && self.inflight.len() >= self.limits.max_inflight {
+            Err(format!("more than {} messages in flight", self.limits.max_inflight))
+        } else {
+            policy::check_publish(&self.rules, &self.vm, p.topic, p.payload).map_err(|d| d.to_string())
+        };
+        match verdict {
+            Ok(()) => {
+                if let Some(id) = p.pkid {
+                    self.inflight.insert(id);
+                }
+                self.forward(frame, now);
+            }
+            Err(reason) => {
+                let topic: String = p.topic.chars().take(128).collect();
+                let pkid = p.pkid;
+                let qos = p.qos;
+                self.refused(&topic, &reason);
+                // Acknowledge so the guest's session stays sound; the message goes nowhere.
+                match (qos, pkid) {
+                    (1, Some(id)) => mqtt::encode_ack(mqtt::PUBACK, id, &mut self.to_guest),
+                    (2, Some(id)) => {
+                        self.refused_qos2.insert(id);
+                        mqtt::encode_ack(mqtt::PUBREC, id, &mut self.to_guest);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn guest_subscribe(&mut self, body: &[u8], now: Instant) -> Result<(), PacketError> {
+        let (pkid, filters) = mqtt::parse_subscribe(body)?;
+        let mut refused = Vec::with_capacity(filters.len());
+        let mut allowed = Vec::with_capacity(filters.len());
+        let mut denials = Vec::new();
+        for (f, q) in &filters {
+            match self.rules.check_subscribe(f) {
+                Ok(()) => {
+                    refused.push(false);
+                    allowed.push((*f, *q));
+                }
+                Err(d) => {
+                    refused.push(true);
+                    denials.push((f.chars().take(128).collect::<String>(), d.to_string()));
+                }
+            }
+        }
+        for (f, d) in denials {
+            self.refused(&f, &format!("subscription refused: {d}"));
+        }
+        if allowed.is_empty() {
+            let codes = vec![mqtt::SUBACK_FAILURE; refused.len()];
+            mqtt::encode_suback(pkid, &codes, &mut self.to_guest);
+        } else if allowed.len() == filters.len() {
+            mqtt::encode_subscribe(pkid, &allowed, &mut self.to_broker);
+            self.last_to_broker = now;
+        } else {
+            mqtt::encode_subscribe(pkid, &allowed, &mut self.to_broker);
+            self.last_to_broker = now;
+            self.pending_subs.insert(pkid, refused);
+        }
+        Ok(())
+    }
+
+    /// Processes `broker_in`.
+    pub fn on_broker_input(&mut self, now: Instant) -> Vec<Effect> {
+        loop {
+            // Our broker connection carries what the broker accepted; bound it all the same.
+            let h = match mqtt::fixed_header(&self.broker_in, self.limits.max_packet) {
+                Ok(None) => break,
+                Ok(Some(h)) if self.broker_in.len() < h.frame_len() => break,
+                Ok(Some(h)) => h,
+                Err(e) => {
+                    tracing::warn!(vm = %self.vm, error = %e, "bad packet from broker");
+                    self.end_session("bad packet from broker", false);
+                    break;
+                }
+            };
+            let frame = self.broker_in.split_to(h.frame_len()).freeze();
+            let body = frame.get(h.header_len..).unwrap_or_default();
+            self.broker_packet(&h, &frame, body, now);
+            if !self.has_broker() {
+                break;
+            }
+            if self.to_guest.len() > self.limits.queue_bytes {
+                tracing::warn!(vm = %self.vm, queued = self.to_guest.len(), "guest does not read; dropping its session");
+                self.stats.dropped.fetch_add(1, Relaxed);
+                self.effects.push(Effect::State(LinkState::Overflow, Some(format!("{} bytes queued", self.to_guest.len()))));
+                self.to_guest.clear();
+                self.end_session("guest queue overflow", false);
+                break;
+            }
+        }
+        std::mem::take(&mut self.effects)
+    }
+
+    fn to_guest_frame(&mut self, frame: &[u8]) {
+        self.stats.packets_out.fetch_add(1, Relaxed);
+        self.stats.bytes_out.fetch_add(frame.len() as u64, Relaxed);
+        self.to_guest.extend_from_slice(frame);
+    }
+
+    fn broker_packet(&mut self, h: &FixedHeader, frame: &[u8], body: &[u8], now: Instant) {
+        match h.kind() {
+            mqtt::CONNACK => {
+                let rc = mqtt::parse_connack(body).map(|(_, rc)| rc).unwrap_or(connack::SERVER_UNAVAILABLE);
+                self.to_guest_frame(frame);
+                if rc == connack::ACCEPTED {
+                    self.phase = Phase::Live { connack_seen: true };
+                    tracing::info!(vm = %self.vm, "session up");
+                    self.effects.push(Effect::State(LinkState::SessionUp, None));
+                } else {
+                    tracing::warn!(vm = %self.vm, rc, "broker refused the session");
+                    self.phase = Phase::Scanning;
+                    self.effects.push(Effect::CloseBroker { flush: false });
+                }
+            }
+            mqtt::PUBLISH => {
+                let Ok(p) = mqtt::parse_publish(h, body) else {
+                    self.end_session("bad PUBLISH from broker", false);
+                    return;
+                };
+                match self.rules.check_deliver(p.topic) {
+                    Ok(()) => self.to_guest_frame(frame),
+                    Err(d) => {
+                        tracing::warn!(vm = %self.vm, topic = p.topic, reason = %d, "delivery refused");
+                        self.stats.refused.fetch_add(1, Relaxed);
+                        match (p.qos, p.pkid) {
+                            (1, Some(id)) => mqtt::encode_ack(mqtt::PUBACK, id, &mut self.to_broker),
+                            (2, Some(id)) => {
+                                self.dropped_qos2.insert(id);
+                                mqtt::encode_ack(mqtt::PUBREC, id, &mut self.to_broker);
+                            }
+                            _ => {}
+                        }
+                        self.last_to_broker = now;
+                    }
+                }
+            }
+            mqtt::PUBREL => match mqtt::parse_pkid(body) {
+                Ok(id) if self.dropped_qos2.remove(&id) => {
+                    mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_broker);
+                    self.last_to_broker = now;
+                }
+                _ => self.to_guest_frame(frame),
+            },
+            mqtt::PUBACK | mqtt::PUBCOMP => {
+                if let Ok(id) = mqtt::parse_pkid(body) {
+                    self.inflight.remove(&id);
+                }
+                self.to_guest_frame(frame);
+            }
+            mqtt::SUBACK => match mqtt::parse_suback(body) {
+                Ok((id, codes)) if self.pending_subs.contains_key(&id) => {
+                    let refused = self.pending_subs.remove(&id).unwrap_or_default();
+                    let mut granted = codes.iter();
+                    let merged: Vec<u8> = refused
+                        .iter()
+                        .map(|r| if *r { mqtt::SUBACK_FAILURE } else { *granted.next().unwrap_or(&mqtt::SUBACK_FAILURE) })
+                        .collect();
+                    let mut out = BytesMut::new();
+                    mqtt::encode_suback(id, &merged, &mut out);
+                    self.to_guest_frame(&out);
+                }
+                _ => self.to_guest_frame(frame),
+            },
+            mqtt::PINGRESP => {
+                if self.pings.pop_front() != Some(true) {
+                    self.to_guest_frame(frame);
+                }
+            }
+            _ => self.to_guest_frame(frame),
+        }
+    }
+
+    /// The next instant at which [`Session::on_tick`] has something to check.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(t) = self.partial_since {
+            consider(t + if self.phase == Phase::Scanning { SCAN_TIMEOUT } else { self.window });
+        }
+        if matches!(self.phase, Phase::Live { .. }) {
+            consider(self.last_guest + self.window);
+            if let Some(k) = self.own_keepalive {
+                consider(self.last_to_broker + k);
+            }
+        }
+        next
+    }
+
+    /// Checks the timers: keepalive silence, stuck partial frames, the link's own broker pings.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Effect> {
+        if let Some(since) = self.partial_since {
+            match self.phase {
+                Phase::Scanning if now >= since + SCAN_TIMEOUT => {
+                    // A CONNECT that never completed (the guest restarted while sending it): skip its
+                    // first byte and look again in what followed.
+                    self.discard(1);
+                    self.partial_since = None;
+                    self.process_guest(now);
+                }
+                Phase::Live { .. } if now >= since + self.window => {
+                    tracing::warn!(vm = %self.vm, bytes = self.guest_in.len(), "incomplete frame timed out; scanning");
+                    self.partial_since = None;
+                    self.end_session("incomplete frame timed out", false);
+                    self.process_guest(now);
+                }
+                _ => {}
+            }
+        }
+        if matches!(self.phase, Phase::Live { .. }) && now >= self.last_guest + self.window {
+            self.stats.dropped.fetch_add(1, Relaxed);
+            self.end_session("guest silent beyond 1.5 × keepalive", false);
+        }
+        if let (Some(k), Phase::Live { .. }) = (self.own_keepalive, self.phase) {
+            if now >= self.last_to_broker + k {
+                self.to_broker.extend_from_slice(&mqtt::PINGREQ_PACKET);
+                self.pings.push_back(true);
+                self.last_to_broker = now;
+            }
+        }
+        std::mem::take(&mut self.effects)
+    }
+}
+
+enum Candidate {
+    /// These bytes cannot start a CONNECT.
+    NotConnect,
+    /// They may: wait for more.
+    Incomplete,
+    /// A CONNECT of another protocol level.
+    Level(FixedHeader, u8),
+    Connect(FixedHeader, mqtt::Connect),
+}
+
+/// Decides whether `buf` starts with a well-formed CONNECT. Checks what it can as bytes arrive,
+/// so garbage that merely contains 0x10 is skipped at once instead of being waited on.
+fn candidate(buf: &[u8]) -> Candidate {
+    let h = match mqtt::fixed_header(buf, MAX_CONNECT) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Candidate::Incomplete,
+        Err(_) => return Candidate::NotConnect,
+    };
+    if h.byte1 != mqtt::CONNECT << 4 || h.remaining < 10 {
+        return Candidate::NotConnect;
+    }
+    let body = buf.get(h.header_len..).unwrap_or_default();
+    const PREFIX: &[u8] = b"\x00\x04MQTT";
+    let n = body.len().min(PREFIX.len());
+    if body.get(..n) != PREFIX.get(..n) {
+        return Candidate::NotConnect;
+    }
+    if body.len() < h.remaining {
+        return Candidate::Incomplete;
+    }
+    let body = body.get(..h.remaining).unwrap_or_default();
+    match mqtt::parse_connect(body) {
+        Ok(c) => Candidate::Connect(h, c),
+        Err(PacketError::UnsupportedLevel(level)) if (3..=5).contains(&level) => Candidate::Level(h, level),
+        Err(_) => Candidate::NotConnect,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,393 @@
+use super::*;
+use crate::mqtt::{Connect, Publish};
+use crate::policy::Policy;
+
+fn limits() -> Limits {
+    Limits {
+        max_packet: 64 * 1024,
+        max_keepalive: Duration::from_secs(60),
+        queue_bytes: 4096,
+        rate_per_sec: 1000,
+        burst: 1000,
+        max_inflight: 8,
+        violation_limit: 50,
+    }
+}
+
+fn session_with(limits: Limits) -> (Session, Instant) {
+    let vm = VmId::parse("vm-gui").unwrap();
+    let rules = Policy::builtin().rules_for(&vm);
+    let now = Instant::now();
+    (Session::new(vm, limits, rules, Arc::default(), now), now)
+}
+
+fn session() -> (Session, Instant) {
+    session_with(limits())
+}
+
+fn connect(id: &str, keep_alive: u16) -> BytesMut {
+    let mut out = BytesMut::new();
+    mqtt::encode_connect(
+        &Connect { clean_session: true, keep_alive, client_id: id.into(), will: None, username: None, password: None },
+        &mut out,
+    );
+    out
+}
+
+fn publish(topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> BytesMut {
+    let mut out = BytesMut::new();
+    let pkid = (qos > 0).then_some(pkid);
+    mqtt::encode_publish(&Publish { topic, qos, retain: false, dup: false, pkid, payload }, &mut out);
+    out
+}
+
+/// Parses every packet in a buffer: (type, body).
+fn packets(buf: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut rest = buf;
+    while let Ok(Some(h)) = mqtt::fixed_header(rest, usize::MAX) {
+        out.push((h.kind(), rest[h.header_len..h.frame_len()].to_vec()));
+        rest = &rest[h.frame_len()..];
+    }
+    assert!(rest.is_empty(), "trailing bytes {rest:x?}");
+    out
+}
+
+fn broker_connect(s: &mut Session, now: Instant) -> Connect {
+    s.to_guest.clear();
+    let effects = s.broker_connected(now);
+    assert!(!effects.contains(&Effect::OpenBroker));
+    let sent = packets(&s.to_broker);
+    assert_eq!(sent[0].0, mqtt::CONNECT);
+    let c = mqtt::parse_connect(&sent[0].1).unwrap();
+    s.to_broker.clear();
+    s.broker_in.extend_from_slice(b"\x20\x02\x00\x00");
+    let effects = s.on_broker_input(now);
+    assert!(effects.contains(&Effect::State(LinkState::SessionUp, None)));
+    assert_eq!(packets(&s.to_guest), vec![(mqtt::CONNACK, vec![0, 0])]);
+    s.to_guest.clear();
+    c
+}
+
+/// Brings a session live: CONNECT from the guest, broker connected, CONNACK relayed.
+fn live() -> (Session, Instant) {
+    let (mut s, now) = session();
+    s.guest_in.extend_from_slice(&connect("vm-gui", 5));
+    assert_eq!(s.on_guest_input(now), vec![Effect::OpenBroker]);
+    broker_connect(&mut s, now);
+    (s, now)
+}
+
+#[test]
+fn attach_sends_disconnect() {
+    let (mut s, _) = session();
+    s.attach();
+    assert_eq!(&s.to_guest[..], &mqtt::DISCONNECT_PACKET);
+}
+
+#[test]
+fn garbage_and_a_200_mb_header_before_connect_are_skipped() {
+    let (mut s, now) = session();
+    // A PUBLISH header declaring 200 MB, bytes that contain 0x10 but no CONNECT, a truncated
+    // CONNECT-looking prefix, then the real CONNECT.
+    s.guest_in.extend_from_slice(b"\x30\x80\x80\xe8\x5f\x10\x10\x02\xff\x10\x05\x00\x04MQTX");
+    s.guest_in.extend_from_slice(&[0x10; 7]);
+    s.guest_in.extend_from_slice(&connect("", 5));
+    assert_eq!(s.on_guest_input(now), vec![Effect::OpenBroker]);
+    assert!(s.guest_in.is_empty());
+    let c = broker_connect(&mut s, now);
+    assert_eq!(c.client_id, "vm-gui", "an empty client id becomes the VM name");
+    assert_eq!(c.username.as_deref(), Some("vm-gui"));
+    assert_eq!(c.keep_alive, 5);
+}
+
+#[test]
+fn connect_split_across_reads() {
+    let (mut s, now) = session();
+    let c = connect("vm-gui", 5);
+    for chunk in c.chunks(3) {
+        s.guest_in.extend_from_slice(chunk);
+        let effects = s.on_guest_input(now);
+        if s.guest_in.is_empty() {
+            assert_eq!(effects, vec![Effect::OpenBroker]);
+        } else {
+            assert!(effects.is_empty());
+        }
+    }
+}
+
+#[test]
+fn another_vms_client_id_is_refused() {
+    let (mut s, now) = session();
+    s.guest_in.extend_from_slice(&connect("sys-usb", 5));
+    let effects = s.on_guest_input(now);
+    assert!(matches!(effects.as_slice(), [Effect::State(LinkState::IdentityRefused, Some(_))]));
+    assert_eq!(packets(&s.to_guest), vec![(mqtt::CONNACK, vec![0, connack::IDENTIFIER_REJECTED])]);
+    assert!(!s.has_broker());
+}
+
+#[test]
+fn mqtt5_connect_gets_unacceptable_protocol() {
+    let (mut s, now) = session();
+    let mut c = connect("vm-gui", 5);
+    c[8] = 5; // protocol level byte
+    s.guest_in.extend_from_slice(&c);
+    assert!(s.on_guest_input(now).is_empty());
+    assert_eq!(packets(&s.to_guest), vec![(mqtt::CONNACK, vec![0, connack::UNACCEPTABLE_PROTOCOL])]);
+}
+
+#[test]
+fn truncated_connect_then_real_connect() {
+    let (mut s, now) = session();
+    let c = connect("vm-gui", 5);
+    s.guest_in.extend_from_slice(&c[..c.len() - 3]);
+    assert!(s.on_guest_input(now).is_empty());
+    // The guest restarted and sends a whole CONNECT: absorbed by the stale candidate's length at first.
+    s.guest_in.extend_from_slice(&connect("vm-gui", 7));
+    let effects = s.on_guest_input(now);
+    if effects.is_empty() {
+        let t = s.next_deadline().unwrap();
+        assert!(t <= now + SCAN_TIMEOUT);
+        assert_eq!(s.on_tick(t), vec![Effect::OpenBroker]);
+    } else {
+        assert_eq!(effects, vec![Effect::OpenBroker]);
+    }
+    assert_eq!(broker_connect(&mut s, now).keep_alive, 7);
+}
+
+#[test]
+fn relays_publish_both_ways() {
+    let (mut s, now) = live();
+    let p = publish("system/disks/list_disks/request", 1, 3, br#"{"sender":"vm-gui"}"#);
+    s.guest_in.extend_from_slice(&p);
+    assert!(s.on_guest_input(now).is_empty());
+    assert_eq!(&s.to_broker[..], &p[..]);
+    let r = publish("system/disks/list_disks/response/vm-gui", 1, 9, br#"{"status":"ok","disks":[]}"#);
+    s.broker_in.extend_from_slice(&r);
+    s.broker_in.extend_from_slice(b"\x40\x02\x00\x03");
+    assert!(s.on_broker_input(now).is_empty());
+    let mut expected = r.to_vec();
+    expected.extend_from_slice(b"\x40\x02\x00\x03");
+    assert_eq!(&s.to_guest[..], &expected[..]);
+}
+
+#[test]
+fn refused_publishes_are_acknowledged_not_forwarded() {
+    let (mut s, now) = live();
+    // Impersonation by sender, QoS 1.
+    s.guest_in.extend_from_slice(&publish("system/disks/list_disks/request", 1, 4, br#"{"sender":"sys-usb"}"#));
+    // A fake response, QoS 2, then its PUBREL.
+    s.guest_in.extend_from_slice(&publish("system/disks/list_disks/response/vm-gui", 2, 5, b"{}"));
+    s.guest_in.extend_from_slice(b"\x62\x02\x00\x05");
+    // $SYS, QoS 0.
+    s.guest_in.extend_from_slice(&publish("$SYS/x", 0, 0, b""));
+    let effects = s.on_guest_input(now);
+    assert_eq!(effects.len(), 3);
+    assert!(effects.iter().all(|e| matches!(e, Effect::Refused { .. })));
+    assert!(s.to_broker.is_empty(), "nothing reaches the broker");
+    assert_eq!(
+        packets(&s.to_guest),
+        vec![(mqtt::PUBACK, vec![0, 4]), (mqtt::PUBREC, vec![0, 5]), (mqtt::PUBCOMP, vec![0, 5])]
+    );
+}
+
+#[test]
+fn subscribe_partially_refused_gets_merged_suback() {
+    let (mut s, now) = live();
+    let mut sub = BytesMut::new();
+    mqtt::encode_subscribe(
+        11,
+        &[("system/+/+/response/+", 1), ("system/+/+/response/vm-gui", 1), ("$SYS/#", 0), ("#", 0)],
+        &mut sub,
+    );
+    s.guest_in.extend_from_slice(&sub);
+    let effects = s.on_guest_input(now);
+    assert_eq!(effects.len(), 3);
+    // Only the allowed filter goes to the broker.
+    let sent = packets(&s.to_broker);
+    assert_eq!(mqtt::parse_subscribe(&sent[0].1).unwrap(), (11, vec![("system/+/+/response/vm-gui", 1)]));
+    s.broker_in.extend_from_slice(b"\x90\x03\x00\x0b\x01");
+    s.on_broker_input(now);
+    assert_eq!(packets(&s.to_guest), vec![(mqtt::SUBACK, vec![0, 11, 0x80, 1, 0x80, 0x80])]);
+
+    // All refused: answered by the link alone.
+    s.to_guest.clear();
+    s.to_broker.clear();
+    let mut sub = BytesMut::new();
+    mqtt::encode_subscribe(12, &[("system/disks/list_disks/response/sys-usb", 0)], &mut sub);
+    s.guest_in.extend_from_slice(&sub);
+    s.on_guest_input(now);
+    assert!(s.to_broker.is_empty());
+    assert_eq!(packets(&s.to_guest), vec![(mqtt::SUBACK, vec![0, 12, 0x80])]);
+}
+
+#[test]
+fn delivery_filter_acks_to_broker() {
+    let (mut s, now) = live();
+    s.broker_in.extend_from_slice(&publish("system/disks/list_disks/response/sys-usb", 1, 21, b"{}"));
+    s.on_broker_input(now);
+    assert!(s.to_guest.is_empty());
+    assert_eq!(packets(&s.to_broker), vec![(mqtt::PUBACK, vec![0, 21])]);
+}
+
+#[test]
+fn silence_ends_the_session() {
+    let (mut s, now) = live();
+    let t = s.next_deadline().unwrap();
+    assert_eq!(t, now + Duration::from_millis(7500), "1.5 × keepalive 5 s");
+    let effects = s.on_tick(t);
+    assert!(effects.contains(&Effect::CloseBroker { flush: false }));
+    assert!(effects.iter().any(|e| matches!(e, Effect::State(LinkState::SessionDown, _))));
+    assert_eq!(&s.to_guest[..], &mqtt::DISCONNECT_PACKET);
+    assert!(!s.has_broker());
+}
+
+#[test]
+fn keepalive_zero_is_kept_alive_by_the_link() {
+    let (mut s, now) = session();
+    s.guest_in.extend_from_slice(&connect("vm-gui", 0));
+    s.on_guest_input(now);
+    let c = broker_connect(&mut s, now);
+    assert_eq!(c.keep_alive, 60, "the broker never sees keepalive 0");
+    let t = s.next_deadline().unwrap();
+    assert_eq!(t, now + Duration::from_secs(30));
+    assert!(s.on_tick(t).is_empty());
+    assert_eq!(&s.to_broker[..], &mqtt::PINGREQ_PACKET);
+    s.broker_in.extend_from_slice(b"\xd0\x00");
+    s.on_broker_input(t);
+    assert!(s.to_guest.is_empty(), "the link's own PINGRESP is not relayed");
+    // The guest's own ping is relayed both ways.
+    s.guest_in.extend_from_slice(b"\xc0\x00");
+    s.on_guest_input(t);
+    s.broker_in.extend_from_slice(b"\xd0\x00");
+    s.on_broker_input(t);
+    assert_eq!(&s.to_guest[..], b"\xd0\x00");
+}
+
+#[test]
+fn malformed_packet_sends_back_to_scanning() {
+    for bad in [&b"\x20\x02\x00\x00"[..], b"\x80\x03\x00\x01\x00", b"\x30\x80\x80\xe8\x5f", b"\x31\x80\x00"] {
+        let (mut s, now) = live();
+        s.guest_in.extend_from_slice(bad);
+        let effects = s.on_guest_input(now);
+        assert!(effects.contains(&Effect::CloseBroker { flush: false }), "{bad:x?}: {effects:?}");
+        assert_eq!(&s.to_guest[..], &mqtt::DISCONNECT_PACKET);
+        // A fresh CONNECT starts a new session.
+        s.guest_in.extend_from_slice(&connect("vm-gui", 5));
+        assert_eq!(s.on_guest_input(now), vec![Effect::OpenBroker], "{bad:x?}");
+    }
+}
+
+#[test]
+fn partial_frame_on_live_session_times_out() {
+    let (mut s, now) = live();
+    s.guest_in.extend_from_slice(&publish("system/disks/list_disks/request", 0, 0, b"{}")[..6]);
+    s.on_guest_input(now);
+    let t = now + Duration::from_secs(1);
+    s.guest_in.clear(); // keep the guest "active" but stuck: only the partial frame remains
+    s.guest_in.extend_from_slice(&publish("system/disks/list_disks/request", 0, 0, b"{}")[..6]);
+    s.on_guest_input(t);
+    let deadline = s.next_deadline().unwrap();
+    let effects = s.on_tick(deadline);
+    assert!(effects.contains(&Effect::CloseBroker { flush: false }));
+}
+
+#[test]
+fn connect_on_live_session_restarts_it() {
+    let (mut s, now) = live();
+    s.guest_in.extend_from_slice(&connect("vm-gui", 5));
+    let effects = s.on_guest_input(now);
+    assert_eq!(effects[0], Effect::CloseBroker { flush: false });
+    assert_eq!(effects.last(), Some(&Effect::OpenBroker));
+}
+
+#[test]
+fn guest_that_stops_reading_overflows_alone() {
+    let (mut s, now) = live();
+    let p = publish("system/disk/new_file/notification", 0, 0, &[b'x'; 1000]);
+    for _ in 0..5 {
+        s.broker_in.extend_from_slice(&p);
+    }
+    let effects = s.on_broker_input(now);
+    assert!(effects.iter().any(|e| matches!(e, Effect::State(LinkState::Overflow, _))), "{effects:?}");
+    assert!(effects.contains(&Effect::CloseBroker { flush: false }));
+    assert_eq!(&s.to_guest[..], &mqtt::DISCONNECT_PACKET, "queue dropped, guest told to start over");
+}
+
+#[test]
+fn rate_limit_refuses_beyond_the_bucket() {
+    let mut l = limits();
+    l.rate_per_sec = 10;
+    l.burst = 5;
+    l.violation_limit = 1000;
+    let (mut s, now) = session_with(l);
+    s.guest_in.extend_from_slice(&connect("vm-gui", 5));
+    s.on_guest_input(now);
+    broker_connect(&mut s, now);
+    for _ in 0..20 {
+        s.guest_in.extend_from_slice(&publish("system/events/error/notification", 0, 0, b"{}"));
+    }
+    let effects = s.on_guest_input(now);
+    assert_eq!(effects.len(), 15, "5 pass, 15 refused");
+    assert_eq!(packets(&s.to_broker).len(), 5);
+    // A second later the bucket has refilled by 10.
+    s.to_broker.clear();
+    for _ in 0..20 {
+        s.guest_in.extend_from_slice(&publish("system/events/error/notification", 0, 0, b"{}"));
+    }
+    s.on_guest_input(now + Duration::from_secs(1));
+    assert_eq!(packets(&s.to_broker).len(), 5, "refill capped at the burst size");
+}
+
+#[test]
+fn repeated_violations_disconnect() {
+    let mut l = limits();
+    l.violation_limit = 3;
+    let (mut s, now) = session_with(l);
+    s.guest_in.extend_from_slice(&connect("vm-gui", 5));
+    s.on_guest_input(now);
+    broker_connect(&mut s, now);
+    for _ in 0..3 {
+        s.guest_in.extend_from_slice(&publish("$SYS/x", 0, 0, b""));
+    }
+    let effects = s.on_guest_input(now);
+    assert!(effects.iter().any(|e| matches!(e, Effect::State(LinkState::Violations, _))), "{effects:?}");
+    assert!(!s.has_broker());
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Arbitrary guest bytes, in arbitrary chunks, never panic and never grow the buffers
+        /// beyond the limits.
+        #[test]
+        fn arbitrary_guest_bytes(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..20)) {
+            let (mut s, now) = session();
+            let mut connected = false;
+            for c in chunks {
+                s.guest_in.extend_from_slice(&c);
+                for e in s.on_guest_input(now) {
+                    if e == Effect::OpenBroker && !connected {
+                        s.broker_connected(now);
+                        connected = true;
+                    }
+                }
+                prop_assert!(s.guest_in.len() <= 64 * 1024 + 300);
+                s.to_guest.clear();
+                s.to_broker.clear();
+            }
+            if let Some(t) = s.next_deadline() {
+                s.on_tick(t);
+            }
+        }
+
+        #[test]
+        fn arbitrary_broker_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let (mut s, now) = live();
+            s.broker_in.extend_from_slice(&bytes);
+            s.on_broker_input(now);
+        }
+    }
+}
