@@ -1,10 +1,17 @@
 //! The Dom0 service: the broker (embedded rumqttd or external), one identity-bound MQTT link per VM
 //! channel, the per-VM policy, and the Dom0 controller.
 //!
-//! Pure logic (`mqtt`, `session`, `policy`, `config`, `discovery`'s name rules) is kept apart from
-//! the I/O drivers (`link`, `discovery`, `broker`, `relay`, `controller`).
+//! Pure logic (`mqtt`, `session`, `policy`, `acl`, `config`) is kept apart from the I/O drivers
+//! (`link`, `discovery`, `broker`, `relay`, `controller`).
 
+pub mod acl;
+pub mod broker;
+pub mod config;
+pub mod controller;
+pub mod discovery;
+pub mod link;
 pub mod mqtt;
 pub mod policy;
+pub mod relay;
 pub mod session;
 pub mod supervision;

@@ -1,1 +1,273 @@
-fn main() {}
+//! `dom0-broker`: the Dom0 messaging service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use dom0_broker::config::{self, BrokerAddr, BrokerChoice, ConfigError, Settings};
+use dom0_broker::link::LinkContext;
+use dom0_broker::policy::Policy;
+use dom0_broker::supervision::Supervision;
+use dom0_broker::{acl, broker, controller, discovery, relay};
+use tokio::sync::watch;
+
+/// Exit codes (sysexits.h).
+const EX_USAGE: u8 = 64;
+const EX_UNAVAILABLE: u8 = 69;
+const EX_SOFTWARE: u8 = 70;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dom0-broker",
+    version,
+    about = "Bridges every guest's Xen PV channel into an MQTT broker under a per-VM policy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the service: broker, one link per channel socket, controller.
+    Run(RunArgs),
+    /// Validate a policy file and print the effective rules per VM.
+    CheckPolicy {
+        /// The policy file.
+        file: PathBuf,
+        /// Also print the rules of these VMs (besides those the file names).
+        #[arg(long = "vm")]
+        vms: Vec<String>,
+    },
+    /// Render a policy as a Mosquitto ACL file (pattern lines with %c).
+    RenderAcl {
+        /// The policy file (default: the built-in policy).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// TOML config file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory of the channel sockets [default: /var/run].
+    #[arg(long)]
+    socket_dir: Option<PathBuf>,
+    /// Channel socket names; `*` is the VM name [default: *-msg.sock].
+    #[arg(long)]
+    socket_glob: Option<String>,
+    /// Embedded broker's MQTT 3.1.1 listener [default: 127.0.0.1:1883]; loopback only unless the config allows.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Use this broker instead of the embedded one: mqtt://HOST:PORT or unix:///PATH.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Policy file [default: the built-in policy, deploy/alpine/policy.toml].
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// UNIX socket for Dom0 operators, relayed to the embedded broker (mosquitto_pub --unix).
+    #[arg(long)]
+    operator_socket: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Run(args) => run(args),
+        Cmd::CheckPolicy { file, vms } => match Policy::load(&file) {
+            Ok(p) => {
+                print!("{}", acl::describe(&p, &vms));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EX_USAGE, &e.to_string()),
+        },
+        Cmd::RenderAcl { policy } => {
+            let p = match policy {
+                Some(f) => Policy::load(&f),
+                None => Ok(Policy::builtin()),
+            };
+            match p {
+                Ok(p) => {
+                    print!("{}", acl::render_mosquitto(&p));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EX_USAGE, &e.to_string()),
+            }
+        }
+    }
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("dom0-broker: {message}");
+    ExitCode::from(code)
+}
+
+fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
+    let file = match &args.config {
+        Some(p) => config::load_file(p)?,
+        None => config::FileConfig::default(),
+    };
+    let flags = config::Flags {
+        socket_dir: args.socket_dir,
+        socket_glob: args.socket_glob,
+        listen: args.listen,
+        broker: args.broker,
+        policy: args.policy,
+        operator_socket: args.operator_socket,
+    };
+    config::resolve(file, flags)
+}
+
+fn init_logging(configured: Option<&str>) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .or_else(|| configured.map(str::to_owned))
+        .unwrap_or_else(|| "info,rumqttd=warn,rumqttc=warn".to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let settings = match settings(args) {
+        Ok(s) => s,
+        Err(e) => return fail(EX_USAGE, &e.to_string()),
+    };
+    let policy = match &settings.policy {
+        Some(p) => Policy::load(p),
+        None => Ok(Policy::builtin()),
+    };
+    let policy = match policy {
+        Ok(p) => Arc::new(p),
+        Err(e) => return fail(EX_USAGE, &format!("invalid policy, refusing to start: {e}")),
+    };
+    if !settings.socket_dir.is_dir() {
+        return fail(
+            EX_USAGE,
+            &format!(
+                "socket directory {} does not exist",
+                settings.socket_dir.display()
+            ),
+        );
+    }
+    init_logging(settings.log.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(EX_SOFTWARE, &format!("cannot start the runtime: {e}")),
+    };
+    let code = runtime.block_on(serve(settings, policy));
+    // rumqttd's threads cannot be joined; leaving the process ends them.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
+}
+
+async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
+    let broker_addr = match &settings.broker {
+        BrokerChoice::Embedded(listen) => {
+            let listen = *listen;
+            let limits = settings.limits.clone();
+            match tokio::task::spawn_blocking(move || broker::start_embedded(listen, &limits)).await
+            {
+                Ok(Ok(())) => tracing::info!(listen = %listen, "embedded broker listening"),
+                Ok(Err(e)) => return fail(EX_UNAVAILABLE, &e.to_string()),
+                Err(e) => return fail(EX_SOFTWARE, &e.to_string()),
+            }
+            BrokerAddr::Tcp(listen.to_string())
+        }
+        BrokerChoice::External(addr) => {
+            if let Err(e) = broker::check_reachable(addr).await {
+                return fail(EX_UNAVAILABLE, &e.to_string());
+            }
+            tracing::info!(broker = %addr, "using external broker");
+            addr.clone()
+        }
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+
+    if let Some(path) = settings.operator_socket.clone() {
+        let BrokerChoice::Embedded(listen) = settings.broker else {
+            return fail(
+                EX_USAGE,
+                "operator_socket is for the embedded broker; Mosquitto has its own unix listener",
+            );
+        };
+        match relay::bind(&path).await {
+            Ok(listener) => {
+                tracing::info!(path = %path.display(), "operator socket listening");
+                tasks.spawn(relay::run(listener, path, listen, stop_rx.clone()));
+            }
+            Err(e) => {
+                return fail(
+                    EX_UNAVAILABLE,
+                    &format!("operator socket {}: {e}", path.display()),
+                );
+            }
+        }
+    }
+
+    let (supervision, events) = Supervision::new();
+    tasks.spawn(controller::run(
+        broker_addr.clone(),
+        settings.limits.max_packet,
+        supervision.clone(),
+        events,
+        stop_rx.clone(),
+    ));
+    let ctx = Arc::new(LinkContext {
+        broker: broker_addr,
+        limits: settings.limits.clone(),
+        policy,
+        supervision,
+        connect_timeout: settings.connect_timeout,
+    });
+    let dir = settings.socket_dir.clone();
+    let glob = settings.socket_glob.clone();
+    let discovery_stop = stop_rx.clone();
+    let mut discovery =
+        tokio::spawn(async move { discovery::run(dir, glob, ctx, discovery_stop).await });
+
+    let code = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("stopping");
+            ExitCode::SUCCESS
+        }
+        r = &mut discovery => match r {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => fail(EX_UNAVAILABLE, &format!("socket discovery in {}: {e}", settings.socket_dir.display())),
+            Err(e) => fail(EX_SOFTWARE, &e.to_string()),
+        },
+    };
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(900), async {
+        let _ = (&mut discovery).await;
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    code
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -93,10 +93,14 @@ impl FixedHeader {
 /// `Ok(None)`: not enough bytes to know the length yet. The limit is checked here, on the declared
 /// length, before the caller buffers the body.
 pub fn fixed_header(buf: &[u8], max_remaining: usize) -> Result<Option<FixedHeader>, PacketError> {
-    let Some(&byte1) = buf.first() else { return Ok(None) };
+    let Some(&byte1) = buf.first() else {
+        return Ok(None);
+    };
     let mut remaining = 0usize;
     for i in 0..4 {
-        let Some(&b) = buf.get(1 + i) else { return Ok(None) };
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
         remaining |= usize::from(b & 0x7F) << (7 * i);
         if b & 0x80 == 0 {
             // A non-minimal encoding (e.g. 0x80 0x00) is malformed in 3.1.1.
@@ -106,7 +110,11 @@ pub fn fixed_header(buf: &[u8], max_remaining: usize) -> Result<Option<FixedHead
             if remaining > max_remaining {
                 return Err(PacketError::TooLarge(remaining, max_remaining));
             }
-            return Ok(Some(FixedHeader { byte1, header_len: 2 + i, remaining }));
+            return Ok(Some(FixedHeader {
+                byte1,
+                header_len: 2 + i,
+                remaining,
+            }));
         }
     }
     Err(PacketError::BadLength)
@@ -120,7 +128,11 @@ pub fn check_flags(h: &FixedHeader) -> Result<(), PacketError> {
         CONNECT..=DISCONNECT => h.flags() == 0,
         k => return Err(PacketError::BadType(k)),
     };
-    if ok { Ok(()) } else { Err(PacketError::BadFlags(h.kind())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(PacketError::BadFlags(h.kind()))
+    }
 }
 
 /// A cursor over a packet body that never reads past its end.
@@ -166,7 +178,11 @@ impl<'a> Reader<'a> {
         std::mem::take(&mut self.buf)
     }
     fn end(&self) -> Result<(), PacketError> {
-        if self.buf.is_empty() { Ok(()) } else { Err(PacketError::BadBody) }
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(PacketError::BadBody)
+        }
     }
 }
 
@@ -192,7 +208,11 @@ pub struct Connect {
 
 /// Protocol level of a CONNECT body without parsing the rest (to answer "unacceptable protocol").
 pub fn connect_level(body: &[u8]) -> Option<u8> {
-    if body.get(..6)? == b"\x00\x04MQTT" { body.get(6).copied() } else { None }
+    if body.get(..6)? == b"\x00\x04MQTT" {
+        body.get(6).copied()
+    } else {
+        None
+    }
 }
 
 /// Parses a CONNECT body strictly: protocol name, level 4, flag consistency, exact length.
@@ -215,7 +235,11 @@ pub fn parse_connect(body: &[u8]) -> Result<Connect, PacketError> {
         flags & 0x02 != 0,
     );
     // Reserved bit, will QoS 3, will fields without a will, password without user name: malformed.
-    if flags & 0x01 != 0 || will_qos == 3 || (!will_flag && (will_qos != 0 || will_retain)) || (pass && !user) {
+    if flags & 0x01 != 0
+        || will_qos == 3
+        || (!will_flag && (will_qos != 0 || will_retain))
+        || (pass && !user)
+    {
         return Err(PacketError::BadFlags(CONNECT));
     }
     let keep_alive = r.u16()?;
@@ -223,14 +247,34 @@ pub fn parse_connect(body: &[u8]) -> Result<Connect, PacketError> {
     let will = if will_flag {
         let topic = r.string()?.to_owned();
         let payload = Bytes::copy_from_slice(r.binary()?);
-        Some(Will { topic, payload, qos: will_qos, retain: will_retain })
+        Some(Will {
+            topic,
+            payload,
+            qos: will_qos,
+            retain: will_retain,
+        })
     } else {
         None
     };
-    let username = if user { Some(r.string()?.to_owned()) } else { None };
-    let password = if pass { Some(Bytes::copy_from_slice(r.binary()?)) } else { None };
+    let username = if user {
+        Some(r.string()?.to_owned())
+    } else {
+        None
+    };
+    let password = if pass {
+        Some(Bytes::copy_from_slice(r.binary()?))
+    } else {
+        None
+    };
     r.end()?;
-    Ok(Connect { clean_session: clean, keep_alive, client_id, will, username, password })
+    Ok(Connect {
+        clean_session: clean,
+        keep_alive,
+        client_id,
+        will,
+        username,
+        password,
+    })
 }
 
 fn put_remaining_length(out: &mut BytesMut, mut len: usize) {
@@ -335,8 +379,11 @@ pub fn encode_publish(p: &Publish<'_>, out: &mut BytesMut) {
     out.put_slice(p.payload);
 }
 
+/// (filter, requested QoS) pairs of a SUBSCRIBE.
+pub type Filters<'a> = Vec<(&'a str, u8)>;
+
 /// SUBSCRIBE: packet id and (filter, requested QoS) pairs.
-pub fn parse_subscribe(body: &[u8]) -> Result<(u16, Vec<(&str, u8)>), PacketError> {
+pub fn parse_subscribe(body: &[u8]) -> Result<(u16, Filters<'_>), PacketError> {
     let mut r = Reader { buf: body };
     let pkid = r.pkid()?;
     let mut filters = Vec::new();
@@ -445,7 +492,10 @@ mod tests {
             (b"\x30\x80\x00", Err(PacketError::BadLength)),
             (b"\x30\xff\xff\xff\xff", Err(PacketError::BadLength)),
             // 200 MB declared: refused from the header alone.
-            (b"\x30\x80\x80\xe8\x5f", Err(PacketError::TooLarge(200_933_376, 1 << 22))),
+            (
+                b"\x30\x80\x80\xe8\x5f",
+                Err(PacketError::TooLarge(200_933_376, 1 << 22)),
+            ),
         ];
         for (bytes, expected) in rows {
             let got = fixed_header(bytes, 1 << 22).map(|o| o.map(|h| (h.header_len, h.remaining)));
@@ -459,7 +509,12 @@ mod tests {
             clean_session: true,
             keep_alive: 5,
             client_id: "vm-gui".into(),
-            will: Some(Will { topic: "a/b".into(), payload: Bytes::from_static(b"bye"), qos: 1, retain: true }),
+            will: Some(Will {
+                topic: "a/b".into(),
+                payload: Bytes::from_static(b"bye"),
+                qos: 1,
+                retain: true,
+            }),
             username: Some("u".into()),
             password: Some(Bytes::from_static(b"\x00\xff")),
         };
@@ -478,7 +533,10 @@ mod tests {
         let (h, body) = frame(bytes);
         assert_eq!(h.frame_len(), bytes.len());
         let c = parse_connect(body).unwrap();
-        assert_eq!((c.client_id.as_str(), c.keep_alive, c.clean_session), ("vm-gui", 5, true));
+        assert_eq!(
+            (c.client_id.as_str(), c.keep_alive, c.clean_session),
+            ("vm-gui", 5, true)
+        );
     }
 
     #[test]
@@ -486,17 +544,50 @@ mod tests {
         let ok = b"\x00\x04MQTT\x04\x02\x00\x05\x00\x01a";
         assert!(parse_connect(ok).is_ok());
         let rows: &[(&[u8], PacketError)] = &[
-            (b"\x00\x04MQTX\x04\x02\x00\x05\x00\x01a", PacketError::BadProtocolName),
-            (b"\x00\x06MQIsdp\x03\x02\x00\x05\x00\x01a", PacketError::BadProtocolName),
-            (b"\x00\x04MQTT\x05\x02\x00\x05\x00\x01a", PacketError::UnsupportedLevel(5)),
-            (b"\x00\x04MQTT\x04\x03\x00\x05\x00\x01a", PacketError::BadFlags(CONNECT)),
-            (b"\x00\x04MQTT\x04\x42\x00\x05\x00\x01a", PacketError::BadFlags(CONNECT)),
-            (b"\x00\x04MQTT\x04\x1a\x00\x05\x00\x01a", PacketError::BadFlags(CONNECT)),
-            (b"\x00\x04MQTT\x04\x02\x00\x05\x00\x02a", PacketError::BadBody),
-            (b"\x00\x04MQTT\x04\x02\x00\x05\x00\x01ab", PacketError::BadBody),
-            (b"\x00\x04MQTT\x04\x02\x00\x05\x00\x01\xff", PacketError::BadString),
-            (b"\x00\x04MQTT\x04\x02\x00\x05\x00\x01\x00", PacketError::BadString),
-            (b"\x00\x04MQTT\x04\x06\x00\x05\x00\x01a\x00\x01t", PacketError::BadBody),
+            (
+                b"\x00\x04MQTX\x04\x02\x00\x05\x00\x01a",
+                PacketError::BadProtocolName,
+            ),
+            (
+                b"\x00\x06MQIsdp\x03\x02\x00\x05\x00\x01a",
+                PacketError::BadProtocolName,
+            ),
+            (
+                b"\x00\x04MQTT\x05\x02\x00\x05\x00\x01a",
+                PacketError::UnsupportedLevel(5),
+            ),
+            (
+                b"\x00\x04MQTT\x04\x03\x00\x05\x00\x01a",
+                PacketError::BadFlags(CONNECT),
+            ),
+            (
+                b"\x00\x04MQTT\x04\x42\x00\x05\x00\x01a",
+                PacketError::BadFlags(CONNECT),
+            ),
+            (
+                b"\x00\x04MQTT\x04\x1a\x00\x05\x00\x01a",
+                PacketError::BadFlags(CONNECT),
+            ),
+            (
+                b"\x00\x04MQTT\x04\x02\x00\x05\x00\x02a",
+                PacketError::BadBody,
+            ),
+            (
+                b"\x00\x04MQTT\x04\x02\x00\x05\x00\x01ab",
+                PacketError::BadBody,
+            ),
+            (
+                b"\x00\x04MQTT\x04\x02\x00\x05\x00\x01\xff",
+                PacketError::BadString,
+            ),
+            (
+                b"\x00\x04MQTT\x04\x02\x00\x05\x00\x01\x00",
+                PacketError::BadString,
+            ),
+            (
+                b"\x00\x04MQTT\x04\x06\x00\x05\x00\x01a\x00\x01t",
+                PacketError::BadBody,
+            ),
         ];
         for (body, e) in rows {
             assert_eq!(parse_connect(body).as_ref().err(), Some(e), "{body:x?}");
@@ -507,7 +598,14 @@ mod tests {
     #[test]
     fn publish_subscribe_acks() {
         let mut out = BytesMut::new();
-        let p = Publish { topic: "a/b", qos: 1, retain: false, dup: false, pkid: Some(7), payload: b"hi" };
+        let p = Publish {
+            topic: "a/b",
+            qos: 1,
+            retain: false,
+            dup: false,
+            pkid: Some(7),
+            payload: b"hi",
+        };
         encode_publish(&p, &mut out);
         let (h, body) = frame(&out);
         check_flags(&h).unwrap();
@@ -517,10 +615,22 @@ mod tests {
         encode_subscribe(9, &[("a/#", 1), ("b", 0)], &mut out);
         let (h, body) = frame(&out);
         check_flags(&h).unwrap();
-        assert_eq!(parse_subscribe(body).unwrap(), (9, vec![("a/#", 1), ("b", 0)]));
-        assert_eq!(parse_subscribe(b"\x00\x09").unwrap_err(), PacketError::NoTopics);
-        assert_eq!(parse_subscribe(b"\x00\x09\x00\x01a\x03").unwrap_err(), PacketError::BadQos);
-        assert_eq!(parse_subscribe(b"\x00\x00\x00\x01a\x00").unwrap_err(), PacketError::ZeroPacketId);
+        assert_eq!(
+            parse_subscribe(body).unwrap(),
+            (9, vec![("a/#", 1), ("b", 0)])
+        );
+        assert_eq!(
+            parse_subscribe(b"\x00\x09").unwrap_err(),
+            PacketError::NoTopics
+        );
+        assert_eq!(
+            parse_subscribe(b"\x00\x09\x00\x01a\x03").unwrap_err(),
+            PacketError::BadQos
+        );
+        assert_eq!(
+            parse_subscribe(b"\x00\x00\x00\x01a\x00").unwrap_err(),
+            PacketError::ZeroPacketId
+        );
 
         let mut out = BytesMut::new();
         encode_ack(PUBREL, 300, &mut out);
@@ -541,7 +651,11 @@ mod tests {
 
     #[test]
     fn flags_table() {
-        let h = |b: u8| FixedHeader { byte1: b, header_len: 2, remaining: 0 };
+        let h = |b: u8| FixedHeader {
+            byte1: b,
+            header_len: 2,
+            remaining: 0,
+        };
         assert!(check_flags(&h(0x82)).is_ok());
         assert!(check_flags(&h(0x80)).is_err());
         assert!(check_flags(&h(0x36)).is_err()); // PUBLISH QoS 3

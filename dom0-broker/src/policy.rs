@@ -69,7 +69,10 @@ impl Role {
                 &["system/+/+/response/{vm}", "system/+/+/notification"],
             ),
             Role::DiskProvider => (
-                &["system/disks/+/response/+", "system/disk/new_file/notification"],
+                &[
+                    "system/disks/+/response/+",
+                    "system/disk/new_file/notification",
+                ],
                 &["system/disks/+/request"],
             ),
             Role::Agent => (
@@ -78,7 +81,10 @@ impl Role {
                     "system/misc/benchmark/response/+",
                     "system/events/error/notification",
                 ],
-                &["system/components/discover/request", "system/misc/benchmark/request"],
+                &[
+                    "system/components/discover/request",
+                    "system/misc/benchmark/request",
+                ],
             ),
         }
     }
@@ -128,11 +134,18 @@ pub struct Policy {
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("{path}: cannot read: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{path}: [vm.{section:?}]: {message}")]
-    Invalid { path: String, section: String, message: String },
+    Invalid {
+        path: String,
+        section: String,
+        message: String,
+    },
 }
 
 /// The policy built in when no file is given (same as `deploy/alpine/policy.toml`).
@@ -167,11 +180,17 @@ impl Policy {
                 for f in filters {
                     let concrete = f.replace("{vm}", "x");
                     if concrete.contains(['{', '}']) {
-                        return Err(invalid(format!("{list}: {f:?}: only {{vm}} may be substituted")));
+                        return Err(invalid(format!(
+                            "{list}: {f:?}: only {{vm}} may be substituted"
+                        )));
                     }
-                    validate_filter(&concrete).map_err(|e| invalid(format!("{list}: {f:?}: {e}")))?;
-                    if f.contains("{vm}") && f.split('/').any(|l| l.contains("{vm}") && l != "{vm}") {
-                        return Err(invalid(format!("{list}: {f:?}: {{vm}} must be a whole level")));
+                    validate_filter(&concrete)
+                        .map_err(|e| invalid(format!("{list}: {f:?}: {e}")))?;
+                    if f.contains("{vm}") && f.split('/').any(|l| l.contains("{vm}") && l != "{vm}")
+                    {
+                        return Err(invalid(format!(
+                            "{list}: {f:?}: {{vm}} must be a whole level"
+                        )));
                     }
                 }
             }
@@ -182,37 +201,59 @@ impl Policy {
     /// Loads a policy file.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read { path: origin.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: origin.clone(),
+            source,
+        })?;
         Policy::parse(&text, &origin)
     }
 
     /// The built-in default policy.
     pub fn builtin() -> Policy {
         // The built-in policy is tested to parse; fall back to deny-all rather than panic.
-        Policy::parse(DEFAULT_POLICY, "built-in policy").unwrap_or(Policy { file: PolicyFile::default() })
+        Policy::parse(DEFAULT_POLICY, "built-in policy").unwrap_or(Policy {
+            file: PolicyFile::default(),
+        })
     }
 
     /// VM names with their own section.
     pub fn named_vms(&self) -> impl Iterator<Item = &str> {
-        self.file.vm.keys().filter(|k| *k != "*").map(String::as_str)
+        self.file
+            .vm
+            .keys()
+            .filter(|k| *k != "*")
+            .map(String::as_str)
     }
 
     /// The effective rules of a VM.
     pub fn rules_for(&self, vm: &VmId) -> Rules {
         let mut rules = Rules::default();
         for key in ["*", vm.as_str()] {
-            let Some(s) = self.file.vm.get(key) else { continue };
+            let Some(s) = self.file.vm.get(key) else {
+                continue;
+            };
             for role in &s.roles {
                 let (p, sub) = role.filters();
                 rules.publish.extend(p.iter().map(|f| subst(f, vm)));
                 rules.subscribe.extend(sub.iter().map(|f| subst(f, vm)));
             }
             rules.publish.extend(s.publish.iter().map(|f| subst(f, vm)));
-            rules.subscribe.extend(s.subscribe.iter().map(|f| subst(f, vm)));
-            rules.deny_publish.extend(s.deny_publish.iter().map(|f| subst(f, vm)));
-            rules.deny_subscribe.extend(s.deny_subscribe.iter().map(|f| subst(f, vm)));
+            rules
+                .subscribe
+                .extend(s.subscribe.iter().map(|f| subst(f, vm)));
+            rules
+                .deny_publish
+                .extend(s.deny_publish.iter().map(|f| subst(f, vm)));
+            rules
+                .deny_subscribe
+                .extend(s.deny_subscribe.iter().map(|f| subst(f, vm)));
         }
-        for list in [&mut rules.publish, &mut rules.subscribe, &mut rules.deny_publish, &mut rules.deny_subscribe] {
+        for list in [
+            &mut rules.publish,
+            &mut rules.subscribe,
+            &mut rules.deny_publish,
+            &mut rules.deny_subscribe,
+        ] {
             let mut seen = std::collections::BTreeSet::new();
             list.retain(|f| seen.insert(f.clone()));
         }
@@ -253,7 +294,11 @@ impl Rules {
         if let Some(d) = self.deny_publish.iter().find(|d| filter_matches(d, topic)) {
             return Err(Denial::Denied(d.clone()));
         }
-        if self.publish.iter().any(|a| filter_matches(a, topic)) { Ok(()) } else { Err(Denial::NotAllowed) }
+        if self.publish.iter().any(|a| filter_matches(a, topic)) {
+            Ok(())
+        } else {
+            Err(Denial::NotAllowed)
+        }
     }
 
     /// May the VM subscribe to `filter`? Every topic it can match must be readable.
@@ -262,10 +307,18 @@ impl Rules {
             return Err(Denial::Reserved);
         }
         validate_filter(filter).map_err(|e| Denial::Invalid(e.to_string()))?;
-        if let Some(d) = self.deny_subscribe.iter().find(|d| filters_intersect(d, filter)) {
+        if let Some(d) = self
+            .deny_subscribe
+            .iter()
+            .find(|d| filters_intersect(d, filter))
+        {
             return Err(Denial::Denied(d.clone()));
         }
-        if self.subscribe.iter().any(|a| filter_covers(a, filter)) { Ok(()) } else { Err(Denial::NotAllowed) }
+        if self.subscribe.iter().any(|a| filter_covers(a, filter)) {
+            Ok(())
+        } else {
+            Err(Denial::NotAllowed)
+        }
     }
 
     /// May a message on `topic` be delivered to the VM? (Defence in depth at delivery.)
@@ -273,10 +326,18 @@ impl Rules {
         if topic.starts_with('$') {
             return Err(Denial::Reserved);
         }
-        if let Some(d) = self.deny_subscribe.iter().find(|d| filter_matches(d, topic)) {
+        if let Some(d) = self
+            .deny_subscribe
+            .iter()
+            .find(|d| filter_matches(d, topic))
+        {
             return Err(Denial::Denied(d.clone()));
         }
-        if self.subscribe.iter().any(|a| filter_matches(a, topic)) { Ok(()) } else { Err(Denial::NotAllowed) }
+        if self.subscribe.iter().any(|a| filter_matches(a, topic)) {
+            Ok(())
+        } else {
+            Err(Denial::NotAllowed)
+        }
     }
 }
 
@@ -289,7 +350,10 @@ pub fn is_request_topic(topic: &str) -> bool {
 pub fn check_sender(vm: &VmId, payload: &[u8]) -> Result<(), Denial> {
     match topics::payload::decode_envelope(payload) {
         Ok(env) if &env.sender == vm => Ok(()),
-        Ok(env) => Err(Denial::Sender(format!("sender is {:?}, not the channel's VM", env.sender.as_str()))),
+        Ok(env) => Err(Denial::Sender(format!(
+            "sender is {:?}, not the channel's VM",
+            env.sender.as_str()
+        ))),
         Err(e) => Err(Denial::Sender(e.to_string())),
     }
 }

@@ -107,11 +107,19 @@ pub struct Session {
     tokens: f64,
     last_refill: Instant,
     violations: u32,
+    /// When the guest was last told to start over because it sent something other than CONNECT.
+    last_nudge: Option<Instant>,
     effects: Vec<Effect>,
 }
 
 impl Session {
-    pub fn new(vm: VmId, limits: Limits, rules: Rules, stats: Arc<LinkStats>, now: Instant) -> Session {
+    pub fn new(
+        vm: VmId,
+        limits: Limits,
+        rules: Rules,
+        stats: Arc<LinkStats>,
+        now: Instant,
+    ) -> Session {
         let tokens = f64::from(limits.burst);
         let window = limits.max_keepalive.mul_f32(1.5);
         Session {
@@ -138,6 +146,7 @@ impl Session {
             tokens,
             last_refill: now,
             violations: 0,
+            last_nudge: None,
             effects: Vec::new(),
         }
     }
@@ -160,7 +169,8 @@ impl Session {
     }
 
     /// Called when the link attaches to the channel: tell the guest to start over.
-    pub fn attach(&mut self) {
+    pub fn attach(&mut self, now: Instant) {
+        self.last_nudge = Some(now);
         self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
     }
 
@@ -184,7 +194,10 @@ impl Session {
                 break;
             }
         }
-        self.partial_since = match (self.guest_in.is_empty() || self.phase == Phase::Connecting, self.partial_since) {
+        self.partial_since = match (
+            self.guest_in.is_empty() || self.phase == Phase::Connecting,
+            self.partial_since,
+        ) {
             (true, _) => None,
             (false, Some(t)) => Some(t),
             (false, None) => Some(now),
@@ -193,11 +206,15 @@ impl Session {
 
     /// Looks for a CONNECT in `guest_in`. Returns true if it consumed something worth looping on.
     fn scan(&mut self, now: Instant) -> bool {
-        let Some(start) = self.guest_in.iter().position(|b| *b == mqtt::CONNECT << 4) else {
-            self.discard(self.guest_in.len());
+        let start = self.guest_in.iter().position(|b| *b == mqtt::CONNECT << 4);
+        let skipped = start.unwrap_or(self.guest_in.len());
+        if skipped > 0 {
+            self.discard(skipped);
+            self.nudge(now);
+        }
+        if start.is_none() {
             return false;
-        };
-        self.discard(start);
+        }
         match candidate(&self.guest_in) {
             Candidate::NotConnect => {
                 self.discard(1);
@@ -220,6 +237,18 @@ impl Session {
         }
     }
 
+    /// The guest sends something other than CONNECT while it has no session: it may believe an old
+    /// session is alive (our attach signal was lost). Tell it again, at most once a second.
+    fn nudge(&mut self, now: Instant) {
+        if self
+            .last_nudge
+            .is_none_or(|t| now >= t + Duration::from_secs(1))
+        {
+            self.last_nudge = Some(now);
+            self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
+        }
+    }
+
     fn discard(&mut self, n: usize) {
         if n > 0 {
             self.stats.garbage_bytes.fetch_add(n as u64, Relaxed);
@@ -234,7 +263,10 @@ impl Session {
             tracing::warn!(vm = %self.vm, claimed = ?claimed, "CONNECT with another VM's client id refused");
             self.refusal();
             mqtt::encode_connack(false, connack::IDENTIFIER_REJECTED, &mut self.to_guest);
-            self.effects.push(Effect::State(LinkState::IdentityRefused, Some(format!("claimed client id {claimed:?}"))));
+            self.effects.push(Effect::State(
+                LinkState::IdentityRefused,
+                Some(format!("claimed client id {claimed:?}")),
+            ));
             return true;
         }
         if let Some(w) = &c.will {
@@ -247,7 +279,11 @@ impl Session {
         }
         let max = self.limits.max_keepalive;
         let asked = Duration::from_secs(u64::from(c.keep_alive));
-        let effective = if asked.is_zero() || asked > max { max } else { asked };
+        let effective = if asked.is_zero() || asked > max {
+            max
+        } else {
+            asked
+        };
         self.window = effective.mul_f32(1.5);
         if c.keep_alive == 0 {
             // rumqttd refuses keepalive 0: keep the broker side alive ourselves.
@@ -285,7 +321,9 @@ impl Session {
     pub fn broker_connected(&mut self, now: Instant) -> Vec<Effect> {
         self.to_broker.extend_from_slice(&self.pending_connect);
         self.last_to_broker = now;
-        self.phase = Phase::Live { connack_seen: false };
+        self.phase = Phase::Live {
+            connack_seen: false,
+        };
         self.on_guest_input(now)
     }
 
@@ -296,29 +334,31 @@ impl Session {
     }
 
     /// The broker closed the connection: the guest's session is over.
-    pub fn broker_closed(&mut self) -> Vec<Effect> {
+    pub fn broker_closed(&mut self, now: Instant) -> Vec<Effect> {
         if self.has_broker() {
-            self.end_session("broker closed the connection", false);
+            self.end_session("broker closed the connection", false, now);
         }
         std::mem::take(&mut self.effects)
     }
 
     /// Ends the broker session and sends the guest back to CONNECT.
-    fn end_session(&mut self, why: &str, flush: bool) {
+    fn end_session(&mut self, why: &str, flush: bool, now: Instant) {
         let was_live = matches!(self.phase, Phase::Live { connack_seen: true });
         self.phase = Phase::Scanning;
         self.effects.push(Effect::CloseBroker { flush });
         self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
+        self.last_nudge = Some(now);
         if was_live {
-            self.effects.push(Effect::State(LinkState::SessionDown, Some(why.to_owned())));
+            self.effects
+                .push(Effect::State(LinkState::SessionDown, Some(why.to_owned())));
         }
         tracing::info!(vm = %self.vm, reason = why, "session ended");
     }
 
-    fn desync(&mut self, e: &PacketError) {
+    fn desync(&mut self, e: &PacketError, now: Instant) {
         tracing::warn!(vm = %self.vm, error = %e, "malformed packet from guest; scanning for CONNECT");
         self.stats.dropped.fetch_add(1, Relaxed);
-        self.end_session(&format!("malformed packet: {e}"), false);
+        self.end_session(&format!("malformed packet: {e}"), false, now);
     }
 
     fn refusal(&mut self) {
@@ -329,7 +369,10 @@ impl Session {
     fn refused(&mut self, topic: &str, reason: &str) {
         tracing::warn!(vm = %self.vm, topic, reason, "refused");
         self.refusal();
-        self.effects.push(Effect::Refused { topic: topic.to_owned(), reason: reason.to_owned() });
+        self.effects.push(Effect::Refused {
+            topic: topic.to_owned(),
+            reason: reason.to_owned(),
+        });
     }
 
     /// Frames and relays one packet from the guest. Returns false when it needs more bytes.
@@ -339,7 +382,7 @@ impl Session {
             Ok(Some(h)) if self.guest_in.len() < h.frame_len() => return false,
             Ok(Some(h)) => h,
             Err(e) => {
-                self.desync(&e);
+                self.desync(&e, now);
                 return true;
             }
         };
@@ -347,7 +390,7 @@ impl Session {
         self.stats.packets_in.fetch_add(1, Relaxed);
         self.stats.bytes_in.fetch_add(frame.len() as u64, Relaxed);
         if let Err(e) = mqtt::check_flags(&h) {
-            self.desync(&e);
+            self.desync(&e, now);
             return true;
         }
         let body = frame.get(h.header_len..).unwrap_or_default();
@@ -358,18 +401,23 @@ impl Session {
                     Candidate::Connect(_, c) => {
                         self.phase = Phase::Scanning;
                         self.effects.push(Effect::CloseBroker { flush: false });
-                        self.effects.push(Effect::State(LinkState::SessionDown, Some("new CONNECT".into())));
+                        self.effects.push(Effect::State(
+                            LinkState::SessionDown,
+                            Some("new CONNECT".into()),
+                        ));
                         self.on_connect(c, now);
                         true
                     }
                     _ => {
-                        self.desync(&PacketError::BadBody);
+                        self.desync(&PacketError::BadBody, now);
                         true
                     }
                 };
             }
             mqtt::PUBLISH => self.guest_publish(&h, &frame, now),
-            mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP => mqtt::parse_pkid(body).map(|_| self.forward(&frame, now)),
+            mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP => {
+                mqtt::parse_pkid(body).map(|_| self.forward(&frame, now))
+            }
             mqtt::PUBREL => mqtt::parse_pkid(body).map(|id| {
                 if self.refused_qos2.remove(&id) {
                     mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_guest);
@@ -386,17 +434,20 @@ impl Session {
             }
             mqtt::DISCONNECT if body.is_empty() => {
                 self.forward(&frame, now);
-                self.end_session("guest disconnected", true);
+                self.end_session("guest disconnected", true, now);
                 return true;
             }
             kind => Err(PacketError::BadType(kind)),
         };
         if let Err(e) = result {
-            self.desync(&e);
+            self.desync(&e, now);
         } else if self.violations >= self.limits.violation_limit {
             tracing::warn!(vm = %self.vm, violations = self.violations, "too many refusals; disconnecting the VM");
-            self.effects.push(Effect::State(LinkState::Violations, Some(format!("{} refusals", self.violations))));
-            self.end_session("too many policy violations", false);
+            self.effects.push(Effect::State(
+                LinkState::Violations,
+                Some(format!("{} refusals", self.violations)),
+            ));
+            self.end_session("too many policy violations", false, now);
         }
         true
     }
@@ -407,7 +458,9 @@ impl Session {
     }
 
     fn take_token(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
+        let elapsed = now
+            .saturating_duration_since(self.last_refill)
+            .as_secs_f64();
         self.last_refill = now;
         let cap = f64::from(self.limits.burst);
         self.tokens = (self.tokens + elapsed * f64::from(self.limits.rate_per_sec)).min(cap);
@@ -419,17 +472,29 @@ impl Session {
         }
     }
 
-    fn guest_publish(&mut self, h: &FixedHeader, frame: &[u8], now: Instant) -> Result<(), PacketError> {
+    fn guest_publish(
+        &mut self,
+        h: &FixedHeader,
+        frame: &[u8],
+        now: Instant,
+    ) -> Result<(), PacketError> {
         let body = frame.get(h.header_len..).unwrap_or_default();
         let p = mqtt::parse_publish(h, body)?;
         let verdict = if p.pkid.is_some_and(|id| self.inflight.contains(&id)) && !p.dup {
             Err("packet id already in flight".to_owned())
         } else if !self.take_token(now) {
-            Err(format!("rate limit ({} msg/s) exceeded", self.limits.rate_per_sec))
+            Err(format!(
+                "rate limit ({} msg/s) exceeded",
+                self.limits.rate_per_sec
+            ))
         } else if p.qos > 0 && self.inflight.len() >= self.limits.max_inflight {
-            Err(format!("more than {} messages in flight", self.limits.max_inflight))
+            Err(format!(
+                "more than {} messages in flight",
+                self.limits.max_inflight
+            ))
         } else {
-            policy::check_publish(&self.rules, &self.vm, p.topic, p.payload).map_err(|d| d.to_string())
+            policy::check_publish(&self.rules, &self.vm, p.topic, p.payload)
+                .map_err(|d| d.to_string())
         };
         match verdict {
             Ok(()) => {
@@ -501,7 +566,7 @@ impl Session {
                 Ok(Some(h)) => h,
                 Err(e) => {
                     tracing::warn!(vm = %self.vm, error = %e, "bad packet from broker");
-                    self.end_session("bad packet from broker", false);
+                    self.end_session("bad packet from broker", false, now);
                     break;
                 }
             };
@@ -514,16 +579,19 @@ impl Session {
             if self.to_guest.len() > self.limits.queue_bytes {
                 tracing::warn!(vm = %self.vm, queued = self.to_guest.len(), "guest does not read; dropping its session");
                 self.stats.dropped.fetch_add(1, Relaxed);
-                self.effects.push(Effect::State(LinkState::Overflow, Some(format!("{} bytes queued", self.to_guest.len()))));
+                self.effects.push(Effect::State(
+                    LinkState::Overflow,
+                    Some(format!("{} bytes queued", self.to_guest.len())),
+                ));
                 self.to_guest.clear();
-                self.end_session("guest queue overflow", false);
+                self.end_session("guest queue overflow", false, now);
                 break;
             }
         }
         std::mem::take(&mut self.effects)
     }
 
-    fn to_guest_frame(&mut self, frame: &[u8]) {
+    fn relay_to_guest(&mut self, frame: &[u8]) {
         self.stats.packets_out.fetch_add(1, Relaxed);
         self.stats.bytes_out.fetch_add(frame.len() as u64, Relaxed);
         self.to_guest.extend_from_slice(frame);
@@ -532,8 +600,10 @@ impl Session {
     fn broker_packet(&mut self, h: &FixedHeader, frame: &[u8], body: &[u8], now: Instant) {
         match h.kind() {
             mqtt::CONNACK => {
-                let rc = mqtt::parse_connack(body).map(|(_, rc)| rc).unwrap_or(connack::SERVER_UNAVAILABLE);
-                self.to_guest_frame(frame);
+                let rc = mqtt::parse_connack(body)
+                    .map(|(_, rc)| rc)
+                    .unwrap_or(connack::SERVER_UNAVAILABLE);
+                self.relay_to_guest(frame);
                 if rc == connack::ACCEPTED {
                     self.phase = Phase::Live { connack_seen: true };
                     tracing::info!(vm = %self.vm, "session up");
@@ -546,16 +616,18 @@ impl Session {
             }
             mqtt::PUBLISH => {
                 let Ok(p) = mqtt::parse_publish(h, body) else {
-                    self.end_session("bad PUBLISH from broker", false);
+                    self.end_session("bad PUBLISH from broker", false, now);
                     return;
                 };
                 match self.rules.check_deliver(p.topic) {
-                    Ok(()) => self.to_guest_frame(frame),
+                    Ok(()) => self.relay_to_guest(frame),
                     Err(d) => {
                         tracing::warn!(vm = %self.vm, topic = p.topic, reason = %d, "delivery refused");
                         self.stats.refused.fetch_add(1, Relaxed);
                         match (p.qos, p.pkid) {
-                            (1, Some(id)) => mqtt::encode_ack(mqtt::PUBACK, id, &mut self.to_broker),
+                            (1, Some(id)) => {
+                                mqtt::encode_ack(mqtt::PUBACK, id, &mut self.to_broker)
+                            }
                             (2, Some(id)) => {
                                 self.dropped_qos2.insert(id);
                                 mqtt::encode_ack(mqtt::PUBREC, id, &mut self.to_broker);
@@ -571,13 +643,13 @@ impl Session {
                     mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_broker);
                     self.last_to_broker = now;
                 }
-                _ => self.to_guest_frame(frame),
+                _ => self.relay_to_guest(frame),
             },
             mqtt::PUBACK | mqtt::PUBCOMP => {
                 if let Ok(id) = mqtt::parse_pkid(body) {
                     self.inflight.remove(&id);
                 }
-                self.to_guest_frame(frame);
+                self.relay_to_guest(frame);
             }
             mqtt::SUBACK => match mqtt::parse_suback(body) {
                 Ok((id, codes)) if self.pending_subs.contains_key(&id) => {
@@ -585,20 +657,26 @@ impl Session {
                     let mut granted = codes.iter();
                     let merged: Vec<u8> = refused
                         .iter()
-                        .map(|r| if *r { mqtt::SUBACK_FAILURE } else { *granted.next().unwrap_or(&mqtt::SUBACK_FAILURE) })
+                        .map(|r| {
+                            if *r {
+                                mqtt::SUBACK_FAILURE
+                            } else {
+                                *granted.next().unwrap_or(&mqtt::SUBACK_FAILURE)
+                            }
+                        })
                         .collect();
                     let mut out = BytesMut::new();
                     mqtt::encode_suback(id, &merged, &mut out);
-                    self.to_guest_frame(&out);
+                    self.relay_to_guest(&out);
                 }
-                _ => self.to_guest_frame(frame),
+                _ => self.relay_to_guest(frame),
             },
             mqtt::PINGRESP => {
                 if self.pings.pop_front() != Some(true) {
-                    self.to_guest_frame(frame);
+                    self.relay_to_guest(frame);
                 }
             }
-            _ => self.to_guest_frame(frame),
+            _ => self.relay_to_guest(frame),
         }
     }
 
@@ -607,7 +685,13 @@ impl Session {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         if let Some(t) = self.partial_since {
-            consider(t + if self.phase == Phase::Scanning { SCAN_TIMEOUT } else { self.window });
+            consider(
+                t + if self.phase == Phase::Scanning {
+                    SCAN_TIMEOUT
+                } else {
+                    self.window
+                },
+            );
         }
         if matches!(self.phase, Phase::Live { .. }) {
             consider(self.last_guest + self.window);
@@ -632,7 +716,7 @@ impl Session {
                 Phase::Live { .. } if now >= since + self.window => {
                     tracing::warn!(vm = %self.vm, bytes = self.guest_in.len(), "incomplete frame timed out; scanning");
                     self.partial_since = None;
-                    self.end_session("incomplete frame timed out", false);
+                    self.end_session("incomplete frame timed out", false, now);
                     self.process_guest(now);
                 }
                 _ => {}
@@ -640,7 +724,7 @@ impl Session {
         }
         if matches!(self.phase, Phase::Live { .. }) && now >= self.last_guest + self.window {
             self.stats.dropped.fetch_add(1, Relaxed);
-            self.end_session("guest silent beyond 1.5 × keepalive", false);
+            self.end_session("guest silent beyond 1.5 × keepalive", false, now);
         }
         if let (Some(k), Phase::Live { .. }) = (self.own_keepalive, self.phase) {
             if now >= self.last_to_broker + k {
@@ -686,7 +770,9 @@ fn candidate(buf: &[u8]) -> Candidate {
     let body = body.get(..h.remaining).unwrap_or_default();
     match mqtt::parse_connect(body) {
         Ok(c) => Candidate::Connect(h, c),
-        Err(PacketError::UnsupportedLevel(level)) if (3..=5).contains(&level) => Candidate::Level(h, level),
+        Err(PacketError::UnsupportedLevel(level)) if (3..=5).contains(&level) => {
+            Candidate::Level(h, level)
+        }
         Err(_) => Candidate::NotConnect,
     }
 }

@@ -46,9 +46,17 @@ impl LinkStats {
 /// Something a link reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    State { vm: VmId, state: LinkState, detail: Option<String> },
+    State {
+        vm: VmId,
+        state: LinkState,
+        detail: Option<String>,
+    },
     /// A refused packet: the VM and the topic, never the payload.
-    Refused { vm: VmId, topic: String, reason: String },
+    Refused {
+        vm: VmId,
+        topic: String,
+        reason: String,
+    },
 }
 
 /// Shared by the links, the discovery loop and the controller.
@@ -64,7 +72,13 @@ const EVENT_QUEUE: usize = 1024;
 impl Supervision {
     pub fn new() -> (Supervision, mpsc::Receiver<Event>) {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-        (Supervision { links: Arc::default(), events: tx }, rx)
+        (
+            Supervision {
+                links: Arc::default(),
+                events: tx,
+            },
+            rx,
+        )
     }
 
     fn links(&self) -> std::sync::MutexGuard<'_, BTreeMap<VmId, Arc<LinkStats>>> {

@@ -32,41 +32,185 @@ fn default_policy_table() {
     let na = || Err(Denial::NotAllowed);
     let rows: Vec<(&str, Act, &str, &str, Result<(), Denial>)> = vec![
         // vm-gui, a client: publishes requests as itself.
-        ("vm-gui", Pub, "system/disks/list_disks/request", GUI_REQ, Ok(())),
-        ("vm-gui", Pub, "system/disks/create_file/request", r#"{"sender":"vm-gui","disk":"d","filepath":"f","data":""}"#, Ok(())),
-        ("vm-gui", Pub, "system/components/discover/request", GUI_REQ, Ok(())),
-        ("vm-gui", Pub, "system/misc/benchmark/request", GUI_REQ, Ok(())),
+        (
+            "vm-gui",
+            Pub,
+            "system/disks/list_disks/request",
+            GUI_REQ,
+            Ok(()),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system/disks/create_file/request",
+            r#"{"sender":"vm-gui","disk":"d","filepath":"f","data":""}"#,
+            Ok(()),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system/components/discover/request",
+            GUI_REQ,
+            Ok(()),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system/misc/benchmark/request",
+            GUI_REQ,
+            Ok(()),
+        ),
         // ... never as another VM, never without sender, never with garbage.
-        ("vm-gui", Pub, "system/disks/list_disks/request", USB_REQ, Err(Denial::Sender(String::new()))),
-        ("vm-gui", Pub, "system/disks/list_disks/request", "{}", Err(Denial::Sender(String::new()))),
-        ("vm-gui", Pub, "system/disks/list_disks/request", "not json", Err(Denial::Sender(String::new()))),
-        ("vm-gui", Pub, "system/disks/list_disks/request", r#"{"sender":"dom0"}"#, Err(Denial::Sender(String::new()))),
-        ("vm-gui", Pub, "system/disks/list_disks/request", r#"{"sender":"VM-GUI"}"#, Err(Denial::Sender(String::new()))),
+        (
+            "vm-gui",
+            Pub,
+            "system/disks/list_disks/request",
+            USB_REQ,
+            Err(Denial::Sender(String::new())),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system/disks/list_disks/request",
+            "{}",
+            Err(Denial::Sender(String::new())),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system/disks/list_disks/request",
+            "not json",
+            Err(Denial::Sender(String::new())),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system/disks/list_disks/request",
+            r#"{"sender":"dom0"}"#,
+            Err(Denial::Sender(String::new())),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system/disks/list_disks/request",
+            r#"{"sender":"VM-GUI"}"#,
+            Err(Denial::Sender(String::new())),
+        ),
         // ... may not answer disk requests (a fake list_disks response).
-        ("vm-gui", Pub, "system/disks/list_disks/response/vm-gui", "{}", na()),
-        ("vm-gui", Pub, "system/disks/list_disks/response/sys-usb", "{}", na()),
-        ("vm-gui", Pub, "system/disk/new_file/notification", "{}", na()),
+        (
+            "vm-gui",
+            Pub,
+            "system/disks/list_disks/response/vm-gui",
+            "{}",
+            na(),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system/disks/list_disks/response/sys-usb",
+            "{}",
+            na(),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system/disk/new_file/notification",
+            "{}",
+            na(),
+        ),
         // ... may answer discover and benchmark (every agent does), and report errors.
-        ("vm-gui", Pub, "system/components/discover/response/sys-usb", "{}", Ok(())),
-        ("vm-gui", Pub, "system/misc/benchmark/response/vm-gui", "{}", Ok(())),
-        ("vm-gui", Pub, "system/events/error/notification", "{}", Ok(())),
+        (
+            "vm-gui",
+            Pub,
+            "system/components/discover/response/sys-usb",
+            "{}",
+            Ok(()),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system/misc/benchmark/response/vm-gui",
+            "{}",
+            Ok(()),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system/events/error/notification",
+            "{}",
+            Ok(()),
+        ),
         // ... not the supervision topics, not $, not application topics.
-        ("vm-gui", Pub, "system/supervision/links/notification", "{}", na()),
-        ("vm-gui", Pub, "$SYS/broker/clients", "{}", Err(Denial::Reserved)),
+        (
+            "vm-gui",
+            Pub,
+            "system/supervision/links/notification",
+            "{}",
+            na(),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "$SYS/broker/clients",
+            "{}",
+            Err(Denial::Reserved),
+        ),
         ("vm-gui", Pub, "apps/chat", "{}", na()),
-        ("vm-gui", Pub, "system/+/list_disks/request", GUI_REQ, Err(Denial::Invalid(String::new()))),
-        ("vm-gui", Pub, "system//list_disks/request", GUI_REQ, Err(Denial::Invalid(String::new()))),
+        (
+            "vm-gui",
+            Pub,
+            "system/+/list_disks/request",
+            GUI_REQ,
+            Err(Denial::Invalid(String::new())),
+        ),
+        (
+            "vm-gui",
+            Pub,
+            "system//list_disks/request",
+            GUI_REQ,
+            Err(Denial::Invalid(String::new())),
+        ),
         // vm-gui subscribes to its own responses and to notifications.
-        ("vm-gui", Sub, "system/disks/list_disks/response/vm-gui", "", Ok(())),
+        (
+            "vm-gui",
+            Sub,
+            "system/disks/list_disks/response/vm-gui",
+            "",
+            Ok(()),
+        ),
         ("vm-gui", Sub, "system/+/+/response/vm-gui", "", Ok(())),
         ("vm-gui", Sub, "system/disks/+/response/vm-gui", "", Ok(())),
-        ("vm-gui", Sub, "system/disk/new_file/notification", "", Ok(())),
+        (
+            "vm-gui",
+            Sub,
+            "system/disk/new_file/notification",
+            "",
+            Ok(()),
+        ),
         ("vm-gui", Sub, "system/+/+/notification", "", Ok(())),
-        ("vm-gui", Sub, "system/components/discover/request", "", Ok(())),
+        (
+            "vm-gui",
+            Sub,
+            "system/components/discover/request",
+            "",
+            Ok(()),
+        ),
         // ... never another VM's responses, exact or by wildcard.
-        ("vm-gui", Sub, "system/disks/list_disks/response/sys-usb", "", na()),
+        (
+            "vm-gui",
+            Sub,
+            "system/disks/list_disks/response/sys-usb",
+            "",
+            na(),
+        ),
         ("vm-gui", Sub, "system/+/+/response/+", "", na()),
-        ("vm-gui", Sub, "system/disks/list_disks/response/+", "", na()),
+        (
+            "vm-gui",
+            Sub,
+            "system/disks/list_disks/response/+",
+            "",
+            na(),
+        ),
         ("vm-gui", Sub, "system/#", "", na()),
         ("vm-gui", Sub, "#", "", na()),
         ("vm-gui", Sub, "+/+/+/response/vm-gui", "", na()),
@@ -74,31 +218,139 @@ fn default_policy_table() {
         ("vm-gui", Sub, "system/disks/list_disks/request", "", na()),
         ("vm-gui", Sub, "system/disks/+/request", "", na()),
         ("vm-gui", Sub, "$SYS/#", "", Err(Denial::Reserved)),
-        ("vm-gui", Sub, "$share/g/system/+/+/response/vm-gui", "", Err(Denial::Reserved)),
-        ("vm-gui", Sub, "system/#/x", "", Err(Denial::Invalid(String::new()))),
+        (
+            "vm-gui",
+            Sub,
+            "$share/g/system/+/+/response/vm-gui",
+            "",
+            Err(Denial::Reserved),
+        ),
+        (
+            "vm-gui",
+            Sub,
+            "system/#/x",
+            "",
+            Err(Denial::Invalid(String::new())),
+        ),
         // Delivery (defence in depth).
-        ("vm-gui", Deliver, "system/disks/list_disks/response/vm-gui", "", Ok(())),
-        ("vm-gui", Deliver, "system/disks/list_disks/response/sys-usb", "", na()),
-        ("vm-gui", Deliver, "system/disks/list_disks/request", "", na()),
-        ("vm-gui", Deliver, "$SYS/broker/uptime", "", Err(Denial::Reserved)),
-        ("vm-gui", Deliver, "system/events/error/notification", "", Ok(())),
+        (
+            "vm-gui",
+            Deliver,
+            "system/disks/list_disks/response/vm-gui",
+            "",
+            Ok(()),
+        ),
+        (
+            "vm-gui",
+            Deliver,
+            "system/disks/list_disks/response/sys-usb",
+            "",
+            na(),
+        ),
+        (
+            "vm-gui",
+            Deliver,
+            "system/disks/list_disks/request",
+            "",
+            na(),
+        ),
+        (
+            "vm-gui",
+            Deliver,
+            "$SYS/broker/uptime",
+            "",
+            Err(Denial::Reserved),
+        ),
+        (
+            "vm-gui",
+            Deliver,
+            "system/events/error/notification",
+            "",
+            Ok(()),
+        ),
         // sys-usb, the disk provider.
         ("sys-usb", Sub, "system/disks/+/request", "", Ok(())),
-        ("sys-usb", Sub, "system/disks/list_disks/request", "", Ok(())),
+        (
+            "sys-usb",
+            Sub,
+            "system/disks/list_disks/request",
+            "",
+            Ok(()),
+        ),
         ("sys-usb", Sub, "system/misc/benchmark/request", "", Ok(())),
         ("sys-usb", Sub, "system/+/+/request", "", na()),
-        ("sys-usb", Pub, "system/disks/list_disks/response/vm-gui", "{}", Ok(())),
-        ("sys-usb", Pub, "system/disks/get_file_footprint/response/vm-gui", "{}", Ok(())),
-        ("sys-usb", Pub, "system/disk/new_file/notification", "{}", Ok(())),
-        ("sys-usb", Pub, "system/events/error/notification", "{}", Ok(())),
-        ("sys-usb", Deliver, "system/disks/remove_file/request", "", Ok(())),
+        (
+            "sys-usb",
+            Pub,
+            "system/disks/list_disks/response/vm-gui",
+            "{}",
+            Ok(()),
+        ),
+        (
+            "sys-usb",
+            Pub,
+            "system/disks/get_file_footprint/response/vm-gui",
+            "{}",
+            Ok(()),
+        ),
+        (
+            "sys-usb",
+            Pub,
+            "system/disk/new_file/notification",
+            "{}",
+            Ok(()),
+        ),
+        (
+            "sys-usb",
+            Pub,
+            "system/events/error/notification",
+            "{}",
+            Ok(()),
+        ),
+        (
+            "sys-usb",
+            Deliver,
+            "system/disks/remove_file/request",
+            "",
+            Ok(()),
+        ),
         // sys-usb is not a client in the default policy.
-        ("sys-usb", Pub, "system/disks/list_disks/request", USB_REQ, na()),
-        ("sys-usb", Sub, "system/disks/list_disks/response/sys-usb", "", na()),
+        (
+            "sys-usb",
+            Pub,
+            "system/disks/list_disks/request",
+            USB_REQ,
+            na(),
+        ),
+        (
+            "sys-usb",
+            Sub,
+            "system/disks/list_disks/response/sys-usb",
+            "",
+            na(),
+        ),
         // A VM the policy does not name gets only the `*` rules.
-        ("vm-other", Pub, "system/disks/list_disks/request", r#"{"sender":"vm-other"}"#, na()),
-        ("vm-other", Sub, "system/components/discover/request", "", Ok(())),
-        ("vm-other", Pub, "system/components/discover/response/vm-gui", "{}", Ok(())),
+        (
+            "vm-other",
+            Pub,
+            "system/disks/list_disks/request",
+            r#"{"sender":"vm-other"}"#,
+            na(),
+        ),
+        (
+            "vm-other",
+            Sub,
+            "system/components/discover/request",
+            "",
+            Ok(()),
+        ),
+        (
+            "vm-other",
+            Pub,
+            "system/components/discover/response/vm-gui",
+            "{}",
+            Ok(()),
+        ),
         ("vm-other", Sub, "system/+/+/notification", "", na()),
     ];
     assert!(rows.len() >= 50, "{} rows", rows.len());
@@ -109,7 +361,10 @@ fn default_policy_table() {
             (Err(Denial::Invalid(_)), Err(Denial::Invalid(_))) => true,
             _ => got == expected,
         };
-        assert!(same, "{who} {act:?} {topic} {payload}: got {got:?}, expected {expected:?}");
+        assert!(
+            same,
+            "{who} {act:?} {topic} {payload}: got {got:?}, expected {expected:?}"
+        );
     }
 }
 
@@ -146,7 +401,11 @@ fn vm_placeholder_and_deny_rules() {
         ("vm-b", Sub, "apps/x/inbox/vm-a", false),
     ];
     for (who, act, topic, allowed) in rows {
-        assert_eq!(decide(&p, who, act, topic, "{}").is_ok(), allowed, "{who} {act:?} {topic}");
+        assert_eq!(
+            decide(&p, who, act, topic, "{}").is_ok(),
+            allowed,
+            "{who} {act:?} {topic}"
+        );
     }
 }
 

@@ -28,7 +28,14 @@ fn session() -> (Session, Instant) {
 fn connect(id: &str, keep_alive: u16) -> BytesMut {
     let mut out = BytesMut::new();
     mqtt::encode_connect(
-        &Connect { clean_session: true, keep_alive, client_id: id.into(), will: None, username: None, password: None },
+        &Connect {
+            clean_session: true,
+            keep_alive,
+            client_id: id.into(),
+            will: None,
+            username: None,
+            password: None,
+        },
         &mut out,
     );
     out
@@ -37,7 +44,17 @@ fn connect(id: &str, keep_alive: u16) -> BytesMut {
 fn publish(topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> BytesMut {
     let mut out = BytesMut::new();
     let pkid = (qos > 0).then_some(pkid);
-    mqtt::encode_publish(&Publish { topic, qos, retain: false, dup: false, pkid, payload }, &mut out);
+    mqtt::encode_publish(
+        &Publish {
+            topic,
+            qos,
+            retain: false,
+            dup: false,
+            pkid,
+            payload,
+        },
+        &mut out,
+    );
     out
 }
 
@@ -80,8 +97,8 @@ fn live() -> (Session, Instant) {
 
 #[test]
 fn attach_sends_disconnect() {
-    let (mut s, _) = session();
-    s.attach();
+    let (mut s, now) = session();
+    s.attach(now);
     assert_eq!(&s.to_guest[..], &mqtt::DISCONNECT_PACKET);
 }
 
@@ -90,13 +107,22 @@ fn garbage_and_a_200_mb_header_before_connect_are_skipped() {
     let (mut s, now) = session();
     // A PUBLISH header declaring 200 MB, bytes that contain 0x10 but no CONNECT, a truncated
     // CONNECT-looking prefix, then the real CONNECT.
-    s.guest_in.extend_from_slice(b"\x30\x80\x80\xe8\x5f\x10\x10\x02\xff\x10\x05\x00\x04MQTX");
+    s.guest_in
+        .extend_from_slice(b"\x30\x80\x80\xe8\x5f\x10\x10\x02\xff\x10\x05\x00\x04MQTX");
     s.guest_in.extend_from_slice(&[0x10; 7]);
     s.guest_in.extend_from_slice(&connect("", 5));
     assert_eq!(s.on_guest_input(now), vec![Effect::OpenBroker]);
     assert!(s.guest_in.is_empty());
+    assert_eq!(
+        &s.to_guest[..],
+        &mqtt::DISCONNECT_PACKET,
+        "a guest sending non-CONNECT bytes is told to start over"
+    );
     let c = broker_connect(&mut s, now);
-    assert_eq!(c.client_id, "vm-gui", "an empty client id becomes the VM name");
+    assert_eq!(
+        c.client_id, "vm-gui",
+        "an empty client id becomes the VM name"
+    );
     assert_eq!(c.username.as_deref(), Some("vm-gui"));
     assert_eq!(c.keep_alive, 5);
 }
@@ -121,8 +147,14 @@ fn another_vms_client_id_is_refused() {
     let (mut s, now) = session();
     s.guest_in.extend_from_slice(&connect("sys-usb", 5));
     let effects = s.on_guest_input(now);
-    assert!(matches!(effects.as_slice(), [Effect::State(LinkState::IdentityRefused, Some(_))]));
-    assert_eq!(packets(&s.to_guest), vec![(mqtt::CONNACK, vec![0, connack::IDENTIFIER_REJECTED])]);
+    assert!(matches!(
+        effects.as_slice(),
+        [Effect::State(LinkState::IdentityRefused, Some(_))]
+    ));
+    assert_eq!(
+        packets(&s.to_guest),
+        vec![(mqtt::CONNACK, vec![0, connack::IDENTIFIER_REJECTED])]
+    );
     assert!(!s.has_broker());
 }
 
@@ -133,7 +165,10 @@ fn mqtt5_connect_gets_unacceptable_protocol() {
     c[8] = 5; // protocol level byte
     s.guest_in.extend_from_slice(&c);
     assert!(s.on_guest_input(now).is_empty());
-    assert_eq!(packets(&s.to_guest), vec![(mqtt::CONNACK, vec![0, connack::UNACCEPTABLE_PROTOCOL])]);
+    assert_eq!(
+        packets(&s.to_guest),
+        vec![(mqtt::CONNACK, vec![0, connack::UNACCEPTABLE_PROTOCOL])]
+    );
 }
 
 #[test]
@@ -158,11 +193,21 @@ fn truncated_connect_then_real_connect() {
 #[test]
 fn relays_publish_both_ways() {
     let (mut s, now) = live();
-    let p = publish("system/disks/list_disks/request", 1, 3, br#"{"sender":"vm-gui"}"#);
+    let p = publish(
+        "system/disks/list_disks/request",
+        1,
+        3,
+        br#"{"sender":"vm-gui"}"#,
+    );
     s.guest_in.extend_from_slice(&p);
     assert!(s.on_guest_input(now).is_empty());
     assert_eq!(&s.to_broker[..], &p[..]);
-    let r = publish("system/disks/list_disks/response/vm-gui", 1, 9, br#"{"status":"ok","disks":[]}"#);
+    let r = publish(
+        "system/disks/list_disks/response/vm-gui",
+        1,
+        9,
+        br#"{"status":"ok","disks":[]}"#,
+    );
     s.broker_in.extend_from_slice(&r);
     s.broker_in.extend_from_slice(b"\x40\x02\x00\x03");
     assert!(s.on_broker_input(now).is_empty());
@@ -175,9 +220,19 @@ fn relays_publish_both_ways() {
 fn refused_publishes_are_acknowledged_not_forwarded() {
     let (mut s, now) = live();
     // Impersonation by sender, QoS 1.
-    s.guest_in.extend_from_slice(&publish("system/disks/list_disks/request", 1, 4, br#"{"sender":"sys-usb"}"#));
+    s.guest_in.extend_from_slice(&publish(
+        "system/disks/list_disks/request",
+        1,
+        4,
+        br#"{"sender":"sys-usb"}"#,
+    ));
     // A fake response, QoS 2, then its PUBREL.
-    s.guest_in.extend_from_slice(&publish("system/disks/list_disks/response/vm-gui", 2, 5, b"{}"));
+    s.guest_in.extend_from_slice(&publish(
+        "system/disks/list_disks/response/vm-gui",
+        2,
+        5,
+        b"{}",
+    ));
     s.guest_in.extend_from_slice(b"\x62\x02\x00\x05");
     // $SYS, QoS 0.
     s.guest_in.extend_from_slice(&publish("$SYS/x", 0, 0, b""));
@@ -187,7 +242,11 @@ fn refused_publishes_are_acknowledged_not_forwarded() {
     assert!(s.to_broker.is_empty(), "nothing reaches the broker");
     assert_eq!(
         packets(&s.to_guest),
-        vec![(mqtt::PUBACK, vec![0, 4]), (mqtt::PUBREC, vec![0, 5]), (mqtt::PUBCOMP, vec![0, 5])]
+        vec![
+            (mqtt::PUBACK, vec![0, 4]),
+            (mqtt::PUBREC, vec![0, 5]),
+            (mqtt::PUBCOMP, vec![0, 5])
+        ]
     );
 }
 
@@ -197,7 +256,12 @@ fn subscribe_partially_refused_gets_merged_suback() {
     let mut sub = BytesMut::new();
     mqtt::encode_subscribe(
         11,
-        &[("system/+/+/response/+", 1), ("system/+/+/response/vm-gui", 1), ("$SYS/#", 0), ("#", 0)],
+        &[
+            ("system/+/+/response/+", 1),
+            ("system/+/+/response/vm-gui", 1),
+            ("$SYS/#", 0),
+            ("#", 0),
+        ],
         &mut sub,
     );
     s.guest_in.extend_from_slice(&sub);
@@ -205,26 +269,44 @@ fn subscribe_partially_refused_gets_merged_suback() {
     assert_eq!(effects.len(), 3);
     // Only the allowed filter goes to the broker.
     let sent = packets(&s.to_broker);
-    assert_eq!(mqtt::parse_subscribe(&sent[0].1).unwrap(), (11, vec![("system/+/+/response/vm-gui", 1)]));
+    assert_eq!(
+        mqtt::parse_subscribe(&sent[0].1).unwrap(),
+        (11, vec![("system/+/+/response/vm-gui", 1)])
+    );
     s.broker_in.extend_from_slice(b"\x90\x03\x00\x0b\x01");
     s.on_broker_input(now);
-    assert_eq!(packets(&s.to_guest), vec![(mqtt::SUBACK, vec![0, 11, 0x80, 1, 0x80, 0x80])]);
+    assert_eq!(
+        packets(&s.to_guest),
+        vec![(mqtt::SUBACK, vec![0, 11, 0x80, 1, 0x80, 0x80])]
+    );
 
     // All refused: answered by the link alone.
     s.to_guest.clear();
     s.to_broker.clear();
     let mut sub = BytesMut::new();
-    mqtt::encode_subscribe(12, &[("system/disks/list_disks/response/sys-usb", 0)], &mut sub);
+    mqtt::encode_subscribe(
+        12,
+        &[("system/disks/list_disks/response/sys-usb", 0)],
+        &mut sub,
+    );
     s.guest_in.extend_from_slice(&sub);
     s.on_guest_input(now);
     assert!(s.to_broker.is_empty());
-    assert_eq!(packets(&s.to_guest), vec![(mqtt::SUBACK, vec![0, 12, 0x80])]);
+    assert_eq!(
+        packets(&s.to_guest),
+        vec![(mqtt::SUBACK, vec![0, 12, 0x80])]
+    );
 }
 
 #[test]
 fn delivery_filter_acks_to_broker() {
     let (mut s, now) = live();
-    s.broker_in.extend_from_slice(&publish("system/disks/list_disks/response/sys-usb", 1, 21, b"{}"));
+    s.broker_in.extend_from_slice(&publish(
+        "system/disks/list_disks/response/sys-usb",
+        1,
+        21,
+        b"{}",
+    ));
     s.on_broker_input(now);
     assert!(s.to_guest.is_empty());
     assert_eq!(packets(&s.to_broker), vec![(mqtt::PUBACK, vec![0, 21])]);
@@ -237,7 +319,11 @@ fn silence_ends_the_session() {
     assert_eq!(t, now + Duration::from_millis(7500), "1.5 × keepalive 5 s");
     let effects = s.on_tick(t);
     assert!(effects.contains(&Effect::CloseBroker { flush: false }));
-    assert!(effects.iter().any(|e| matches!(e, Effect::State(LinkState::SessionDown, _))));
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::State(LinkState::SessionDown, _)))
+    );
     assert_eq!(&s.to_guest[..], &mqtt::DISCONNECT_PACKET);
     assert!(!s.has_broker());
 }
@@ -255,7 +341,10 @@ fn keepalive_zero_is_kept_alive_by_the_link() {
     assert_eq!(&s.to_broker[..], &mqtt::PINGREQ_PACKET);
     s.broker_in.extend_from_slice(b"\xd0\x00");
     s.on_broker_input(t);
-    assert!(s.to_guest.is_empty(), "the link's own PINGRESP is not relayed");
+    assert!(
+        s.to_guest.is_empty(),
+        "the link's own PINGRESP is not relayed"
+    );
     // The guest's own ping is relayed both ways.
     s.guest_in.extend_from_slice(b"\xc0\x00");
     s.on_guest_input(t);
@@ -266,11 +355,19 @@ fn keepalive_zero_is_kept_alive_by_the_link() {
 
 #[test]
 fn malformed_packet_sends_back_to_scanning() {
-    for bad in [&b"\x20\x02\x00\x00"[..], b"\x80\x03\x00\x01\x00", b"\x30\x80\x80\xe8\x5f", b"\x31\x80\x00"] {
+    for bad in [
+        &b"\x20\x02\x00\x00"[..],
+        b"\x80\x03\x00\x01\x00",
+        b"\x30\x80\x80\xe8\x5f",
+        b"\x31\x80\x00",
+    ] {
         let (mut s, now) = live();
         s.guest_in.extend_from_slice(bad);
         let effects = s.on_guest_input(now);
-        assert!(effects.contains(&Effect::CloseBroker { flush: false }), "{bad:x?}: {effects:?}");
+        assert!(
+            effects.contains(&Effect::CloseBroker { flush: false }),
+            "{bad:x?}: {effects:?}"
+        );
         assert_eq!(&s.to_guest[..], &mqtt::DISCONNECT_PACKET);
         // A fresh CONNECT starts a new session.
         s.guest_in.extend_from_slice(&connect("vm-gui", 5));
@@ -281,11 +378,13 @@ fn malformed_packet_sends_back_to_scanning() {
 #[test]
 fn partial_frame_on_live_session_times_out() {
     let (mut s, now) = live();
-    s.guest_in.extend_from_slice(&publish("system/disks/list_disks/request", 0, 0, b"{}")[..6]);
+    s.guest_in
+        .extend_from_slice(&publish("system/disks/list_disks/request", 0, 0, b"{}")[..6]);
     s.on_guest_input(now);
     let t = now + Duration::from_secs(1);
     s.guest_in.clear(); // keep the guest "active" but stuck: only the partial frame remains
-    s.guest_in.extend_from_slice(&publish("system/disks/list_disks/request", 0, 0, b"{}")[..6]);
+    s.guest_in
+        .extend_from_slice(&publish("system/disks/list_disks/request", 0, 0, b"{}")[..6]);
     s.on_guest_input(t);
     let deadline = s.next_deadline().unwrap();
     let effects = s.on_tick(deadline);
@@ -309,9 +408,18 @@ fn guest_that_stops_reading_overflows_alone() {
         s.broker_in.extend_from_slice(&p);
     }
     let effects = s.on_broker_input(now);
-    assert!(effects.iter().any(|e| matches!(e, Effect::State(LinkState::Overflow, _))), "{effects:?}");
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::State(LinkState::Overflow, _))),
+        "{effects:?}"
+    );
     assert!(effects.contains(&Effect::CloseBroker { flush: false }));
-    assert_eq!(&s.to_guest[..], &mqtt::DISCONNECT_PACKET, "queue dropped, guest told to start over");
+    assert_eq!(
+        &s.to_guest[..],
+        &mqtt::DISCONNECT_PACKET,
+        "queue dropped, guest told to start over"
+    );
 }
 
 #[test]
@@ -325,7 +433,8 @@ fn rate_limit_refuses_beyond_the_bucket() {
     s.on_guest_input(now);
     broker_connect(&mut s, now);
     for _ in 0..20 {
-        s.guest_in.extend_from_slice(&publish("system/events/error/notification", 0, 0, b"{}"));
+        s.guest_in
+            .extend_from_slice(&publish("system/events/error/notification", 0, 0, b"{}"));
     }
     let effects = s.on_guest_input(now);
     assert_eq!(effects.len(), 15, "5 pass, 15 refused");
@@ -333,10 +442,15 @@ fn rate_limit_refuses_beyond_the_bucket() {
     // A second later the bucket has refilled by 10.
     s.to_broker.clear();
     for _ in 0..20 {
-        s.guest_in.extend_from_slice(&publish("system/events/error/notification", 0, 0, b"{}"));
+        s.guest_in
+            .extend_from_slice(&publish("system/events/error/notification", 0, 0, b"{}"));
     }
     s.on_guest_input(now + Duration::from_secs(1));
-    assert_eq!(packets(&s.to_broker).len(), 5, "refill capped at the burst size");
+    assert_eq!(
+        packets(&s.to_broker).len(),
+        5,
+        "refill capped at the burst size"
+    );
 }
 
 #[test]
@@ -351,7 +465,12 @@ fn repeated_violations_disconnect() {
         s.guest_in.extend_from_slice(&publish("$SYS/x", 0, 0, b""));
     }
     let effects = s.on_guest_input(now);
-    assert!(effects.iter().any(|e| matches!(e, Effect::State(LinkState::Violations, _))), "{effects:?}");
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::State(LinkState::Violations, _))),
+        "{effects:?}"
+    );
     assert!(!s.has_broker());
 }
 

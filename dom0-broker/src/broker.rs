@@ -1,0 +1,194 @@
+//! The broker: the embedded rumqttd, or an external one reached by TCP or a UNIX socket.
+//!
+//! Every connection we open sets TCP_NODELAY. rumqttd sets no TCP_NODELAY on its side, so a small
+//! write of its can wait for our ACK; we re-arm TCP_QUICKACK after every read so that ACK is never
+//! delayed (see docs/performance.md for the measurement).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream, tcp, unix};
+
+use crate::config::BrokerAddr;
+use crate::session::Limits;
+
+/// Why the broker cannot be used: exit code 69.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("embedded broker did not start listening on {0}")]
+    NotListening(SocketAddr),
+    #[error("broker {addr} unreachable: {source}")]
+    Unreachable { addr: String, source: io::Error },
+    #[error("cannot start the embedded broker: {0}")]
+    Thread(io::Error),
+}
+
+/// Starts rumqttd on `listen` (MQTT 3.1.1) in its own threads and waits until it accepts.
+pub fn start_embedded(listen: SocketAddr, limits: &Limits) -> Result<(), BrokerError> {
+    // rumqttd logs a bind failure from its own thread and carries on; find out first.
+    drop(
+        std::net::TcpListener::bind(listen).map_err(|source| BrokerError::Bind {
+            addr: listen,
+            source,
+        })?,
+    );
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 5000,
+        max_payload_size: limits.max_packet,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings {
+        name: "v4".to_owned(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 10_000,
+            max_outgoing_packet_count: 200,
+            // Published bytes stay in per-filter logs: keep them small (a message larger than a
+            // segment still fits, alone). Bounded memory per filter: about 2 × (segment + packet).
+            max_segment_size: 256 * 1024,
+            max_segment_count: 1,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("v4".to_owned(), server)])),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("rumqttd".to_owned())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if probe(listen).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(BrokerError::NotListening(listen))
+}
+
+/// A whole MQTT handshake (CONNECT, CONNACK, DISCONNECT): the broker is up and speaks MQTT.
+fn probe(addr: SocketAddr) -> io::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut connect = BytesMut::new();
+    crate::mqtt::encode_connect(
+        &crate::mqtt::Connect {
+            clean_session: true,
+            keep_alive: 5,
+            client_id: "dom0-probe".to_owned(),
+            will: None,
+            username: None,
+            password: None,
+        },
+        &mut connect,
+    );
+    s.write_all(&connect)?;
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack)?;
+    s.write_all(&crate::mqtt::DISCONNECT_PACKET)?;
+    if connack == [0x20, 0x02, 0x00, 0x00] {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("unexpected CONNACK {connack:x?}")))
+    }
+}
+
+/// Checks that an external broker accepts connections.
+pub async fn check_reachable(addr: &BrokerAddr) -> Result<(), BrokerError> {
+    connect(addr)
+        .await
+        .map(drop)
+        .map_err(|source| BrokerError::Unreachable {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Read half of a broker connection.
+#[derive(Debug)]
+pub enum BrokerRead {
+    Tcp(tcp::OwnedReadHalf),
+    Unix(unix::OwnedReadHalf),
+}
+
+/// Write half of a broker connection.
+#[derive(Debug)]
+pub enum BrokerWrite {
+    Tcp(tcp::OwnedWriteHalf),
+    Unix(unix::OwnedWriteHalf),
+}
+
+/// Opens a connection to the broker (TCP_NODELAY on TCP).
+pub async fn connect(addr: &BrokerAddr) -> io::Result<(BrokerRead, BrokerWrite)> {
+    match addr {
+        BrokerAddr::Tcp(a) => {
+            let s = TcpStream::connect(a).await?;
+            s.set_nodelay(true)?;
+            let (r, w) = s.into_split();
+            Ok((BrokerRead::Tcp(r), BrokerWrite::Tcp(w)))
+        }
+        BrokerAddr::Unix(p) => {
+            let s = UnixStream::connect(p).await?;
+            let (r, w) = s.into_split();
+            Ok((BrokerRead::Unix(r), BrokerWrite::Unix(w)))
+        }
+    }
+}
+
+/// Re-arms TCP_QUICKACK (Linux clears it after a while): our ACKs go out at once, so the broker's
+/// Nagle never holds a small write for a delayed ACK.
+pub fn quickack(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_quickack(true);
+}
+
+impl BrokerRead {
+    pub async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            BrokerRead::Tcp(r) => {
+                let n = r.read_buf(buf).await?;
+                quickack(r.as_ref());
+                Ok(n)
+            }
+            BrokerRead::Unix(r) => r.read_buf(buf).await,
+        }
+    }
+}
+
+impl BrokerWrite {
+    pub async fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            BrokerWrite::Tcp(w) => w.write(buf).await,
+            BrokerWrite::Unix(w) => w.write(buf).await,
+        }
+    }
+
+    pub async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            BrokerWrite::Tcp(w) => w.write_all(buf).await,
+            BrokerWrite::Unix(w) => w.write_all(buf).await,
+        }
+    }
+}
