@@ -245,6 +245,7 @@ impl Session {
             .is_none_or(|t| now >= t + Duration::from_secs(1))
         {
             self.last_nudge = Some(now);
+            tracing::debug!(vm = %self.vm, "guest sent non-CONNECT bytes without a session; telling it to start over");
             self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
         }
     }
@@ -341,13 +342,18 @@ impl Session {
         std::mem::take(&mut self.effects)
     }
 
-    /// Ends the broker session and sends the guest back to CONNECT.
+    /// Ends the broker session and sends the guest back to CONNECT. `flush` marks the guest's own
+    /// DISCONNECT: it is forwarded to the broker first (so no will is published).
     fn end_session(&mut self, why: &str, flush: bool, now: Instant) {
         let was_live = matches!(self.phase, Phase::Live { connack_seen: true });
         self.phase = Phase::Scanning;
         self.effects.push(Effect::CloseBroker { flush });
-        self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
-        self.last_nudge = Some(now);
+        if !flush {
+            // Not the guest's own DISCONNECT: tell it to start over. (After its DISCONNECT the guest
+            // has gone; a byte sent now would wait in the tty for whoever opens it next.)
+            self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
+            self.last_nudge = Some(now);
+        }
         if was_live {
             self.effects
                 .push(Effect::State(LinkState::SessionDown, Some(why.to_owned())));

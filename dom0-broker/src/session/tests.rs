@@ -510,3 +510,20 @@ mod prop {
         }
     }
 }
+
+#[test]
+fn guest_disconnect_is_forwarded_and_not_answered() {
+    let (mut s, now) = live();
+    s.guest_in.extend_from_slice(b"\xe0\x00");
+    let effects = s.on_guest_input(now);
+    assert!(effects.contains(&Effect::CloseBroker { flush: true }));
+    assert_eq!(
+        &s.to_broker[..],
+        b"\xe0\x00",
+        "the broker sees a clean DISCONNECT (no will)"
+    );
+    assert!(
+        s.to_guest.is_empty(),
+        "nothing is left in the tty for the next client"
+    );
+}
