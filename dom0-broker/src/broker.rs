@@ -168,22 +168,6 @@ impl BrokerRead {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn proc_net_tcp() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue\n   \
-            0: 0100007F:075B 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n   \
-            1: 0100007F:075C 0100007F:9C40 01 00000000:00000000 00:00000000 00000000\n";
-        assert!(super::listening_in(table, 1883));
-        assert!(
-            !super::listening_in(table, 1884),
-            "established, not listening"
-        );
-        assert!(!super::listening_in(table, 80));
-    }
-}
-
 impl BrokerWrite {
     pub async fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
@@ -197,5 +181,21 @@ impl BrokerWrite {
             BrokerWrite::Tcp(w) => w.write_all(buf).await,
             BrokerWrite::Unix(w) => w.write_all(buf).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn proc_net_tcp() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue\n   \
+            0: 0100007F:075B 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n   \
+            1: 0100007F:075C 0100007F:9C40 01 00000000:00000000 00:00000000 00000000\n";
+        assert!(super::listening_in(table, 1883));
+        assert!(
+            !super::listening_in(table, 1884),
+            "established, not listening"
+        );
+        assert!(!super::listening_in(table, 80));
     }
 }
