@@ -58,10 +58,11 @@ pub fn start_embedded(listen: SocketAddr, limits: &Limits) -> Result<(), BrokerE
         router: rumqttd::RouterConfig {
             max_connections: 10_000,
             max_outgoing_packet_count: 200,
-            // Published bytes stay in per-filter logs: keep them small (a message larger than a
-            // segment still fits, alone). Bounded memory per filter: about 2 × (segment + packet).
-            max_segment_size: 256 * 1024,
-            max_segment_count: 1,
+            // Published bytes stay in per-filter logs. A consumer that falls further behind than
+            // the log skips ahead (messages lost), so the log must hold a burst; memory per filter
+            // is at most (count + 1) × (segment + one packet). See docs/performance.md.
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 2,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),

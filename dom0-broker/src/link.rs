@@ -90,7 +90,7 @@ pub async fn run(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, mut stop: watch
                 if attempts == 1 {
                     tracing::info!(vm = %vm, path = %path.display(), error = %e, "channel socket not accepting; retrying with backoff");
                 } else {
-                    tracing::debug!(vm = %vm, error = %e, attempts, "channel socket still not accepting");
+                    tracing::debug!(vm = %vm, attempts, error = %e, "channel socket still not accepting");
                 }
             }
         }

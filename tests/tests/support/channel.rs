@@ -241,6 +241,16 @@ impl GuestTty {
         }
     }
 
+    /// Waits until the tty has bytes to read, at most `timeout`.
+    pub fn wait_readable(&self, timeout: Duration) {
+        let mut fds = [nix::poll::PollFd::new(
+            self.f.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
+    }
+
     /// Reads until `seen` satisfies `pred`, or panics after `timeout`.
     pub fn read_until(&mut self, what: &str, timeout: Duration, pred: impl Fn(&[u8]) -> bool) {
         let deadline = Instant::now() + timeout;

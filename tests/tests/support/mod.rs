@@ -5,6 +5,7 @@
 
 pub mod channel;
 pub mod guest;
+pub mod raw;
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -168,9 +169,27 @@ impl Drop for Proc {
         let _ = self.child.wait();
         if std::thread::panicking() {
             // A failing test shows what each of its processes said (the last 60 lines).
+            // Repeated lines (same text after the timestamp) are folded.
             let out = self.output();
-            let lines: Vec<&str> = out.lines().collect();
-            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            let mut lines: Vec<(String, usize)> = Vec::new();
+            for l in out.lines() {
+                let key = l.get(27..).unwrap_or(l);
+                match lines.last_mut() {
+                    Some((last, n)) if last.get(27..).unwrap_or(last) == key => *n += 1,
+                    _ => lines.push((l.to_owned(), 1)),
+                }
+            }
+            let tail = lines[lines.len().saturating_sub(80)..]
+                .iter()
+                .map(|(l, n)| {
+                    if *n > 1 {
+                        format!("{l}  (×{n})")
+                    } else {
+                        l.clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
             eprintln!(
                 "----- {} (pid {}) -----\n{tail}",
                 self.name,
