@@ -199,6 +199,9 @@ impl Drop for Proc {
     }
 }
 
+/// The tracing filter of the services under test.
+pub const TEST_LOG: &str = "debug,rumqttd=warn,rumqttc=warn";
+
 /// Which broker a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
@@ -222,7 +225,7 @@ pub fn start_mosquitto(dir: &TestDir, port: u16, extra: &str) -> Proc {
         &conf,
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nmax_packet_size 4194304\n\
-             log_dest stderr\nlog_type all\npersistence false\n{extra}\n"
+             log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\npersistence false\n{extra}\n"
         ),
     )
     .unwrap();
@@ -242,9 +245,14 @@ pub fn start_mosquitto(dir: &TestDir, port: u16, extra: &str) -> Proc {
 impl Dom0 {
     /// Starts `dom0-broker run` on `dir` with a broker of the given kind.
     pub fn start(dir: &TestDir, kind: BrokerKind, extra: &[&str]) -> Dom0 {
+        Dom0::start_logging(dir, kind, extra, TEST_LOG)
+    }
+
+    /// Like [`Dom0::start`] with a given tracing filter (benchmarks run at `info`).
+    pub fn start_logging(dir: &TestDir, kind: BrokerKind, extra: &[&str], log: &str) -> Dom0 {
         let port = free_port();
         let mosquitto = (kind == BrokerKind::Mosquitto).then(|| start_mosquitto(dir, port, ""));
-        let proc = Dom0::spawn_service(dir, port, kind, extra);
+        let proc = Dom0::spawn_service(dir, port, kind, extra, log);
         Dom0 {
             proc,
             port,
@@ -252,7 +260,13 @@ impl Dom0 {
         }
     }
 
-    fn spawn_service(dir: &TestDir, port: u16, kind: BrokerKind, extra: &[&str]) -> Proc {
+    fn spawn_service(
+        dir: &TestDir,
+        port: u16,
+        kind: BrokerKind,
+        extra: &[&str],
+        log: &str,
+    ) -> Proc {
         let mut cmd = Command::new(bin("dom0-broker"));
         cmd.arg("run").arg("--socket-dir").arg(&dir.path);
         match kind {
@@ -260,7 +274,7 @@ impl Dom0 {
             BrokerKind::Mosquitto => cmd.arg("--broker").arg(format!("mqtt://127.0.0.1:{port}")),
         };
         cmd.args(extra);
-        cmd.env("RUST_LOG", "debug,rumqttd=warn,rumqttc=warn");
+        cmd.env("RUST_LOG", log);
         let p = Proc::spawn("dom0-broker", dir, &mut cmd);
         p.wait_log("watching for channel sockets");
         p
@@ -278,7 +292,7 @@ impl Dom0 {
                 TcpListener::bind(("127.0.0.1", self.port)).is_ok()
             });
         }
-        self.proc = Dom0::spawn_service(dir, self.port, kind, extra);
+        self.proc = Dom0::spawn_service(dir, self.port, kind, extra, TEST_LOG);
     }
 
     pub fn log(&self) -> String {

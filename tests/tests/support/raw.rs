@@ -132,3 +132,110 @@ pub fn connect_until_connack(
         );
     }
 }
+
+/// A minimal blocking MQTT client over any byte stream (TCP, UNIX socket, tty), for benchmarks:
+/// QoS 0 only, no keepalive (run it for less than its keepalive).
+pub struct RawClient<S> {
+    stream: S,
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl<S: std::io::Read + std::io::Write> RawClient<S> {
+    /// Sends CONNECT and waits for CONNACK, discarding whatever comes before it (e.g. an attach signal).
+    pub fn connect(stream: S, client_id: &str) -> RawClient<S> {
+        let mut c = RawClient {
+            stream,
+            buf: Vec::with_capacity(1 << 16),
+            start: 0,
+        };
+        c.stream.write_all(&connect(client_id, 600)).unwrap();
+        loop {
+            let (t, body) = c.next_packet();
+            if t == 0x20 {
+                assert_eq!(body, [0, 0], "CONNACK refused");
+                return c;
+            }
+        }
+    }
+
+    pub fn subscribe(&mut self, filter: &str) {
+        self.stream.write_all(&subscribe(1, filter, 0)).unwrap();
+        while self.next_packet().0 != 0x90 {}
+    }
+
+    pub fn publish(&mut self, topic: &str, payload: &[u8]) {
+        self.stream.write_all(&publish(topic, payload)).unwrap();
+    }
+
+    /// Writes several packets at once (throughput runs).
+    pub fn write_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// The next whole packet: (first byte, body). Panics if the stream ends.
+    pub fn next_packet(&mut self) -> (u8, Vec<u8>) {
+        self.try_next_packet().expect("stream closed")
+    }
+
+    /// The next whole packet, or None when the stream ends or fails.
+    pub fn try_next_packet(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some((t, body, used)) = first_packet(&self.buf[self.start..]) {
+                self.start += used;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                return Some((t, body));
+            }
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(n) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next PUBLISH's payload (other packets skipped). Panics if the stream ends.
+    pub fn next_publish(&mut self) -> Vec<u8> {
+        self.try_next_publish().expect("stream closed")
+    }
+
+    /// The next PUBLISH's payload, or None when the stream ends.
+    pub fn try_next_publish(&mut self) -> Option<Vec<u8>> {
+        loop {
+            let (t, body) = self.try_next_packet()?;
+            if t & 0xF0 == 0x30 {
+                let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                let skip = 2 + tlen + if t & 0x06 != 0 { 2 } else { 0 };
+                return Some(body[skip..].to_vec());
+            }
+        }
+    }
+
+    /// Publishes unless the stream is gone; false when it is.
+    pub fn try_publish(&mut self, topic: &str, payload: &[u8]) -> bool {
+        self.stream.write_all(&publish(topic, payload)).is_ok()
+    }
+}
+
+fn first_packet(bytes: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    let &b1 = bytes.first()?;
+    let mut len = 0usize;
+    let mut i = 1;
+    loop {
+        let &b = bytes.get(i)?;
+        len |= usize::from(b & 0x7F) << (7 * (i - 1));
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let body = bytes.get(i..i + len)?;
+    Some((b1, body.to_vec(), i + len))
+}

@@ -1,0 +1,225 @@
+//! Benchmark of the Dom0 link: a client talking to the broker directly against the same client
+//! talking through a simulated channel and the link, in one run, with the ratios.
+//!
+//! Run with `./scripts/bench` (it builds the release binaries first). Not a test: it asserts nothing
+//! about speed; it prints the figures recorded in docs/performance.md.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fs::File;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use support::channel::Channel;
+use support::raw::{self, RawClient};
+use support::{BrokerKind, Dom0, TestDir};
+
+/// Each run has its own command so a responder of one run never answers another run's requests.
+const DIRECT: &str = "system/disks/list_files";
+const CHAINED: &str = "system/disks/list_disks";
+const NOTIFY: &str = "system/disk/new_file/notification";
+const ERRORS: &str = "system/events/error/notification";
+const ROUND_TRIPS: usize = 3000;
+const MESSAGES: u64 = 200_000;
+
+fn tcp(port: u16, id: &str) -> RawClient<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_nodelay(true).unwrap();
+    RawClient::connect(s, id)
+}
+
+fn guest(ch: &Channel, id: &str) -> RawClient<File> {
+    // Until the backend has its Dom0 client, what the guest writes is dropped (as on Xen).
+    support::wait_for("the link to attach", support::DEADLINE, || ch.has_client());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&ch.tty)
+        .unwrap();
+    RawClient::connect(f, id)
+}
+
+/// A responder that answers every request of `command` on its response topic.
+fn responder<S: std::io::Read + std::io::Write + Send + 'static>(
+    mut c: RawClient<S>,
+    command: &'static str,
+) {
+    c.subscribe(&format!("{command}/request"));
+    let response = format!("{command}/response/dom0");
+    std::thread::spawn(move || {
+        while let Some(p) = c.try_next_publish() {
+            if !c.try_publish(&response, &p) {
+                return;
+            }
+        }
+    });
+}
+
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    stalls: usize,
+}
+
+fn round_trips(port: u16, id: &str, command: &str) -> Stats {
+    let mut c = tcp(port, id);
+    c.subscribe(&format!("{command}/response/dom0"));
+    let request = format!("{command}/request");
+    let mut samples = Vec::with_capacity(ROUND_TRIPS);
+    for i in 0..ROUND_TRIPS + 200 {
+        let payload = format!(r#"{{"sender":"dom0","request_id":"{i}"}}"#);
+        let t0 = Instant::now();
+        c.publish(&request, payload.as_bytes());
+        let got = c.next_publish();
+        let dt = t0.elapsed();
+        assert_eq!(got, payload.as_bytes());
+        if i >= 200 {
+            samples.push(dt);
+        }
+    }
+    samples.sort();
+    Stats {
+        p50: samples[samples.len() / 2],
+        p99: samples[samples.len() * 99 / 100],
+        max: *samples.last().unwrap(),
+        stalls: samples
+            .iter()
+            .filter(|d| **d >= Duration::from_millis(40))
+            .count(),
+    }
+}
+
+/// Messages per second from `publisher` to `subscriber`, with at most `WINDOW` in flight (so the
+/// broker's logs never drop what a consumer has not read yet). Messages lost are reported.
+fn throughput<P, S>(topic: &str, mut publisher: RawClient<P>, mut subscriber: RawClient<S>) -> f64
+where
+    P: std::io::Read + std::io::Write,
+    S: std::io::Read + std::io::Write + Send + 'static,
+{
+    const WINDOW: u64 = 5_000;
+    const BATCH: u64 = 250;
+    subscriber.subscribe(topic);
+    let received = Arc::new(AtomicU64::new(0));
+    let r = received.clone();
+    std::thread::spawn(move || {
+        while subscriber.try_next_publish().is_some() {
+            r.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let batch: Vec<u8> = (0..BATCH)
+        .flat_map(|_| raw::publish(topic, b"0123456789abcdef"))
+        .collect();
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    let mut last = (0u64, Instant::now());
+    loop {
+        let got = received.load(Ordering::Relaxed);
+        if got >= MESSAGES {
+            break;
+        }
+        if got != last.0 {
+            last = (got, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(3) {
+            println!("  (stalled: {got} of {sent} sent messages arrived)");
+            break;
+        }
+        if sent < MESSAGES && sent - got < WINDOW {
+            publisher.write_raw(&batch);
+            sent += BATCH;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    received.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let kinds: Vec<BrokerKind> = match std::env::args().nth(1).as_deref() {
+        Some("--mosquitto") => vec![BrokerKind::Mosquitto],
+        Some("--embedded") => vec![BrokerKind::Embedded],
+        _ => vec![BrokerKind::Embedded, BrokerKind::Mosquitto],
+    };
+    for kind in kinds {
+        run(kind);
+    }
+}
+
+fn run(kind: BrokerKind) {
+    let dir = TestDir::new("bench");
+    let conf = dir.join("dom0.toml");
+    // Guest publishes are rate-limited by default; the benchmark measures capacity.
+    std::fs::write(
+        &conf,
+        "[limits]\nrate_per_sec = 10000000\nburst = 10000000\n",
+    )
+    .unwrap();
+    let conf_arg = conf.display().to_string();
+    let dom0 = Dom0::start_logging(&dir, kind, &["--config", &conf_arg], "info,rumqttd=error");
+    let ch = Channel::new(&dir.path, "sys-usb");
+    dom0.proc.wait_log("attached to channel vm=sys-usb");
+
+    println!("== {kind:?} broker: request → response, {ROUND_TRIPS} sequential round trips, QoS 0");
+    // (a) both clients talk to the broker directly.
+    responder(tcp(dom0.port, "bench-direct-responder"), DIRECT);
+    let direct = round_trips(dom0.port, "bench-direct-requester", DIRECT);
+    // (b) the responder is a guest behind its channel and the Dom0 link (policy checks included).
+    responder(guest(&ch, "sys-usb"), CHAINED);
+    let chained = round_trips(dom0.port, "bench-chain-requester", CHAINED);
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "direct  client ↔ broker ↔ client            p50 {:7.1} µs  p99 {:7.1} µs  max {:7.1} µs",
+        us(direct.p50),
+        us(direct.p99),
+        us(direct.max)
+    );
+    println!(
+        "through the channel and the link             p50 {:7.1} µs  p99 {:7.1} µs  max {:7.1} µs",
+        us(chained.p50),
+        us(chained.p99),
+        us(chained.max)
+    );
+    println!(
+        "ratio                                        p50 {:7.2}×    p99 {:7.2}×",
+        us(chained.p50) / us(direct.p50),
+        us(chained.p99) / us(direct.p99)
+    );
+    println!(
+        "round trips ≥ 40 ms (Nagle stalls): direct {}, through the link {}",
+        direct.stalls, chained.stalls
+    );
+
+    println!("== {kind:?} broker: throughput, {MESSAGES} × 16-byte messages, QoS 0");
+    let d = throughput(
+        NOTIFY,
+        tcp(dom0.port, "bench-pub-a"),
+        tcp(dom0.port, "bench-sub-a"),
+    );
+    println!("direct  client → broker → client            {d:10.0} msg/s");
+    // A second channel for the throughput runs, so the responder above stays out of the way.
+    let ch2 = Channel::new(&dir.path, "vm-gui");
+    dom0.proc.wait_log("attached to channel vm=vm-gui");
+    let down = throughput(NOTIFY, tcp(dom0.port, "bench-pub-b"), guest(&ch2, "vm-gui"));
+    println!(
+        "Dom0 → guest through the link               {down:10.0} msg/s  ({:.2} of direct)",
+        down / d
+    );
+    let ch3 = Channel::new(&dir.path, "vm-three");
+    dom0.proc.wait_log("attached to channel vm=vm-three");
+    // Any VM may publish error notifications (the `*` rules of the default policy).
+    let up = throughput(
+        ERRORS,
+        guest(&ch3, "vm-three"),
+        tcp(dom0.port, "bench-sub-c"),
+    );
+    println!(
+        "guest → Dom0 through the link               {up:10.0} msg/s  ({:.2} of direct)",
+        up / d
+    );
+    println!("Dom0 RSS after the runs: {} KiB", dom0.proc.rss_kb());
+}
