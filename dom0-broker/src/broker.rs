@@ -156,16 +156,33 @@ pub fn quickack(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_quickack(true);
 }
 
+/// Most bytes taken from the broker in one go before the link gets to write them to the guest.
+const READ_BATCH: usize = 256 * 1024;
+
 impl BrokerRead {
+    /// Reads what the broker sent: waits for some bytes, then takes what else is already there
+    /// (a broker with TCP_NODELAY sends one segment per message; batching here saves the guest
+    /// one write per message under load).
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        match self {
-            BrokerRead::Tcp(r) => {
-                let n = r.read_buf(buf).await?;
-                quickack(r.as_ref());
-                Ok(n)
+        let mut n = match self {
+            BrokerRead::Tcp(r) => r.read_buf(buf).await?,
+            BrokerRead::Unix(r) => r.read_buf(buf).await?,
+        };
+        while n > 0 && n < READ_BATCH {
+            buf.reserve(16 * 1024);
+            let more = match self {
+                BrokerRead::Tcp(r) => r.try_read_buf(buf),
+                BrokerRead::Unix(r) => r.try_read_buf(buf),
+            };
+            match more {
+                Ok(m) if m > 0 => n += m,
+                _ => break,
             }
-            BrokerRead::Unix(r) => r.read_buf(buf).await,
         }
+        if let BrokerRead::Tcp(r) = self {
+            quickack(r.as_ref());
+        }
+        Ok(n)
     }
 }
 

@@ -139,15 +139,23 @@ pub struct RawClient<S> {
     stream: S,
     buf: Vec<u8>,
     start: usize,
+    /// Called after every read (a TCP client re-arms TCP_QUICKACK here).
+    after_read: fn(&S),
 }
 
 impl<S: std::io::Read + std::io::Write> RawClient<S> {
     /// Sends CONNECT and waits for CONNACK, discarding whatever comes before it (e.g. an attach signal).
     pub fn connect(stream: S, client_id: &str) -> RawClient<S> {
+        RawClient::connect_with(stream, client_id, |_| {})
+    }
+
+    /// Like [`RawClient::connect`], calling `after_read` after every read.
+    pub fn connect_with(stream: S, client_id: &str, after_read: fn(&S)) -> RawClient<S> {
         let mut c = RawClient {
             stream,
             buf: Vec::with_capacity(1 << 16),
             start: 0,
+            after_read,
         };
         c.stream.write_all(&connect(client_id, 600)).unwrap();
         loop {
@@ -198,6 +206,7 @@ impl<S: std::io::Read + std::io::Write> RawClient<S> {
                 Ok(n) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
                 _ => return None,
             }
+            (self.after_read)(&self.stream);
         }
     }
 
@@ -206,16 +215,34 @@ impl<S: std::io::Read + std::io::Write> RawClient<S> {
         self.try_next_publish().expect("stream closed")
     }
 
-    /// The next PUBLISH's payload, or None when the stream ends.
+    /// The next PUBLISH's payload, or None when the stream ends. A QoS 1 PUBLISH is acknowledged.
     pub fn try_next_publish(&mut self) -> Option<Vec<u8>> {
         loop {
             let (t, body) = self.try_next_packet()?;
             if t & 0xF0 == 0x30 {
                 let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
-                let skip = 2 + tlen + if t & 0x06 != 0 { 2 } else { 0 };
+                let qos = (t >> 1) & 3;
+                if qos == 1 {
+                    let ack = [0x40, 2, body[2 + tlen], body[3 + tlen]];
+                    self.stream.write_all(&ack).ok()?;
+                }
+                let skip = 2 + tlen + if qos > 0 { 2 } else { 0 };
                 return Some(body[skip..].to_vec());
             }
         }
+    }
+
+    /// Subscribes at QoS 1.
+    pub fn subscribe_qos1(&mut self, filter: &str) {
+        self.stream.write_all(&subscribe(1, filter, 1)).unwrap();
+        while self.next_packet().0 != 0x90 {}
+    }
+
+    /// Publishes at QoS 1 with packet id `pkid` (the PUBACK is skipped by the next reads).
+    pub fn try_publish_qos1(&mut self, topic: &str, pkid: u16, payload: &[u8]) -> bool {
+        self.stream
+            .write_all(&publish_qos1(topic, pkid, payload))
+            .is_ok()
     }
 
     /// Publishes unless the stream is gone; false when it is.
