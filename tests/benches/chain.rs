@@ -204,6 +204,11 @@ fn run(kind: BrokerKind) {
         "round trips ≥ 40 ms (Nagle stalls): direct {}, through the link {}",
         direct.stalls, chained.stalls
     );
+    println!(
+        "same chain, requester without TCP_QUICKACK (like mosquitto_pub): p50 {:7.1} µs, {} of {ROUND_TRIPS} ≥ 40 ms",
+        us(plain.p50),
+        plain.stalls
+    );
 
     println!("== {kind:?} broker: throughput, {MESSAGES} × 16-byte messages, QoS 0");
     let d = throughput(
