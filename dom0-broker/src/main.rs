@@ -173,19 +173,60 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
     let broker_addr = match &settings.broker {
         BrokerChoice::Embedded(listen) => {
-            let listen = *listen;
+            // Dom0 clients reach rumqttd through our relay on `listen` (see relay.rs for why);
+            // rumqttd itself listens on a private loopback port.
+            let listener = match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => l,
+                Err(e) => return fail(EX_UNAVAILABLE, &format!("cannot listen on {listen}: {e}")),
+            };
+            let internal =
+                match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        return fail(
+                            EX_UNAVAILABLE,
+                            &format!("no free loopback port for the broker: {e}"),
+                        );
+                    }
+                };
             let limits = settings.limits.clone();
-            match tokio::task::spawn_blocking(move || broker::start_embedded(listen, &limits)).await
+            match tokio::task::spawn_blocking(move || broker::start_embedded(internal, &limits))
+                .await
             {
-                Ok(Ok(())) => tracing::info!(listen = %listen, "embedded broker listening"),
+                Ok(Ok(())) => {
+                    tracing::info!(listen = %listen, internal = %internal, "embedded broker listening")
+                }
                 Ok(Err(e)) => return fail(EX_UNAVAILABLE, &e.to_string()),
                 Err(e) => return fail(EX_SOFTWARE, &e.to_string()),
             }
-            BrokerAddr::Tcp(listen.to_string())
+            tasks.spawn(relay::run_tcp(listener, internal, stop_rx.clone()));
+            if let Some(path) = settings.operator_socket.clone() {
+                match relay::bind_unix(&path).await {
+                    Ok(l) => {
+                        tracing::info!(path = %path.display(), "operator socket listening");
+                        tasks.spawn(relay::run_unix(l, path, internal, stop_rx.clone()));
+                    }
+                    Err(e) => {
+                        return fail(
+                            EX_UNAVAILABLE,
+                            &format!("operator socket {}: {e}", path.display()),
+                        );
+                    }
+                }
+            }
+            BrokerAddr::Tcp(internal.to_string())
         }
         BrokerChoice::External(addr) => {
+            if settings.operator_socket.is_some() {
+                return fail(
+                    EX_USAGE,
+                    "operator_socket is for the embedded broker; Mosquitto has its own unix listener",
+                );
+            }
             if let Err(e) = broker::check_reachable(addr).await {
                 return fail(EX_UNAVAILABLE, &e.to_string());
             }
@@ -193,29 +234,6 @@ async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
             addr.clone()
         }
     };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-
-    if let Some(path) = settings.operator_socket.clone() {
-        let BrokerChoice::Embedded(listen) = settings.broker else {
-            return fail(
-                EX_USAGE,
-                "operator_socket is for the embedded broker; Mosquitto has its own unix listener",
-            );
-        };
-        match relay::bind(&path).await {
-            Ok(listener) => {
-                tracing::info!(path = %path.display(), "operator socket listening");
-                tasks.spawn(relay::run(listener, path, listen, stop_rx.clone()));
-            }
-            Err(e) => {
-                return fail(
-                    EX_UNAVAILABLE,
-                    &format!("operator socket {}: {e}", path.display()),
-                );
-            }
-        }
-    }
 
     let (supervision, events) = Supervision::new();
     tasks.spawn(controller::run(
