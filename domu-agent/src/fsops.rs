@@ -1,0 +1,420 @@
+//! File operations confined to a disk: every path is resolved beneath the disk's directory handle
+//! (`cap-std`), so `..`, absolute paths and symlinks that leave the disk fail at open time.
+//! Writes are atomic and never partial: the data goes to an unnamed O_TMPFILE (or, on filesystems
+//! without it such as vfat, to a hidden `.name.part-*` file), is fsynced, and only then gets its
+//! name — without replacing an existing file unless asked.
+//!
+//! Blocking I/O: callers run these on tokio's blocking pool.
+
+use std::ffi::OsStr;
+use std::io::{self, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cap_std::fs::{Dir, File, OpenOptions, OpenOptionsExt};
+use sha2::{Digest, Sha256};
+use topics::ErrorCode;
+use topics::payload::{FileEntry, FileKind};
+
+use crate::paths::{self, PathError};
+
+/// Read/write buffer of streaming operations: memory does not grow with file size.
+pub const CHUNK: usize = 256 * 1024;
+
+/// Why a file operation failed; each maps to a response code.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("{0}")]
+    Path(#[from] PathError),
+    #[error("{0}: not found")]
+    NotFound(String),
+    #[error("{0}: {1}")]
+    Forbidden(String, String),
+    #[error("{0}: already exists (send \"overwrite\": true to replace it)")]
+    AlreadyExists(String),
+    #[error("{0}: is a folder")]
+    IsFolder(String),
+    #[error("{0}: the copy's SHA-256 differs from the source's")]
+    Corrupted(String),
+    #[error("{0}: {1}")]
+    Io(String, io::Error),
+}
+
+impl FsError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FsError::Path(p) => p.code(),
+            FsError::NotFound(_) => ErrorCode::NotFound,
+            FsError::Forbidden(..) => ErrorCode::Forbidden,
+            FsError::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            FsError::IsFolder(_) => ErrorCode::InvalidArgument,
+            FsError::Corrupted(_) | FsError::Io(..) => ErrorCode::Io,
+        }
+    }
+
+    /// Classifies an I/O error on `what` (a disk-relative path, never a host path).
+    pub fn from_io(what: &Path, e: io::Error) -> FsError {
+        let what = what.display().to_string();
+        match e.kind() {
+            io::ErrorKind::NotFound => FsError::NotFound(what),
+            io::ErrorKind::AlreadyExists => FsError::AlreadyExists(what),
+            // cap-std reports a path that would leave the disk as PermissionDenied.
+            io::ErrorKind::PermissionDenied => {
+                FsError::Forbidden(what, "outside the disk or not permitted".into())
+            }
+            _ if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+                FsError::Forbidden(what, "too many symlinks".into())
+            }
+            _ => FsError::Io(what, e),
+        }
+    }
+}
+
+/// Opens a disk's directory handle: the root of every path on that disk.
+pub fn open_root(path: &Path) -> io::Result<Dir> {
+    Dir::open_ambient_dir(path, cap_std::ambient_authority())
+}
+
+/// Opens a regular file for reading. Device files, FIFOs, sockets and folders are refused
+/// (`forbidden`), and the open never blocks on a FIFO swapped in meanwhile.
+pub fn open_regular(dir: &Dir, rel: &Path) -> Result<(File, u64), FsError> {
+    let meta = dir.metadata(rel).map_err(|e| FsError::from_io(rel, e))?;
+    if meta.is_dir() {
+        return Err(FsError::IsFolder(rel.display().to_string()));
+    }
+    if !meta.is_file() {
+        return Err(FsError::Forbidden(
+            rel.display().to_string(),
+            "not a regular file".into(),
+        ));
+    }
+    let mut opts = OpenOptions::new();
+    opts.read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY);
+    let f = dir
+        .open_with(rel, &opts)
+        .map_err(|e| FsError::from_io(rel, e))?;
+    let meta = f.metadata().map_err(|e| FsError::from_io(rel, e))?;
+    if !meta.is_file() {
+        return Err(FsError::Forbidden(
+            rel.display().to_string(),
+            "not a regular file".into(),
+        ));
+    }
+    Ok((f, meta.len()))
+}
+
+/// Lowercase hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// SHA-256 of everything `r` yields, streaming; returns (hex, bytes read).
+pub fn sha256<R: Read>(mut r: R) -> io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((hex(&h.finalize()), total))
+}
+
+/// The footprint of a file on a disk.
+pub fn footprint(dir: &Dir, rel: &Path) -> Result<String, FsError> {
+    let (f, _) = open_regular(dir, rel)?;
+    sha256(f)
+        .map(|(h, _)| h)
+        .map_err(|e| FsError::from_io(rel, e))
+}
+
+/// Lists a disk recursively, folders first in each directory, at most `max` entries.
+/// Symlinks, special files and the agent's transfer files are not listed. Returns (entries, truncated).
+pub fn list(dir: &Dir, max: usize) -> io::Result<(Vec<FileEntry>, bool)> {
+    const MAX_DEPTH: usize = 64;
+    let mut out = Vec::new();
+    let mut stack: Vec<(PathBuf, usize)> = vec![(PathBuf::new(), 0)];
+    while let Some((rel, depth)) = stack.pop() {
+        let sub;
+        let d = if rel.as_os_str().is_empty() {
+            dir
+        } else {
+            match dir.open_dir(&rel) {
+                Ok(s) => {
+                    sub = s;
+                    &sub
+                }
+                Err(_) => continue,
+            }
+        };
+        let mut entries: Vec<_> = d.entries()?.filter_map(Result::ok).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name();
+            let Some(name_str) = name.to_str() else {
+                continue;
+            };
+            if paths::is_part_file(name_str) {
+                continue;
+            }
+            let Ok(ft) = e.file_type() else { continue };
+            let path = rel.join(&name);
+            let kind = if ft.is_dir() {
+                FileKind::Folder
+            } else if ft.is_file() {
+                FileKind::File
+            } else {
+                continue;
+            };
+            if out.len() >= max {
+                return Ok((out, true));
+            }
+            let size = if ft.is_file() {
+                e.metadata().map(|m| m.len()).unwrap_or(0)
+            } else {
+                0
+            };
+            out.push(FileEntry {
+                path: path.display().to_string(),
+                size,
+                name: name_str.to_owned(),
+                kind,
+            });
+            if ft.is_dir() && depth + 1 < MAX_DEPTH {
+                stack.push((path, depth + 1));
+            }
+        }
+    }
+    Ok((out, false))
+}
+
+/// Removes a file (not a folder) from a disk.
+pub fn remove(dir: &Dir, rel: &Path) -> Result<(), FsError> {
+    let meta = dir
+        .symlink_metadata(rel)
+        .map_err(|e| FsError::from_io(rel, e))?;
+    if meta.is_dir() {
+        return Err(FsError::IsFolder(rel.display().to_string()));
+    }
+    dir.remove_file(rel).map_err(|e| FsError::from_io(rel, e))
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn part_name(name: &OsStr) -> String {
+    format!(
+        "{}{}{}{}-{}",
+        paths::PART_PREFIX,
+        name.to_string_lossy(),
+        paths::PART_INFIX,
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Writes a file atomically at `rel` on a disk: missing parent folders (inside the disk) are
+/// created; `fill` writes the content to a file that has no name yet; the file is fsynced, then
+/// linked in. An existing target is refused unless `overwrite`. On any error, nothing is left.
+/// Returns what `fill` returned.
+pub fn write_atomic<T>(
+    dir: &Dir,
+    rel: &Path,
+    overwrite: bool,
+    fill: impl FnOnce(&mut std::fs::File) -> io::Result<T>,
+) -> Result<T, FsError> {
+    let name = rel.file_name().ok_or(FsError::Path(PathError::NoFile))?;
+    let parent_rel = rel.parent().unwrap_or(Path::new(""));
+    let parent_owned;
+    let parent = if parent_rel.as_os_str().is_empty() {
+        dir
+    } else {
+        match dir.create_dir_all(parent_rel) {
+            // "Exists" may be a symlink out of the disk: opening it below says which.
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(FsError::from_io(parent_rel, e));
+            }
+            _ => {}
+        }
+        parent_owned = dir
+            .open_dir(parent_rel)
+            .map_err(|e| FsError::from_io(parent_rel, e))?;
+        &parent_owned
+    };
+    if !overwrite {
+        // Fail early (the final link/rename checks again, atomically).
+        if parent.symlink_metadata(name).is_ok() {
+            return Err(FsError::AlreadyExists(rel.display().to_string()));
+        }
+    }
+    let io = |e: io::Error| FsError::from_io(rel, e);
+    match rustix::fs::openat(
+        parent,
+        ".",
+        rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o644),
+    ) {
+        Ok(fd) => {
+            // Unnamed until the end: if we die, the kernel frees it; nothing partial is ever visible.
+            let mut f = std::fs::File::from(fd);
+            let out = fill(&mut f).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
+            let link = |target: &OsStr| {
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    proc_path.as_str(),
+                    parent,
+                    target,
+                    rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                )
+            };
+            if overwrite {
+                let tmp = part_name(name);
+                link(OsStr::new(&tmp)).map_err(|e| io(e.into()))?;
+                if let Err(e) = rustix::fs::renameat(parent, tmp.as_str(), parent, name) {
+                    let _ = parent.remove_file(&tmp);
+                    return Err(io(e.into()));
+                }
+            } else {
+                link(name).map_err(|e| io(e.into()))?;
+            }
+            let _ = rustix::fs::fsync(parent);
+            Ok(out)
+        }
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL) => {
+            write_via_part_file(parent, name, rel, overwrite, fill)
+        }
+        Err(e) => Err(io(e.into())),
+    }
+}
+
+/// Fallback for filesystems without O_TMPFILE (vfat, exfat): a hidden `.name.part-*` file, removed
+/// on every error here and, if the agent is killed, at its next start ([`remove_part_files`]).
+fn write_via_part_file<T>(
+    parent: &Dir,
+    name: &OsStr,
+    rel: &Path,
+    overwrite: bool,
+    fill: impl FnOnce(&mut std::fs::File) -> io::Result<T>,
+) -> Result<T, FsError> {
+    let io = |e: io::Error| FsError::from_io(rel, e);
+    let tmp = part_name(name);
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true).create_new(true);
+    let f = parent.open_with(&tmp, &opts).map_err(io)?;
+    let mut f = f.into_std();
+    let result = (|| {
+        let out = fill(&mut f)?;
+        f.sync_all()?;
+        let flags = if overwrite {
+            rustix::fs::RenameFlags::empty()
+        } else {
+            rustix::fs::RenameFlags::NOREPLACE
+        };
+        rustix::fs::renameat_with(parent, tmp.as_str(), parent, name, flags)?;
+        Ok(out)
+    })();
+    match result {
+        Ok(out) => {
+            let _ = rustix::fs::fsync(parent);
+            Ok(out)
+        }
+        Err(e) => {
+            let _ = parent.remove_file(&tmp);
+            Err(io(e))
+        }
+    }
+}
+
+/// Streams `src` into `dst` and returns the SHA-256 of what was read.
+pub fn copy_hashing<R: Read>(mut src: R, dst: &mut std::fs::File) -> io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        dst.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+    Ok((hex(&h.finalize()), total))
+}
+
+/// Copies a regular file from one disk to another (or into the repository) atomically, and
+/// verifies the copy: its SHA-256, read back before it gets its name, must equal the source's.
+/// Returns (footprint, size).
+pub fn copy_verified(
+    src_dir: &Dir,
+    src: &Path,
+    dst_dir: &Dir,
+    dst: &Path,
+    overwrite: bool,
+) -> Result<(String, u64), FsError> {
+    let (f, _) = open_regular(src_dir, src)?;
+    let src_label = src.display().to_string();
+    write_atomic(dst_dir, dst, overwrite, |out| {
+        let (hash, size) = copy_hashing(f, out)?;
+        out.seek(io::SeekFrom::Start(0))?;
+        let (back, _) = sha256(&mut *out)?;
+        if back != hash {
+            return Err(io::Error::other(
+                FsError::Corrupted(src_label.clone()).to_string(),
+            ));
+        }
+        Ok((hash, size))
+    })
+}
+
+/// Removes the agent's leftover transfer files under `dir` (after a kill on a filesystem without
+/// O_TMPFILE). Returns how many were removed.
+pub fn remove_part_files(dir: &Dir) -> usize {
+    let mut removed = 0;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let sub;
+        let d = if rel.as_os_str().is_empty() {
+            dir
+        } else {
+            match dir.open_dir(&rel) {
+                Ok(s) => {
+                    sub = s;
+                    &sub
+                }
+                Err(_) => continue,
+            }
+        };
+        let Ok(entries) = d.entries() else { continue };
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir {
+                stack.push(rel.join(&name));
+            } else if name.to_str().is_some_and(paths::is_part_file) && d.remove_file(&name).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests;
