@@ -201,13 +201,19 @@ pub fn list(dir: &Dir, max: usize) -> io::Result<(Vec<FileEntry>, bool)> {
     Ok((out, false))
 }
 
-/// Removes a file (not a folder) from a disk.
+/// Removes a regular file from a disk. Folders, special files and symlinks are refused.
 pub fn remove(dir: &Dir, rel: &Path) -> Result<(), FsError> {
     let meta = dir
         .symlink_metadata(rel)
         .map_err(|e| FsError::from_io(rel, e))?;
     if meta.is_dir() {
         return Err(FsError::IsFolder(rel.display().to_string()));
+    }
+    if !meta.is_file() {
+        return Err(FsError::Forbidden(
+            rel.display().to_string(),
+            "not a regular file".into(),
+        ));
     }
     dir.remove_file(rel).map_err(|e| FsError::from_io(rel, e))
 }
@@ -253,10 +259,18 @@ pub fn write_atomic<T>(
             .map_err(|e| FsError::from_io(parent_rel, e))?;
         &parent_owned
     };
-    if !overwrite {
-        // Fail early (the final link/rename checks again, atomically).
-        if parent.symlink_metadata(name).is_ok() {
-            return Err(FsError::AlreadyExists(rel.display().to_string()));
+    if let Ok(existing) = parent.symlink_metadata(name) {
+        let what = rel.display().to_string();
+        if !overwrite {
+            // Fail early (the final link/rename checks again, atomically).
+            return Err(FsError::AlreadyExists(what));
+        }
+        if existing.is_dir() {
+            return Err(FsError::IsFolder(what));
+        }
+        if !existing.is_file() {
+            // A symlink (wherever it points) or a special file is never replaced.
+            return Err(FsError::Forbidden(what, "not a regular file".into()));
         }
     }
     let io = |e: io::Error| FsError::from_io(rel, e);

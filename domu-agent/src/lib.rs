@@ -1,8 +1,15 @@
-//! The guest agent: the MQTT session over the channel tty, the disk service of `sys-usb`, the
-//! local request socket behind the `call` CLI.
+//! The guest agent: the MQTT session over the channel tty, the disk service of `sys-usb`, new-file
+//! announcements, and the local request socket behind the `call` CLI.
 //!
-//! Pure logic (`paths`, `config`, the framing in `session`) is kept apart from I/O (`tty`, `fsops`,
-//! `watch`, `local`).
+//! Pure logic (`paths`, `config`, CONNACK resync in `session`, mount tables in `disks`) is kept
+//! apart from I/O (`tty`, `fsops`, `watch`, `local`).
 
+pub mod config;
+pub mod disks;
 pub mod fsops;
+pub mod local;
 pub mod paths;
+pub mod service;
+pub mod session;
+pub mod tty;
+pub mod watch;

@@ -6,4 +6,5 @@
 
 mod support;
 
+mod agent;
 mod dom0;

@@ -250,14 +250,51 @@ impl Dom0 {
 
     /// Like [`Dom0::start`] with a given tracing filter (benchmarks run at `info`).
     pub fn start_logging(dir: &TestDir, kind: BrokerKind, extra: &[&str], log: &str) -> Dom0 {
-        let port = free_port();
-        let mosquitto = (kind == BrokerKind::Mosquitto).then(|| start_mosquitto(dir, port, ""));
-        let proc = Dom0::spawn_service(dir, port, kind, extra, log);
-        Dom0 {
-            proc,
-            port,
-            mosquitto,
+        // A free port can be taken by someone else before we bind it (other tests run in
+        // parallel): try again with another one.
+        for _ in 0..5 {
+            let port = free_port();
+            let mosquitto = (kind == BrokerKind::Mosquitto).then(|| start_mosquitto(dir, port, ""));
+            if let Some(proc) = Dom0::try_spawn(dir, port, kind, extra, log) {
+                return Dom0 {
+                    proc,
+                    port,
+                    mosquitto,
+                };
+            }
         }
+        panic!("dom0-broker did not start (ports kept being taken)");
+    }
+
+    /// Spawns the service; None if it exited because its port was taken.
+    fn try_spawn(
+        dir: &TestDir,
+        port: u16,
+        kind: BrokerKind,
+        extra: &[&str],
+        log: &str,
+    ) -> Option<Proc> {
+        let mut cmd = Command::new(bin("dom0-broker"));
+        cmd.arg("run").arg("--socket-dir").arg(&dir.path);
+        match kind {
+            BrokerKind::Embedded => cmd.arg("--listen").arg(format!("127.0.0.1:{port}")),
+            BrokerKind::Mosquitto => cmd.arg("--broker").arg(format!("mqtt://127.0.0.1:{port}")),
+        };
+        cmd.args(extra);
+        cmd.env("RUST_LOG", log);
+        let mut p = Proc::spawn("dom0-broker", dir, &mut cmd);
+        wait_for("dom0-broker to start or exit", DEADLINE, || {
+            p.output().contains("watching for channel sockets") || !p.is_running()
+        });
+        if p.output().contains("watching for channel sockets") {
+            return Some(p);
+        }
+        assert!(
+            p.output().contains("in use"),
+            "dom0-broker failed: {}",
+            p.output()
+        );
+        None
     }
 
     fn spawn_service(
@@ -267,17 +304,7 @@ impl Dom0 {
         extra: &[&str],
         log: &str,
     ) -> Proc {
-        let mut cmd = Command::new(bin("dom0-broker"));
-        cmd.arg("run").arg("--socket-dir").arg(&dir.path);
-        match kind {
-            BrokerKind::Embedded => cmd.arg("--listen").arg(format!("127.0.0.1:{port}")),
-            BrokerKind::Mosquitto => cmd.arg("--broker").arg(format!("mqtt://127.0.0.1:{port}")),
-        };
-        cmd.args(extra);
-        cmd.env("RUST_LOG", log);
-        let p = Proc::spawn("dom0-broker", dir, &mut cmd);
-        p.wait_log("watching for channel sockets");
-        p
+        Dom0::try_spawn(dir, port, kind, extra, log).expect("dom0-broker could not bind its port")
     }
 
     /// Restarts the service (same broker, same port).
@@ -301,21 +328,23 @@ impl Dom0 {
 
     /// `mosquitto_pub` from Dom0.
     pub fn publish(&self, topic: &str, payload: &str) {
-        let out = Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-q",
-                "1",
-                "-t",
-                topic,
-                "-m",
-                payload,
-            ])
-            .output()
+        use std::io::Write;
+        // The payload goes through stdin (-s): it may be larger than an argument can be.
+        let port = self.port.to_string();
+        let mut child = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", topic, "-s"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(payload.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
             "mosquitto_pub: {}",
@@ -347,5 +376,46 @@ impl Dom0 {
         let p = Proc::spawn("mosquitto_sub", dir, &mut cmd);
         p.wait_log("received SUBACK");
         p
+    }
+}
+
+/// A guest agent under test, on a simulated channel.
+pub struct Agent {
+    pub proc: Proc,
+    /// Its local request socket (for `domu-agent call`).
+    pub socket: PathBuf,
+}
+
+impl Agent {
+    /// Starts `domu-agent run --vm VM --device <tty>` with `extra` flags and waits for its session.
+    pub fn start(dir: &TestDir, ch: &channel::Channel, vm: &str, extra: &[&str]) -> Agent {
+        let socket = dir.join(&format!("{vm}-agent.sock"));
+        let mut cmd = Command::new(bin("domu-agent"));
+        cmd.args(["run", "--vm", vm, "--device"])
+            .arg(&ch.tty)
+            .arg("--local-socket")
+            .arg(&socket)
+            .args(extra)
+            .env("RUST_LOG", "debug");
+        let proc = Proc::spawn(&format!("domu-agent-{vm}"), dir, &mut cmd);
+        proc.wait_log("session up");
+        Agent { proc, socket }
+    }
+
+    /// `domu-agent call COMMAND ARGS...`: exit status and the response lines, parsed.
+    pub fn call(&self, command: &str, args: &[&str]) -> (bool, Vec<serde_json::Value>) {
+        let out = Command::new(bin("domu-agent"))
+            .arg("call")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg(command)
+            .args(args)
+            .output()
+            .unwrap();
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+            .collect();
+        (out.status.success(), lines)
     }
 }

@@ -1,0 +1,235 @@
+//! Settings of `domu-agent run`: the TOML file, overridden by flags, validated. Pure.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use topics::vm::VmId;
+
+use crate::tty::Device;
+
+/// A config or flag error: one line, exit code 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The config file (`/etc/domu-agent/domu-agent.toml`); every key optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub vm: Option<String>,
+    pub device: Option<PathBuf>,
+    pub channel: Option<String>,
+    pub disks: Option<PathBuf>,
+    pub repository: Option<PathBuf>,
+    /// UNIX socket of the `call` CLI; absent: no local requests.
+    pub local_socket: Option<PathBuf>,
+    pub keepalive_secs: Option<u64>,
+    pub log: Option<String>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_packet_size: Option<usize>,
+    /// Largest `create_file` content, decoded.
+    pub max_create_bytes: Option<usize>,
+    /// Entries of a `list_files` answer before `truncated`.
+    pub max_list_entries: Option<usize>,
+    /// Disk operations running at once.
+    pub max_concurrent: Option<usize>,
+}
+
+/// Flags of `domu-agent run`.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    pub vm: Option<String>,
+    pub device: Option<PathBuf>,
+    pub channel: Option<String>,
+    pub disks: Option<PathBuf>,
+    pub repository: Option<PathBuf>,
+    pub local_socket: Option<PathBuf>,
+    pub keepalive: Option<u64>,
+}
+
+/// Bounds of the disk service.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_packet: usize,
+    pub max_create_bytes: usize,
+    pub max_list_entries: usize,
+    pub max_concurrent: usize,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub vm: VmId,
+    pub device: Device,
+    pub disks: Option<PathBuf>,
+    pub repository: Option<PathBuf>,
+    pub local_socket: Option<PathBuf>,
+    pub keepalive: Duration,
+    pub limits: Limits,
+    pub log: Option<String>,
+}
+
+pub const DEFAULT_DEVICE: &str = "/dev/hvc2";
+
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: p.clone(),
+        source,
+    })?;
+    parse_file(&text, &p)
+}
+
+pub fn parse_file(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: origin.to_owned(),
+        message: e.to_string().replace('\n', " ").trim().to_owned(),
+    })
+}
+
+pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> {
+    let vm = flags
+        .vm
+        .or(file.vm)
+        .ok_or_else(|| ConfigError::Invalid("--vm NAME is required (this guest's VM id)".into()))?;
+    let vm = VmId::parse(&vm).map_err(|e| ConfigError::Invalid(format!("--vm {vm:?}: {e}")))?;
+    let device = match (flags.device, flags.channel) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "give --device or --channel, not both".into(),
+            ));
+        }
+        (Some(p), None) => Device::Path(p),
+        (None, Some(n)) => Device::Name(n),
+        (None, None) => match (file.device, file.channel) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "config: device and channel are exclusive".into(),
+                ));
+            }
+            (Some(p), None) => Device::Path(p),
+            (None, Some(n)) => Device::Name(n),
+            (None, None) => Device::Path(PathBuf::from(DEFAULT_DEVICE)),
+        },
+    };
+    let keepalive = flags.keepalive.or(file.keepalive_secs).unwrap_or(5);
+    if !(1..=600).contains(&keepalive) {
+        return Err(ConfigError::Invalid(format!(
+            "keepalive {keepalive} s: must be 1 to 600"
+        )));
+    }
+    let l = file.limits;
+    let limits = Limits {
+        max_packet: l.max_packet_size.unwrap_or(4 * 1024 * 1024),
+        max_create_bytes: l.max_create_bytes.unwrap_or(2 * 1024 * 1024),
+        max_list_entries: l.max_list_entries.unwrap_or(10_000),
+        max_concurrent: l.max_concurrent.unwrap_or(4),
+    };
+    // Base64 grows data by 4/3; the request must still fit in one packet.
+    if limits.max_create_bytes / 3 * 4 + 4096 > limits.max_packet {
+        return Err(ConfigError::Invalid(format!(
+            "[limits] max_create_bytes {} does not fit in max_packet_size {} once Base64-encoded",
+            limits.max_create_bytes, limits.max_packet
+        )));
+    }
+    if limits.max_list_entries == 0 || limits.max_concurrent == 0 {
+        return Err(ConfigError::Invalid(
+            "[limits] max_list_entries and max_concurrent must be at least 1".into(),
+        ));
+    }
+    Ok(Settings {
+        vm,
+        device,
+        disks: flags.disks.or(file.disks),
+        repository: flags.repository.or(file.repository),
+        local_socket: flags.local_socket.or(file.local_socket),
+        keepalive: Duration::from_secs(keepalive),
+        limits,
+        log: file.log,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let flags = Flags {
+            vm: Some("sys-usb".into()),
+            ..Flags::default()
+        };
+        let s = resolve(FileConfig::default(), flags).unwrap();
+        assert_eq!(s.device, Device::Path("/dev/hvc2".into()));
+        assert_eq!(s.keepalive, Duration::from_secs(5));
+        let file = parse_file(
+            "vm = \"vm-gui\"\nchannel = \"msg\"\nkeepalive_secs = 3\n",
+            "a.toml",
+        )
+        .unwrap();
+        let s = resolve(
+            file,
+            Flags {
+                keepalive: Some(7),
+                ..Flags::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.vm.as_str(), "vm-gui");
+        assert_eq!(s.device, Device::Name("msg".into()));
+        assert_eq!(s.keepalive, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn refusals() {
+        assert!(
+            resolve(FileConfig::default(), Flags::default())
+                .unwrap_err()
+                .to_string()
+                .contains("--vm")
+        );
+        let bad_vm = Flags {
+            vm: Some("VM".into()),
+            ..Flags::default()
+        };
+        assert!(resolve(FileConfig::default(), bad_vm).is_err());
+        let both = Flags {
+            vm: Some("a".into()),
+            device: Some("/dev/x".into()),
+            channel: Some("m".into()),
+            ..Flags::default()
+        };
+        assert!(resolve(FileConfig::default(), both).is_err());
+        let e = parse_file("vm = 1\n", "agent.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("agent.toml"), "{e}");
+        let file = parse_file("[limits]\nmax_create_bytes = 100000000\n", "f").unwrap();
+        assert!(
+            resolve(
+                file,
+                Flags {
+                    vm: Some("a".into()),
+                    ..Flags::default()
+                }
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,523 @@
+//! The dictionary's commands, served by the agent: the disk commands (with `--disks`), component
+//! discovery and benchmarks (every agent). Every request is answered on
+//! `<root>/response/<sender>` with its `request_id`; the agent never dies on a request.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use topics::payload::{
+    self, BenchmarkArgs, BenchmarkReply, Component, CopyFileArgs, CreateFileArgs, DiscoverReply,
+    ErrorEvent, FootprintArgs, FootprintReply, ListDisksReply, ListFilesArgs, ListFilesReply,
+    NoArgs, ReadFileArgs, ReadFileReply, RemoveFileArgs, StatusOnly, level,
+};
+use topics::topic::{Command, Notification, Topic};
+use topics::vm::VmId;
+use topics::{ErrorBody, ErrorCode, RequestId, Response, Status};
+
+use crate::config::Limits;
+use crate::disks::Disks;
+use crate::fsops::{self, FsError};
+use crate::local::LocalRequests;
+use crate::paths;
+use crate::session::ToSession;
+use crate::watch::Announcer;
+
+/// The name under which the local repository appears in `new_file` notifications.
+pub const REPOSITORY: &str = "repository";
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub struct Service {
+    pub vm: VmId,
+    pub disks: Option<Disks>,
+    pub repository: Option<PathBuf>,
+    pub limits: Limits,
+    pub out: mpsc::Sender<ToSession>,
+    pub announcer: Announcer,
+    pub local: Arc<LocalRequests>,
+    /// Disk operations running at once.
+    permits: Semaphore,
+    benchmark_running: AtomicBool,
+}
+
+fn fs_error(e: FsError) -> ErrorBody {
+    ErrorBody::new(e.code(), e.to_string())
+}
+
+pub fn now_rfc3339() -> String {
+    topics::rfc3339(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}
+
+impl Service {
+    pub fn new(
+        vm: VmId,
+        disks: Option<Disks>,
+        repository: Option<PathBuf>,
+        limits: Limits,
+        out: mpsc::Sender<ToSession>,
+        announcer: Announcer,
+        local: Arc<LocalRequests>,
+    ) -> Service {
+        let permits = Semaphore::new(limits.max_concurrent);
+        Service {
+            vm,
+            disks,
+            repository,
+            limits,
+            out,
+            announcer,
+            local,
+            permits,
+            benchmark_running: AtomicBool::new(false),
+        }
+    }
+
+    /// The filters this agent subscribes to on every CONNACK.
+    pub fn subscriptions(&self, local_requests: bool) -> Vec<String> {
+        let mut subs = vec![
+            Command::Discover.request_topic(),
+            Command::Benchmark.request_topic(),
+        ];
+        if self.disks.is_some() {
+            subs.push("system/disks/+/request".to_owned());
+        }
+        if local_requests {
+            subs.push(format!("system/+/+/response/{}", self.vm));
+        }
+        subs
+    }
+
+    /// Handles one message from the session (in its own task).
+    pub async fn on_message(self: Arc<Self>, topic: String, payload: Bytes) {
+        match Topic::parse(&topic) {
+            Ok(Topic::Request(c)) => self.request(c, &topic, payload).await,
+            Ok(Topic::Response { requester, .. }) if requester == self.vm => {
+                self.local.deliver(&payload)
+            }
+            _ => tracing::debug!(topic, "message not for this agent"),
+        }
+    }
+
+    async fn publish(&self, topic: String, body: Vec<u8>) {
+        let msg = ToSession::Publish {
+            topic,
+            payload: Bytes::from(body),
+            qos: QoS::AtLeastOnce,
+        };
+        if self.out.send(msg).await.is_err() {
+            tracing::debug!("session gone; message dropped");
+        }
+    }
+
+    /// Reports an error the operator must see on `system/events/error/notification`.
+    pub async fn report(&self, module: &str, description: String) {
+        let ev = ErrorEvent {
+            module: format!("{}/{module}", self.vm),
+            datetime: now_rfc3339(),
+            level: level::ERROR,
+            description,
+        };
+        self.publish(
+            Notification::Error.topic(),
+            serde_json::to_vec(&ev).unwrap_or_default(),
+        )
+        .await;
+    }
+
+    async fn request(self: Arc<Self>, command: Command, topic: &str, payload: Bytes) {
+        let env = match payload::decode_envelope(&payload) {
+            Ok(e) => e,
+            Err(e) => {
+                // Without a valid sender there is no response topic to answer on.
+                tracing::warn!(topic, error = %e, "request without a valid envelope; not answered");
+                self.report("requests", format!("request on {topic} not answered: {e}"))
+                    .await;
+                return;
+            }
+        };
+        let reply_topic = command.response_topic(&env.sender);
+        let rid = env.request_id.clone();
+        tracing::debug!(topic, sender = %env.sender, request_id = ?rid.as_ref().map(RequestId::as_str), "request");
+        let body = match command {
+            Command::ListDisks => self.list_disks(rid).await,
+            Command::ListFiles => self.list_files(&payload, rid).await,
+            Command::ReadFile => self.read_file(&payload, rid).await,
+            Command::CopyFile => self.copy_file(&payload, rid).await,
+            Command::RemoveFile => self.remove_file(&payload, rid).await,
+            Command::GetFileFootprint => self.footprint(&payload, rid).await,
+            Command::CreateFile => self.create_file(&payload, rid).await,
+            Command::Discover => self.discover(rid).await,
+            Command::Benchmark => {
+                self.clone().benchmark(&payload, rid, reply_topic).await;
+                return;
+            }
+            Command::SupervisionCounters => return,
+        };
+        self.publish(reply_topic, body).await;
+    }
+
+    /// Decodes a request's arguments; a bad field is `invalid_argument` naming it.
+    fn args<A: DeserializeOwned>(payload: &[u8]) -> Result<A, ErrorBody> {
+        payload::decode_request::<A>(payload)
+            .map(|r| r.args)
+            .map_err(ErrorBody::from)
+    }
+
+    fn disks(&self) -> Result<Disks, ErrorBody> {
+        self.disks
+            .clone()
+            .ok_or_else(|| ErrorBody::new(ErrorCode::Unsupported, "this agent serves no disks"))
+    }
+
+    /// Runs blocking file work on the blocking pool, at most `max_concurrent` at once.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, ErrorBody> + Send + 'static,
+    ) -> Result<T, ErrorBody> {
+        let _permit = self.permits.acquire().await;
+        tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+            Err(ErrorBody::new(
+                ErrorCode::Internal,
+                format!("disk task failed: {e}"),
+            ))
+        })
+    }
+
+    async fn answer<D: Serialize>(
+        &self,
+        rid: Option<RequestId>,
+        r: Result<D, ErrorBody>,
+    ) -> Vec<u8> {
+        match r {
+            Ok(d) => Response::ok(rid, d).to_json(),
+            Err(e) => {
+                if e.code == ErrorCode::Io || e.code == ErrorCode::Internal {
+                    self.report("disks", e.message.clone()).await;
+                }
+                Response::<D>::error(rid, e).to_json()
+            }
+        }
+    }
+
+    async fn list_disks(&self, rid: Option<RequestId>) -> Vec<u8> {
+        let r = match self.disks() {
+            Ok(d) => {
+                self.blocking(move || {
+                    d.list().map(|disks| ListDisksReply { disks }).map_err(|e| {
+                        ErrorBody::new(ErrorCode::Io, format!("cannot list the disks: {e}"))
+                    })
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        self.answer(rid, r).await
+    }
+
+    async fn list_files(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
+        let max = self.limits.max_list_entries;
+        let r = match (Self::args::<ListFilesArgs>(payload), self.disks()) {
+            (Ok(a), Ok(d)) => {
+                self.blocking(move || {
+                    let dir = d.open(&a.disk).map_err(fs_error)?;
+                    let (files, truncated) = fsops::list(&dir, max).map_err(|e| {
+                        ErrorBody::new(ErrorCode::Io, format!("disk `{}`: {e}", a.disk))
+                    })?;
+                    Ok(ListFilesReply {
+                        disk: a.disk,
+                        files,
+                        truncated,
+                    })
+                })
+                .await
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        self.answer(rid, r).await
+    }
+
+    async fn footprint(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
+        let r = match (Self::args::<FootprintArgs>(payload), self.disks()) {
+            (Ok(a), Ok(d)) => {
+                self.blocking(move || {
+                    let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
+                    let dir = d.open(&a.disk).map_err(fs_error)?;
+                    let footprint = fsops::footprint(&dir, &rel).map_err(fs_error)?;
+                    Ok(FootprintReply {
+                        disk: Some(a.disk),
+                        filepath: Some(a.filepath),
+                        footprint,
+                    })
+                })
+                .await
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        self.answer(rid, r).await
+    }
+
+    async fn remove_file(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
+        let r = match (Self::args::<RemoveFileArgs>(payload), self.disks()) {
+            (Ok(a), Ok(d)) => {
+                let announcer = self.announcer.clone();
+                self.blocking(move || {
+                    let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
+                    let dir = d.open(&a.disk).map_err(fs_error)?;
+                    fsops::remove(&dir, &rel).map_err(fs_error)?;
+                    announcer.forget(&a.disk, &rel);
+                    Ok(StatusOnly {})
+                })
+                .await
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        self.answer(rid, r).await
+    }
+
+    async fn create_file(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
+        let max = self.limits.max_create_bytes;
+        let r = match (Self::args::<CreateFileArgs>(payload), self.disks()) {
+            (Ok(a), Ok(d)) => {
+                let announcer = self.announcer.clone();
+                self.blocking(move || {
+                    let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
+                    let data =
+                        topics::binary::decode_limited(&a.data, max).map_err(|e| match e {
+                            topics::binary::Base64Error::TooLarge { .. } => {
+                                ErrorBody::new(ErrorCode::TooLarge, format!("field `data`: {e}"))
+                            }
+                            _ => ErrorBody::new(
+                                ErrorCode::InvalidArgument,
+                                format!("field `data`: {e}"),
+                            ),
+                        })?;
+                    let dir = d.open(&a.disk).map_err(fs_error)?;
+                    fsops::write_atomic(&dir, &rel, a.overwrite, |f| f.write_all(&data))
+                        .map_err(fs_error)?;
+                    announcer.announce(&a.disk, &rel, data.len() as u64);
+                    Ok(StatusOnly {})
+                })
+                .await
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        self.answer(rid, r).await
+    }
+
+    async fn copy_file(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
+        let r = match (Self::args::<CopyFileArgs>(payload), self.disks()) {
+            (Ok(a), Ok(d)) => {
+                let announcer = self.announcer.clone();
+                self.blocking(move || {
+                    let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
+                    let src = d.open(&a.source_disk).map_err(fs_error)?;
+                    let dst = d.open(&a.target_disk).map_err(fs_error)?;
+                    let (_, size) = fsops::copy_verified(&src, &rel, &dst, &rel, a.overwrite)
+                        .map_err(fs_error)?;
+                    announcer.announce(&a.target_disk, &rel, size);
+                    Ok(StatusOnly {})
+                })
+                .await
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        self.answer(rid, r).await
+    }
+
+    async fn read_file(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
+        let repo = self.repository.clone();
+        let r = match (Self::args::<ReadFileArgs>(payload), self.disks(), repo) {
+            (Ok(a), Ok(d), Some(repo)) => {
+                let announcer = self.announcer.clone();
+                self.blocking(move || {
+                    let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
+                    let src = d.open(&a.source_disk).map_err(fs_error)?;
+                    let dst = fsops::open_root(&repo).map_err(|e| {
+                        ErrorBody::new(ErrorCode::Io, format!("local repository: {e}"))
+                    })?;
+                    let target = Path::new(&a.source_disk).join(&rel);
+                    let (footprint, size) =
+                        match fsops::copy_verified(&src, &rel, &dst, &target, false) {
+                            Ok(done) => done,
+                            // Already in the repository: fine if it is the same file, refused otherwise.
+                            Err(FsError::AlreadyExists(what)) => {
+                                let theirs = fsops::footprint(&src, &rel).map_err(fs_error)?;
+                                let ours = fsops::footprint(&dst, &target).map_err(fs_error)?;
+                                if theirs != ours {
+                                    return Err(fs_error(FsError::AlreadyExists(what)));
+                                }
+                                let (_, size) =
+                                    fsops::open_regular(&dst, &target).map_err(fs_error)?;
+                                (ours, size)
+                            }
+                            Err(e) => return Err(fs_error(e)),
+                        };
+                    announcer.announce(REPOSITORY, &target, size);
+                    Ok(ReadFileReply {
+                        filepath: Some(target.display().to_string()),
+                        size_in_bytes: Some(size),
+                        footprint: Some(footprint),
+                    })
+                })
+                .await
+            }
+            (Err(e), _, _) | (_, Err(e), _) => Err(e),
+            (_, _, None) => Err(ErrorBody::new(
+                ErrorCode::Unsupported,
+                "no local repository configured",
+            )),
+        };
+        self.answer(rid, r).await
+    }
+
+    async fn discover(&self, rid: Option<RequestId>) -> Vec<u8> {
+        let mut components = vec![Component {
+            id: self.vm.to_string(),
+            label: self.vm.to_string(),
+            kind: "domu".into(),
+        }];
+        if let Some(d) = self.disks.clone() {
+            if let Ok(Ok(disks)) = tokio::task::spawn_blocking(move || d.list()).await {
+                components.extend(disks.into_iter().map(|d| Component {
+                    id: d.id,
+                    label: d.label,
+                    kind: "disk".into(),
+                }));
+            }
+        }
+        Response::ok(rid, DiscoverReply { components }).to_json()
+    }
+
+    /// `started` at once, then `finished` with the figures (or `error`), on the same topic.
+    async fn benchmark(self: Arc<Self>, payload: &[u8], rid: Option<RequestId>, topic: String) {
+        let args = match Self::args::<BenchmarkArgs>(payload) {
+            Ok(a) => a,
+            Err(e) => {
+                return self
+                    .publish(topic, Response::<NoArgs>::error(rid, e).to_json())
+                    .await;
+            }
+        };
+        if !matches!(args.module.as_str(), "messaging" | "disks") {
+            let e = ErrorBody::new(
+                ErrorCode::Unsupported,
+                format!("unknown module {:?} (messaging, disks)", args.module),
+            );
+            return self
+                .publish(topic, Response::<NoArgs>::error(rid, e).to_json())
+                .await;
+        }
+        if args.module == "disks" && self.disks.is_none() {
+            // Every agent answers `messaging`; only disk providers answer `disks`.
+            return;
+        }
+        if self.benchmark_running.swap(true, Ordering::SeqCst) {
+            let e = ErrorBody::new(ErrorCode::Busy, "a benchmark is already running");
+            return self
+                .publish(topic, Response::<NoArgs>::error(rid, e).to_json())
+                .await;
+        }
+        let started = BenchmarkReply {
+            module: args.module.clone(),
+            figures: Default::default(),
+        };
+        self.publish(
+            topic.clone(),
+            Response::with_status(rid.clone(), Status::Started, started).to_json(),
+        )
+        .await;
+        let result = match args.module.as_str() {
+            "messaging" => self.bench_messaging().await,
+            _ => self.bench_disks().await,
+        };
+        self.benchmark_running.store(false, Ordering::SeqCst);
+        let body = match result {
+            Ok(figures) => Response::with_status(
+                rid,
+                Status::Finished,
+                BenchmarkReply {
+                    module: args.module,
+                    figures,
+                },
+            )
+            .to_json(),
+            Err(e) => Response::<NoArgs>::error(rid, e).to_json(),
+        };
+        self.publish(topic, body).await;
+    }
+
+    /// Round trips over the channel: PINGREQ → PINGRESP through the Dom0 link and the broker.
+    async fn bench_messaging(&self) -> Result<std::collections::BTreeMap<String, f64>, ErrorBody> {
+        const N: usize = 100;
+        let mut samples = Vec::with_capacity(N);
+        for _ in 0..N {
+            let (tx, rx) = oneshot::channel();
+            if self.out.send(ToSession::Ping(tx)).await.is_err() {
+                return Err(ErrorBody::new(ErrorCode::Internal, "session gone"));
+            }
+            match tokio::time::timeout(Duration::from_secs(5), rx).await {
+                Ok(Ok(d)) => samples.push(d),
+                _ => return Err(ErrorBody::new(ErrorCode::Timeout, "no PINGRESP within 5 s")),
+            }
+        }
+        samples.sort();
+        let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
+        Ok([
+            ("round_trip_p50_us".to_owned(), us(samples[N / 2])),
+            ("round_trip_p99_us".to_owned(), us(samples[N * 99 / 100])),
+            ("samples".to_owned(), N as f64),
+        ]
+        .into())
+    }
+
+    /// Read throughput of the first disk: reads its files, at most 256 MiB.
+    async fn bench_disks(&self) -> Result<std::collections::BTreeMap<String, f64>, ErrorBody> {
+        let d = self.disks()?;
+        self.blocking(move || {
+            let disk = d
+                .list()
+                .ok()
+                .and_then(|l| l.into_iter().next())
+                .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, "no disk to measure"))?;
+            let dir = d.open(&disk.id).map_err(fs_error)?;
+            let (files, _) = fsops::list(&dir, 10_000)
+                .map_err(|e| ErrorBody::new(ErrorCode::Io, e.to_string()))?;
+            let t0 = Instant::now();
+            let mut bytes = 0u64;
+            for f in files
+                .iter()
+                .filter(|f| f.kind == topics::payload::FileKind::File)
+            {
+                if bytes >= 256 * 1024 * 1024 {
+                    break;
+                }
+                if let Ok((mut file, _)) = fsops::open_regular(&dir, Path::new(&f.path)) {
+                    bytes += std::io::copy(&mut file, &mut std::io::sink()).unwrap_or(0);
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            Ok([
+                (
+                    "read_mb_per_s".to_owned(),
+                    (bytes as f64 / secs / 1e6 * 10.0).round() / 10.0,
+                ),
+                ("bytes".to_owned(), bytes as f64),
+            ]
+            .into())
+        })
+        .await
+    }
+}

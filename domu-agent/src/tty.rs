@@ -1,0 +1,194 @@
+//! The channel tty: found by path or by channel name, opened exclusively, put in raw mode on the
+//! descriptor we keep (hvc ttys reset termios when the last descriptor closes), read and written
+//! without blocking the runtime. While the device is absent or its backend not connected, opening
+//! fails (ENOENT, ENODEV, ENXIO, EIO): the caller waits and retries, it never exits.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::termios::{self, SetArg};
+use tokio::io::unix::AsyncFd;
+
+/// How the agent finds its channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    /// An explicit tty path (default `/dev/hvc2`).
+    Path(PathBuf),
+    /// A channel name (`xl.cfg` `channel = [ "name=msg, ..." ]`).
+    Name(String),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Path(p) => write!(f, "{}", p.display()),
+            Device::Name(n) => write!(f, "channel {n:?}"),
+        }
+    }
+}
+
+/// Where a named channel may appear: an mdev/udev link, a virtio port link, or a Xen console whose
+/// xenstore name matches (`device/console/N/name`, read with `xenstore-read` when installed).
+pub fn resolve(device: &Device) -> Option<PathBuf> {
+    match device {
+        Device::Path(p) => Some(p.clone()),
+        Device::Name(name) => {
+            for dir in ["/dev/xen-channel", "/dev/virtio-ports"] {
+                let p = Path::new(dir).join(name);
+                if p.exists() {
+                    return Some(p);
+                }
+            }
+            xen_console_by_name(name)
+        }
+    }
+}
+
+/// `console-N` in /sys/bus/xen/devices whose xenstore `name` is `name` → `/dev/hvcN`.
+fn xen_console_by_name(name: &str) -> Option<PathBuf> {
+    let entries = std::fs::read_dir("/sys/bus/xen/devices").ok()?;
+    for e in entries.filter_map(Result::ok) {
+        let dev = e.file_name().to_string_lossy().into_owned();
+        let Some(n) = dev
+            .strip_prefix("console-")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let key = format!("device/console/{n}/name");
+        let out = std::process::Command::new("xenstore-read")
+            .arg(&key)
+            .output()
+            .ok()?;
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == name {
+            return Some(PathBuf::from(format!("/dev/hvc{n}")));
+        }
+    }
+    None
+}
+
+/// True for the errors that mean "not there yet": retry later.
+pub fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            nix::libc::ENOENT
+                | nix::libc::ENODEV
+                | nix::libc::ENXIO
+                | nix::libc::EIO
+                | nix::libc::EAGAIN
+        )
+    )
+}
+
+/// An open channel tty.
+#[derive(Debug)]
+pub struct Tty {
+    fd: AsyncFd<File>,
+    /// The exclusive lock (on a duplicate of the descriptor: same open file).
+    _lock: Flock<File>,
+    pub path: PathBuf,
+}
+
+impl Tty {
+    /// Opens the tty once: exclusive, raw, non-blocking.
+    pub fn open(path: &Path) -> io::Result<Tty> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NOCTTY | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+            .open(path)?;
+        let lock = Flock::lock(f.try_clone()?, FlockArg::LockExclusiveNonblock).map_err(
+            |(_, errno)| {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{} is held by another process ({errno})", path.display()),
+                )
+            },
+        )?;
+        match termios::tcgetattr(f.as_fd()) {
+            Ok(mut t) => {
+                // No echo, no CR/LF mapping, no flow-control or signal characters: bytes are bytes.
+                termios::cfmakeraw(&mut t);
+                termios::tcsetattr(f.as_fd(), SetArg::TCSANOW, &t).map_err(io::Error::from)?;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "not a tty; using it as a byte stream")
+            }
+        }
+        // The safe constructor is deprecated for types that do not own their descriptor; a File
+        // owns its descriptor, and the replacement (`register`) is `unsafe`, which we forbid.
+        #[allow(deprecated)]
+        let fd = AsyncFd::new(f)?;
+        Ok(Tty {
+            fd,
+            _lock: lock,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Opens the device, waiting while it is absent or not connected. Returns None on `stop`.
+    pub async fn open_wait(
+        device: &Device,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Option<Tty> {
+        let mut said = false;
+        loop {
+            if *stop.borrow() {
+                return None;
+            }
+            let result = match resolve(device) {
+                Some(p) => Tty::open(&p),
+                None => Err(io::Error::from_raw_os_error(nix::libc::ENOENT)),
+            };
+            match result {
+                Ok(t) => {
+                    tracing::info!(device = %t.path.display(), "channel opened");
+                    return Some(t);
+                }
+                Err(e) => {
+                    if !said {
+                        tracing::info!(device = %device, error = %e, "channel not available yet; waiting");
+                        said = true;
+                    }
+                    if !is_transient(&e) && e.kind() != io::ErrorKind::WouldBlock {
+                        tracing::warn!(device = %device, error = %e, "cannot open the channel; retrying");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|inner| inner.get_ref().read(buf)) {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|inner| inner.get_ref().write(buf)) {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => buf = &buf[n..],
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+}

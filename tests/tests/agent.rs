@@ -1,0 +1,609 @@
+//! The guest agent through the real chain: dom0-broker + two agents on simulated channels.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::support::channel::Channel;
+use crate::support::{Agent, BrokerKind, DEADLINE, Dom0, Proc, TestDir, wait_for};
+
+/// The whole system: Dom0, sys-usb (disks usb0 and usb1, a repository) and vm-gui.
+struct System {
+    dir: TestDir,
+    dom0: Dom0,
+    _usb_ch: Channel,
+    _gui_ch: Channel,
+    usb: Agent,
+    gui: Agent,
+    disks: PathBuf,
+    repo: PathBuf,
+}
+
+fn system(name: &str, kind: BrokerKind) -> System {
+    let dir = TestDir::new(name);
+    let disks = dir.join("disks");
+    let repo = dir.join("repository");
+    std::fs::create_dir_all(disks.join("usb0/docs")).unwrap();
+    std::fs::create_dir_all(disks.join("usb1")).unwrap();
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(disks.join("usb0/docs/report.txt"), b"quarterly report\n").unwrap();
+    let dom0 = Dom0::start(&dir, kind, &[]);
+    let usb_ch = Channel::new(&dir.path, "sys-usb");
+    let gui_ch = Channel::new(&dir.path, "vm-gui");
+    dom0.proc.wait_log("attached to channel vm=sys-usb");
+    dom0.proc.wait_log("attached to channel vm=vm-gui");
+    let d = disks.display().to_string();
+    let r = repo.display().to_string();
+    let usb = Agent::start(
+        &dir,
+        &usb_ch,
+        "sys-usb",
+        &["--disks", &d, "--repository", &r],
+    );
+    let gui = Agent::start(&dir, &gui_ch, "vm-gui", &[]);
+    // Both agents have subscribed (their SUBSCRIBE follows the CONNACK on the same tty).
+    dom0.proc.wait_log("session up vm=sys-usb");
+    dom0.proc.wait_log("session up vm=vm-gui");
+    System {
+        dir,
+        dom0,
+        _usb_ch: usb_ch,
+        _gui_ch: gui_ch,
+        usb,
+        gui,
+        disks,
+        repo,
+    }
+}
+
+fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Asks `root` from Dom0 with mosquitto_pub; returns the responses carrying `id` on `.../response/dom0`.
+fn ask_from_dom0(
+    s: &System,
+    sub: &Proc,
+    root: &str,
+    mut args: Value,
+    id: &str,
+    answers: usize,
+) -> Vec<Value> {
+    args["sender"] = json!("dom0");
+    args["request_id"] = json!(id);
+    s.dom0
+        .publish(&format!("{root}/request"), &args.to_string());
+    let needle = format!("\"request_id\":\"{id}\"");
+    sub.wait_log_count(&needle, answers);
+    let prefix = format!("{root}/response/dom0 ");
+    sub.output()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect()
+}
+
+fn ok(v: &Value) -> &Value {
+    assert_eq!(v["status"], "ok", "{v}");
+    v
+}
+
+/// Each of the nine commands, issued by Dom0's mosquitto_pub and answered by sys-usb's agent.
+fn dictionary_from_dom0(kind: BrokerKind) {
+    let s = system("dict-dom0", kind);
+    let sub = s.dom0.subscribe(&s.dir, &["system/+/+/response/dom0"]);
+    let report = s.disks.join("usb0/docs/report.txt");
+
+    let r = ask_from_dom0(&s, &sub, "system/disks/list_disks", json!({}), "d1", 1);
+    assert_eq!(
+        ok(&r[0])["disks"],
+        json!([{"label": "usb0", "id": "usb0"}, {"label": "usb1", "id": "usb1"}])
+    );
+
+    let r = ask_from_dom0(
+        &s,
+        &sub,
+        "system/disks/list_files",
+        json!({"disk": "usb0"}),
+        "d2",
+        1,
+    );
+    assert_eq!(
+        ok(&r[0])["files"],
+        json!([
+            {"path": "docs", "size": 0, "name": "docs", "type": "folder"},
+            {"path": "docs/report.txt", "size": 17, "name": "report.txt", "type": "file"}
+        ])
+    );
+
+    let r = ask_from_dom0(
+        &s,
+        &sub,
+        "system/disks/get_file_footprint",
+        json!({"disk": "usb0", "filepath": "docs/report.txt"}),
+        "d3",
+        1,
+    );
+    assert_eq!(ok(&r[0])["footprint"], sha256sum(&report));
+
+    let data = topics::binary::encode(b"hello\n");
+    let r = ask_from_dom0(
+        &s,
+        &sub,
+        "system/disks/create_file",
+        json!({"disk": "usb1", "filepath": "new/hello.txt", "data": data}),
+        "d4",
+        1,
+    );
+    ok(&r[0]);
+    assert_eq!(
+        std::fs::read(s.disks.join("usb1/new/hello.txt")).unwrap(),
+        b"hello\n"
+    );
+
+    let r = ask_from_dom0(
+        &s,
+        &sub,
+        "system/disks/copy_file",
+        json!({"source_disk": "usb0", "filepath": "docs/report.txt", "target_disk": "usb1"}),
+        "d5",
+        1,
+    );
+    ok(&r[0]);
+    assert_eq!(
+        sha256sum(&s.disks.join("usb1/docs/report.txt")),
+        sha256sum(&report)
+    );
+
+    let r = ask_from_dom0(
+        &s,
+        &sub,
+        "system/disks/read_file",
+        json!({"source_disk": "usb0", "filepath": "docs/report.txt"}),
+        "d6",
+        1,
+    );
+    assert_eq!(ok(&r[0])["filepath"], "usb0/docs/report.txt");
+    assert_eq!(r[0]["footprint"], sha256sum(&report));
+    assert_eq!(
+        sha256sum(&s.repo.join("usb0/docs/report.txt")),
+        sha256sum(&report)
+    );
+
+    let r = ask_from_dom0(
+        &s,
+        &sub,
+        "system/disks/remove_file",
+        json!({"disk": "usb1", "filepath": "new/hello.txt"}),
+        "d7",
+        1,
+    );
+    ok(&r[0]);
+    assert!(!s.disks.join("usb1/new/hello.txt").exists());
+
+    // Several parties answer discovery: Dom0's controller and each agent.
+    let r = ask_from_dom0(&s, &sub, "system/components/discover", json!({}), "d8", 3);
+    let all: Vec<&Value> = r
+        .iter()
+        .flat_map(|v| ok(v)["components"].as_array().unwrap())
+        .collect();
+    for (id, kind) in [
+        ("dom0", "dom0"),
+        ("sys-usb", "domu"),
+        ("vm-gui", "domu"),
+        ("usb0", "disk"),
+        ("usb1", "disk"),
+    ] {
+        assert!(
+            all.iter().any(|c| c["id"] == id && c["type"] == kind),
+            "{id} in {r:?}"
+        );
+    }
+
+    // Every agent answers benchmarks: started, then finished with figures, on the same topic.
+    s.dom0.publish(
+        "system/misc/benchmark/request",
+        r#"{"sender":"dom0","request_id":"d9","module":"messaging"}"#,
+    );
+    wait_for("both agents' benchmark results", DEADLINE, || {
+        sub.output()
+            .lines()
+            .filter(|l| l.contains("\"d9\"") && l.contains("\"finished\""))
+            .count()
+            >= 2
+    });
+    let lines: Vec<Value> = sub
+        .output()
+        .lines()
+        .filter(|l| l.contains("\"d9\""))
+        .filter_map(|l| l.strip_prefix("system/misc/benchmark/response/dom0 "))
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    assert_eq!(
+        lines.iter().filter(|v| v["status"] == "started").count(),
+        2,
+        "{lines:?}"
+    );
+    for v in lines.iter().filter(|v| v["status"] == "finished") {
+        assert_eq!(v["module"], "messaging");
+        assert!(
+            v["figures"]["round_trip_p50_us"].as_f64().unwrap() > 0.0,
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn dictionary_from_dom0_embedded() {
+    dictionary_from_dom0(BrokerKind::Embedded);
+}
+
+#[test]
+fn dictionary_from_dom0_mosquitto() {
+    dictionary_from_dom0(BrokerKind::Mosquitto);
+}
+
+/// The same commands from vm-gui, through its own agent and channel (`domu-agent call`).
+#[test]
+fn dictionary_from_vm_gui() {
+    let s = system("dict-gui", BrokerKind::Embedded);
+    let report = s.disks.join("usb0/docs/report.txt");
+    let call = |cmd: &str, args: &[&str]| {
+        let (success, lines) = s.gui.call(cmd, args);
+        assert!(success, "{cmd} {args:?}: {lines:?}");
+        lines
+    };
+    let r = call("list_disks", &[]);
+    assert_eq!(r[0]["disks"].as_array().unwrap().len(), 2);
+    assert!(r[0]["request_id"].as_str().unwrap().starts_with("vm-gui-"));
+    let r = call("list_files", &["disk=usb0"]);
+    assert_eq!(r[0]["files"][1]["path"], "docs/report.txt");
+    let r = call(
+        "get_file_footprint",
+        &["disk=usb0", "filepath=docs/report.txt"],
+    );
+    assert_eq!(r[0]["footprint"], sha256sum(&report));
+    let src = s.dir.join("upload.bin");
+    std::fs::write(&src, (0..=255u8).cycle().take(100_000).collect::<Vec<u8>>()).unwrap();
+    let data = format!("data=@{}", src.display());
+    call("create_file", &["disk=usb1", "filepath=up/load.bin", &data]);
+    assert_eq!(
+        sha256sum(&s.disks.join("usb1/up/load.bin")),
+        sha256sum(&src)
+    );
+    call(
+        "copy_file",
+        &[
+            "source_disk=usb1",
+            "filepath=up/load.bin",
+            "target_disk=usb0",
+        ],
+    );
+    assert_eq!(
+        sha256sum(&s.disks.join("usb0/up/load.bin")),
+        sha256sum(&src)
+    );
+    let r = call("read_file", &["source_disk=usb0", "filepath=up/load.bin"]);
+    assert_eq!(r[0]["footprint"], sha256sum(&src));
+    assert!(s.repo.join("usb0/up/load.bin").exists());
+    call("remove_file", &["disk=usb0", "filepath=up/load.bin"]);
+    assert!(!s.disks.join("usb0/up/load.bin").exists());
+    let r = call("discover", &[]);
+    assert!(r.len() >= 3, "Dom0 and both agents answer: {r:?}");
+    let r = call("benchmark", &["module=disks"]);
+    let statuses: Vec<&str> = r.iter().map(|v| v["status"].as_str().unwrap()).collect();
+    assert!(
+        statuses.contains(&"started") && statuses.contains(&"finished"),
+        "{r:?}"
+    );
+}
+
+/// Sends one request per line with `mosquitto_pub -l` (many requests, one process).
+fn publish_lines(s: &System, topic: &str, lines: &[String]) {
+    use std::io::Write;
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &s.dom0.port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-l",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for l in lines {
+        writeln!(stdin, "{l}").unwrap();
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}
+
+/// Every path in the hostile corpus is refused by every command, and nothing outside the disk is
+/// read, written or removed.
+#[test]
+fn hostile_paths_are_refused() {
+    let s = system("hostile", BrokerKind::Embedded);
+    let outside = s.dir.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"do not leak").unwrap();
+    let usb0 = s.disks.join("usb0");
+    std::os::unix::fs::symlink(outside.join("secret"), usb0.join("link-out")).unwrap();
+    std::os::unix::fs::symlink("../../outside/secret", usb0.join("rel-out")).unwrap();
+    std::os::unix::fs::symlink(&outside, usb0.join("dir-out")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", usb0.join("dev-link")).unwrap();
+    nix::unistd::mkfifo(
+        &usb0.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    // A real device node on the disk (root only; CI runs as root).
+    let dev_node = nix::sys::stat::mknod(
+        &usb0.join("null-dev"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .is_ok();
+    let before: Vec<(PathBuf, Vec<u8>)> = walk(&outside);
+
+    let long_name = "n".repeat(300);
+    let long_path = "d/".repeat(2100);
+    let mut corpus: Vec<String> = [
+        "../outside/secret",
+        "../../outside/secret",
+        "/etc/passwd",
+        "//etc/passwd",
+        "docs/../../../outside/secret",
+        "docs/../..",
+        "..",
+        "./../outside",
+        "link-out",
+        "rel-out",
+        "dir-out/secret",
+        "dir-out/../usb0/docs/report.txt",
+        "link-out/../secret",
+        "dir-out",
+        "dev-link",
+        "fifo",
+        "docs/\u{0}report.txt",
+        "docs\u{0}/../../x",
+        ".",
+        "",
+        "docs/.report.txt.part-1-1",
+    ]
+    .iter()
+    .map(|p| p.to_string())
+    .collect();
+    corpus.push(long_name);
+    corpus.push(long_path);
+    if dev_node {
+        corpus.push("null-dev".into());
+    }
+    assert!(corpus.len() >= 20);
+
+    let data = topics::binary::encode(b"pwned");
+    let mut n = 0;
+    let mut requests: Vec<(&str, Vec<String>)> = vec![];
+    for (root, make) in [
+        ("system/disks/get_file_footprint", 0),
+        ("system/disks/create_file", 1),
+        ("system/disks/remove_file", 2),
+        ("system/disks/copy_file", 3),
+        ("system/disks/read_file", 4),
+    ] {
+        let mut lines = vec![];
+        for p in &corpus {
+            n += 1;
+            let id = format!("h{n}");
+            let v = match make {
+                0 | 2 => json!({"sender": "dom0", "request_id": id, "disk": "usb0", "filepath": p}),
+                1 => {
+                    json!({"sender": "dom0", "request_id": id, "disk": "usb0", "filepath": p, "data": data, "overwrite": true})
+                }
+                3 => {
+                    json!({"sender": "dom0", "request_id": id, "source_disk": "usb0", "filepath": p, "target_disk": "usb1", "overwrite": true})
+                }
+                _ => {
+                    json!({"sender": "dom0", "request_id": id, "source_disk": "usb0", "filepath": p})
+                }
+            };
+            lines.push(v.to_string());
+        }
+        requests.push((root, lines));
+    }
+    let sub = s.dom0.subscribe(&s.dir, &["system/+/+/response/dom0"]);
+    for (root, lines) in &requests {
+        publish_lines(&s, &format!("{root}/request"), lines);
+    }
+    wait_for("every hostile request answered", DEADLINE, || {
+        sub.output()
+            .lines()
+            .filter(|l| l.contains("\"request_id\":\"h"))
+            .count()
+            >= n
+    });
+    let mut by_id = std::collections::HashMap::new();
+    for l in sub.output().lines() {
+        if let Some((_, p)) = l.split_once(' ') {
+            if let Ok(v) = serde_json::from_str::<Value>(p) {
+                if let Some(id) = v["request_id"].as_str() {
+                    by_id.insert(id.to_owned(), v);
+                }
+            }
+        }
+    }
+    let mut i = 0;
+    for (root, _) in &requests {
+        for p in &corpus {
+            i += 1;
+            let v = &by_id[&format!("h{i}")];
+            let code = v["error"]["code"].as_str().unwrap_or("none");
+            assert!(
+                v["status"] == "error" && (code == "forbidden" || code == "invalid_argument"),
+                "{root} {p:?}: {v}"
+            );
+        }
+    }
+    assert_eq!(walk(&outside), before, "nothing outside the disk changed");
+    assert!(std::fs::metadata("/etc/passwd").is_ok());
+    assert!(
+        walk(&s.repo).is_empty(),
+        "nothing was read into the repository"
+    );
+    assert!(s.usb.proc.output().contains("session up"));
+}
+
+/// Every file under `dir` with its content (sorted).
+fn walk(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push((e.path(), std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Each error path gives its code; the agent survives malformed requests.
+#[test]
+fn error_codes() {
+    let s = system("errors", BrokerKind::Embedded);
+    let sub = s.dom0.subscribe(
+        &s.dir,
+        &[
+            "system/+/+/response/dom0",
+            "system/events/error/notification",
+        ],
+    );
+    // Above the agent's 2 MiB create_file limit, below the 4 MiB packet limit once in Base64.
+    let big = topics::binary::encode(&vec![0u8; 2 * 1024 * 1024 + 512 * 1024]);
+    let rows: Vec<(&str, Value, &str, &str)> = vec![
+        (
+            "system/disks/list_files",
+            json!({"disk": "nope"}),
+            "not_found",
+            "nope",
+        ),
+        (
+            "system/disks/list_files",
+            json!({"disk": 5}),
+            "invalid_argument",
+            "`disk`",
+        ),
+        (
+            "system/disks/list_files",
+            json!({}),
+            "invalid_argument",
+            "`disk`",
+        ),
+        (
+            "system/disks/get_file_footprint",
+            json!({"disk": "usb0", "filepath": "missing"}),
+            "not_found",
+            "missing",
+        ),
+        (
+            "system/disks/get_file_footprint",
+            json!({"disk": "usb0", "filepath": "docs"}),
+            "invalid_argument",
+            "folder",
+        ),
+        (
+            "system/disks/remove_file",
+            json!({"disk": "usb0", "filepath": "docs"}),
+            "invalid_argument",
+            "folder",
+        ),
+        (
+            "system/disks/create_file",
+            json!({"disk": "usb0", "filepath": "docs/report.txt", "data": "eA=="}),
+            "already_exists",
+            "overwrite",
+        ),
+        (
+            "system/disks/create_file",
+            json!({"disk": "usb0", "filepath": "x", "data": "not base64!"}),
+            "invalid_argument",
+            "`data`",
+        ),
+        (
+            "system/disks/create_file",
+            json!({"disk": "usb0", "filepath": "x", "data": big}),
+            "too_large",
+            "`data`",
+        ),
+        (
+            "system/disks/copy_file",
+            json!({"source_disk": "usb0", "filepath": "docs/report.txt", "target_disk": "usb9"}),
+            "not_found",
+            "usb9",
+        ),
+        (
+            "system/disks/copy_file",
+            json!({"source_disk": "usb0", "filepath": "docs/report.txt", "target_disk": "usb0"}),
+            "already_exists",
+            "report.txt",
+        ),
+        (
+            "system/disks/read_file",
+            json!({"source_disk": "usb0", "filepath": "nope.txt"}),
+            "not_found",
+            "nope.txt",
+        ),
+        (
+            "system/misc/benchmark",
+            json!({"module": "gpu"}),
+            "unsupported",
+            "gpu",
+        ),
+    ];
+    for (i, (root, mut args, code, needle)) in rows.into_iter().enumerate() {
+        let id = format!("e{i}");
+        let r = ask_from_dom0(
+            &s,
+            &sub,
+            root,
+            {
+                args["sender"] = json!("dom0");
+                args.take()
+            },
+            &id,
+            1,
+        );
+        let r = r.last().unwrap();
+        assert_eq!(r["error"]["code"], code, "{root}: {r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains(needle),
+            "{root}: {r}"
+        );
+    }
+    // Not JSON at all: no sender, so no response topic; the error is reported, the agent lives on.
+    s.dom0
+        .publish("system/disks/list_disks/request", "{not json");
+    sub.wait_log("request on system/disks/list_disks/request not answered");
+    let r = ask_from_dom0(&s, &sub, "system/disks/list_disks", json!({}), "after", 1);
+    ok(&r[0]);
+}
