@@ -607,3 +607,249 @@ fn error_codes() {
     let r = ask_from_dom0(&s, &sub, "system/disks/list_disks", json!({}), "after", 1);
     ok(&r[0]);
 }
+
+/// New files are announced once: those made by the agent's commands and those dropped on a disk
+/// from outside.
+#[test]
+fn new_files_are_announced_once() {
+    let s = system("newfile", BrokerKind::Embedded);
+    let sub = s
+        .dom0
+        .subscribe(&s.dir, &["system/disk/new_file/notification"]);
+    let (ok_, _) = s.gui.call(
+        "create_file",
+        &["disk=usb1", "filepath=made/by/agent.txt", "data=aGk="],
+    );
+    assert!(ok_);
+    sub.wait_log(r#"{"disk":"usb1","filepath":"made/by/agent.txt","size_in_bytes":2}"#);
+    // Dropped from outside (a writer that opens, writes twice, closes; then reopens and appends).
+    let p = s.disks.join("usb0/dropped.bin");
+    std::fs::write(&p, vec![7u8; 1000]).unwrap();
+    sub.wait_log(r#"{"disk":"usb0","filepath":"dropped.bin","size_in_bytes":1000}"#);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"more").unwrap();
+    }
+    // A folder copied in.
+    std::fs::create_dir_all(s.disks.join("usb1/folder/sub")).unwrap();
+    std::fs::write(s.disks.join("usb1/folder/sub/inner.txt"), b"abc").unwrap();
+    sub.wait_log(r#""filepath":"folder/sub/inner.txt""#);
+    // read_file announces the copy in the repository.
+    let (ok_, _) = s.gui.call(
+        "read_file",
+        &["source_disk=usb0", "filepath=docs/report.txt"],
+    );
+    assert!(ok_);
+    sub.wait_log(r#"{"disk":"repository","filepath":"usb0/docs/report.txt","size_in_bytes":17}"#);
+    // Each announced exactly once (the append above announced nothing).
+    let out = sub.output();
+    for f in [
+        "made/by/agent.txt",
+        "\"dropped.bin\"",
+        "folder/sub/inner.txt",
+        "usb0/docs/report.txt",
+    ] {
+        assert_eq!(out.matches(f).count(), 1, "{f} in {out}");
+    }
+}
+
+/// Several requests in flight from one requester, told apart by request_id.
+#[test]
+fn requests_in_flight_are_told_apart() {
+    let s = system("inflight", BrokerKind::Embedded);
+    for i in 0..6 {
+        std::fs::write(
+            s.disks.join(format!("usb0/f{i}.bin")),
+            vec![i as u8; 200_000 + i * 1000],
+        )
+        .unwrap();
+    }
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let socket = s.gui.socket.clone();
+            std::thread::spawn(move || {
+                let out = Command::new(crate::support::bin("domu-agent"))
+                    .arg("call")
+                    .arg("--socket")
+                    .arg(&socket)
+                    .args([
+                        "get_file_footprint",
+                        "disk=usb0",
+                        &format!("filepath=f{i}.bin"),
+                    ])
+                    .output()
+                    .unwrap();
+                serde_json::from_slice::<Value>(&out.stdout).unwrap()
+            })
+        })
+        .collect();
+    let answers: Vec<Value> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut ids = std::collections::HashSet::new();
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a["filepath"], format!("f{i}.bin"), "{a}");
+        assert_eq!(
+            a["footprint"],
+            sha256sum(&s.disks.join(format!("usb0/f{i}.bin")))
+        );
+        assert!(ids.insert(a["request_id"].as_str().unwrap().to_owned()));
+    }
+    // And from Dom0: three requests published back to back, three answers matched by id.
+    let sub = s.dom0.subscribe(&s.dir, &["system/+/+/response/dom0"]);
+    let lines: Vec<String> = (0..3)
+        .map(|i| json!({"sender": "dom0", "request_id": format!("q{i}"), "disk": "usb0", "filepath": format!("f{i}.bin")}).to_string())
+        .collect();
+    publish_lines(&s, "system/disks/get_file_footprint/request", &lines);
+    for i in 0..3 {
+        sub.wait_log(&format!("\"request_id\":\"q{i}\""));
+        let line = sub
+            .output()
+            .lines()
+            .find(|l| l.contains(&format!("\"q{i}\"")))
+            .unwrap()
+            .to_owned();
+        assert!(
+            line.contains(&format!("\"filepath\":\"f{i}.bin\"")),
+            "{line}"
+        );
+    }
+}
+
+/// Dom0 restarted while the agents run: they are served again without restarting; an agent
+/// restarted: same.
+#[test]
+fn agents_survive_restarts() {
+    let mut s = system("restarts", BrokerKind::Embedded);
+    let usb_pid = s.usb.proc.pid();
+    s.dom0.restart(&s.dir, BrokerKind::Embedded, &[]);
+    // The attach signal makes the agent start over at once (not after a keepalive timeout).
+    s.usb.proc.wait_log("Dom0 asked to start over");
+    s.usb.proc.wait_log_count("session up", 2);
+    s.gui.proc.wait_log_count("session up", 2);
+    assert_eq!(s.usb.proc.pid(), usb_pid, "the agent was not restarted");
+    let (ok_, r) = s.gui.call("list_disks", &[]);
+    assert!(ok_, "{r:?}");
+
+    // The agent restarted (killed, started again on the same tty).
+    s.usb.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    s.usb.proc.wait_exit(DEADLINE);
+    let d = s.disks.display().to_string();
+    let r = s.repo.display().to_string();
+    s.usb = Agent::start(
+        &s.dir,
+        &s._usb_ch,
+        "sys-usb",
+        &["--disks", &d, "--repository", &r],
+    );
+    let (ok_, r) = s.gui.call("list_disks", &[]);
+    assert!(ok_, "{r:?}");
+}
+
+/// A 1 GiB file: the footprint equals sha256sum's and the agent's memory stays flat; a copy
+/// interrupted by killing the agent leaves no partial file.
+#[test]
+fn one_gib_file() {
+    let mut s = system("gib", BrokerKind::Embedded);
+    let big = s.disks.join("usb0/big.bin");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&big).unwrap();
+        let block: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+        for _ in 0..1024 {
+            f.write_all(&block).unwrap();
+        }
+    }
+    let rss_before = s.usb.proc.rss_kb();
+    let pid = s.usb.proc.pid();
+    let max_rss = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (max_rss, done) = (max_rss.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let kb = rss_of(pid);
+                max_rss.fetch_max(kb, std::sync::atomic::Ordering::SeqCst);
+                std::thread::park_timeout(std::time::Duration::from_millis(5));
+            }
+        })
+    };
+    let out = Command::new(crate::support::bin("domu-agent"))
+        .arg("call")
+        .arg("--socket")
+        .arg(&s.gui.socket)
+        .args([
+            "--timeout-ms",
+            "120000",
+            "get_file_footprint",
+            "disk=usb0",
+            "filepath=big.bin",
+        ])
+        .output()
+        .unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["footprint"], sha256sum(&big));
+    let peak = max_rss.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        peak < rss_before + 16 * 1024,
+        "agent RSS went from {rss_before} KiB to {peak} KiB while hashing 1 GiB"
+    );
+
+    // Interrupted copy: kill the agent while the copy runs.
+    let socket = s.gui.socket.clone();
+    let copier = std::thread::spawn(move || {
+        Command::new(crate::support::bin("domu-agent"))
+            .arg("call")
+            .arg("--socket")
+            .arg(&socket)
+            .args([
+                "--timeout-ms",
+                "5000",
+                "copy_file",
+                "source_disk=usb0",
+                "filepath=big.bin",
+                "target_disk=usb1",
+            ])
+            .output()
+            .unwrap()
+    });
+    // The copy is under way when the agent holds an unnamed file open for writing.
+    wait_for("the copy to start", DEADLINE, || has_unnamed_file(pid));
+    s.usb.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    s.usb.proc.wait_exit(DEADLINE);
+    let _ = copier.join();
+    assert!(
+        !s.disks.join("usb1/big.bin").exists(),
+        "no partial file under the target name"
+    );
+    assert!(
+        walk(&s.disks.join("usb1")).is_empty(),
+        "no partial file at all: {:?}",
+        walk(&s.disks.join("usb1")).len()
+    );
+}
+
+fn rss_of(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// True when the process has an O_TMPFILE (a "/#123 (deleted)" descriptor) open.
+fn has_unnamed_file(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| {
+                let t = t.display().to_string();
+                t.contains("/#") && t.ends_with("(deleted)")
+            })
+        })
+}
