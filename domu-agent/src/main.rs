@@ -247,7 +247,7 @@ async fn serve(s: Settings) -> ExitCode {
             _ = stop_watch.changed() => break,
             m = from_session.recv() => match m {
                 Some(FromSession::Publish { topic, payload }) => {
-                    tokio::spawn(service.clone().on_message(topic, payload));
+                    service.on_message(topic, payload);
                 }
                 Some(FromSession::Connected) => {}
                 None => break,

@@ -100,10 +100,15 @@ impl Service {
         subs
     }
 
-    /// Handles one message from the session (in its own task).
-    pub async fn on_message(self: Arc<Self>, topic: String, payload: Bytes) {
+    /// Dispatches one message from the session. Responses to our local requests are delivered
+    /// here, in arrival order (a benchmark's `started` before its `finished`); each request is
+    /// served in its own task so a long copy never delays a `list_disks`.
+    pub fn on_message(self: &Arc<Self>, topic: String, payload: Bytes) {
         match Topic::parse(&topic) {
-            Ok(Topic::Request(c)) => self.request(c, &topic, payload).await,
+            Ok(Topic::Request(c)) => {
+                let me = self.clone();
+                tokio::spawn(async move { me.request(c, &topic, payload).await });
+            }
             Ok(Topic::Response { requester, .. }) if requester == self.vm => {
                 self.local.deliver(&payload)
             }
