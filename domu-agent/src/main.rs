@@ -140,8 +140,9 @@ fn run(a: RunArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the tty, the session and the dispatch hand messages to each other without
+    // crossing threads (latency); file work runs on the blocking pool.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -269,17 +269,14 @@ async fn connection(
     let mut pings: VecDeque<(Instant, Option<oneshot::Sender<Duration>>)> = VecDeque::new();
     loop {
         // Frame what we have.
+        let mut acks = BytesMut::new();
         loop {
             match Packet::read(buf, max) {
                 Ok(p) => match p {
                     Packet::Publish(p) => {
                         if p.qos == QoS::AtLeastOnce {
-                            if let Some(ack) = encode(&Packet::PubAck(PubAck::new(p.pkid)), max) {
-                                if tty.write_all(&ack).await.is_err() {
-                                    return End::Reopen;
-                                }
-                                last_write = Instant::now();
-                            }
+                            // Acknowledged after the batch is handed over: the message first.
+                            let _ = Packet::PubAck(PubAck::new(p.pkid)).write(&mut acks, max);
                         }
                         let msg = FromSession::Publish {
                             topic: p.topic,
@@ -320,6 +317,12 @@ async fn connection(
             }
         }
 
+        if !acks.is_empty() {
+            if tty.write_all(&acks).await.is_err() {
+                return End::Reopen;
+            }
+            last_write = Instant::now();
+        }
         let next_ping = match pings.front() {
             Some((t, _)) => *t + keepalive,
             None => last_write + keepalive,
