@@ -140,9 +140,11 @@ pub enum PolicyError {
     },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
-    #[error("{path}: [vm.{section:?}]: {message}")]
+    #[error("{path}:{line}: [vm.{section:?}]: {message}")]
     Invalid {
         path: String,
+        /// 1-based line of the offending entry (0 when it cannot be found).
+        line: usize,
         section: String,
         message: String,
     },
@@ -159,11 +161,18 @@ impl Policy {
             message: e.to_string().replace('\n', " ").trim().to_owned(),
         })?;
         for (name, section) in &file.vm {
-            let invalid = |message: String| PolicyError::Invalid {
+            // The line of the section header, and of an entry within the section.
+            let header = line_of(text, 0, &[format!("vm.{name}]"), format!("vm.\"{name}\"]")]);
+            let invalid_at = |needle: Option<&str>, message: String| PolicyError::Invalid {
                 path: origin.to_owned(),
+                line: match needle {
+                    Some(n) => line_of(text, header, &[format!("\"{n}\""), format!("'{n}'")]),
+                    None => header,
+                },
                 section: name.clone(),
                 message,
             };
+            let invalid = |message: String| invalid_at(None, message);
             if name != "*" {
                 VmId::parse(name).map_err(|e| invalid(format!("not a VM name: {e}")))?;
                 if name == topics::vm::DOM0 {
@@ -178,19 +187,14 @@ impl Policy {
             ];
             for (list, filters) in lists {
                 for f in filters {
+                    let bad = |why: String| invalid_at(Some(f), format!("{list}: {f:?}: {why}"));
                     let concrete = f.replace("{vm}", "x");
                     if concrete.contains(['{', '}']) {
-                        return Err(invalid(format!(
-                            "{list}: {f:?}: only {{vm}} may be substituted"
-                        )));
+                        return Err(bad("only {vm} may be substituted".into()));
                     }
-                    validate_filter(&concrete)
-                        .map_err(|e| invalid(format!("{list}: {f:?}: {e}")))?;
-                    if f.contains("{vm}") && f.split('/').any(|l| l.contains("{vm}") && l != "{vm}")
-                    {
-                        return Err(invalid(format!(
-                            "{list}: {f:?}: {{vm}} must be a whole level"
-                        )));
+                    validate_filter(&concrete).map_err(|e| bad(e.to_string()))?;
+                    if f.split('/').any(|l| l.contains("{vm}") && l != "{vm}") {
+                        return Err(bad("{vm} must be a whole level".into()));
                     }
                 }
             }
@@ -264,6 +268,16 @@ impl Policy {
     pub fn sections(&self) -> &BTreeMap<String, Section> {
         &self.file.vm
     }
+}
+
+/// The 1-based number of the first line at or after line `from` that contains one of `needles`
+/// (0 when none does).
+fn line_of(text: &str, from: usize, needles: &[String]) -> usize {
+    text.lines()
+        .enumerate()
+        .skip(from.saturating_sub(1))
+        .find(|(_, l)| needles.iter().any(|n| l.contains(n.as_str())))
+        .map_or(0, |(i, _)| i + 1)
 }
 
 fn subst(filter: &str, vm: &VmId) -> String {

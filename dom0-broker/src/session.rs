@@ -21,6 +21,9 @@ use crate::mqtt::{self, FixedHeader, PacketError, connack};
 use crate::policy::{self, Rules};
 use crate::supervision::LinkStats;
 
+/// Refusals of one VM logged and reported on the error topic per second, at most.
+pub const REPORTS_PER_SEC: f64 = 10.0;
+
 /// Longest CONNECT accepted while scanning (client id, will, credentials).
 pub const MAX_CONNECT: usize = 64 * 1024;
 
@@ -109,6 +112,11 @@ pub struct Session {
     violations: u32,
     /// When the guest was last told to start over because it sent something other than CONNECT.
     last_nudge: Option<Instant>,
+    /// Refusal reports allowed now (token bucket) and when it was last refilled.
+    report_tokens: f64,
+    report_at: Option<Instant>,
+    /// Refusals not reported since the last report.
+    suppressed: u64,
     effects: Vec<Effect>,
 }
 
@@ -147,6 +155,9 @@ impl Session {
             last_refill: now,
             violations: 0,
             last_nudge: None,
+            report_tokens: REPORTS_PER_SEC,
+            report_at: None,
+            suppressed: 0,
             effects: Vec::new(),
         }
     }
@@ -273,7 +284,7 @@ impl Session {
         if let Some(w) = &c.will {
             if let Err(d) = policy::check_publish(&self.rules, &self.vm, &w.topic, &w.payload) {
                 let topic: String = w.topic.chars().take(128).collect();
-                self.refused(&topic, &format!("will message refused: {d}"));
+                self.refused(&topic, &format!("will message refused: {d}"), now);
                 mqtt::encode_connack(false, connack::NOT_AUTHORIZED, &mut self.to_guest);
                 return true;
             }
@@ -372,12 +383,29 @@ impl Session {
         self.violations += 1;
     }
 
-    fn refused(&mut self, topic: &str, reason: &str) {
-        tracing::warn!(vm = %self.vm, topic, reason, "refused");
+    /// A refused packet: counted always; logged and reported at most [`REPORTS_PER_SEC`] a second
+    /// (a flooding guest must not flood the log or the error topic), the rest summed up in the next
+    /// report.
+    fn refused(&mut self, topic: &str, reason: &str, now: Instant) {
         self.refusal();
+        let elapsed = self
+            .report_at
+            .map_or(1.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        self.report_at = Some(now);
+        self.report_tokens = (self.report_tokens + elapsed * REPORTS_PER_SEC).min(REPORTS_PER_SEC);
+        if self.report_tokens < 1.0 {
+            self.suppressed += 1;
+            return;
+        }
+        self.report_tokens -= 1.0;
+        let reason = match std::mem::take(&mut self.suppressed) {
+            0 => reason.to_owned(),
+            n => format!("{reason} (and {n} more refusals not reported)"),
+        };
+        tracing::warn!(vm = %self.vm, topic, reason = %reason, "refused");
         self.effects.push(Effect::Refused {
             topic: topic.to_owned(),
-            reason: reason.to_owned(),
+            reason,
         });
     }
 
@@ -513,7 +541,7 @@ impl Session {
                 let topic: String = p.topic.chars().take(128).collect();
                 let pkid = p.pkid;
                 let qos = p.qos;
-                self.refused(&topic, &reason);
+                self.refused(&topic, &reason, now);
                 // Acknowledge so the guest's session stays sound; the message goes nowhere.
                 match (qos, pkid) {
                     (1, Some(id)) => mqtt::encode_ack(mqtt::PUBACK, id, &mut self.to_guest),
@@ -546,7 +574,7 @@ impl Session {
             }
         }
         for (f, d) in denials {
-            self.refused(&f, &format!("subscription refused: {d}"));
+            self.refused(&f, &format!("subscription refused: {d}"), now);
         }
         if allowed.is_empty() {
             let codes = vec![mqtt::SUBACK_FAILURE; refused.len()];

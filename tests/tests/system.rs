@@ -8,3 +8,4 @@ mod support;
 
 mod agent;
 mod dom0;
+mod policy;

@@ -411,24 +411,54 @@ fn vm_placeholder_and_deny_rules() {
 
 #[test]
 fn invalid_policies_are_refused() {
+    // (text, expected start: file and line, expected reason)
     let rows = [
-        ("[vm.\"VM\"]\npublish=[\"a\"]", "not a VM name"),
-        ("[vm.dom0]\npublish=[\"a\"]", "Dom0 itself"),
-        ("[vm.a]\npublish=[\"a/#/b\"]", "wildcard"),
-        ("[vm.a]\npublish=[\"a/{name}\"]", "only {vm}"),
-        ("[vm.a]\npublish=[\"a/x{vm}\"]", "whole level"),
-        ("[vm.a]\npublish=[\"\"]", "empty"),
-        ("[vm.a]\npublish=\"a\"", "invalid type"),
-        ("[vm.a]\npublsh=[\"a\"]", "unknown field"),
-        ("[vm.a]\nroles=[\"admin\"]", "unknown variant"),
-        ("[vm.a\n", "expected"),
-        ("[other]\n", "unknown field"),
+        (
+            "[vm.\"VM\"]\npublish=[\"a\"]",
+            "policy.toml:1:",
+            "not a VM name",
+        ),
+        (
+            "# x\n[vm.dom0]\npublish=[\"a\"]",
+            "policy.toml:2:",
+            "Dom0 itself",
+        ),
+        (
+            "[vm.a]\nsubscribe=[\"b\"]\npublish=[\"ok/+\", \"a/#/b\"]",
+            "policy.toml:3:",
+            "wildcard",
+        ),
+        (
+            "[vm.a]\npublish=[\"a/{name}\"]",
+            "policy.toml:2:",
+            "only {vm}",
+        ),
+        (
+            "[vm.a]\n\npublish=['a/x{vm}']",
+            "policy.toml:3:",
+            "whole level",
+        ),
+        ("[vm.a]\npublish=[\"\"]", "policy.toml:2:", "empty"),
+        ("[vm.a]\npublish=\"a\"", "policy.toml:", "invalid type"),
+        ("[vm.a]\npublsh=[\"a\"]", "policy.toml:", "unknown field"),
+        (
+            "[vm.a]\nroles=[\"admin\"]",
+            "policy.toml:",
+            "unknown variant",
+        ),
+        ("[vm.a\n", "policy.toml:", "line 1"),
+        ("[other]\n", "policy.toml:", "unknown field"),
     ];
-    for (text, needle) in rows {
+    for (text, start, reason) in rows {
         let err = Policy::parse(text, "policy.toml").unwrap_err().to_string();
-        assert!(err.contains(needle), "{text:?}: {err}");
-        assert!(err.starts_with("policy.toml"), "names the file: {err}");
+        assert!(err.starts_with(start), "{text:?}: {err}");
+        assert!(err.contains(reason), "{text:?}: {err}");
     }
+    // toml's own errors carry their line too.
+    let err = Policy::parse("[vm.a]\npublish=[\"a\"]\nsubscribe=[1]\n", "p.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 3"), "{err}");
 }
 
 #[test]

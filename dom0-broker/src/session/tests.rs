@@ -1,6 +1,7 @@
 use super::*;
 use crate::mqtt::{Connect, Publish};
 use crate::policy::Policy;
+use std::sync::atomic::Ordering::Relaxed;
 
 fn limits() -> Limits {
     Limits {
@@ -437,7 +438,8 @@ fn rate_limit_refuses_beyond_the_bucket() {
             .extend_from_slice(&publish("system/events/error/notification", 0, 0, b"{}"));
     }
     let effects = s.on_guest_input(now);
-    assert_eq!(effects.len(), 15, "5 pass, 15 refused");
+    assert_eq!(s.stats.refused.load(Relaxed), 15, "5 pass, 15 refused");
+    assert_eq!(effects.len(), 10, "reports are limited to 10 a second");
     assert_eq!(packets(&s.to_broker).len(), 5);
     // A second later the bucket has refilled by 10.
     s.to_broker.clear();
@@ -445,11 +447,16 @@ fn rate_limit_refuses_beyond_the_bucket() {
         s.guest_in
             .extend_from_slice(&publish("system/events/error/notification", 0, 0, b"{}"));
     }
-    s.on_guest_input(now + Duration::from_secs(1));
+    let effects = s.on_guest_input(now + Duration::from_secs(1));
     assert_eq!(
         packets(&s.to_broker).len(),
         5,
         "refill capped at the burst size"
+    );
+    // The next report says how many were not reported.
+    assert!(
+        matches!(&effects[0], Effect::Refused { reason, .. } if reason.contains("and 5 more refusals not reported")),
+        "{effects:?}"
     );
 }
 

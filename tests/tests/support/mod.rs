@@ -146,6 +146,16 @@ impl Proc {
         }
     }
 
+    /// Asks the process to stop (SIGTERM) and waits for it.
+    pub fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(
+            self.wait_exit(DEADLINE).is_some(),
+            "{} did not stop on SIGTERM",
+            self.name
+        );
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
     }
