@@ -16,7 +16,7 @@ struct Scene {
     dir: TestDir,
     dom0: Dom0,
     _usb_ch: Channel,
-    gui_ch: Channel,
+    _gui_ch: Channel,
     _usb: Agent,
     bridge: Bridge,
 }
