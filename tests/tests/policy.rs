@@ -38,7 +38,7 @@ fn scene(name: &str, kind: BrokerKind, dom0_args: &[&str]) -> Scene {
         dir,
         dom0,
         _usb_ch: usb_ch,
-        gui_ch,
+        _gui_ch: gui_ch,
         _usb: usb,
         bridge,
     }
