@@ -357,3 +357,27 @@ mod tests {
         assert!(resolve(bad, Flags::default()).is_err());
     }
 }
+
+#[cfg(test)]
+mod deploy_tests {
+    use super::*;
+
+    /// The shipped configuration is valid.
+    #[test]
+    fn deploy_config_parses() {
+        let text = include_str!("../../deploy/alpine/dom0-broker.toml");
+        let s = resolve(
+            parse_file(text, "dom0-broker.toml").unwrap(),
+            Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.broker,
+            BrokerChoice::External(BrokerAddr::Unix("/run/mosquitto/guests.sock".into()))
+        );
+        assert_eq!(
+            s.policy,
+            Some(PathBuf::from("/etc/dom0-broker/policy.toml"))
+        );
+    }
+}

@@ -233,3 +233,21 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod deploy_tests {
+    use super::*;
+
+    /// The shipped configuration is valid.
+    #[test]
+    fn deploy_config_parses() {
+        let text = include_str!("../../deploy/alpine/domu-agent.toml");
+        let s = resolve(
+            parse_file(text, "domu-agent.toml").unwrap(),
+            Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(s.vm.as_str(), "sys-usb");
+        assert_eq!(s.device, Device::Name("msg".into()));
+    }
+}
