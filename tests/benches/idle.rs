@@ -1,0 +1,87 @@
+//! Benchmark of idle links: 200 VMs linked, each with an MQTT session up and idle; prints
+//! dom0-broker's memory per link and its CPU use while idle. Both brokers; with Mosquitto the
+//! broker's own memory is outside dom0-broker, with the embedded broker it is inside.
+//!
+//! Run with `./scripts/bench`. Prints figures; asserts nothing about speed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use support::channel::Channel;
+use support::{BrokerKind, DEADLINE, Dom0, TestDir, raw, wait_for};
+
+const VMS: usize = 200;
+const IDLE: Duration = Duration::from_secs(10);
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn main() {
+    let kinds: Vec<BrokerKind> = match std::env::args().nth(1).as_deref() {
+        Some("--mosquitto") => vec![BrokerKind::Mosquitto],
+        Some("--embedded") => vec![BrokerKind::Embedded],
+        _ => vec![BrokerKind::Embedded, BrokerKind::Mosquitto],
+    };
+    for kind in kinds {
+        run(kind);
+    }
+}
+
+fn run(kind: BrokerKind) {
+    let dir = TestDir::new("bench-idle");
+    let dom0 = Dom0::start_logging(&dir, kind, &[], "info,rumqttd=error");
+    wait_for("the controller", DEADLINE, || {
+        dom0.log().contains("controller connected")
+    });
+    let rss0 = dom0.proc.rss_kb();
+    let channels: Vec<Channel> = (0..VMS)
+        .map(|i| Channel::new(&dir.path, &format!("vm-{i:03}")))
+        .collect();
+    dom0.proc.wait_log_count("attached to channel", VMS);
+    let rss_linked = dom0.proc.rss_kb();
+    // Each guest opens an MQTT session (keepalive 0: legal, and idle for good) and stays silent.
+    let mut guests = Vec::new();
+    for (i, ch) in channels.iter().enumerate() {
+        wait_for("the backend's client", DEADLINE, || ch.has_client());
+        let mut g = ch.guest();
+        g.write(&raw::connect(&format!("vm-{i:03}"), 0));
+        guests.push(g);
+    }
+    dom0.proc.wait_log_count("session up", VMS);
+    let rss_sessions = dom0.proc.rss_kb();
+    let pid = dom0.proc.pid();
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(IDLE);
+    let ticks = cpu_ticks(pid) - t0;
+    let hz = 100.0; // USER_HZ on Linux
+    println!("== {kind:?} broker: {VMS} idle VM links");
+    println!(
+        "dom0-broker RSS: {rss0} KiB alone, {rss_linked} KiB with {VMS} links attached, {rss_sessions} KiB with {VMS} sessions up"
+    );
+    println!(
+        "per link: {:.1} KiB attached, {:.1} KiB with its session{}",
+        (rss_linked.saturating_sub(rss0)) as f64 / VMS as f64,
+        (rss_sessions.saturating_sub(rss0)) as f64 / VMS as f64,
+        if kind == BrokerKind::Embedded {
+            " (rumqttd's per-connection state included)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "CPU while idle for {} s: {ticks} ticks = {:.2} % of one core",
+        IDLE.as_secs(),
+        ticks as f64 / hz / IDLE.as_secs_f64() * 100.0
+    );
+    drop(guests);
+}
