@@ -404,3 +404,43 @@ fn a_guest_that_does_not_read_is_dropped_alone() {
     let _ = flood.wait();
     assert!(!dom0.log().contains("dropping its session vm=sys-usb"));
 }
+
+/// A bad config or an unreachable broker: one line naming the problem, exit 64 / 69.
+#[test]
+fn bad_config_and_unreachable_broker_exit_cleanly() {
+    let dir = TestDir::new("exitcodes");
+    let conf = dir.join("bad.toml");
+    std::fs::write(&conf, "listen = \"127.0.0.1:1\"\nlimits = 5\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(crate::support::bin("dom0-broker"))
+            .arg("run")
+            .arg("--socket-dir")
+            .arg(&dir.path)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let conf_arg = conf.display().to_string();
+    let (code, err) = run(&["--config", &conf_arg]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.starts_with(&format!("dom0-broker: {conf_arg}:")) && err.lines().count() == 1,
+        "{err}"
+    );
+    let (code, err) = run(&["--listen", "0.0.0.0:1883"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("not loopback"), "{err}");
+    let port = crate::support::free_port();
+    let (code, err) = run(&["--broker", &format!("mqtt://127.0.0.1:{port}")]);
+    assert_eq!(code, Some(69), "{err}");
+    assert!(
+        err.contains("unreachable") && err.lines().count() == 1,
+        "{err}"
+    );
+    let (code, err) = run(&["--broker", "http://x"]);
+    assert_eq!(code, Some(64), "{err}");
+}
