@@ -153,10 +153,9 @@ fn resync_mosquitto() {
 
 /// A socket created after start is linked; removed and re-created, it is linked again; a backend
 /// that refuses connections is retried with a growing delay, not in a busy loop.
-#[test]
-fn vm_lifecycle() {
+fn vm_lifecycle(kind: BrokerKind) {
     let dir = TestDir::new("lifecycle");
-    let dom0 = Dom0::start(&dir, BrokerKind::Embedded, &[]);
+    let dom0 = Dom0::start(&dir, kind, &[]);
 
     let ch = Channel::new(&dir.path, "vm-gui");
     dom0.proc.wait_log("attached to channel vm=vm-gui");
@@ -197,6 +196,16 @@ fn vm_lifecycle() {
     dom0.proc.wait_log("attached to channel vm=sys-usb");
 }
 
+#[test]
+fn vm_lifecycle_embedded() {
+    vm_lifecycle(BrokerKind::Embedded);
+}
+
+#[test]
+fn vm_lifecycle_mosquitto() {
+    vm_lifecycle(BrokerKind::Mosquitto);
+}
+
 /// Seconds within the day of a tracing timestamp (`2026-11-22T02:39:08.949404Z ...`).
 fn timestamp_secs(line: &str) -> f64 {
     let t = &line[11..26];
@@ -235,10 +244,9 @@ fn broker_restart() {
 
 /// Dom0 restarts under a guest that believes its session alive: the attach signal makes it
 /// reconnect at once, without waiting for its keepalive to expire.
-#[test]
-fn dom0_restart_tells_guests_to_reconnect() {
+fn dom0_restart_tells_guests_to_reconnect(kind: BrokerKind) {
     let dir = TestDir::new("dom0restart");
-    let mut dom0 = Dom0::start(&dir, BrokerKind::Embedded, &[]);
+    let mut dom0 = Dom0::start(&dir, kind, &[]);
     let ch = Channel::new(&dir.path, "vm-gui");
     ch.consume_attach_signal();
     let mut g = ch.guest();
@@ -247,10 +255,20 @@ fn dom0_restart_tells_guests_to_reconnect() {
         0
     );
     let from = g.seen.len();
-    dom0.restart(&dir, BrokerKind::Embedded, &[]);
+    dom0.restart(&dir, kind, &[]);
     g.read_until("the attach signal", DEADLINE, |b| {
         b[from..].windows(2).any(|w| w == raw::DISCONNECT)
     });
+}
+
+#[test]
+fn dom0_restart_tells_guests_to_reconnect_embedded() {
+    dom0_restart_tells_guests_to_reconnect(BrokerKind::Embedded);
+}
+
+#[test]
+fn dom0_restart_tells_guests_to_reconnect_mosquitto() {
+    dom0_restart_tells_guests_to_reconnect(BrokerKind::Mosquitto);
 }
 
 /// SIGTERM stops the service, leaving no operator socket behind.
@@ -281,10 +299,9 @@ fn sigterm_stops_cleanly() {
 }
 
 /// Component discovery answered with the linked VMs, to a Dom0 client and to a guest.
-#[test]
-fn discover_lists_linked_vms() {
+fn discover_lists_linked_vms(kind: BrokerKind) {
     let dir = TestDir::new("discover");
-    let dom0 = Dom0::start(&dir, BrokerKind::Embedded, &[]);
+    let dom0 = Dom0::start(&dir, kind, &[]);
     let gui = Channel::new(&dir.path, "vm-gui");
     let _usb = Channel::new(&dir.path, "sys-usb");
     dom0.proc.wait_log("attached to channel vm=sys-usb");
@@ -320,10 +337,19 @@ fn discover_lists_linked_vms() {
     assert!(String::from_utf8_lossy(&got).contains("\"id\":\"sys-usb\""));
 }
 
+#[test]
+fn discover_lists_linked_vms_embedded() {
+    discover_lists_linked_vms(BrokerKind::Embedded);
+}
+
+#[test]
+fn discover_lists_linked_vms_mosquitto() {
+    discover_lists_linked_vms(BrokerKind::Mosquitto);
+}
+
 /// A guest that never reads while Dom0 floods its topic is dropped alone; another VM's round trip
 /// keeps working during the flood.
-#[test]
-fn a_guest_that_does_not_read_is_dropped_alone() {
+fn a_guest_that_does_not_read_is_dropped_alone(kind: BrokerKind) {
     let dir = TestDir::new("isolation");
     let conf = dir.join("dom0.toml");
     std::fs::write(
@@ -332,7 +358,7 @@ fn a_guest_that_does_not_read_is_dropped_alone() {
     )
     .unwrap();
     let conf_arg = conf.display().to_string();
-    let dom0 = Dom0::start(&dir, BrokerKind::Embedded, &["--config", &conf_arg]);
+    let dom0 = Dom0::start(&dir, kind, &["--config", &conf_arg]);
 
     // vm-gui subscribes to the notifications, then never reads its tty again.
     let gui = Channel::new(&dir.path, "vm-gui");
@@ -403,6 +429,16 @@ fn a_guest_that_does_not_read_is_dropped_alone() {
     writer.join().unwrap();
     let _ = flood.wait();
     assert!(!dom0.log().contains("dropping its session vm=sys-usb"));
+}
+
+#[test]
+fn a_guest_that_does_not_read_is_dropped_alone_embedded() {
+    a_guest_that_does_not_read_is_dropped_alone(BrokerKind::Embedded);
+}
+
+#[test]
+fn a_guest_that_does_not_read_is_dropped_alone_mosquitto() {
+    a_guest_that_does_not_read_is_dropped_alone(BrokerKind::Mosquitto);
 }
 
 /// A bad config or an unreachable broker: one line naming the problem, exit 64 / 69.
