@@ -12,6 +12,18 @@ mod channel;
 /// Deadline used by the channel module's waiting helpers.
 const DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// Waits for a condition (used by the channel module's helpers).
+fn wait_for(what: &str, timeout: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::park_timeout(std::time::Duration::from_millis(20));
+    }
+}
+
 use std::path::PathBuf;
 
 fn main() {

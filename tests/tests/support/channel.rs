@@ -192,6 +192,34 @@ impl Channel {
     }
 }
 
+/// Round trips through a simulated channel alone (guest tty → backend socket → guest tty, 40
+/// bytes each way): the simulator's own share of any chain measured through it. Sorted samples.
+pub fn round_trip_samples(dir: &Path, n: usize) -> Vec<Duration> {
+    let ch = Channel::new(dir, "vm-simcost");
+    let mut dom0 = UnixStream::connect(&ch.socket).expect("connect to the simulated backend");
+    super::wait_for("the backend's client", super::DEADLINE, || ch.has_client());
+    let mut guest = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&ch.tty)
+        .expect("open tty");
+    let msg = [0x30u8; 40];
+    let mut buf = [0u8; 40];
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let t0 = Instant::now();
+        guest.write_all(&msg).expect("guest write");
+        dom0.read_exact(&mut buf).expect("backend read");
+        dom0.write_all(&msg).expect("backend write");
+        guest.read_exact(&mut buf).expect("guest read");
+        if i >= n / 10 {
+            samples.push(t0.elapsed());
+        }
+    }
+    samples.sort();
+    samples
+}
+
 impl Drop for Channel {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
