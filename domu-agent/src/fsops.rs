@@ -116,21 +116,8 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// SHA-256 of everything `r` yields, streaming; returns (hex, bytes read).
-pub fn sha256<R: Read>(mut r: R) -> io::Result<(String, u64)> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut total = 0u64;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        h.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((hex(&h.finalize()), total))
+pub fn sha256<R: Read>(r: R) -> io::Result<(String, u64)> {
+    copy_hashing(r, &mut io::sink())
 }
 
 /// The footprint of a file on a disk.
@@ -141,11 +128,21 @@ pub fn footprint(dir: &Dir, rel: &Path) -> Result<String, FsError> {
         .map_err(|e| FsError::from_io(rel, e))
 }
 
-/// Lists a disk recursively, folders first in each directory, at most `max` entries.
-/// Symlinks, special files and the agent's transfer files are not listed. Returns (entries, truncated).
-pub fn list(dir: &Dir, max: usize) -> io::Result<(Vec<FileEntry>, bool)> {
+/// What [`walk`] does after visiting an entry.
+enum Visit {
+    Next,
+    /// The entry is a folder to walk into.
+    Descend,
+    Stop,
+}
+
+/// Walks the folders under `dir` (at most 64 deep; symlinks are never followed into), calling
+/// `visit(folder, its path, entry)` for each entry, in name order within a folder.
+fn walk(
+    dir: &Dir,
+    mut visit: impl FnMut(&Dir, &Path, &cap_std::fs::DirEntry) -> Visit,
+) -> io::Result<()> {
     const MAX_DEPTH: usize = 64;
-    let mut out = Vec::new();
     let mut stack: Vec<(PathBuf, usize)> = vec![(PathBuf::new(), 0)];
     while let Some((rel, depth)) = stack.pop() {
         let sub;
@@ -162,43 +159,60 @@ pub fn list(dir: &Dir, max: usize) -> io::Result<(Vec<FileEntry>, bool)> {
         };
         let mut entries: Vec<_> = d.entries()?.filter_map(Result::ok).collect();
         entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let name = e.file_name();
-            let Some(name_str) = name.to_str() else {
-                continue;
-            };
-            if paths::is_part_file(name_str) {
-                continue;
-            }
-            let Ok(ft) = e.file_type() else { continue };
-            let path = rel.join(&name);
-            let kind = if ft.is_dir() {
-                FileKind::Folder
-            } else if ft.is_file() {
-                FileKind::File
-            } else {
-                continue;
-            };
-            if out.len() >= max {
-                return Ok((out, true));
-            }
-            let size = if ft.is_file() {
-                e.metadata().map(|m| m.len()).unwrap_or(0)
-            } else {
-                0
-            };
-            out.push(FileEntry {
-                path: path.display().to_string(),
-                size,
-                name: name_str.to_owned(),
-                kind,
-            });
-            if ft.is_dir() && depth + 1 < MAX_DEPTH {
-                stack.push((path, depth + 1));
+        for e in &entries {
+            match visit(d, &rel, e) {
+                Visit::Next => {}
+                Visit::Descend if depth + 1 < MAX_DEPTH => {
+                    stack.push((rel.join(e.file_name()), depth + 1))
+                }
+                Visit::Descend => {}
+                Visit::Stop => return Ok(()),
             }
         }
     }
-    Ok((out, false))
+    Ok(())
+}
+
+/// Lists a disk recursively, at most `max` entries. Symlinks, special files and the agent's
+/// transfer files are not listed. Returns (entries, truncated).
+pub fn list(dir: &Dir, max: usize) -> io::Result<(Vec<FileEntry>, bool)> {
+    let mut out = Vec::new();
+    let mut truncated = false;
+    walk(dir, |_, rel, e| {
+        let name = e.file_name();
+        let Some(name_str) = name.to_str().filter(|n| !paths::is_part_file(n)) else {
+            return Visit::Next;
+        };
+        let Ok(ft) = e.file_type() else {
+            return Visit::Next;
+        };
+        let kind = match (ft.is_dir(), ft.is_file()) {
+            (true, _) => FileKind::Folder,
+            (_, true) => FileKind::File,
+            _ => return Visit::Next,
+        };
+        if out.len() >= max {
+            truncated = true;
+            return Visit::Stop;
+        }
+        let size = if ft.is_file() {
+            e.metadata().map(|m| m.len()).unwrap_or(0)
+        } else {
+            0
+        };
+        out.push(FileEntry {
+            path: rel.join(&name).display().to_string(),
+            size,
+            name: name_str.to_owned(),
+            kind,
+        });
+        if ft.is_dir() {
+            Visit::Descend
+        } else {
+            Visit::Next
+        }
+    })?;
+    Ok((out, truncated))
 }
 
 /// Removes a regular file from a disk. Folders, special files and symlinks are refused.
@@ -353,8 +367,8 @@ fn write_via_part_file<T>(
     }
 }
 
-/// Streams `src` into `dst` and returns the SHA-256 of what was read.
-pub fn copy_hashing<R: Read>(mut src: R, dst: &mut std::fs::File) -> io::Result<(String, u64)> {
+/// Streams `src` into `dst` and returns the SHA-256 of what was read, and its size.
+pub fn copy_hashing<R: Read, W: Write>(mut src: R, dst: &mut W) -> io::Result<(String, u64)> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
@@ -401,32 +415,16 @@ pub fn copy_verified(
 /// O_TMPFILE). Returns how many were removed.
 pub fn remove_part_files(dir: &Dir) -> usize {
     let mut removed = 0;
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let sub;
-        let d = if rel.as_os_str().is_empty() {
-            dir
-        } else {
-            match dir.open_dir(&rel) {
-                Ok(s) => {
-                    sub = s;
-                    &sub
-                }
-                Err(_) => continue,
-            }
-        };
-        let Ok(entries) = d.entries() else { continue };
-        for e in entries.filter_map(Result::ok) {
-            let name = e.file_name();
-            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-            if is_dir {
-                stack.push(rel.join(&name));
-            } else if name.to_str().is_some_and(paths::is_part_file) && d.remove_file(&name).is_ok()
-            {
-                removed += 1;
-            }
+    let _ = walk(dir, |d, _, e| {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            return Visit::Descend;
         }
-    }
+        let name = e.file_name();
+        if name.to_str().is_some_and(paths::is_part_file) && d.remove_file(&name).is_ok() {
+            removed += 1;
+        }
+        Visit::Next
+    });
     removed
 }
 

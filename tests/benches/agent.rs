@@ -13,34 +13,16 @@
 mod support;
 
 use std::fs::File;
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::bench::{guest, tcp};
 use support::channel::Channel;
 use support::raw::RawClient;
 use support::{Agent, BrokerKind, Dom0, TestDir};
 
 const ROUND_TRIPS: usize = 1000;
-
-fn tcp(port: u16, id: &str) -> RawClient<TcpStream> {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_nodelay(true).unwrap();
-    RawClient::connect_with(s, id, |s| {
-        let _ = socket2::SockRef::from(s).set_quickack(true);
-    })
-}
-
-fn guest(ch: &Channel, id: &str) -> RawClient<File> {
-    support::wait_for("the link to attach", support::DEADLINE, || ch.has_client());
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&ch.tty)
-        .unwrap();
-    RawClient::connect(f, id)
-}
 
 struct Stats {
     p50: f64,
@@ -80,11 +62,7 @@ fn ask<S: std::io::Read + std::io::Write>(
 }
 
 fn main() {
-    let kinds: Vec<BrokerKind> = match std::env::args().nth(1).as_deref() {
-        Some("--mosquitto") => vec![BrokerKind::Mosquitto],
-        Some("--embedded") => vec![BrokerKind::Embedded],
-        _ => vec![BrokerKind::Embedded, BrokerKind::Mosquitto],
-    };
+    let kinds = support::bench::kinds_from_args();
     for kind in kinds {
         run(kind);
     }
@@ -103,19 +81,7 @@ fn run(kind: BrokerKind) {
     let d = disks.display().to_string();
     let usb = Agent::start(&dir, &usb_ch, "sys-usb", &["--disks", &d]);
     dom0.proc.wait_log("session up vm=sys-usb");
-    let broker_port = match kind {
-        BrokerKind::Embedded => {
-            let log = dom0.log();
-            let at = log.find("internal=127.0.0.1:").unwrap() + 19;
-            log[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        }
-        BrokerKind::Mosquitto => dom0.port,
-    };
+    let broker_port = support::bench::broker_port(&dom0, kind);
 
     println!("== {kind:?} broker: request → response, {ROUND_TRIPS} sequential round trips, QoS 1");
     // (a) Direct: a requester and a responder, both clients of the broker.

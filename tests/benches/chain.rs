@@ -9,12 +9,12 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::fs::File;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use support::bench::{guest, tcp, tcp_plain};
 use support::channel::Channel;
 use support::raw::{self, RawClient};
 use support::{BrokerKind, Dom0, TestDir};
@@ -26,34 +26,6 @@ const NOTIFY: &str = "system/disk/new_file/notification";
 const ERRORS: &str = "system/events/error/notification";
 const ROUND_TRIPS: usize = 2000;
 const MESSAGES: u64 = 200_000;
-
-/// A Dom0 client done right: TCP_NODELAY, and TCP_QUICKACK re-armed after every read so that a
-/// broker without TCP_NODELAY (rumqttd) never holds a write for our delayed ACK.
-fn tcp(port: u16, id: &str) -> RawClient<TcpStream> {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_nodelay(true).unwrap();
-    RawClient::connect_with(s, id, |s| {
-        let _ = socket2::SockRef::from(s).set_quickack(true);
-    })
-}
-
-/// A plain client (TCP_NODELAY only), like mosquitto_pub/sub.
-fn tcp_plain(port: u16, id: &str) -> RawClient<TcpStream> {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_nodelay(true).unwrap();
-    RawClient::connect(s, id)
-}
-
-fn guest(ch: &Channel, id: &str) -> RawClient<File> {
-    // Until the backend has its Dom0 client, what the guest writes is dropped (as on Xen).
-    support::wait_for("the link to attach", support::DEADLINE, || ch.has_client());
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&ch.tty)
-        .unwrap();
-    RawClient::connect(f, id)
-}
 
 /// A responder that answers every request of `command` on its response topic.
 fn responder<S: std::io::Read + std::io::Write + Send + 'static>(
@@ -150,11 +122,7 @@ where
 }
 
 fn main() {
-    let kinds: Vec<BrokerKind> = match std::env::args().nth(1).as_deref() {
-        Some("--mosquitto") => vec![BrokerKind::Mosquitto],
-        Some("--embedded") => vec![BrokerKind::Embedded],
-        _ => vec![BrokerKind::Embedded, BrokerKind::Mosquitto],
-    };
+    let kinds = support::bench::kinds_from_args();
     for kind in kinds {
         run(kind);
     }
@@ -174,24 +142,7 @@ fn run(kind: BrokerKind) {
     let ch = Channel::new(&dir.path, "sys-usb");
     dom0.proc.wait_log("attached to channel vm=sys-usb");
 
-    // The broker's own port: for the embedded broker, rumqttd's private port (Dom0 clients normally
-    // go through dom0-broker's relay on --listen); for Mosquitto, its listener.
-    let broker_port = match kind {
-        BrokerKind::Embedded => {
-            let log = dom0.log();
-            let at = log
-                .find("internal=127.0.0.1:")
-                .expect("internal broker port in the log")
-                + 19;
-            log[at..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        }
-        BrokerKind::Mosquitto => dom0.port,
-    };
+    let broker_port = support::bench::broker_port(&dom0, kind);
 
     println!("== {kind:?} broker: request → response, {ROUND_TRIPS} sequential round trips, QoS 1");
     // (a) both clients talk to the broker directly.

@@ -27,11 +27,7 @@ fn cpu_ticks(pid: i32) -> u64 {
 }
 
 fn main() {
-    let kinds: Vec<BrokerKind> = match std::env::args().nth(1).as_deref() {
-        Some("--mosquitto") => vec![BrokerKind::Mosquitto],
-        Some("--embedded") => vec![BrokerKind::Embedded],
-        _ => vec![BrokerKind::Embedded, BrokerKind::Mosquitto],
-    };
+    let kinds = support::bench::kinds_from_args();
     for kind in kinds {
         run(kind);
     }

@@ -3,6 +3,7 @@
 //! Support for the system tests: fresh directories, the built binaries, Debian's mosquitto tools,
 //! free ports, and waiting on conditions with deadlines (never on time alone).
 
+pub mod bench;
 pub mod channel;
 pub mod guest;
 pub mod raw;

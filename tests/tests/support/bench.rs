@@ -1,0 +1,67 @@
+//! Helpers shared by the benchmarks (`tests/benches/*.rs`).
+
+use std::fs::File;
+use std::net::TcpStream;
+
+use super::channel::Channel;
+use super::raw::RawClient;
+use super::{BrokerKind, DEADLINE, Dom0, wait_for};
+
+/// The brokers to measure: `--embedded`, `--mosquitto`, or both.
+pub fn kinds_from_args() -> Vec<BrokerKind> {
+    match std::env::args().nth(1).as_deref() {
+        Some("--mosquitto") => vec![BrokerKind::Mosquitto],
+        Some("--embedded") => vec![BrokerKind::Embedded],
+        _ => vec![BrokerKind::Embedded, BrokerKind::Mosquitto],
+    }
+}
+
+/// A Dom0 client done right: TCP_NODELAY, and TCP_QUICKACK re-armed after every read so that a
+/// broker without TCP_NODELAY (rumqttd) never holds a write for our delayed ACK.
+pub fn tcp(port: u16, id: &str) -> RawClient<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_nodelay(true).unwrap();
+    RawClient::connect_with(s, id, |s| {
+        let _ = socket2::SockRef::from(s).set_quickack(true);
+    })
+}
+
+/// A plain client (TCP_NODELAY only), like mosquitto_pub/sub.
+pub fn tcp_plain(port: u16, id: &str) -> RawClient<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_nodelay(true).unwrap();
+    RawClient::connect(s, id)
+}
+
+/// An MQTT client in a guest, on its channel tty.
+pub fn guest(ch: &Channel, id: &str) -> RawClient<File> {
+    // Until the backend has its Dom0 client, what the guest writes is dropped (as on Xen).
+    wait_for("the link to attach", DEADLINE, || ch.has_client());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&ch.tty)
+        .unwrap();
+    RawClient::connect(f, id)
+}
+
+/// The broker's own port: rumqttd's private port for the embedded broker (Dom0 clients normally
+/// go through dom0-broker's relay on --listen), Mosquitto's listener otherwise.
+pub fn broker_port(dom0: &Dom0, kind: BrokerKind) -> u16 {
+    match kind {
+        BrokerKind::Embedded => {
+            let log = dom0.log();
+            let at = log
+                .find("internal=127.0.0.1:")
+                .expect("internal broker port in the log")
+                + 19;
+            log[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        }
+        BrokerKind::Mosquitto => dom0.port,
+    }
+}
