@@ -853,3 +853,55 @@ fn has_unnamed_file(pid: i32) -> bool {
             })
         })
 }
+
+/// The agent waits for a device that is not there yet (never exits), and when Dom0 stops
+/// answering its pings it reconnects (a new CONNECT), without restarting.
+#[test]
+fn agent_waits_for_its_device_and_notices_a_dead_link() {
+    use std::io::{Read, Write};
+    let dir = TestDir::new("liveness");
+    let ch = Channel::new(&dir.path, "vm-gui");
+    let link = dir.join("hvc-later");
+    let mut cmd = Command::new(crate::support::bin("domu-agent"));
+    cmd.args(["run", "--vm", "vm-gui", "--keepalive", "1", "--device"])
+        .arg(&link)
+        .env("RUST_LOG", "debug");
+    let mut agent = Proc::spawn("domu-agent", &dir, &mut cmd);
+    agent.wait_log("channel not available yet; waiting");
+    assert!(
+        agent.is_running(),
+        "the agent does not exit while its channel is absent"
+    );
+
+    // A fake Dom0 on the backend socket: it accepts the session, then never answers a ping.
+    let mut dom0 = std::os::unix::net::UnixStream::connect(&ch.socket).unwrap();
+    wait_for("the backend's client", DEADLINE, || ch.has_client());
+    std::os::unix::fs::symlink(&ch.tty, &link).unwrap();
+    agent.wait_log("channel opened");
+    let mut seen = Vec::new();
+    dom0.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+        .unwrap();
+    let read_until = |dom0: &mut std::os::unix::net::UnixStream,
+                      seen: &mut Vec<u8>,
+                      pred: &dyn Fn(&[u8]) -> bool| {
+        let mut buf = [0u8; 4096];
+        wait_for("bytes from the agent", DEADLINE, || {
+            if let Ok(n) = dom0.read(&mut buf) {
+                seen.extend_from_slice(&buf[..n]);
+            }
+            pred(seen)
+        });
+    };
+    let connects = |b: &[u8]| b.windows(6).filter(|w| w == b"\x00\x04MQTT").count();
+    read_until(&mut dom0, &mut seen, &|b| connects(b) >= 1);
+    dom0.write_all(b"\x20\x02\x00\x00").unwrap();
+    agent.wait_log("session up");
+    // PINGREQs go unanswered; after a keepalive without PINGRESP the agent connects again.
+    read_until(&mut dom0, &mut seen, &|b| connects(b) >= 2);
+    agent.wait_log("no PINGRESP from Dom0; reconnecting");
+    assert!(
+        seen.windows(2).any(|w| w == [0xC0, 0x00]),
+        "the agent pinged"
+    );
+    assert!(agent.is_running());
+}
