@@ -9,8 +9,8 @@ use rumqttc::{
 };
 use tokio::sync::{mpsc, watch};
 use topics::payload::{
-    self, Component, CountersReply, DiscoverReply, ErrorBody, ErrorCode, ErrorEvent, LinkEvent,
-    NoArgs, Response, level,
+    self, BenchmarkArgs, BenchmarkReply, Component, CountersReply, DiscoverReply, ErrorBody,
+    ErrorCode, ErrorEvent, LinkEvent, NoArgs, Response, Status, level,
 };
 use topics::topic::{Command, Notification, Topic};
 use topics::vm::VmId;
@@ -32,6 +32,91 @@ const SERVED: [Command; 2] = [Command::Discover, Command::SupervisionCounters];
 
 /// A reply to publish: topic and payload.
 type Reply = (String, Vec<u8>);
+
+/// Dom0's `messaging` benchmark: round trips controller → broker → controller on a topic that no
+/// VM may publish or read.
+pub const BENCH_TOPIC: &str = "system/supervision/bench/dom0";
+const BENCH_SAMPLES: usize = 100;
+
+/// A running benchmark.
+#[derive(Debug)]
+struct Bench {
+    reply_topic: String,
+    request_id: Option<topics::RequestId>,
+    sent: std::time::Instant,
+    samples: Vec<Duration>,
+}
+
+impl Bench {
+    /// The `finished` response.
+    fn finish(mut self) -> Reply {
+        self.samples.sort();
+        let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
+        let n = self.samples.len();
+        let figures = [
+            (
+                "round_trip_p50_us".to_owned(),
+                self.samples.get(n / 2).map_or(0.0, |d| us(*d)),
+            ),
+            (
+                "round_trip_p99_us".to_owned(),
+                self.samples.get(n * 99 / 100).map_or(0.0, |d| us(*d)),
+            ),
+            ("samples".to_owned(), n as f64),
+        ]
+        .into();
+        let body = BenchmarkReply {
+            module: "messaging".into(),
+            figures,
+        };
+        (
+            self.reply_topic,
+            Response::with_status(self.request_id, Status::Finished, body).to_json(),
+        )
+    }
+}
+
+/// What a benchmark request asks of Dom0: (reply topic, immediate answer, start the measurement?).
+fn bench_request(payload: &[u8]) -> Option<(String, Vec<u8>, Option<Bench>)> {
+    let request = match payload::decode_request::<BenchmarkArgs>(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "benchmark request without a valid envelope; cannot answer");
+            return None;
+        }
+    };
+    let reply_topic = Command::Benchmark.response_topic(&request.sender);
+    match request.args.module.as_str() {
+        "messaging" => {
+            let started = BenchmarkReply {
+                module: "messaging".into(),
+                figures: Default::default(),
+            };
+            let body = Response::with_status(request.request_id.clone(), Status::Started, started)
+                .to_json();
+            let bench = Bench {
+                reply_topic: reply_topic.clone(),
+                request_id: request.request_id,
+                sent: std::time::Instant::now(),
+                samples: Vec::with_capacity(BENCH_SAMPLES),
+            };
+            Some((reply_topic, body, Some(bench)))
+        }
+        // Dom0 has no disks; the agents that have answer.
+        "disks" => None,
+        other => {
+            let e = ErrorBody::new(
+                ErrorCode::Unsupported,
+                format!("unknown module {other:?} (messaging, disks)"),
+            );
+            Some((
+                reply_topic,
+                Response::<NoArgs>::error(request.request_id, e).to_json(),
+                None,
+            ))
+        }
+    }
+}
 
 /// Answers one request. Pure apart from reading the supervision registry.
 pub fn answer(topic: &str, payload: &[u8], supervision: &Supervision) -> Option<Reply> {
@@ -134,6 +219,7 @@ pub async fn run(
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
     let mut connected = false;
+    let mut bench: Option<Bench> = None;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -141,14 +227,47 @@ pub async fn run(
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     connected = true;
                     tracing::info!(broker = %broker, "controller connected");
-                    for c in SERVED {
-                        if let Err(e) = client.try_subscribe(c.request_topic(), QoS::AtLeastOnce) {
+                    let topics = SERVED.iter().map(|c| c.request_topic())
+                        .chain([Command::Benchmark.request_topic(), BENCH_TOPIC.to_owned()]);
+                    for t in topics {
+                        if let Err(e) = client.try_subscribe(t, QoS::AtLeastOnce) {
                             tracing::warn!(error = %e, "controller subscribe failed");
                         }
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    if let Some((topic, body)) = answer(&p.topic, &p.payload, &supervision) {
+                    let mut replies = Vec::new();
+                    if p.topic == BENCH_TOPIC {
+                        if let Some(b) = bench.as_mut() {
+                            b.samples.push(b.sent.elapsed());
+                            if b.samples.len() < BENCH_SAMPLES {
+                                b.sent = std::time::Instant::now();
+                                let _ = client.try_publish(BENCH_TOPIC, QoS::AtMostOnce, false, "probe");
+                            } else if let Some(done) = bench.take() {
+                                replies.push(done.finish());
+                            }
+                        }
+                    } else if p.topic == Command::Benchmark.request_topic() {
+                        if let Some((topic, body, start)) = bench_request(&p.payload) {
+                            match (start, bench.is_some()) {
+                                (Some(_), true) => {
+                                    let e = ErrorBody::new(ErrorCode::Busy, "a benchmark is already running");
+                                    let rid = payload::decode_envelope(&p.payload).ok().and_then(|e| e.request_id);
+                                    replies.push((topic, Response::<NoArgs>::error(rid, e).to_json()));
+                                }
+                                (Some(mut b), false) => {
+                                    replies.push((topic, body));
+                                    b.sent = std::time::Instant::now();
+                                    let _ = client.try_publish(BENCH_TOPIC, QoS::AtMostOnce, false, "probe");
+                                    bench = Some(b);
+                                }
+                                (None, _) => replies.push((topic, body)),
+                            }
+                        }
+                    } else if let Some(reply) = answer(&p.topic, &p.payload, &supervision) {
+                        replies.push(reply);
+                    }
+                    for (topic, body) in replies {
                         if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, body) {
                             tracing::warn!(error = %e, "controller reply dropped");
                         }
@@ -166,6 +285,18 @@ pub async fn run(
                     }
                 }
             },
+            _ = async {
+                match &bench {
+                    Some(b) => tokio::time::sleep_until((b.sent + Duration::from_secs(5)).into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // A probe was lost (QoS 0): report instead of hanging the benchmark.
+                if let Some(b) = bench.take() {
+                    let e = ErrorBody::new(ErrorCode::Timeout, "a benchmark probe did not come back within 5 s");
+                    let _ = client.try_publish(b.reply_topic, QoS::AtLeastOnce, false, Response::<NoArgs>::error(b.request_id, e).to_json());
+                }
+            }
             Some(event) = events.recv() => {
                 if connected {
                     let (topic, body) = notification(&event);
@@ -206,6 +337,28 @@ mod tests {
             .map(|c| c.id)
             .collect();
         assert_eq!(ids, ["dom0", "sys-usb", "vm-gui"]);
+    }
+
+    #[test]
+    fn benchmark_requests() {
+        let (topic, body, bench) =
+            bench_request(br#"{"sender":"vm-gui","request_id":"b1","module":"messaging"}"#)
+                .unwrap();
+        assert_eq!(topic, "system/misc/benchmark/response/vm-gui");
+        assert!(String::from_utf8_lossy(&body).contains("\"started\""));
+        let mut b = bench.unwrap();
+        b.samples = vec![Duration::from_micros(100); BENCH_SAMPLES];
+        let (_, done) = b.finish();
+        let r: Response<BenchmarkReply> = payload::decode_response(&done).unwrap();
+        assert_eq!(r.status, Status::Finished);
+        assert_eq!(r.result.unwrap().figures["round_trip_p50_us"], 100.0);
+        assert!(
+            bench_request(br#"{"sender":"vm-gui","module":"disks"}"#).is_none(),
+            "Dom0 has no disks"
+        );
+        let (_, body, bench) = bench_request(br#"{"sender":"vm-gui","module":"gpu"}"#).unwrap();
+        assert!(bench.is_none() && String::from_utf8_lossy(&body).contains("unsupported"));
+        assert!(bench_request(b"{}").is_none());
     }
 
     #[test]

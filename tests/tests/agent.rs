@@ -207,18 +207,22 @@ fn dictionary_from_dom0(kind: BrokerKind) {
         );
     }
 
-    // Every agent answers benchmarks: started, then finished with figures, on the same topic.
+    // Every agent and Dom0 answer benchmarks: started, then finished with figures, on the same topic.
     s.dom0.publish(
         "system/misc/benchmark/request",
         r#"{"sender":"dom0","request_id":"d9","module":"messaging"}"#,
     );
-    wait_for("both agents' benchmark results", DEADLINE, || {
-        sub.output()
-            .lines()
-            .filter(|l| l.contains("\"d9\"") && l.contains("\"finished\""))
-            .count()
-            >= 2
-    });
+    wait_for(
+        "the benchmark results of both agents and Dom0",
+        DEADLINE,
+        || {
+            sub.output()
+                .lines()
+                .filter(|l| l.contains("\"d9\"") && l.contains("\"finished\""))
+                .count()
+                >= 3
+        },
+    );
     let lines: Vec<Value> = sub
         .output()
         .lines()
@@ -228,7 +232,7 @@ fn dictionary_from_dom0(kind: BrokerKind) {
         .collect();
     assert_eq!(
         lines.iter().filter(|v| v["status"] == "started").count(),
-        2,
+        3,
         "{lines:?}"
     );
     for v in lines.iter().filter(|v| v["status"] == "finished") {

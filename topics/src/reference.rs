@@ -16,7 +16,9 @@ use crate::vm::VmId;
 /// Who serves a command.
 fn served_by(c: Command) -> &'static str {
     match c {
-        Command::Benchmark => "every agent (`disks`: agents with disks)",
+        Command::Benchmark => {
+            "every agent and the Dom0 controller (`disks`: agents with disks only)"
+        }
         Command::Discover => "every agent, Dom0 controller",
         Command::SupervisionCounters => "Dom0 controller",
         _ => "sys-usb agent (disk provider)",
