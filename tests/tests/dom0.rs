@@ -480,3 +480,33 @@ fn bad_config_and_unreachable_broker_exit_cleanly() {
     let (code, err) = run(&["--broker", "http://x"]);
     assert_eq!(code, Some(64), "{err}");
 }
+
+/// A guest CONNECT with keepalive 0 (legal MQTT, used by PSEC guests, refused by rumqttd) gets a
+/// working session with either broker.
+fn keepalive_zero(kind: BrokerKind) {
+    let dir = TestDir::new("keepalive0");
+    let dom0 = Dom0::start(&dir, kind, &[]);
+    let ch = Channel::new(&dir.path, "vm-gui");
+    ch.consume_attach_signal();
+    let mut g = ch.guest();
+    assert_eq!(raw::connect_until_connack(&mut g, "vm-gui", 0, DEADLINE), 0);
+    let from = g.seen.len();
+    g.write(&raw::subscribe(1, RESPONSE, 0));
+    g.read_until("SUBACK", DEADLINE, |b| {
+        raw::packets(&b[from..]).iter().any(|(t, _)| *t == 0x90)
+    });
+    dom0.publish(RESPONSE, r#"{"status":"ok","k":0}"#);
+    g.read_until("the publish", DEADLINE, |b| {
+        String::from_utf8_lossy(b).contains("\"k\":0")
+    });
+}
+
+#[test]
+fn keepalive_zero_embedded() {
+    keepalive_zero(BrokerKind::Embedded);
+}
+
+#[test]
+fn keepalive_zero_mosquitto() {
+    keepalive_zero(BrokerKind::Mosquitto);
+}
