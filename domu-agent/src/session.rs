@@ -406,6 +406,78 @@ mod tests {
         assert_eq!(find_connack(b"\x20\x02\x00"), None);
     }
 
+    /// Plays Dom0 on the master side of a pty: QoS 1 publishes not acknowledged when Dom0 says
+    /// "start over" are sent again (DUP) on the new session, after the renewed SUBSCRIBE.
+    #[tokio::test(flavor = "current_thread")]
+    async fn in_flight_publishes_survive_a_reconnect() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let slave_path = nix::unistd::ttyname(pty.slave.as_fd()).unwrap();
+        let mut master = std::fs::File::from(pty.master);
+        let cfg = SessionConfig {
+            vm: VmId::parse("vm-gui").unwrap(),
+            device: Device::Path(slave_path),
+            keepalive: Duration::from_secs(30),
+            max_packet: 1 << 20,
+            subscriptions: vec!["system/+/+/response/vm-gui".into()],
+        };
+        let (to_session, rx) = mpsc::channel(8);
+        let (tx, mut from_session) = mpsc::channel(8);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(run(cfg, rx, tx, stop_rx));
+
+        // Dom0's side, blocking, in its own thread: returns what it read, in order.
+        let dom0 = std::thread::spawn(move || {
+            let mut seen: Vec<u8> = Vec::new();
+            let wait_for =
+                |master: &mut std::fs::File, seen: &mut Vec<u8>, pat: &[u8], n: usize| {
+                    let mut buf = [0u8; 4096];
+                    while seen.windows(pat.len()).filter(|w| *w == pat).count() < n {
+                        let k = master.read(&mut buf).unwrap();
+                        seen.extend_from_slice(&buf[..k]);
+                    }
+                };
+            wait_for(&mut master, &mut seen, b"\x00\x04MQTT", 1);
+            master.write_all(b"\x20\x02\x00\x00").unwrap(); // CONNACK
+            wait_for(&mut master, &mut seen, b"request-1", 1); // the PUBLISH, left unacknowledged
+            master.write_all(b"\xe0\x00").unwrap(); // DISCONNECT: start over
+            wait_for(&mut master, &mut seen, b"\x00\x04MQTT", 2);
+            master.write_all(b"\x20\x02\x00\x00").unwrap();
+            wait_for(&mut master, &mut seen, b"request-1", 2); // sent again on the new session
+            seen
+        });
+        assert_eq!(from_session.recv().await, Some(FromSession::Connected));
+        to_session
+            .send(ToSession::Publish {
+                topic: "system/disks/list_disks/request".into(),
+                payload: Bytes::from_static(b"request-1"),
+                qos: QoS::AtLeastOnce,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            from_session.recv().await,
+            Some(FromSession::Connected),
+            "reconnected"
+        );
+        let seen = tokio::task::spawn_blocking(move || dom0.join().unwrap())
+            .await
+            .unwrap();
+        let second = seen.windows(9).rposition(|w| w == b"request-1").unwrap();
+        // Walk back to the PUBLISH's first byte: 0x3A = PUBLISH, DUP, QoS 1.
+        let topic_len = "system/disks/list_disks/request".len();
+        let start = second - 2 - 2 - topic_len - 2;
+        assert_eq!(
+            seen[start],
+            0x3A,
+            "resent with DUP at QoS 1: {:x?}",
+            &seen[start..]
+        );
+        let renewed_sub = seen.windows(8).filter(|w| *w == b"response").count();
+        assert_eq!(renewed_sub, 2, "SUBSCRIBE renewed on the second CONNACK");
+    }
+
     #[test]
     fn backoff_doubles_to_five_seconds() {
         let mut b = Backoff(Duration::from_millis(100));
