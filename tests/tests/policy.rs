@@ -303,27 +303,13 @@ fn rendered_acl_enforced_by_mosquitto() {
     let _m = start_mosquitto(&dir, port, &format!("acl_file {}", acl.display()));
     let p = port.to_string();
     let sub = |id: &str, topics: &[&str]| {
-        let mut cmd = Command::new("stdbuf");
-        cmd.args([
-            "-oL",
-            "mosquitto_sub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &p,
-            "-d",
-            "-v",
-            "-i",
-            id,
-            "-u",
-            id,
-        ]);
-        for t in topics {
-            cmd.args(["-t", t]);
-        }
-        let proc = crate::support::Proc::spawn(&format!("sub-{id}"), &dir, &mut cmd);
-        proc.wait_log("received SUBACK");
-        proc
+        crate::support::mosquitto_sub(
+            &dir,
+            &format!("sub-{id}"),
+            port,
+            &["-i", id, "-u", id],
+            topics,
+        )
     };
     // Publishers use the VM's user name with their own client id (the same client id would take
     // the subscriber's session over).

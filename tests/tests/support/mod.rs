@@ -365,29 +365,38 @@ impl Dom0 {
 
     /// A `mosquitto_sub` on Dom0 that prints `topic payload` lines; returns once it is subscribed.
     pub fn subscribe(&self, dir: &TestDir, topics: &[&str]) -> Proc {
-        // Line-buffered so the test sees each line as it is printed.
-        let mut cmd = Command::new("stdbuf");
-        cmd.args([
-            "-oL",
+        let id = format!("dom0-sub-{}", free_port());
+        mosquitto_sub(
+            dir,
             "mosquitto_sub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-d",
-            "-v",
-            "-q",
-            "1",
-            "-i",
-        ])
-        .arg(format!("dom0-sub-{}", free_port()));
-        for t in topics {
-            cmd.args(["-t", t]);
-        }
-        let p = Proc::spawn("mosquitto_sub", dir, &mut cmd);
-        p.wait_log("received SUBACK");
-        p
+            self.port,
+            &["-q", "1", "-i", &id],
+            topics,
+        )
     }
+}
+
+/// A `mosquitto_sub` on 127.0.0.1:`port` with `-d -v` and `args`, line-buffered so a test sees each
+/// line as it is printed; returns once it has its SUBACK.
+pub fn mosquitto_sub(dir: &TestDir, name: &str, port: u16, args: &[&str], topics: &[&str]) -> Proc {
+    let mut cmd = Command::new("stdbuf");
+    cmd.args([
+        "-oL",
+        "mosquitto_sub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-d",
+        "-v",
+    ])
+    .args(args);
+    for t in topics {
+        cmd.args(["-t", t]);
+    }
+    let p = Proc::spawn(name, dir, &mut cmd);
+    p.wait_log("received SUBACK");
+    p
 }
 
 /// A guest agent under test, on a simulated channel.
