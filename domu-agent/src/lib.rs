@@ -4,6 +4,7 @@
 //! Pure logic (`paths`, `config`, CONNACK resync in `session`, mount tables in `disks`) is kept
 //! apart from I/O (`tty`, `fsops`, `watch`, `local`).
 
+pub mod channel;
 pub mod config;
 pub mod disks;
 pub mod fsops;

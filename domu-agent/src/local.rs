@@ -22,7 +22,7 @@ use topics::topic::Command;
 use topics::vm::VmId;
 use topics::{ErrorBody, ErrorCode, Response};
 
-use crate::session::ToSession;
+use crate::channel::ToSession;
 
 /// Largest request line (create_file carries Base64 data).
 const MAX_LINE: u64 = 16 * 1024 * 1024;

@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use domu_agent::channel::{self, ChannelConfig, FromSession};
 use domu_agent::config::{self, ConfigError, Settings};
 use domu_agent::disks::Disks;
 use domu_agent::fsops;
 use domu_agent::local::{self, LocalRequests};
 use domu_agent::service::{self, Service};
-use domu_agent::session::{self, FromSession, SessionConfig};
+use domu_agent::session::SessionConfig;
 use domu_agent::watch::{self as announce, Announcer};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
@@ -228,15 +229,17 @@ async fn serve(s: Settings) -> ExitCode {
             }
         });
     }
-    let cfg = SessionConfig {
-        vm: s.vm.clone(),
+    let cfg = ChannelConfig {
         device: s.device.clone(),
-        keepalive: s.keepalive,
-        max_packet: s.limits.max_packet,
+        session: SessionConfig {
+            vm: s.vm.clone(),
+            keepalive: s.keepalive,
+            max_packet: s.limits.max_packet,
+        },
         subscriptions: service.subscriptions(s.local_socket.is_some()),
     };
     tracing::info!(vm = %s.vm, device = %s.device, disks = s.disks.is_some(), "agent starting");
-    let mut session = tokio::spawn(session::run(cfg, from_app, to_app, stop_rx.clone()));
+    let mut session = tokio::spawn(channel::run(cfg, from_app, to_app, stop_rx.clone()));
     let mut stop_watch = stop_rx.clone();
     loop {
         tokio::select! {

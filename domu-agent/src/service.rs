@@ -22,12 +22,12 @@ use topics::topic::{Command, Notification, Topic};
 use topics::vm::VmId;
 use topics::{ErrorBody, ErrorCode, RequestId, Response, Status};
 
+use crate::channel::ToSession;
 use crate::config::Limits;
 use crate::disks::Disks;
 use crate::fsops::{self, FsError};
 use crate::local::LocalRequests;
 use crate::paths;
-use crate::session::ToSession;
 use crate::watch::Announcer;
 
 /// The name under which the local repository appears in `new_file` notifications.

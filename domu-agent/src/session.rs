@@ -1,65 +1,130 @@
-//! The MQTT 3.1.1 session over the channel tty. The codec is rumqttc's (`mqttbytes`); the session
-//! logic is ours because the tty is no socket: no hangup, no EOF, stale bytes, lost bytes.
+//! The agent's MQTT 3.1.1 session over the channel, as a state machine without I/O: bytes from the
+//! channel and the time in, bytes for the channel and [`Event`]s out. It has no clock of its own;
+//! the driver (`channel.rs`) owns the tty and the timers. The codec is rumqttc's (`mqttbytes`); the
+//! session logic is ours because the tty is no socket: no hangup, no EOF, stale bytes, lost bytes.
 //!
 //! - After each CONNECT, bytes are discarded until a well-formed CONNACK (stale bytes from an old
-//!   session, Dom0's attach signal).
-//! - A DISCONNECT from Dom0 (its attach signal, or the end of a session it dropped) means "start
-//!   over": a new CONNECT at once.
+//!   session, Dom0's attach signal). No CONNACK within [`CONNACK_TIMEOUT`]: CONNECT again after a
+//!   backoff.
+//! - A DISCONNECT from Dom0 (its attach signal, or the end of a session it dropped) or bytes that do
+//!   not parse mean "start over": a new CONNECT at once.
 //! - Keepalive is short (default 5 s); a PINGREQ left unanswered for a keepalive means the link is
-//!   dead: reconnect with backoff. No CONNACK within 2 s: CONNECT again.
+//!   dead: CONNECT again after a backoff.
 //! - Subscriptions are renewed on every CONNACK; QoS 1 publishes not yet acknowledged are sent
-//!   again after a reconnect, so requests and responses in flight are not lost.
+//!   again (DUP) after a reconnect, so requests and responses in flight are not lost. QoS 1
+//!   publishes made while no session is up wait (bounded) and go out after the next CONNACK.
+//!
+//! Untrusted input: every byte from the channel. Nothing here panics on it; a frame above
+//! `max_packet` is refused on its declared length, before it is buffered whole.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, Publish, Subscribe, SubscribeFilter};
+use rumqttc::mqttbytes::v4::{
+    Connect, Packet, PubAck, PubComp, PubRec, Publish, Subscribe, SubscribeFilter,
+    SubscribeReasonCode, Unsubscribe,
+};
 use rumqttc::mqttbytes::{self, QoS};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::Instant;
 use topics::vm::VmId;
 
-use crate::tty::{Device, Tty};
+use topics::backoff::Backoff;
+
+/// QoS 1 publishes waiting for Dom0's PUBACK at most; beyond, [`Session::publish`] refuses.
+pub const MAX_INFLIGHT: usize = 64;
+/// How long a CONNECT waits for its CONNACK before it is sent again.
+pub const CONNACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Settings of the session.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
+    /// The client id sent in CONNECT (Dom0 forces it to the channel's name anyway).
     pub vm: VmId,
-    pub device: Device,
+    /// MQTT keepalive: a PINGREQ after this much silence, and this long to get its PINGRESP.
     pub keepalive: Duration,
     /// Largest packet sent or accepted (Base64 payloads of create_file are large).
     pub max_packet: usize,
-    /// Filters subscribed to on every CONNACK.
-    pub subscriptions: Vec<String>,
 }
 
-/// What the application asks of the session.
-#[derive(Debug)]
-pub enum ToSession {
-    Publish {
+/// What the session tells its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A session is up (after each accepted CONNACK).
+    Up,
+    /// The session that was up is gone; a new one is on its way.
+    Down,
+    /// A PUBLISH from Dom0 (already acknowledged in the output when QoS > 0).
+    Message {
         topic: String,
         payload: Bytes,
         qos: QoS,
+        retain: bool,
     },
-    /// Send a PINGREQ and report the time to its PINGRESP (the messaging benchmark).
-    Ping(oneshot::Sender<Duration>),
+    /// Dom0 acknowledged the QoS 1 publish with this packet id.
+    Acked(u16),
+    /// Dom0 answered a SUBSCRIBE: each filter with the QoS granted, or `None` if refused.
+    SubAcked(Vec<(String, Option<QoS>)>),
+    /// The PINGRESP of a probe sent with [`Session::ping`], and the time it took.
+    Pong { probe: u64, rtt: Duration },
 }
 
-/// What the session tells the application.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FromSession {
-    /// A session is up (after each CONNACK).
-    Connected,
-    Publish {
-        topic: String,
-        payload: Bytes,
-    },
+/// Why a publish was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("packet of {size} bytes is above the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("{MAX_INFLIGHT} messages already wait for Dom0's acknowledgement")]
+    Full,
+    #[error("no session with Dom0 (QoS 0 is not queued)")]
+    NotConnected,
 }
 
-/// QoS 1 publishes waiting for PUBACK at most; beyond, the application waits.
-const MAX_INFLIGHT: usize = 64;
-const CONNACK_TIMEOUT: Duration = Duration::from_secs(2);
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No channel: the tty is not open.
+    Closed,
+    /// CONNECT sent; everything before a well-formed CONNACK is discarded.
+    AwaitingConnack { deadline: Instant },
+    /// Packets flow.
+    Live,
+    /// Waiting before the next CONNECT.
+    Backoff { until: Instant },
+}
+
+/// A QoS 1 publish waiting for its PUBACK.
+#[derive(Debug)]
+struct InFlight {
+    /// The encoded PUBLISH, DUP clear.
+    frame: Bytes,
+    /// True once it was written in some session (a resend then carries DUP).
+    sent: bool,
+}
+
+/// The agent's session with Dom0 across reconnects.
+#[derive(Debug)]
+pub struct Session {
+    cfg: SessionConfig,
+    phase: Phase,
+    /// Bytes read from the channel, not yet processed.
+    input: BytesMut,
+    /// Bytes waiting to be written to the channel.
+    output: BytesMut,
+    /// Filters renewed on every CONNACK, with their QoS.
+    subscriptions: BTreeMap<String, QoS>,
+    /// SUBSCRIBEs awaiting their SUBACK: packet id → filters, in order.
+    pending_subs: HashMap<u16, Vec<String>>,
+    next_pkid: u16,
+    /// Unacknowledged QoS 1 publishes by packet id, and their order (resent in that order).
+    inflight: HashMap<u16, InFlight>,
+    order: VecDeque<u16>,
+    /// Outstanding PINGREQs in order: when sent, and the probe to report (None: keepalive).
+    pings: VecDeque<(Instant, Option<u64>)>,
+    /// When a packet was last written: the next keepalive PINGREQ is due a keepalive after.
+    last_write: Instant,
+    backoff: Backoff,
+    events: Vec<Event>,
+}
 
 /// Finds a well-formed CONNACK (`20 02 0s rc`) in `buf`: its offset and return code.
 pub fn find_connack(buf: &[u8]) -> Option<(usize, u8)> {
@@ -68,420 +133,415 @@ pub fn find_connack(buf: &[u8]) -> Option<(usize, u8)> {
         .and_then(|i| buf.get(i + 3).map(|rc| (i, *rc)))
 }
 
-/// Exponential backoff, 100 ms to 5 s.
-#[derive(Debug)]
-struct Backoff(Duration);
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(5));
-        d
+impl Session {
+    pub fn new(cfg: SessionConfig, now: Instant) -> Session {
+        Session {
+            cfg,
+            phase: Phase::Closed,
+            input: BytesMut::new(),
+            output: BytesMut::new(),
+            subscriptions: BTreeMap::new(),
+            pending_subs: HashMap::new(),
+            next_pkid: 0,
+            inflight: HashMap::new(),
+            order: VecDeque::new(),
+            pings: VecDeque::new(),
+            last_write: now,
+            backoff: Backoff::new(),
+            events: Vec::new(),
+        }
     }
-    fn reset(&mut self) {
-        self.0 = Duration::from_millis(100);
+
+    /// True while a session is up.
+    pub fn is_live(&self) -> bool {
+        self.phase == Phase::Live
     }
-}
 
-/// Why a connection ended.
-enum End {
-    Stop,
-    /// Reconnect at once (Dom0 said so).
-    Now,
-    /// Reconnect after a backoff.
-    Later,
-    /// The tty failed: reopen it.
-    Reopen,
-}
+    /// True when a publish or probe may be handed over now: a session is up and the in-flight
+    /// window has room. (QoS 1 publishes are also taken while no session is up.)
+    pub fn accepts_publish(&self) -> bool {
+        self.is_live() && self.inflight.len() < MAX_INFLIGHT
+    }
 
-/// The session's state across connections.
-struct State {
-    cfg: SessionConfig,
-    next_pkid: u16,
-    /// Unacknowledged QoS 1 publishes, by packet id, in send order.
-    inflight: BTreeMap<u16, Bytes>,
-    order: VecDeque<u16>,
-}
+    /// QoS 1 publishes not yet acknowledged by Dom0.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
 
-impl State {
+    /// Bytes to write to the channel, handed over to the driver.
+    pub fn take_output(&mut self) -> BytesMut {
+        self.output.split()
+    }
+
+    /// The tty is open: start a session.
+    pub fn open(&mut self, now: Instant) -> Vec<Event> {
+        self.connect(now);
+        self.take_events()
+    }
+
+    /// The tty failed: no session until it is open again. Returns how long to wait before reopening.
+    pub fn closed(&mut self) -> (Duration, Vec<Event>) {
+        self.go_down();
+        self.phase = Phase::Closed;
+        self.input.clear();
+        self.output.clear();
+        (self.backoff.next_delay(), self.take_events())
+    }
+
+    /// Stop: a clean DISCONNECT for Dom0 if a session is up.
+    pub fn stop(&mut self) {
+        if self.is_live() {
+            self.encode(&Packet::Disconnect);
+        }
+        self.phase = Phase::Closed;
+    }
+
+    /// Bytes read from the channel.
+    pub fn on_input(&mut self, bytes: &[u8], now: Instant) -> Vec<Event> {
+        self.input.extend_from_slice(bytes);
+        loop {
+            match self.phase {
+                Phase::AwaitingConnack { .. } => {
+                    if !self.scan_connack(now) {
+                        break;
+                    }
+                }
+                Phase::Live => {
+                    self.process_live(now);
+                    break;
+                }
+                Phase::Closed | Phase::Backoff { .. } => {
+                    // Nothing is expected: stale bytes of a session that is over.
+                    self.input.clear();
+                    break;
+                }
+            }
+        }
+        self.take_events()
+    }
+
+    /// Publishes a message. QoS 1 (and 2, sent as 1) returns its packet id and waits for Dom0's
+    /// PUBACK ([`Event::Acked`]); taken while no session is up, it goes out after the next CONNACK.
+    pub fn publish(
+        &mut self,
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        now: Instant,
+    ) -> Result<Option<u16>, PublishError> {
+        let qos = if qos == QoS::AtMostOnce {
+            qos
+        } else {
+            QoS::AtLeastOnce
+        };
+        if qos == QoS::AtMostOnce && !self.is_live() {
+            return Err(PublishError::NotConnected);
+        }
+        if qos != QoS::AtMostOnce && self.inflight.len() >= MAX_INFLIGHT {
+            return Err(PublishError::Full);
+        }
+        let mut p = Publish::from_bytes(topic, qos, payload);
+        p.retain = retain;
+        let size = p.size();
+        if size > self.cfg.max_packet {
+            return Err(PublishError::TooLarge {
+                size,
+                max: self.cfg.max_packet,
+            });
+        }
+        if qos == QoS::AtMostOnce {
+            self.encode(&Packet::Publish(p));
+            self.last_write = now;
+            return Ok(None);
+        }
+        p.pkid = self.pkid();
+        let mut frame = BytesMut::with_capacity(size + 5);
+        if p.write(&mut frame).is_err() {
+            return Err(PublishError::TooLarge {
+                size,
+                max: self.cfg.max_packet,
+            });
+        }
+        let frame = frame.freeze();
+        let live = self.is_live();
+        if live {
+            self.output.extend_from_slice(&frame);
+            self.last_write = now;
+        }
+        self.inflight.insert(p.pkid, InFlight { frame, sent: live });
+        self.order.push_back(p.pkid);
+        Ok(Some(p.pkid))
+    }
+
+    /// Adds a filter to the subscriptions renewed on every CONNACK, and subscribes now if a session
+    /// is up. The answer comes as [`Event::SubAcked`].
+    pub fn subscribe(&mut self, filter: String, qos: QoS) {
+        let filters = vec![(filter.clone(), qos)];
+        self.subscriptions.insert(filter, qos);
+        if self.is_live() {
+            self.send_subscribe(filters);
+        }
+    }
+
+    /// Removes a filter; unsubscribes now if a session is up.
+    pub fn unsubscribe(&mut self, filter: &str) {
+        if self.subscriptions.remove(filter).is_some() && self.is_live() {
+            let mut u = Unsubscribe::new(filter);
+            u.pkid = self.pkid();
+            self.encode(&Packet::Unsubscribe(u));
+        }
+    }
+
+    /// Sends a PINGREQ whose PINGRESP is reported as [`Event::Pong`] with `probe`. False when no
+    /// session is up (nothing sent).
+    pub fn ping(&mut self, probe: u64, now: Instant) -> bool {
+        if !self.is_live() {
+            return false;
+        }
+        self.encode(&Packet::PingReq);
+        self.pings.push_back((now, Some(probe)));
+        self.last_write = now;
+        true
+    }
+
+    /// The next instant at which [`Session::on_tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Closed => None,
+            Phase::AwaitingConnack { deadline } => Some(deadline),
+            Phase::Backoff { until } => Some(until),
+            // With a PINGREQ outstanding, its PINGRESP is what is waited for; otherwise the next
+            // keepalive PINGREQ.
+            Phase::Live => Some(match self.pings.front() {
+                Some((sent, _)) => *sent + self.cfg.keepalive,
+                None => self.last_write + self.cfg.keepalive,
+            }),
+        }
+    }
+
+    /// Checks the timers: CONNACK timeout, backoff over, keepalive ping due or unanswered.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Event> {
+        match self.phase {
+            Phase::Closed => {}
+            Phase::AwaitingConnack { deadline } if now >= deadline => {
+                tracing::debug!("no CONNACK; sending CONNECT again");
+                self.retry_later(now);
+            }
+            Phase::Backoff { until } if now >= until => self.connect(now),
+            Phase::Live => {
+                if self
+                    .pings
+                    .front()
+                    .is_some_and(|(sent, _)| now >= *sent + self.cfg.keepalive)
+                {
+                    tracing::warn!("no PINGRESP from Dom0; reconnecting");
+                    self.retry_later(now);
+                } else if self.pings.is_empty() && now >= self.last_write + self.cfg.keepalive {
+                    self.encode(&Packet::PingReq);
+                    self.pings.push_back((now, None));
+                    self.last_write = now;
+                }
+            }
+            Phase::AwaitingConnack { .. } | Phase::Backoff { .. } => {}
+        }
+        self.take_events()
+    }
+
+    fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
     fn pkid(&mut self) -> u16 {
         loop {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if !self.inflight.contains_key(&self.next_pkid) {
-                return self.next_pkid;
+            let id = self.next_pkid;
+            if !self.inflight.contains_key(&id) && !self.pending_subs.contains_key(&id) {
+                return id;
             }
         }
     }
-}
 
-fn encode(p: &Packet, max: usize) -> Option<BytesMut> {
-    let mut out = BytesMut::new();
-    match p.write(&mut out, max) {
-        Ok(_) => Some(out),
-        Err(e) => {
+    /// Encodes a packet of ours into the output. Only publishes can exceed the limit, and those are
+    /// checked before; anything else that fails is logged and not sent.
+    fn encode(&mut self, p: &Packet) {
+        if let Err(e) = p.write(&mut self.output, self.cfg.max_packet) {
             tracing::warn!(error = %e, "packet not sent");
-            None
         }
     }
-}
 
-/// Runs the session until `stop`: opens the tty, connects, relays, reconnects.
-pub async fn run(
-    cfg: SessionConfig,
-    mut rx: mpsc::Receiver<ToSession>,
-    tx: mpsc::Sender<FromSession>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut st = State {
-        cfg,
-        next_pkid: 0,
-        inflight: BTreeMap::new(),
-        order: VecDeque::new(),
-    };
-    let mut backoff = Backoff(Duration::from_millis(100));
-    'device: loop {
-        let Some(tty) = Tty::open_wait(&st.cfg.device, &mut stop).await else {
-            return;
+    /// Sends CONNECT and waits for the CONNACK.
+    fn connect(&mut self, now: Instant) {
+        self.go_down();
+        self.input.clear();
+        let mut c = Connect::new(self.cfg.vm.as_str());
+        c.keep_alive = u16::try_from(self.cfg.keepalive.as_secs())
+            .unwrap_or(u16::MAX)
+            .max(1);
+        c.clean_session = true;
+        self.encode(&Packet::Connect(c));
+        self.last_write = now;
+        self.phase = Phase::AwaitingConnack {
+            deadline: now + CONNACK_TIMEOUT,
         };
-        let mut buf = BytesMut::with_capacity(64 * 1024);
-        loop {
-            match connection(
-                &mut st,
-                &tty,
-                &mut buf,
-                &mut rx,
-                &tx,
-                &mut stop,
-                &mut backoff,
-            )
-            .await
-            {
-                End::Stop => return,
-                End::Now => continue,
-                End::Later => {
-                    let d = backoff.next();
-                    tokio::select! {
-                        _ = sleep(d) => {}
-                        _ = stop.changed() => return,
-                    }
-                }
-                End::Reopen => {
-                    tokio::select! {
-                        _ = sleep(backoff.next()) => {}
-                        _ = stop.changed() => return,
-                    }
-                    continue 'device;
-                }
-            }
-        }
-    }
-}
-
-/// One connection: CONNECT, wait for CONNACK, then relay until it ends.
-async fn connection(
-    st: &mut State,
-    tty: &Tty,
-    buf: &mut BytesMut,
-    rx: &mut mpsc::Receiver<ToSession>,
-    tx: &mpsc::Sender<FromSession>,
-    stop: &mut watch::Receiver<bool>,
-    backoff: &mut Backoff,
-) -> End {
-    let max = st.cfg.max_packet;
-    let keepalive = st.cfg.keepalive;
-    let mut connect = Connect::new(st.cfg.vm.as_str());
-    connect.keep_alive = u16::try_from(keepalive.as_secs())
-        .unwrap_or(u16::MAX)
-        .max(1);
-    connect.clean_session = true;
-    let Some(bytes) = encode(&Packet::Connect(connect), max) else {
-        return End::Stop;
-    };
-    if tty.write_all(&bytes).await.is_err() {
-        return End::Reopen;
     }
 
-    // Discard until a well-formed CONNACK.
-    let deadline = Instant::now() + CONNACK_TIMEOUT;
-    let mut chunk = vec![0u8; 64 * 1024];
-    let rc = loop {
-        if let Some((at, rc)) = find_connack(buf) {
-            let _ = buf.split_to(at + 4);
-            break rc;
+    /// Leaves a live session (if any): what is in flight stays, to be resent.
+    fn go_down(&mut self) {
+        if self.is_live() {
+            self.events.push(Event::Down);
         }
-        // Keep only what could be the start of a CONNACK.
-        if buf.len() > 3 {
-            let keep = buf.len() - 3;
-            let _ = buf.split_to(keep);
-        }
-        tokio::select! {
-            r = timeout(deadline.saturating_duration_since(Instant::now()), tty.read(&mut chunk)) => match r {
-                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                Ok(Ok(_)) | Ok(Err(_)) => return End::Reopen,
-                Err(_) => {
-                    tracing::debug!("no CONNACK; sending CONNECT again");
-                    return End::Later;
-                }
-            },
-            _ = stop.changed() => return End::Stop,
-        }
-    };
-    if rc != 0 {
-        tracing::warn!(vm = %st.cfg.vm, rc, "Dom0 refused the session");
-        return End::Later;
+        self.pings.clear();
+        self.pending_subs.clear();
     }
-    tracing::info!(vm = %st.cfg.vm, "session up");
-    backoff.reset();
 
-    // Renew subscriptions; resend what was in flight.
-    if !st.cfg.subscriptions.is_empty() {
-        let filters: Vec<SubscribeFilter> = st
-            .cfg
-            .subscriptions
-            .iter()
-            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
-            .collect();
-        let mut sub = Subscribe::new_many(filters);
-        sub.pkid = st.pkid();
-        let Some(bytes) = encode(&Packet::Subscribe(sub), max) else {
-            return End::Stop;
+    fn retry_later(&mut self, now: Instant) {
+        self.go_down();
+        self.input.clear();
+        self.phase = Phase::Backoff {
+            until: now + self.backoff.next_delay(),
         };
-        if tty.write_all(&bytes).await.is_err() {
-            return End::Reopen;
-        }
-    }
-    for id in st.order.clone() {
-        if let Some(p) = st.inflight.get(&id) {
-            let mut again = BytesMut::from(&p[..]);
-            if let Some(b) = again.first_mut() {
-                *b |= 0x08; // DUP
-            }
-            if tty.write_all(&again).await.is_err() {
-                return End::Reopen;
-            }
-        }
-    }
-    if tx.send(FromSession::Connected).await.is_err() {
-        return End::Stop;
     }
 
-    let mut last_write = Instant::now();
-    let mut pings: VecDeque<(Instant, Option<oneshot::Sender<Duration>>)> = VecDeque::new();
-    loop {
-        // Frame what we have.
-        let mut acks = BytesMut::new();
+    /// Looks for the CONNACK; true if the phase changed (process the rest of the input).
+    fn scan_connack(&mut self, now: Instant) -> bool {
+        let Some((at, rc)) = find_connack(&self.input) else {
+            // Keep only what could be the start of a CONNACK.
+            let keep = self.input.len().min(3);
+            let drop = self.input.len() - keep;
+            let _ = self.input.split_to(drop);
+            return false;
+        };
+        let _ = self.input.split_to(at + 4);
+        if rc != 0 {
+            tracing::warn!(rc, "Dom0 refused the session");
+            self.retry_later(now);
+            return true;
+        }
+        tracing::info!("session up");
+        self.phase = Phase::Live;
+        self.backoff.reset();
+        self.last_write = now;
+        // Renew subscriptions; resend what was in flight, in order.
+        if !self.subscriptions.is_empty() {
+            let filters: Vec<(String, QoS)> = self
+                .subscriptions
+                .iter()
+                .map(|(f, q)| (f.clone(), *q))
+                .collect();
+            self.send_subscribe(filters);
+        }
+        for id in &self.order {
+            if let Some(m) = self.inflight.get_mut(id) {
+                let at = self.output.len();
+                self.output.extend_from_slice(&m.frame);
+                if m.sent {
+                    if let Some(b) = self.output.get_mut(at) {
+                        *b |= 0x08; // DUP
+                    }
+                }
+                m.sent = true;
+            }
+        }
+        self.events.push(Event::Up);
+        true
+    }
+
+    fn send_subscribe(&mut self, filters: Vec<(String, QoS)>) {
+        let pkid = self.pkid();
+        let names: Vec<String> = filters.iter().map(|(f, _)| f.clone()).collect();
+        let mut s =
+            Subscribe::new_many(filters.into_iter().map(|(f, q)| SubscribeFilter::new(f, q)));
+        s.pkid = pkid;
+        self.encode(&Packet::Subscribe(s));
+        self.pending_subs.insert(pkid, names);
+    }
+
+    fn process_live(&mut self, now: Instant) {
         loop {
-            match Packet::read(buf, max) {
-                Ok(p) => match p {
-                    Packet::Publish(p) => {
-                        if p.qos == QoS::AtLeastOnce {
-                            // Acknowledged after the batch is handed over: the message first.
-                            let _ = Packet::PubAck(PubAck::new(p.pkid)).write(&mut acks, max);
-                        }
-                        let msg = FromSession::Publish {
-                            topic: p.topic,
-                            payload: p.payload,
-                        };
-                        if tx.send(msg).await.is_err() {
-                            return End::Stop;
-                        }
+            match Packet::read(&mut self.input, self.cfg.max_packet) {
+                Ok(p) => {
+                    if !self.packet(p, now) {
+                        return;
                     }
-                    Packet::PubAck(a) if st.inflight.remove(&a.pkid).is_some() => {
-                        st.order.retain(|id| *id != a.pkid);
-                    }
-                    Packet::SubAck(s) => {
-                        for (f, code) in st.cfg.subscriptions.iter().zip(&s.return_codes) {
-                            if matches!(code, mqttbytes::v4::SubscribeReasonCode::Failure) {
-                                tracing::warn!(filter = %f, "subscription refused by Dom0's policy");
-                            }
-                        }
-                    }
-                    Packet::PingResp => {
-                        if let Some((t, Some(reply))) = pings.pop_front() {
-                            let _ = reply.send(t.elapsed());
-                        }
-                    }
-                    Packet::Disconnect => {
-                        tracing::info!(vm = %st.cfg.vm, "Dom0 asked to start over");
-                        buf.clear();
-                        return End::Now;
-                    }
-                    _ => {}
-                },
-                Err(mqttbytes::Error::InsufficientBytes(_)) => break,
+                }
+                Err(mqttbytes::Error::InsufficientBytes(_)) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable bytes from Dom0; reconnecting");
-                    buf.clear();
-                    return End::Now;
+                    self.connect(now);
+                    return;
                 }
             }
         }
+    }
 
-        if !acks.is_empty() {
-            if tty.write_all(&acks).await.is_err() {
-                return End::Reopen;
+    /// One packet from Dom0; false when the session ended.
+    fn packet(&mut self, p: Packet, now: Instant) -> bool {
+        match p {
+            Packet::Publish(p) => {
+                match p.qos {
+                    QoS::AtMostOnce => {}
+                    // Acknowledged in the output, which the driver writes after handing the
+                    // message over: the message first.
+                    QoS::AtLeastOnce => self.ack(Packet::PubAck(PubAck::new(p.pkid)), now),
+                    QoS::ExactlyOnce => self.ack(Packet::PubRec(PubRec::new(p.pkid)), now),
+                }
+                self.events.push(Event::Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos: p.qos,
+                    retain: p.retain,
+                });
             }
-            last_write = Instant::now();
+            Packet::PubRel(r) => self.ack(Packet::PubComp(PubComp::new(r.pkid)), now),
+            Packet::PubAck(a) => {
+                if self.inflight.remove(&a.pkid).is_some() {
+                    self.order.retain(|id| *id != a.pkid);
+                    self.events.push(Event::Acked(a.pkid));
+                }
+            }
+            Packet::SubAck(s) => {
+                if let Some(filters) = self.pending_subs.remove(&s.pkid) {
+                    let mut codes = s.return_codes.iter();
+                    let results = filters
+                        .into_iter()
+                        .map(|f| {
+                            let granted = match codes.next() {
+                                Some(SubscribeReasonCode::Success(q)) => Some(*q),
+                                _ => None,
+                            };
+                            if granted.is_none() {
+                                tracing::warn!(filter = %f, "subscription refused by Dom0's policy");
+                            }
+                            (f, granted)
+                        })
+                        .collect();
+                    self.events.push(Event::SubAcked(results));
+                }
+            }
+            Packet::PingResp => {
+                if let Some((sent, Some(probe))) = self.pings.pop_front() {
+                    self.events.push(Event::Pong {
+                        probe,
+                        rtt: now.saturating_duration_since(sent),
+                    });
+                }
+            }
+            Packet::Disconnect => {
+                tracing::info!("Dom0 asked to start over");
+                self.connect(now);
+                return false;
+            }
+            other => tracing::debug!(packet = ?other, "unexpected packet from Dom0; ignored"),
         }
-        let next_ping = match pings.front() {
-            Some((t, _)) => *t + keepalive,
-            None => last_write + keepalive,
-        };
-        tokio::select! {
-            _ = stop.changed() => {
-                if let Some(d) = encode(&Packet::Disconnect, max) {
-                    let _ = timeout(Duration::from_millis(200), tty.write_all(&d)).await;
-                }
-                return End::Stop;
-            }
-            r = tty.read(&mut chunk) => match r {
-                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                _ => return End::Reopen,
-            },
-            m = rx.recv(), if st.inflight.len() < MAX_INFLIGHT => {
-                let Some(m) = m else { return End::Stop };
-                let bytes = match m {
-                    ToSession::Publish { topic, payload, qos } => {
-                        let mut p = Publish::from_bytes(topic, qos, payload);
-                        if qos != QoS::AtMostOnce {
-                            p.pkid = st.pkid();
-                        }
-                        let pkid = p.pkid;
-                        let Some(bytes) = encode(&Packet::Publish(p), max) else { continue };
-                        let bytes = bytes.freeze();
-                        if qos != QoS::AtMostOnce {
-                            st.inflight.insert(pkid, bytes.clone());
-                            st.order.push_back(pkid);
-                        }
-                        bytes
-                    }
-                    ToSession::Ping(reply) => {
-                        pings.push_back((Instant::now(), Some(reply)));
-                        encode(&Packet::PingReq, max).map(BytesMut::freeze).unwrap_or_default()
-                    }
-                };
-                if tty.write_all(&bytes).await.is_err() {
-                    return End::Reopen;
-                }
-                last_write = Instant::now();
-            }
-            _ = sleep_until(next_ping) => {
-                if pings.front().is_some_and(|(t, _)| t.elapsed() >= keepalive) {
-                    tracing::warn!(vm = %st.cfg.vm, "no PINGRESP from Dom0; reconnecting");
-                    return End::Later;
-                }
-                let Some(p) = encode(&Packet::PingReq, max) else { return End::Stop };
-                if tty.write_all(&p).await.is_err() {
-                    return End::Reopen;
-                }
-                pings.push_back((Instant::now(), None));
-                last_write = Instant::now();
-            }
-        }
+        true
+    }
+
+    fn ack(&mut self, p: Packet, now: Instant) {
+        self.encode(&p);
+        self.last_write = now;
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connack_is_found_after_stale_bytes() {
-        assert_eq!(find_connack(b"\x20\x02\x00\x00"), Some((0, 0)));
-        assert_eq!(
-            find_connack(b"\xe0\x00\x30\x03\x00\x01a\x20\x02\x01\x00"),
-            Some((7, 0))
-        );
-        assert_eq!(find_connack(b"\x20\x02\x00\x02"), Some((0, 2)));
-        assert_eq!(
-            find_connack(b"\x20\x02\x02\x00"),
-            None,
-            "reserved flag bits"
-        );
-        assert_eq!(
-            find_connack(b"\x20\x02\x00\x09"),
-            None,
-            "unknown return code"
-        );
-        assert_eq!(find_connack(b"\x20\x02\x00"), None);
-    }
-
-    /// Plays Dom0 on the master side of a pty: QoS 1 publishes not acknowledged when Dom0 says
-    /// "start over" are sent again (DUP) on the new session, after the renewed SUBSCRIBE.
-    #[tokio::test(flavor = "current_thread")]
-    async fn in_flight_publishes_survive_a_reconnect() {
-        use std::io::{Read, Write};
-        use std::os::fd::AsFd;
-        let pty = nix::pty::openpty(None, None).unwrap();
-        let slave_path = nix::unistd::ttyname(pty.slave.as_fd()).unwrap();
-        let mut master = std::fs::File::from(pty.master);
-        let cfg = SessionConfig {
-            vm: VmId::parse("vm-gui").unwrap(),
-            device: Device::Path(slave_path),
-            keepalive: Duration::from_secs(30),
-            max_packet: 1 << 20,
-            subscriptions: vec!["system/+/+/response/vm-gui".into()],
-        };
-        let (to_session, rx) = mpsc::channel(8);
-        let (tx, mut from_session) = mpsc::channel(8);
-        let (_stop_tx, stop_rx) = watch::channel(false);
-        tokio::spawn(run(cfg, rx, tx, stop_rx));
-
-        // Dom0's side, blocking, in its own thread: returns what it read, in order.
-        let dom0 = std::thread::spawn(move || {
-            let mut seen: Vec<u8> = Vec::new();
-            let wait_for =
-                |master: &mut std::fs::File, seen: &mut Vec<u8>, pat: &[u8], n: usize| {
-                    let mut buf = [0u8; 4096];
-                    while seen.windows(pat.len()).filter(|w| *w == pat).count() < n {
-                        let k = master.read(&mut buf).unwrap();
-                        seen.extend_from_slice(&buf[..k]);
-                    }
-                };
-            wait_for(&mut master, &mut seen, b"\x00\x04MQTT", 1);
-            master.write_all(b"\x20\x02\x00\x00").unwrap(); // CONNACK
-            wait_for(&mut master, &mut seen, b"request-1", 1); // the PUBLISH, left unacknowledged
-            master.write_all(b"\xe0\x00").unwrap(); // DISCONNECT: start over
-            wait_for(&mut master, &mut seen, b"\x00\x04MQTT", 2);
-            master.write_all(b"\x20\x02\x00\x00").unwrap();
-            wait_for(&mut master, &mut seen, b"request-1", 2); // sent again on the new session
-            seen
-        });
-        assert_eq!(from_session.recv().await, Some(FromSession::Connected));
-        to_session
-            .send(ToSession::Publish {
-                topic: "system/disks/list_disks/request".into(),
-                payload: Bytes::from_static(b"request-1"),
-                qos: QoS::AtLeastOnce,
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            from_session.recv().await,
-            Some(FromSession::Connected),
-            "reconnected"
-        );
-        let seen = tokio::task::spawn_blocking(move || dom0.join().unwrap())
-            .await
-            .unwrap();
-        let second = seen.windows(9).rposition(|w| w == b"request-1").unwrap();
-        // Walk back to the PUBLISH's first byte: 0x3A = PUBLISH, DUP, QoS 1.
-        let topic_len = "system/disks/list_disks/request".len();
-        let start = second - 2 - 2 - topic_len - 2;
-        assert_eq!(
-            seen[start],
-            0x3A,
-            "resent with DUP at QoS 1: {:x?}",
-            &seen[start..]
-        );
-        let renewed_sub = seen.windows(8).filter(|w| *w == b"response").count();
-        assert_eq!(renewed_sub, 2, "SUBSCRIBE renewed on the second CONNACK");
-    }
-
-    #[test]
-    fn backoff_doubles_to_five_seconds() {
-        let mut b = Backoff(Duration::from_millis(100));
-        let d: Vec<u64> = (0..8).map(|_| b.next().as_millis() as u64).collect();
-        assert_eq!(d, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-    }
-}
+mod tests;

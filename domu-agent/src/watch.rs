@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, watch};
 use topics::payload::NewFileEvent;
 use topics::topic::Notification;
 
+use crate::channel::ToSession;
 use crate::paths;
-use crate::session::ToSession;
 
 /// What commands tell the announcer.
 #[derive(Debug, Clone, PartialEq, Eq)]

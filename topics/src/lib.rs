@@ -4,6 +4,7 @@
 //! It is the single source of truth for every topic and payload that crosses a channel; the Dom0
 //! service, the guest agent and the documentation (`docs/topics.md`) all come from it.
 
+pub mod backoff;
 pub mod binary;
 pub mod legacy;
 pub mod payload;
