@@ -9,12 +9,13 @@ use rumqttc::{
 };
 use tokio::sync::{mpsc, watch};
 use topics::payload::{
-    self, BenchmarkArgs, BenchmarkReply, Component, CountersReply, DiscoverReply, ErrorBody,
-    ErrorCode, ErrorEvent, LinkEvent, NoArgs, Response, Status, level,
+    self, Component, CountersReply, DiscoverReply, ErrorBody, ErrorCode, ErrorEvent, LinkEvent,
+    NoArgs, Response, level,
 };
 use topics::topic::{Command, Notification, Topic};
 use topics::vm::VmId;
 
+use crate::bench::{self, Bench, BenchRequest, Reply};
 use crate::config::BrokerAddr;
 use crate::supervision::{Event, Supervision};
 
@@ -29,94 +30,6 @@ pub fn now_rfc3339() -> String {
 
 /// The commands the controller serves.
 const SERVED: [Command; 2] = [Command::Discover, Command::SupervisionCounters];
-
-/// A reply to publish: topic and payload.
-type Reply = (String, Vec<u8>);
-
-/// Dom0's `messaging` benchmark: round trips controller → broker → controller on a topic that no
-/// VM may publish or read.
-pub const BENCH_TOPIC: &str = "system/supervision/bench/dom0";
-const BENCH_SAMPLES: usize = 100;
-
-/// A running benchmark.
-#[derive(Debug)]
-struct Bench {
-    reply_topic: String,
-    request_id: Option<topics::RequestId>,
-    sent: std::time::Instant,
-    samples: Vec<Duration>,
-}
-
-impl Bench {
-    /// The `finished` response.
-    fn finish(mut self) -> Reply {
-        self.samples.sort();
-        let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
-        let n = self.samples.len();
-        let figures = [
-            (
-                "round_trip_p50_us".to_owned(),
-                self.samples.get(n / 2).map_or(0.0, |d| us(*d)),
-            ),
-            (
-                "round_trip_p99_us".to_owned(),
-                self.samples.get(n * 99 / 100).map_or(0.0, |d| us(*d)),
-            ),
-            ("samples".to_owned(), n as f64),
-        ]
-        .into();
-        let body = BenchmarkReply {
-            module: "messaging".into(),
-            figures,
-        };
-        (
-            self.reply_topic,
-            Response::with_status(self.request_id, Status::Finished, body).to_json(),
-        )
-    }
-}
-
-/// What a benchmark request asks of Dom0: (reply topic, immediate answer, start the measurement?).
-fn bench_request(payload: &[u8]) -> Option<(String, Vec<u8>, Option<Bench>)> {
-    let request = match payload::decode_request::<BenchmarkArgs>(payload) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(error = %e, "benchmark request without a valid envelope; cannot answer");
-            return None;
-        }
-    };
-    let reply_topic = Command::Benchmark.response_topic(&request.sender);
-    match request.args.module.as_str() {
-        "messaging" => {
-            let started = BenchmarkReply {
-                module: "messaging".into(),
-                figures: Default::default(),
-            };
-            let body = Response::with_status(request.request_id.clone(), Status::Started, started)
-                .to_json();
-            let bench = Bench {
-                reply_topic: reply_topic.clone(),
-                request_id: request.request_id,
-                sent: std::time::Instant::now(),
-                samples: Vec::with_capacity(BENCH_SAMPLES),
-            };
-            Some((reply_topic, body, Some(bench)))
-        }
-        // Dom0 has no disks; the agents that have answer.
-        "disks" => None,
-        other => {
-            let e = ErrorBody::new(
-                ErrorCode::Unsupported,
-                format!("unknown module {other:?} (messaging, disks)"),
-            );
-            Some((
-                reply_topic,
-                Response::<NoArgs>::error(request.request_id, e).to_json(),
-                None,
-            ))
-        }
-    }
-}
 
 /// Answers one request. Pure apart from reading the supervision registry.
 pub fn answer(topic: &str, payload: &[u8], supervision: &Supervision) -> Option<Reply> {
@@ -159,32 +72,35 @@ pub fn answer(topic: &str, payload: &[u8], supervision: &Supervision) -> Option<
         )
         .to_json(),
     };
-    Some((reply_topic, body))
+    Some(Reply {
+        topic: reply_topic,
+        body,
+    })
 }
 
 /// The notification for a link event.
 pub fn notification(event: &Event) -> Reply {
     match event {
-        Event::State { vm, state, detail } => (
-            Notification::LinkState.topic(),
-            serde_json::to_vec(&LinkEvent {
+        Event::State { vm, state, detail } => Reply {
+            topic: Notification::LinkState.topic(),
+            body: serde_json::to_vec(&LinkEvent {
                 vm: vm.to_string(),
                 state: *state,
                 datetime: now_rfc3339(),
                 detail: detail.clone(),
             })
             .unwrap_or_default(),
-        ),
-        Event::Refused { vm, topic, reason } => (
-            Notification::Error.topic(),
-            serde_json::to_vec(&ErrorEvent {
+        },
+        Event::Refused { vm, topic, reason } => Reply {
+            topic: Notification::Error.topic(),
+            body: serde_json::to_vec(&ErrorEvent {
                 module: "dom0-broker/policy".into(),
                 datetime: now_rfc3339(),
                 level: level::WARNING,
                 description: format!("{vm}: refused {topic:?}: {reason}"),
             })
             .unwrap_or_default(),
-        ),
+        },
     }
 }
 
@@ -206,6 +122,11 @@ fn options(broker: &BrokerAddr, max_packet: usize) -> MqttOptions {
     o
 }
 
+/// Sends a benchmark probe (QoS 0: a lost one is reported as a timeout).
+fn probe(client: &AsyncClient) {
+    let _ = client.try_publish(Bench::probe_topic(), QoS::AtMostOnce, false, "probe");
+}
+
 /// Runs the controller until `stop`.
 pub async fn run(
     broker: BrokerAddr,
@@ -219,7 +140,7 @@ pub async fn run(
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
     let mut connected = false;
-    let mut bench: Option<Bench> = None;
+    let mut running: Option<Bench> = None;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -228,7 +149,7 @@ pub async fn run(
                     connected = true;
                     tracing::info!(broker = %broker, "controller connected");
                     let topics = SERVED.iter().map(|c| c.request_topic())
-                        .chain([Command::Benchmark.request_topic(), BENCH_TOPIC.to_owned()]);
+                        .chain([Command::Benchmark.request_topic(), Bench::probe_topic().to_owned()]);
                     for t in topics {
                         if let Err(e) = client.try_subscribe(t, QoS::AtLeastOnce) {
                             tracing::warn!(error = %e, "controller subscribe failed");
@@ -237,37 +158,29 @@ pub async fn run(
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     let mut replies = Vec::new();
-                    if p.topic == BENCH_TOPIC {
-                        if let Some(b) = bench.as_mut() {
-                            b.samples.push(b.sent.elapsed());
-                            if b.samples.len() < BENCH_SAMPLES {
-                                b.sent = std::time::Instant::now();
-                                let _ = client.try_publish(BENCH_TOPIC, QoS::AtMostOnce, false, "probe");
-                            } else if let Some(done) = bench.take() {
+                    if p.topic == Bench::probe_topic() {
+                        if let Some(b) = running.as_mut() {
+                            if b.probe_back() {
+                                probe(&client);
+                            } else if let Some(done) = running.take() {
                                 replies.push(done.finish());
                             }
                         }
                     } else if p.topic == Command::Benchmark.request_topic() {
-                        if let Some((topic, body, start)) = bench_request(&p.payload) {
-                            match (start, bench.is_some()) {
-                                (Some(_), true) => {
-                                    let e = ErrorBody::new(ErrorCode::Busy, "a benchmark is already running");
-                                    let rid = payload::decode_envelope(&p.payload).ok().and_then(|e| e.request_id);
-                                    replies.push((topic, Response::<NoArgs>::error(rid, e).to_json()));
-                                }
-                                (Some(mut b), false) => {
-                                    replies.push((topic, body));
-                                    b.sent = std::time::Instant::now();
-                                    let _ = client.try_publish(BENCH_TOPIC, QoS::AtMostOnce, false, "probe");
-                                    bench = Some(b);
-                                }
-                                (None, _) => replies.push((topic, body)),
+                        match (bench::request(&p.payload), running.as_ref()) {
+                            (BenchRequest::Start(b), Some(_)) => replies.push(b.busy()),
+                            (BenchRequest::Start(mut b), None) => {
+                                replies.push(b.started());
+                                probe(&client);
+                                running = Some(b);
                             }
+                            (BenchRequest::Answer(r), _) => replies.push(r),
+                            (BenchRequest::Ignore, _) => {}
                         }
                     } else if let Some(reply) = answer(&p.topic, &p.payload, &supervision) {
                         replies.push(reply);
                     }
-                    for (topic, body) in replies {
+                    for Reply { topic, body } in replies {
                         if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, body) {
                             tracing::warn!(error = %e, "controller reply dropped");
                         }
@@ -286,20 +199,20 @@ pub async fn run(
                 }
             },
             _ = async {
-                match &bench {
-                    Some(b) => tokio::time::sleep_until((b.sent + Duration::from_secs(5)).into()).await,
+                match &running {
+                    Some(b) => tokio::time::sleep_until(b.deadline().into()).await,
                     None => std::future::pending().await,
                 }
             } => {
                 // A probe was lost (QoS 0): report instead of hanging the benchmark.
-                if let Some(b) = bench.take() {
-                    let e = ErrorBody::new(ErrorCode::Timeout, "a benchmark probe did not come back within 5 s");
-                    let _ = client.try_publish(b.reply_topic, QoS::AtLeastOnce, false, Response::<NoArgs>::error(b.request_id, e).to_json());
+                if let Some(b) = running.take() {
+                    let Reply { topic, body } = b.timed_out();
+                    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
                 }
             }
             Some(event) = events.recv() => {
                 if connected {
-                    let (topic, body) = notification(&event);
+                    let Reply { topic, body } = notification(&event);
                     if let Err(e) = client.try_publish(topic, QoS::AtMostOnce, false, body) {
                         tracing::debug!(error = %e, "supervision notification dropped");
                     }
@@ -320,7 +233,7 @@ mod tests {
         let (sup, _rx) = Supervision::new();
         sup.register(&VmId::parse("sys-usb").unwrap());
         sup.register(&VmId::parse("vm-gui").unwrap());
-        let (topic, body) = answer(
+        let Reply { topic, body } = answer(
             "system/components/discover/request",
             br#"{"sender":"vm-gui","request_id":"9"}"#,
             &sup,
@@ -337,28 +250,6 @@ mod tests {
             .map(|c| c.id)
             .collect();
         assert_eq!(ids, ["dom0", "sys-usb", "vm-gui"]);
-    }
-
-    #[test]
-    fn benchmark_requests() {
-        let (topic, body, bench) =
-            bench_request(br#"{"sender":"vm-gui","request_id":"b1","module":"messaging"}"#)
-                .unwrap();
-        assert_eq!(topic, "system/misc/benchmark/response/vm-gui");
-        assert!(String::from_utf8_lossy(&body).contains("\"started\""));
-        let mut b = bench.unwrap();
-        b.samples = vec![Duration::from_micros(100); BENCH_SAMPLES];
-        let (_, done) = b.finish();
-        let r: Response<BenchmarkReply> = payload::decode_response(&done).unwrap();
-        assert_eq!(r.status, Status::Finished);
-        assert_eq!(r.result.unwrap().figures["round_trip_p50_us"], 100.0);
-        assert!(
-            bench_request(br#"{"sender":"vm-gui","module":"disks"}"#).is_none(),
-            "Dom0 has no disks"
-        );
-        let (_, body, bench) = bench_request(br#"{"sender":"vm-gui","module":"gpu"}"#).unwrap();
-        assert!(bench.is_none() && String::from_utf8_lossy(&body).contains("unsupported"));
-        assert!(bench_request(b"{}").is_none());
     }
 
     #[test]
@@ -383,7 +274,7 @@ mod tests {
             topic: "system/disks/list_disks/response/vm-gui".into(),
             reason: "no rule allows it".into(),
         };
-        let (topic, body) = notification(&ev);
+        let Reply { topic, body } = notification(&ev);
         assert_eq!(topic, "system/events/error/notification");
         let e: ErrorEvent = payload::decode(&body).unwrap();
         assert!(e.description.contains("vm-gui") && e.description.contains("list_disks/response"));
@@ -392,6 +283,9 @@ mod tests {
             state: LinkState::SessionUp,
             detail: None,
         };
-        assert_eq!(notification(&st).0, "system/supervision/links/notification");
+        assert_eq!(
+            notification(&st).topic,
+            "system/supervision/links/notification"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! (`link`, `discovery`, `broker`, `relay`, `controller`).
 
 pub mod acl;
+pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod controller;

@@ -5,22 +5,26 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
+use topics::backoff::Backoff;
 use topics::payload::LinkState;
 use topics::vm::VmId;
+use tracing::Instrument;
 
 use crate::broker::{self, BrokerRead, BrokerWrite};
 use crate::config::BrokerAddr;
 use crate::policy::Policy;
 use crate::session::{Effect, Limits, Session};
-use crate::supervision::{Event, LinkStats, Supervision};
+use crate::supervision::{Event, Supervision};
+
+/// Size of the read buffers (guest and broker sides).
+const READ_BUF: usize = 64 * 1024;
 
 /// What every link shares.
 #[derive(Debug)]
@@ -33,37 +37,18 @@ pub struct LinkContext {
     pub connect_timeout: Duration,
 }
 
-/// Exponential backoff between attach attempts: 100 ms doubling to 5 s.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    next: Duration,
+/// Runs a VM's link until `stop` turns true. Its log lines carry the VM in a `link` span.
+pub async fn run(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, stop: watch::Receiver<bool>) {
+    let span = tracing::info_span!("link", vm = %vm);
+    attach_loop(vm, path, ctx, stop).instrument(span).await
 }
 
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(5);
-
-    pub fn new() -> Backoff {
-        Backoff { next: Self::FIRST }
-    }
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        d
-    }
-    pub fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new()
-    }
-}
-
-/// Runs a VM's link until `stop` turns true.
-pub async fn run(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, mut stop: watch::Receiver<bool>) {
+async fn attach_loop(
+    vm: VmId,
+    path: PathBuf,
+    ctx: Arc<LinkContext>,
+    mut stop: watch::Receiver<bool>,
+) {
     let stats = ctx.supervision.register(&vm);
     let mut backoff = Backoff::new();
     let mut attempts = 0u64;
@@ -71,14 +56,19 @@ pub async fn run(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, mut stop: watch
         match UnixStream::connect(&path).await {
             Ok(stream) => {
                 attempts = 0;
-                tracing::info!(vm = %vm, path = %path.display(), "attached to channel");
-                stats.linked.store(true, Relaxed);
+                tracing::info!(path = %path.display(), "attached to channel");
                 emit_state(&ctx, &vm, LinkState::Linked, None);
                 let started = Instant::now();
-                let why = attached(&vm, stream, &ctx, &stats, &mut stop).await;
-                stats.linked.store(false, Relaxed);
-                stats.session.store(false, Relaxed);
-                tracing::info!(vm = %vm, reason = %why, "detached from channel");
+                let mut s = Session::new(
+                    vm.clone(),
+                    ctx.limits.clone(),
+                    ctx.policy.rules_for(&vm),
+                    stats.clone(),
+                    Instant::now(),
+                );
+                let why = attached(&vm, &mut s, stream, &ctx, &mut stop).await;
+                s.detach();
+                tracing::info!(reason = %why, "detached from channel");
                 emit_state(&ctx, &vm, LinkState::Unlinked, Some(why));
                 if started.elapsed() > Duration::from_secs(1) {
                     backoff.reset();
@@ -88,9 +78,9 @@ pub async fn run(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, mut stop: watch
                 attempts += 1;
                 // The backend may be restarting; say so once, then quietly.
                 if attempts == 1 {
-                    tracing::info!(vm = %vm, path = %path.display(), error = %e, "channel socket not accepting; retrying with backoff");
+                    tracing::info!(path = %path.display(), error = %e, "channel socket not accepting; retrying with backoff");
                 } else {
-                    tracing::debug!(vm = %vm, attempts, error = %e, "channel socket still not accepting");
+                    tracing::debug!(attempts, error = %e, "channel socket still not accepting");
                 }
             }
         }
@@ -134,23 +124,17 @@ async fn sleep_until_opt(t: Option<Instant>) {
 /// Serves one attachment to the channel socket; returns why it ended.
 async fn attached(
     vm: &VmId,
+    s: &mut Session,
     stream: UnixStream,
     ctx: &LinkContext,
-    stats: &Arc<LinkStats>,
     stop: &mut watch::Receiver<bool>,
 ) -> String {
     let (mut gr, mut gw) = stream.into_split();
-    let rules = ctx.policy.rules_for(vm);
-    let mut s = Session::new(
-        vm.clone(),
-        ctx.limits.clone(),
-        rules,
-        stats.clone(),
-        Instant::now(),
-    );
     s.attach(Instant::now());
     let mut br: Option<BrokerRead> = None;
     let mut bw: Option<BrokerWrite> = None;
+    let mut guest_buf = BytesMut::with_capacity(READ_BUF);
+    let mut broker_buf = BytesMut::with_capacity(READ_BUF);
     let mut pending: VecDeque<Effect> = VecDeque::new();
     loop {
         let deadline = s.next_deadline();
@@ -158,30 +142,38 @@ async fn attached(
         let has_broker = br.is_some();
         let effects = tokio::select! {
             _ = stop.changed() => return "service stopping".to_owned(),
-            r = gr.read_buf(&mut s.guest_in), if want_guest => match r {
+            r = gr.read_buf(&mut guest_buf), if want_guest => match r {
                 Ok(0) => return "channel socket closed by the backend".to_owned(),
-                Ok(_) => s.on_guest_input(Instant::now()),
+                Ok(_) => {
+                    let effects = s.on_guest_input(&guest_buf, Instant::now());
+                    guest_buf.clear();
+                    effects
+                }
                 Err(e) => return format!("channel read error: {e}"),
             },
-            r = read_broker(br.as_mut(), &mut s.broker_in), if has_broker => match r {
-                Ok(n) if n > 0 => s.on_broker_input(Instant::now()),
+            r = read_broker(br.as_mut(), &mut broker_buf), if has_broker => match r {
+                Ok(n) if n > 0 => {
+                    let effects = s.on_broker_input(&broker_buf, Instant::now());
+                    broker_buf.clear();
+                    effects
+                }
                 other => {
                     if let Err(e) = other {
-                        tracing::info!(vm = %vm, error = %e, "broker connection error");
+                        tracing::info!(error = %e, "broker connection error");
                     }
                     br = None;
                     bw = None;
                     s.broker_closed(Instant::now())
                 }
             },
-            r = gw.write(&s.to_guest), if !s.to_guest.is_empty() => match r {
-                Ok(n) => { s.to_guest.advance(n); Vec::new() }
+            r = gw.write(s.to_guest()), if !s.to_guest().is_empty() => match r {
+                Ok(n) => { s.guest_written(n); Vec::new() }
                 Err(e) => return format!("channel write error: {e}"),
             },
-            r = write_broker(bw.as_mut(), &s.to_broker), if has_broker && !s.to_broker.is_empty() => match r {
-                Ok(n) => { s.to_broker.advance(n); Vec::new() }
+            r = write_broker(bw.as_mut(), s.to_broker()), if has_broker && !s.to_broker().is_empty() => match r {
+                Ok(n) => { s.broker_written(n); Vec::new() }
                 Err(e) => {
-                    tracing::info!(vm = %vm, error = %e, "broker write error");
+                    tracing::info!(error = %e, "broker write error");
                     br = None;
                     bw = None;
                     s.broker_closed(Instant::now())
@@ -204,34 +196,24 @@ async fn attached(
                             pending.extend(s.broker_connected(Instant::now()));
                         }
                         Ok(Err(e)) => {
-                            tracing::warn!(vm = %vm, broker = %ctx.broker, error = %e, "broker unreachable; guest told to retry");
+                            tracing::warn!(broker = %ctx.broker, error = %e, "broker unreachable; guest told to retry");
                             s.broker_failed();
                         }
                         Err(_) => {
-                            tracing::warn!(vm = %vm, broker = %ctx.broker, "broker connection timed out; guest told to retry");
+                            tracing::warn!(broker = %ctx.broker, "broker connection timed out; guest told to retry");
                             s.broker_failed();
                         }
                     }
                 }
                 Effect::CloseBroker { flush } => {
                     if let (true, Some(w)) = (flush, bw.as_mut()) {
-                        let _ = timeout(Duration::from_secs(1), w.write_all(&s.to_broker)).await;
+                        let _ = timeout(Duration::from_secs(1), w.write_all(s.to_broker())).await;
                     }
                     br = None;
                     bw = None;
-                    s.to_broker.clear();
-                    s.broker_in.clear();
+                    s.broker_released();
                 }
-                Effect::State(state, detail) => {
-                    match state {
-                        LinkState::SessionUp => stats.session.store(true, Relaxed),
-                        LinkState::SessionDown | LinkState::Overflow | LinkState::Violations => {
-                            stats.session.store(false, Relaxed)
-                        }
-                        _ => {}
-                    }
-                    emit_state(ctx, vm, state, detail);
-                }
+                Effect::State(state, detail) => emit_state(ctx, vm, state, detail),
                 Effect::Refused { topic, reason } => {
                     ctx.supervision.emit(Event::Refused {
                         vm: vm.clone(),
@@ -241,19 +223,5 @@ async fn attached(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_cap_and_resets() {
-        let mut b = Backoff::new();
-        let delays: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
     }
 }

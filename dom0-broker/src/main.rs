@@ -132,6 +132,8 @@ fn init_logging(configured: Option<&str>) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        // `LEVEL link{vm=..}: message fields`: the VM comes from the span (`link`, `session`).
+        .with_target(false)
         .init();
 }
 

@@ -206,15 +206,6 @@ pub struct Connect {
     pub password: Option<Bytes>,
 }
 
-/// Protocol level of a CONNECT body without parsing the rest (to answer "unacceptable protocol").
-pub fn connect_level(body: &[u8]) -> Option<u8> {
-    if body.get(..6)? == b"\x00\x04MQTT" {
-        body.get(6).copied()
-    } else {
-        None
-    }
-}
-
 /// Parses a CONNECT body strictly: protocol name, level 4, flag consistency, exact length.
 pub fn parse_connect(body: &[u8]) -> Result<Connect, PacketError> {
     let mut r = Reader { buf: body };
@@ -592,7 +583,6 @@ mod tests {
         for (body, e) in rows {
             assert_eq!(parse_connect(body).as_ref().err(), Some(e), "{body:x?}");
         }
-        assert_eq!(connect_level(b"\x00\x04MQTT\x05"), Some(5));
     }
 
     #[test]
@@ -684,7 +674,6 @@ mod tests {
                     let _ = parse_connack(body);
                 }
                 let _ = parse_connect(&bytes);
-                let _ = connect_level(&bytes);
             }
         }
     }

@@ -18,7 +18,8 @@ use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
-use topics::topic::{filter_covers, filter_matches, validate_filter};
+use topics::filter::{self, filter_covers, filter_matches, filters_intersect};
+use topics::topic::{Command, Notification, validate_filter};
 use topics::vm::VmId;
 
 /// Why an action was denied. Carries no payload bytes.
@@ -48,6 +49,9 @@ impl fmt::Display for Denial {
     }
 }
 
+/// What `{vm}` stands for in a policy filter: the VM's own name.
+pub const VM_PLACEHOLDER: &str = "{vm}";
+
 /// Roles: sugar that expands to plain filters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -62,28 +66,31 @@ pub enum Role {
 
 impl Role {
     /// (publish, subscribe) filters of the role, with `{vm}` placeholders.
-    pub fn filters(self) -> (&'static [&'static str], &'static [&'static str]) {
+    pub fn filters(self) -> (Vec<String>, Vec<String>) {
         match self {
             Role::Client => (
-                &["system/+/+/request", "system/events/error/notification"],
-                &["system/+/+/response/{vm}", "system/+/+/notification"],
+                vec![filter::requests(), Notification::Error.topic()],
+                vec![
+                    filter::responses_to(VM_PLACEHOLDER),
+                    filter::notifications(),
+                ],
             ),
             Role::DiskProvider => (
-                &[
-                    "system/disks/+/response/+",
-                    "system/disk/new_file/notification",
+                vec![
+                    filter::disk_responses_to("+"),
+                    Notification::NewFile.topic(),
                 ],
-                &["system/disks/+/request"],
+                vec![filter::disk_requests()],
             ),
             Role::Agent => (
-                &[
-                    "system/components/discover/response/+",
-                    "system/misc/benchmark/response/+",
-                    "system/events/error/notification",
+                vec![
+                    Command::Discover.response_filter("+"),
+                    Command::Benchmark.response_filter("+"),
+                    Notification::Error.topic(),
                 ],
-                &[
-                    "system/components/discover/request",
-                    "system/misc/benchmark/request",
+                vec![
+                    Command::Discover.request_topic(),
+                    Command::Benchmark.request_topic(),
                 ],
             ),
         }
@@ -188,12 +195,14 @@ impl Policy {
             for (list, filters) in lists {
                 for f in filters {
                     let bad = |why: String| invalid_at(Some(f), format!("{list}: {f:?}: {why}"));
-                    let concrete = f.replace("{vm}", "x");
+                    let concrete = f.replace(VM_PLACEHOLDER, "x");
                     if concrete.contains(['{', '}']) {
                         return Err(bad("only {vm} may be substituted".into()));
                     }
                     validate_filter(&concrete).map_err(|e| bad(e.to_string()))?;
-                    if f.split('/').any(|l| l.contains("{vm}") && l != "{vm}") {
+                    if f.split('/')
+                        .any(|l| l.contains(VM_PLACEHOLDER) && l != VM_PLACEHOLDER)
+                    {
                         return Err(bad("{vm} must be a whole level".into()));
                     }
                 }
@@ -281,26 +290,13 @@ fn line_of(text: &str, from: usize, needles: &[String]) -> usize {
 }
 
 fn subst(filter: &str, vm: &VmId) -> String {
-    filter.replace("{vm}", vm.as_str())
-}
-
-/// True when two filters can match a common topic.
-pub fn filters_intersect(a: &str, b: &str) -> bool {
-    let mut x = a.split('/');
-    let mut y = b.split('/');
-    loop {
-        match (x.next(), y.next()) {
-            (Some("#"), _) | (_, Some("#")) => return true,
-            (Some(p), Some(q)) if p == "+" || q == "+" || p == q => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
+    filter.replace(VM_PLACEHOLDER, vm.as_str())
 }
 
 impl Rules {
-    /// May the VM publish to `topic` (a name)? The payload check for requests is separate.
-    pub fn check_publish(&self, topic: &str) -> Result<(), Denial> {
+    /// May the VM publish to `topic` (a name)? The topic alone: [`check_publish`] adds the
+    /// `sender` check of requests.
+    pub fn check_publish_topic(&self, topic: &str) -> Result<(), Denial> {
         if topic.starts_with('$') {
             return Err(Denial::Reserved);
         }
@@ -374,7 +370,7 @@ pub fn check_sender(vm: &VmId, payload: &[u8]) -> Result<(), Denial> {
 
 /// The whole publish decision: topic rules, then the sender of requests.
 pub fn check_publish(rules: &Rules, vm: &VmId, topic: &str, payload: &[u8]) -> Result<(), Denial> {
-    rules.check_publish(topic)?;
+    rules.check_publish_topic(topic)?;
     if is_request_topic(topic) {
         check_sender(vm, payload)?;
     }

@@ -1,5 +1,7 @@
 //! The link's logic for one VM, without I/O: bytes from the guest and from the broker in, bytes to
-//! each side and [`Effect`]s out. The I/O driver (`link.rs`) moves the buffers and carries out effects.
+//! each side and [`Effect`]s out. The session owns its buffers and the link's counters; the I/O
+//! driver (`link.rs`) only moves bytes ([`Session::to_guest`] and [`Session::guest_written`], the
+//! same for the broker) and carries out effects.
 //!
 //! States: `Scanning` for a well-formed CONNECT (everything before it is discarded), `Connecting`
 //! while the driver opens the broker connection, `Live` while packets are relayed under policy.
@@ -55,7 +57,8 @@ pub struct Limits {
 pub enum Effect {
     /// Open a broker connection, then call [`Session::broker_connected`] or [`Session::broker_failed`].
     OpenBroker,
-    /// Close the broker connection; with `flush`, write `to_broker` out first (a clean DISCONNECT).
+    /// Close the broker connection, then call [`Session::broker_released`]; with `flush`, write
+    /// [`Session::to_broker`] out first (the guest's clean DISCONNECT).
     CloseBroker { flush: bool },
     /// Report a link state change.
     State(LinkState, Option<String>),
@@ -80,13 +83,13 @@ pub struct Session {
     stats: Arc<LinkStats>,
     phase: Phase,
     /// Bytes read from the guest, not yet processed.
-    pub guest_in: BytesMut,
+    guest_in: BytesMut,
     /// Bytes read from the broker, not yet processed.
-    pub broker_in: BytesMut,
+    broker_in: BytesMut,
     /// Bytes waiting to be written to the guest.
-    pub to_guest: BytesMut,
+    to_guest: BytesMut,
     /// Bytes waiting to be written to the broker.
-    pub to_broker: BytesMut,
+    to_broker: BytesMut,
     /// The rewritten CONNECT, sent once the broker connection is open.
     pending_connect: BytesMut,
     /// 1.5 × the effective keepalive: silence beyond this ends the session.
@@ -162,10 +165,6 @@ impl Session {
         }
     }
 
-    pub fn vm(&self) -> &VmId {
-        &self.vm
-    }
-
     /// True while a broker session is open or opening.
     pub fn has_broker(&self) -> bool {
         !matches!(self.phase, Phase::Scanning)
@@ -181,12 +180,47 @@ impl Session {
 
     /// Called when the link attaches to the channel: tell the guest to start over.
     pub fn attach(&mut self, now: Instant) {
+        self.stats.linked.store(true, Relaxed);
         self.last_nudge = Some(now);
         self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
     }
 
-    /// Processes `guest_in` after a read.
-    pub fn on_guest_input(&mut self, now: Instant) -> Vec<Effect> {
+    /// Called when the link leaves the channel (socket closed, service stopping).
+    pub fn detach(&mut self) {
+        self.stats.linked.store(false, Relaxed);
+        self.stats.session.store(false, Relaxed);
+    }
+
+    /// Bytes waiting to be written to the guest.
+    pub fn to_guest(&self) -> &[u8] {
+        &self.to_guest
+    }
+
+    /// The driver wrote the first `n` bytes of [`Session::to_guest`].
+    pub fn guest_written(&mut self, n: usize) {
+        self.to_guest.advance(n.min(self.to_guest.len()));
+    }
+
+    /// Bytes waiting to be written to the broker.
+    pub fn to_broker(&self) -> &[u8] {
+        &self.to_broker
+    }
+
+    /// The driver wrote the first `n` bytes of [`Session::to_broker`].
+    pub fn broker_written(&mut self, n: usize) {
+        self.to_broker.advance(n.min(self.to_broker.len()));
+    }
+
+    /// The driver closed the broker connection (after [`Effect::CloseBroker`]): what was left for
+    /// it or from it belongs to no session any more.
+    pub fn broker_released(&mut self) {
+        self.to_broker.clear();
+        self.broker_in.clear();
+    }
+
+    /// Bytes read from the guest.
+    pub fn on_guest_input(&mut self, bytes: &[u8], now: Instant) -> Vec<Effect> {
+        self.guest_in.extend_from_slice(bytes);
         if !self.guest_in.is_empty() {
             self.last_guest = now;
         }
@@ -235,7 +269,7 @@ impl Session {
             Candidate::Level(h, level) => {
                 // A real CONNECT of a protocol we do not speak: say so (3.1.1 clients understand rc 1).
                 self.guest_in.advance(h.frame_len());
-                tracing::warn!(vm = %self.vm, level, "CONNECT with unsupported protocol level refused");
+                tracing::warn!(level, "CONNECT with unsupported protocol level refused");
                 mqtt::encode_connack(false, connack::UNACCEPTABLE_PROTOCOL, &mut self.to_guest);
                 true
             }
@@ -256,9 +290,23 @@ impl Session {
             .is_none_or(|t| now >= t + Duration::from_secs(1))
         {
             self.last_nudge = Some(now);
-            tracing::debug!(vm = %self.vm, "guest sent non-CONNECT bytes without a session; telling it to start over");
+            tracing::debug!(
+                "guest sent non-CONNECT bytes without a session; telling it to start over"
+            );
             self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
         }
+    }
+
+    /// Reports a state change, and keeps the `session` counter true to it.
+    fn state(&mut self, state: LinkState, detail: Option<String>) {
+        match state {
+            LinkState::SessionUp => self.stats.session.store(true, Relaxed),
+            LinkState::SessionDown | LinkState::Overflow | LinkState::Violations => {
+                self.stats.session.store(false, Relaxed)
+            }
+            _ => {}
+        }
+        self.effects.push(Effect::State(state, detail));
     }
 
     fn discard(&mut self, n: usize) {
@@ -272,13 +320,13 @@ impl Session {
     fn on_connect(&mut self, mut c: mqtt::Connect, now: Instant) -> bool {
         if !c.client_id.is_empty() && c.client_id != self.vm.as_str() {
             let claimed: String = c.client_id.chars().take(64).collect();
-            tracing::warn!(vm = %self.vm, claimed = ?claimed, "CONNECT with another VM's client id refused");
+            tracing::warn!(claimed = ?claimed, "CONNECT with another VM's client id refused");
             self.refusal();
             mqtt::encode_connack(false, connack::IDENTIFIER_REJECTED, &mut self.to_guest);
-            self.effects.push(Effect::State(
+            self.state(
                 LinkState::IdentityRefused,
                 Some(format!("claimed client id {claimed:?}")),
-            ));
+            );
             return true;
         }
         if let Some(w) = &c.will {
@@ -336,7 +384,7 @@ impl Session {
         self.phase = Phase::Live {
             connack_seen: false,
         };
-        self.on_guest_input(now)
+        self.on_guest_input(&[], now)
     }
 
     /// The broker could not be reached: tell the guest, which will retry.
@@ -366,14 +414,13 @@ impl Session {
             self.last_nudge = Some(now);
         }
         if was_live {
-            self.effects
-                .push(Effect::State(LinkState::SessionDown, Some(why.to_owned())));
+            self.state(LinkState::SessionDown, Some(why.to_owned()));
         }
-        tracing::info!(vm = %self.vm, reason = why, "session ended");
+        tracing::info!(reason = why, "session ended");
     }
 
     fn desync(&mut self, e: &PacketError, now: Instant) {
-        tracing::warn!(vm = %self.vm, error = %e, "malformed packet from guest; scanning for CONNECT");
+        tracing::warn!(error = %e, "malformed packet from guest; scanning for CONNECT");
         self.stats.dropped.fetch_add(1, Relaxed);
         self.end_session(&format!("malformed packet: {e}"), false, now);
     }
@@ -402,7 +449,7 @@ impl Session {
             0 => reason.to_owned(),
             n => format!("{reason} (and {n} more refusals not reported)"),
         };
-        tracing::warn!(vm = %self.vm, topic, reason = %reason, "refused");
+        tracing::warn!(topic, reason = %reason, "refused");
         self.effects.push(Effect::Refused {
             topic: topic.to_owned(),
             reason,
@@ -435,10 +482,7 @@ impl Session {
                     Candidate::Connect(_, c) => {
                         self.phase = Phase::Scanning;
                         self.effects.push(Effect::CloseBroker { flush: false });
-                        self.effects.push(Effect::State(
-                            LinkState::SessionDown,
-                            Some("new CONNECT".into()),
-                        ));
+                        self.state(LinkState::SessionDown, Some("new CONNECT".into()));
                         self.on_connect(c, now);
                         true
                     }
@@ -476,11 +520,14 @@ impl Session {
         if let Err(e) = result {
             self.desync(&e, now);
         } else if self.violations >= self.limits.violation_limit {
-            tracing::warn!(vm = %self.vm, violations = self.violations, "too many refusals; disconnecting the VM");
-            self.effects.push(Effect::State(
+            tracing::warn!(
+                violations = self.violations,
+                "too many refusals; disconnecting the VM"
+            );
+            self.state(
                 LinkState::Violations,
                 Some(format!("{} refusals", self.violations)),
-            ));
+            );
             self.end_session("too many policy violations", false, now);
         }
         true
@@ -590,8 +637,9 @@ impl Session {
         Ok(())
     }
 
-    /// Processes `broker_in`.
-    pub fn on_broker_input(&mut self, now: Instant) -> Vec<Effect> {
+    /// Bytes read from the broker.
+    pub fn on_broker_input(&mut self, bytes: &[u8], now: Instant) -> Vec<Effect> {
+        self.broker_in.extend_from_slice(bytes);
         loop {
             // Our broker connection carries what the broker accepted; bound it all the same.
             let h = match mqtt::fixed_header(&self.broker_in, self.limits.max_packet) {
@@ -599,7 +647,7 @@ impl Session {
                 Ok(Some(h)) if self.broker_in.len() < h.frame_len() => break,
                 Ok(Some(h)) => h,
                 Err(e) => {
-                    tracing::warn!(vm = %self.vm, error = %e, "bad packet from broker");
+                    tracing::warn!(error = %e, "bad packet from broker");
                     self.end_session("bad packet from broker", false, now);
                     break;
                 }
@@ -611,12 +659,10 @@ impl Session {
                 break;
             }
             if self.to_guest.len() > self.limits.queue_bytes {
-                tracing::warn!(vm = %self.vm, queued = self.to_guest.len(), "guest does not read; dropping its session");
+                let queued = self.to_guest.len();
+                tracing::warn!("guest does not read; dropping its session");
                 self.stats.dropped.fetch_add(1, Relaxed);
-                self.effects.push(Effect::State(
-                    LinkState::Overflow,
-                    Some(format!("{} bytes queued", self.to_guest.len())),
-                ));
+                self.state(LinkState::Overflow, Some(format!("{queued} bytes queued")));
                 self.to_guest.clear();
                 self.end_session("guest queue overflow", false, now);
                 break;
@@ -640,10 +686,10 @@ impl Session {
                 self.relay_to_guest(frame);
                 if rc == connack::ACCEPTED {
                     self.phase = Phase::Live { connack_seen: true };
-                    tracing::info!(vm = %self.vm, "session up");
-                    self.effects.push(Effect::State(LinkState::SessionUp, None));
+                    tracing::info!("session up");
+                    self.state(LinkState::SessionUp, None);
                 } else {
-                    tracing::warn!(vm = %self.vm, rc, "broker refused the session");
+                    tracing::warn!(rc, "broker refused the session");
                     self.phase = Phase::Scanning;
                     self.effects.push(Effect::CloseBroker { flush: false });
                 }
@@ -656,7 +702,7 @@ impl Session {
                 match self.rules.check_deliver(p.topic) {
                     Ok(()) => self.relay_to_guest(frame),
                     Err(d) => {
-                        tracing::warn!(vm = %self.vm, topic = p.topic, reason = %d, "delivery refused");
+                        tracing::warn!(topic = p.topic, reason = %d, "delivery refused");
                         self.stats.refused.fetch_add(1, Relaxed);
                         match (p.qos, p.pkid) {
                             (1, Some(id)) => {
@@ -748,7 +794,10 @@ impl Session {
                     self.process_guest(now);
                 }
                 Phase::Live { .. } if now >= since + self.window => {
-                    tracing::warn!(vm = %self.vm, bytes = self.guest_in.len(), "incomplete frame timed out; scanning");
+                    tracing::warn!(
+                        bytes = self.guest_in.len(),
+                        "incomplete frame timed out; scanning"
+                    );
                     self.partial_since = None;
                     self.end_session("incomplete frame timed out", false, now);
                     self.process_guest(now);

@@ -97,7 +97,7 @@ pub fn command_by_name(name: &str) -> Option<Command> {
         .or_else(|| topics::legacy::from_type_commande(name))
 }
 
-/// Binds the local socket (replacing a stale one, never a live one), readable by the owner only.
+/// Binds the local socket (replacing a stale one, never a live one), mode 0660: its owner and group.
 pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {

@@ -140,6 +140,8 @@ fn run(a: RunArgs) -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        // `LEVEL link{vm=..}: message fields`: the VM comes from the span (`link`, `session`).
+        .with_target(false)
         .init();
     // One thread: the tty, the session and the dispatch hand messages to each other without
     // crossing threads (latency); file work runs on the blocking pool.

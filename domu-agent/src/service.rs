@@ -13,6 +13,7 @@ use rumqttc::mqttbytes::QoS;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use topics::filter;
 use topics::payload::{
     self, BenchmarkArgs, BenchmarkReply, Component, CopyFileArgs, CreateFileArgs, DiscoverReply,
     ErrorEvent, FootprintArgs, FootprintReply, ListDisksReply, ListFilesArgs, ListFilesReply,
@@ -92,10 +93,10 @@ impl Service {
             Command::Benchmark.request_topic(),
         ];
         if self.disks.is_some() {
-            subs.push("system/disks/+/request".to_owned());
+            subs.push(filter::disk_requests());
         }
         if local_requests {
-            subs.push(format!("system/+/+/response/{}", self.vm));
+            subs.push(filter::responses_to(self.vm.as_str()));
         }
         subs
     }
@@ -201,6 +202,25 @@ impl Service {
         })
     }
 
+    /// A disk command: decodes its arguments, needs disks, does the file work on the blocking pool,
+    /// and encodes the answer.
+    async fn disk_command<A, D>(
+        &self,
+        payload: &[u8],
+        rid: Option<RequestId>,
+        work: impl FnOnce(A, Disks) -> Result<D, ErrorBody> + Send + 'static,
+    ) -> Vec<u8>
+    where
+        A: DeserializeOwned + Send + 'static,
+        D: Serialize + Send + 'static,
+    {
+        let r = match (Self::args::<A>(payload), self.disks()) {
+            (Ok(a), Ok(d)) => self.blocking(move || work(a, d)).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        self.answer(rid, r).await
+    }
+
     async fn answer<D: Serialize>(
         &self,
         rid: Option<RequestId>,
@@ -229,158 +249,113 @@ impl Service {
 
     async fn list_files(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
         let max = self.limits.max_list_entries;
-        let r = match (Self::args::<ListFilesArgs>(payload), self.disks()) {
-            (Ok(a), Ok(d)) => {
-                self.blocking(move || {
-                    let dir = d.open(&a.disk).map_err(fs_error)?;
-                    let (files, truncated) = fsops::list(&dir, max).map_err(|e| {
-                        ErrorBody::new(ErrorCode::Io, format!("disk `{}`: {e}", a.disk))
-                    })?;
-                    Ok(ListFilesReply {
-                        disk: a.disk,
-                        files,
-                        truncated,
-                    })
-                })
-                .await
-            }
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        };
-        self.answer(rid, r).await
+        self.disk_command(payload, rid, move |a: ListFilesArgs, d| {
+            let dir = d.open(&a.disk).map_err(fs_error)?;
+            let (files, truncated) = fsops::list(&dir, max)
+                .map_err(|e| ErrorBody::new(ErrorCode::Io, format!("disk `{}`: {e}", a.disk)))?;
+            Ok(ListFilesReply {
+                disk: a.disk,
+                files,
+                truncated,
+            })
+        })
+        .await
     }
 
     async fn footprint(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
-        let r = match (Self::args::<FootprintArgs>(payload), self.disks()) {
-            (Ok(a), Ok(d)) => {
-                self.blocking(move || {
-                    let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
-                    let dir = d.open(&a.disk).map_err(fs_error)?;
-                    let footprint = fsops::footprint(&dir, &rel).map_err(fs_error)?;
-                    Ok(FootprintReply {
-                        disk: Some(a.disk),
-                        filepath: Some(a.filepath),
-                        footprint,
-                    })
-                })
-                .await
-            }
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        };
-        self.answer(rid, r).await
+        self.disk_command(payload, rid, move |a: FootprintArgs, d| {
+            let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
+            let dir = d.open(&a.disk).map_err(fs_error)?;
+            let footprint = fsops::footprint(&dir, &rel).map_err(fs_error)?;
+            Ok(FootprintReply {
+                disk: Some(a.disk),
+                filepath: Some(a.filepath),
+                footprint,
+            })
+        })
+        .await
     }
 
     async fn remove_file(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
-        let r = match (Self::args::<RemoveFileArgs>(payload), self.disks()) {
-            (Ok(a), Ok(d)) => {
-                let announcer = self.announcer.clone();
-                self.blocking(move || {
-                    let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
-                    let dir = d.open(&a.disk).map_err(fs_error)?;
-                    fsops::remove(&dir, &rel).map_err(fs_error)?;
-                    announcer.forget(&a.disk, &rel);
-                    Ok(StatusOnly {})
-                })
-                .await
-            }
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        };
-        self.answer(rid, r).await
+        let announcer = self.announcer.clone();
+        self.disk_command(payload, rid, move |a: RemoveFileArgs, d| {
+            let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
+            let dir = d.open(&a.disk).map_err(fs_error)?;
+            fsops::remove(&dir, &rel).map_err(fs_error)?;
+            announcer.forget(&a.disk, &rel);
+            Ok(StatusOnly {})
+        })
+        .await
     }
 
     async fn create_file(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
         let max = self.limits.max_create_bytes;
-        let r = match (Self::args::<CreateFileArgs>(payload), self.disks()) {
-            (Ok(a), Ok(d)) => {
-                let announcer = self.announcer.clone();
-                self.blocking(move || {
-                    let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
-                    let data =
-                        topics::binary::decode_limited(&a.data, max).map_err(|e| match e {
-                            topics::binary::Base64Error::TooLarge { .. } => {
-                                ErrorBody::new(ErrorCode::TooLarge, format!("field `data`: {e}"))
-                            }
-                            _ => ErrorBody::new(
-                                ErrorCode::InvalidArgument,
-                                format!("field `data`: {e}"),
-                            ),
-                        })?;
-                    let dir = d.open(&a.disk).map_err(fs_error)?;
-                    fsops::write_atomic(&dir, &rel, a.overwrite, |f| f.write_all(&data))
-                        .map_err(fs_error)?;
-                    announcer.announce(&a.disk, &rel, data.len() as u64);
-                    Ok(StatusOnly {})
-                })
-                .await
-            }
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        };
-        self.answer(rid, r).await
+        let announcer = self.announcer.clone();
+        self.disk_command(payload, rid, move |a: CreateFileArgs, d| {
+            let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
+            let data = topics::binary::decode_limited(&a.data, max).map_err(|e| match e {
+                topics::binary::Base64Error::TooLarge { .. } => {
+                    ErrorBody::new(ErrorCode::TooLarge, format!("field `data`: {e}"))
+                }
+                _ => ErrorBody::new(ErrorCode::InvalidArgument, format!("field `data`: {e}")),
+            })?;
+            let dir = d.open(&a.disk).map_err(fs_error)?;
+            fsops::write_atomic(&dir, &rel, a.overwrite, |f| f.write_all(&data))
+                .map_err(fs_error)?;
+            announcer.announce(&a.disk, &rel, data.len() as u64);
+            Ok(StatusOnly {})
+        })
+        .await
     }
 
     async fn copy_file(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
-        let r = match (Self::args::<CopyFileArgs>(payload), self.disks()) {
-            (Ok(a), Ok(d)) => {
-                let announcer = self.announcer.clone();
-                self.blocking(move || {
-                    let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
-                    let src = d.open(&a.source_disk).map_err(fs_error)?;
-                    let dst = d.open(&a.target_disk).map_err(fs_error)?;
-                    let (_, size) = fsops::copy_verified(&src, &rel, &dst, &rel, a.overwrite)
-                        .map_err(fs_error)?;
-                    announcer.announce(&a.target_disk, &rel, size);
-                    Ok(StatusOnly {})
-                })
-                .await
-            }
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        };
-        self.answer(rid, r).await
+        let announcer = self.announcer.clone();
+        self.disk_command(payload, rid, move |a: CopyFileArgs, d| {
+            let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
+            let src = d.open(&a.source_disk).map_err(fs_error)?;
+            let dst = d.open(&a.target_disk).map_err(fs_error)?;
+            let (_, size) =
+                fsops::copy_verified(&src, &rel, &dst, &rel, a.overwrite).map_err(fs_error)?;
+            announcer.announce(&a.target_disk, &rel, size);
+            Ok(StatusOnly {})
+        })
+        .await
     }
 
     async fn read_file(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
         let repo = self.repository.clone();
-        let r = match (Self::args::<ReadFileArgs>(payload), self.disks(), repo) {
-            (Ok(a), Ok(d), Some(repo)) => {
-                let announcer = self.announcer.clone();
-                self.blocking(move || {
-                    let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
-                    let src = d.open(&a.source_disk).map_err(fs_error)?;
-                    let dst = fsops::open_root(&repo).map_err(|e| {
-                        ErrorBody::new(ErrorCode::Io, format!("local repository: {e}"))
-                    })?;
-                    let target = Path::new(&a.source_disk).join(&rel);
-                    let (footprint, size) =
-                        match fsops::copy_verified(&src, &rel, &dst, &target, false) {
-                            Ok(done) => done,
-                            // Already in the repository: fine if it is the same file, refused otherwise.
-                            Err(FsError::AlreadyExists(what)) => {
-                                let theirs = fsops::footprint(&src, &rel).map_err(fs_error)?;
-                                let ours = fsops::footprint(&dst, &target).map_err(fs_error)?;
-                                if theirs != ours {
-                                    return Err(fs_error(FsError::AlreadyExists(what)));
-                                }
-                                let (_, size) =
-                                    fsops::open_regular(&dst, &target).map_err(fs_error)?;
-                                (ours, size)
-                            }
-                            Err(e) => return Err(fs_error(e)),
-                        };
-                    announcer.announce(REPOSITORY, &target, size);
-                    Ok(ReadFileReply {
-                        filepath: Some(target.display().to_string()),
-                        size_in_bytes: Some(size),
-                        footprint: Some(footprint),
-                    })
-                })
-                .await
-            }
-            (Err(e), _, _) | (_, Err(e), _) => Err(e),
-            (_, _, None) => Err(ErrorBody::new(
-                ErrorCode::Unsupported,
-                "no local repository configured",
-            )),
-        };
-        self.answer(rid, r).await
+        let announcer = self.announcer.clone();
+        self.disk_command(payload, rid, move |a: ReadFileArgs, d| {
+            let repo = repo.ok_or_else(|| {
+                ErrorBody::new(ErrorCode::Unsupported, "no local repository configured")
+            })?;
+            let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
+            let src = d.open(&a.source_disk).map_err(fs_error)?;
+            let dst = fsops::open_root(&repo)
+                .map_err(|e| ErrorBody::new(ErrorCode::Io, format!("local repository: {e}")))?;
+            let target = Path::new(&a.source_disk).join(&rel);
+            let (footprint, size) = match fsops::copy_verified(&src, &rel, &dst, &target, false) {
+                Ok(done) => done,
+                // Already in the repository: fine if it is the same file, refused otherwise.
+                Err(FsError::AlreadyExists(what)) => {
+                    let theirs = fsops::footprint(&src, &rel).map_err(fs_error)?;
+                    let ours = fsops::footprint(&dst, &target).map_err(fs_error)?;
+                    if theirs != ours {
+                        return Err(fs_error(FsError::AlreadyExists(what)));
+                    }
+                    let (_, size) = fsops::open_regular(&dst, &target).map_err(fs_error)?;
+                    (ours, size)
+                }
+                Err(e) => return Err(fs_error(e)),
+            };
+            announcer.announce(REPOSITORY, &target, size);
+            Ok(ReadFileReply {
+                filepath: Some(target.display().to_string()),
+                size_in_bytes: Some(size),
+                footprint: Some(footprint),
+            })
+        })
+        .await
     }
 
     async fn discover(&self, rid: Option<RequestId>) -> Vec<u8> {
@@ -473,14 +448,7 @@ impl Service {
                 _ => return Err(ErrorBody::new(ErrorCode::Timeout, "no PINGRESP within 5 s")),
             }
         }
-        samples.sort();
-        let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
-        Ok([
-            ("round_trip_p50_us".to_owned(), us(samples[N / 2])),
-            ("round_trip_p99_us".to_owned(), us(samples[N * 99 / 100])),
-            ("samples".to_owned(), N as f64),
-        ]
-        .into())
+        Ok(BenchmarkReply::round_trips(&mut samples).figures)
     }
 
     /// Read throughput of the first disk: reads its files, at most 256 MiB.

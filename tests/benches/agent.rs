@@ -9,18 +9,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::fs::File;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::bench::{guest, tcp};
-use support::channel::Channel;
-use support::raw::RawClient;
-use support::{Agent, BrokerKind, Dom0, TestDir};
+use system_tests::bench::{guest, tcp};
+use system_tests::channel::Channel;
+use system_tests::raw::RawClient;
+use system_tests::{Agent, BrokerKind, Dom0, TestDir};
 
 const ROUND_TRIPS: usize = 1000;
 
@@ -62,7 +59,7 @@ fn ask<S: std::io::Read + std::io::Write>(
 }
 
 fn main() {
-    let kinds = support::bench::kinds_from_args();
+    let kinds = system_tests::bench::kinds_from_args();
     for kind in kinds {
         run(kind);
     }
@@ -81,7 +78,7 @@ fn run(kind: BrokerKind) {
     let d = disks.display().to_string();
     let usb = Agent::start(&dir, &usb_ch, "sys-usb", &["--disks", &d]);
     dom0.proc.wait_log("session up vm=sys-usb");
-    let broker_port = support::bench::broker_port(&dom0, kind);
+    let broker_port = system_tests::bench::broker_port(&dom0, kind);
 
     println!("== {kind:?} broker: request → response, {ROUND_TRIPS} sequential round trips, QoS 1");
     // (a) Direct: a requester and a responder, both clients of the broker.
@@ -133,7 +130,10 @@ fn run(kind: BrokerKind) {
     }
     let (a, b) = (stats(direct), stats(chained));
     // The simulator's own share: the chain crosses two simulated channels there and back.
-    let sim = stats(support::channel::round_trip_samples(&dir.path, ROUND_TRIPS));
+    let sim = stats(system_tests::channel::round_trip_samples(
+        &dir.path,
+        ROUND_TRIPS,
+    ));
     println!(
         "direct  client ↔ broker ↔ client                 p50 {:8.1} µs  p99 {:8.1} µs  ≥40 ms: {}",
         a.p50, a.p99, a.stalls

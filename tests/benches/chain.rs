@@ -6,18 +6,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::bench::{guest, tcp, tcp_plain};
-use support::channel::Channel;
-use support::raw::{self, RawClient};
-use support::{BrokerKind, Dom0, TestDir};
+use system_tests::bench::{guest, tcp, tcp_plain};
+use system_tests::channel::Channel;
+use system_tests::raw::{self, RawClient};
+use system_tests::{BrokerKind, Dom0, TestDir};
 
 /// Each run has its own command so a responder of one run never answers another run's requests.
 const DIRECT: &str = "system/disks/list_files";
@@ -122,7 +119,7 @@ where
 }
 
 fn main() {
-    let kinds = support::bench::kinds_from_args();
+    let kinds = system_tests::bench::kinds_from_args();
     for kind in kinds {
         run(kind);
     }
@@ -142,7 +139,7 @@ fn run(kind: BrokerKind) {
     let ch = Channel::new(&dir.path, "sys-usb");
     dom0.proc.wait_log("attached to channel vm=sys-usb");
 
-    let broker_port = support::bench::broker_port(&dom0, kind);
+    let broker_port = system_tests::bench::broker_port(&dom0, kind);
 
     println!("== {kind:?} broker: request → response, {ROUND_TRIPS} sequential round trips, QoS 1");
     // (a) both clients talk to the broker directly.

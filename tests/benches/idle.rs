@@ -6,13 +6,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::time::Duration;
 
-use support::channel::Channel;
-use support::{BrokerKind, DEADLINE, Dom0, TestDir, raw, wait_for};
+use system_tests::channel::Channel;
+use system_tests::{BrokerKind, DEADLINE, Dom0, TestDir, raw, wait_for};
 
 const VMS: usize = 200;
 const IDLE: Duration = Duration::from_secs(10);
@@ -27,7 +24,7 @@ fn cpu_ticks(pid: i32) -> u64 {
 }
 
 fn main() {
-    let kinds = support::bench::kinds_from_args();
+    let kinds = system_tests::bench::kinds_from_args();
     for kind in kinds {
         run(kind);
     }

@@ -3,12 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 fn main() {
-    let dir = support::TestDir::new("simcost");
-    let s = support::channel::round_trip_samples(&dir.path, 3000);
+    let dir = system_tests::TestDir::new("simcost");
+    let s = system_tests::channel::round_trip_samples(&dir.path, 3000);
     let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
     println!(
         "simulated channel round trip (guest → backend socket → guest): p50 {:.1} µs  p99 {:.1} µs",

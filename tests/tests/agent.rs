@@ -5,8 +5,8 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::support::channel::Channel;
-use crate::support::{Agent, BrokerKind, DEADLINE, Dom0, Proc, TestDir, wait_for};
+use system_tests::channel::Channel;
+use system_tests::{Agent, BrokerKind, DEADLINE, Dom0, Proc, TestDir, wait_for};
 
 /// The whole system: Dom0, sys-usb (disks usb0 and usb1, a repository) and vm-gui.
 struct System {
@@ -31,8 +31,8 @@ fn system(name: &str, kind: BrokerKind) -> System {
     let dom0 = Dom0::start(&dir, kind, &[]);
     let usb_ch = Channel::new(&dir.path, "sys-usb");
     let gui_ch = Channel::new(&dir.path, "vm-gui");
-    dom0.proc.wait_log("attached to channel vm=sys-usb");
-    dom0.proc.wait_log("attached to channel vm=vm-gui");
+    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
+    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
     let d = disks.display().to_string();
     let r = repo.display().to_string();
     let usb = Agent::start(
@@ -43,8 +43,8 @@ fn system(name: &str, kind: BrokerKind) -> System {
     );
     let gui = Agent::start(&dir, &gui_ch, "vm-gui", &[]);
     // Both agents have subscribed (their SUBSCRIBE follows the CONNACK on the same tty).
-    dom0.proc.wait_log("session up vm=sys-usb");
-    dom0.proc.wait_log("session up vm=vm-gui");
+    dom0.proc.wait_log("link{vm=sys-usb}: session up");
+    dom0.proc.wait_log("link{vm=vm-gui}: session up");
     System {
         dir,
         dom0,
@@ -673,7 +673,7 @@ fn requests_in_flight_are_told_apart() {
         .map(|i| {
             let socket = s.gui.socket.clone();
             std::thread::spawn(move || {
-                let out = Command::new(crate::support::bin("domu-agent"))
+                let out = Command::new(system_tests::bin("domu-agent"))
                     .arg("call")
                     .arg("--socket")
                     .arg(&socket)
@@ -777,7 +777,7 @@ fn one_gib_file() {
             }
         })
     };
-    let out = Command::new(crate::support::bin("domu-agent"))
+    let out = Command::new(system_tests::bin("domu-agent"))
         .arg("call")
         .arg("--socket")
         .arg(&s.gui.socket)
@@ -803,7 +803,7 @@ fn one_gib_file() {
     // Interrupted copy: kill the agent while the copy runs.
     let socket = s.gui.socket.clone();
     let copier = std::thread::spawn(move || {
-        Command::new(crate::support::bin("domu-agent"))
+        Command::new(system_tests::bin("domu-agent"))
             .arg("call")
             .arg("--socket")
             .arg(&socket)
@@ -866,7 +866,7 @@ fn agent_waits_for_its_device_and_notices_a_dead_link() {
     let dir = TestDir::new("liveness");
     let ch = Channel::new(&dir.path, "vm-gui");
     let link = dir.join("hvc-later");
-    let mut cmd = Command::new(crate::support::bin("domu-agent"));
+    let mut cmd = Command::new(system_tests::bin("domu-agent"));
     cmd.args(["run", "--vm", "vm-gui", "--keepalive", "1", "--device"])
         .arg(&link)
         .env("RUST_LOG", "debug");

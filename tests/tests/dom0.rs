@@ -1,8 +1,8 @@
 //! The Dom0 service: links, identity, resynchronisation, VM lifecycle, broker restarts, isolation.
 
-use crate::support::channel::Channel;
-use crate::support::guest::Bridge;
-use crate::support::{BrokerKind, DEADLINE, Dom0, TestDir, raw};
+use system_tests::channel::Channel;
+use system_tests::guest::Bridge;
+use system_tests::{BrokerKind, DEADLINE, Dom0, TestDir, raw};
 
 const RESPONSE: &str = "system/disks/list_disks/response/vm-gui";
 const REQUEST: &str = "system/disks/list_disks/request";
@@ -75,8 +75,9 @@ fn identity_is_the_channel() {
     );
     dom0.proc.wait_log("WARN");
     assert!(
-        dom0.log()
-            .contains("CONNECT with another VM's client id refused vm=vm-gui claimed=\"sys-usb\""),
+        dom0.log().contains(
+            "link{vm=vm-gui}: CONNECT with another VM's client id refused claimed=\"sys-usb\""
+        ),
         "{}",
         dom0.log()
     );
@@ -101,7 +102,7 @@ fn resync(kind: BrokerKind) {
     let mut g = ch.guest();
 
     // Works when the guest can subscribe and receive what Dom0 publishes.
-    let works = |g: &mut crate::support::channel::GuestTty, pkid: u16| {
+    let works = |g: &mut system_tests::channel::GuestTty, pkid: u16| {
         let from = g.seen.len();
         g.write(&raw::subscribe(pkid, RESPONSE, 0));
         g.read_until("SUBACK", DEADLINE, |b| {
@@ -158,7 +159,7 @@ fn vm_lifecycle(kind: BrokerKind) {
     let dom0 = Dom0::start(&dir, kind, &[]);
 
     let ch = Channel::new(&dir.path, "vm-gui");
-    dom0.proc.wait_log("attached to channel vm=vm-gui");
+    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
     ch.consume_attach_signal();
     let mut g = ch.guest();
     assert_eq!(raw::connect_until_connack(&mut g, "vm-gui", 5, DEADLINE), 0);
@@ -169,7 +170,8 @@ fn vm_lifecycle(kind: BrokerKind) {
         .wait_log("channel socket removed; link stopped vm=vm-gui");
     // VM rebooted: a new socket, linked again, and the guest gets a session again.
     ch.serve();
-    dom0.proc.wait_log_count("attached to channel vm=vm-gui", 2);
+    dom0.proc
+        .wait_log_count("link{vm=vm-gui}: attached to channel", 2);
     ch.consume_attach_signal();
     assert_eq!(raw::connect_until_connack(&mut g, "vm-gui", 5, DEADLINE), 0);
 
@@ -177,7 +179,7 @@ fn vm_lifecycle(kind: BrokerKind) {
     let other = Channel::unserved(&dir.path, "sys-usb");
     other.refuse();
     dom0.proc
-        .wait_log("still not accepting vm=sys-usb attempts=5");
+        .wait_log("link{vm=sys-usb}: channel socket still not accepting attempts=5");
     let times: Vec<f64> = dom0
         .log()
         .lines()
@@ -193,7 +195,7 @@ fn vm_lifecycle(kind: BrokerKind) {
         );
     }
     other.serve();
-    dom0.proc.wait_log("attached to channel vm=sys-usb");
+    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
 }
 
 #[test]
@@ -231,7 +233,7 @@ fn broker_restart() {
     let pid = dom0.proc.pid();
     drop(dom0.mosquitto.take());
     dom0.proc.wait_log("broker closed the connection");
-    dom0.mosquitto = Some(crate::support::start_mosquitto(&dir, dom0.port, ""));
+    dom0.mosquitto = Some(system_tests::start_mosquitto(&dir, dom0.port, ""));
     guest.wait_subscribed();
     assert!(dom0.proc.is_running());
     assert_eq!(dom0.proc.pid(), pid);
@@ -279,7 +281,7 @@ fn sigterm_stops_cleanly() {
     let op_arg = op.display().to_string();
     let mut dom0 = Dom0::start(&dir, BrokerKind::Embedded, &["--operator-socket", &op_arg]);
     let _ch = Channel::new(&dir.path, "vm-gui");
-    dom0.proc.wait_log("attached to channel vm=vm-gui");
+    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
     assert!(op.exists());
     // The operator socket reaches the broker (mosquitto_sub --unix).
     let out = std::process::Command::new("mosquitto_pub")
@@ -304,8 +306,8 @@ fn discover_lists_linked_vms(kind: BrokerKind) {
     let dom0 = Dom0::start(&dir, kind, &[]);
     let gui = Channel::new(&dir.path, "vm-gui");
     let _usb = Channel::new(&dir.path, "sys-usb");
-    dom0.proc.wait_log("attached to channel vm=sys-usb");
-    dom0.proc.wait_log("attached to channel vm=vm-gui");
+    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
+    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
     let sub = dom0.subscribe(&dir, &["system/components/discover/response/dom0"]);
     dom0.publish(
         "system/components/discover/request",
@@ -425,10 +427,14 @@ fn a_guest_that_does_not_read_is_dropped_alone(kind: BrokerKind) {
         replies.wait_log(&format!("\"request_id\":\"{id}\""));
     }
     dom0.proc
-        .wait_log("guest does not read; dropping its session vm=vm-gui");
+        .wait_log("link{vm=vm-gui}: guest does not read; dropping its session");
     writer.join().unwrap();
     let _ = flood.wait();
-    assert!(!dom0.log().contains("dropping its session vm=sys-usb"));
+    assert!(
+        !dom0
+            .log()
+            .contains("link{vm=sys-usb}: guest does not read; dropping its session")
+    );
 }
 
 #[test]
@@ -448,7 +454,7 @@ fn bad_config_and_unreachable_broker_exit_cleanly() {
     let conf = dir.join("bad.toml");
     std::fs::write(&conf, "listen = \"127.0.0.1:1\"\nlimits = 5\n").unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(crate::support::bin("dom0-broker"))
+        let out = std::process::Command::new(system_tests::bin("dom0-broker"))
             .arg("run")
             .arg("--socket-dir")
             .arg(&dir.path)
@@ -470,7 +476,7 @@ fn bad_config_and_unreachable_broker_exit_cleanly() {
     let (code, err) = run(&["--listen", "0.0.0.0:1883"]);
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains("not loopback"), "{err}");
-    let port = crate::support::free_port();
+    let port = system_tests::free_port();
     let (code, err) = run(&["--broker", &format!("mqtt://127.0.0.1:{port}")]);
     assert_eq!(code, Some(69), "{err}");
     assert!(

@@ -4,9 +4,9 @@
 
 use std::process::Command;
 
-use crate::support::channel::Channel;
-use crate::support::guest::Bridge;
-use crate::support::{
+use system_tests::channel::Channel;
+use system_tests::guest::Bridge;
+use system_tests::{
     Agent, BrokerKind, DEADLINE, Dom0, TestDir, bin, free_port, start_mosquitto, wait_for,
 };
 
@@ -29,7 +29,7 @@ fn scene(name: &str, kind: BrokerKind, dom0_args: &[&str]) -> Scene {
     let dom0 = Dom0::start(&dir, kind, dom0_args);
     let usb_ch = Channel::new(&dir.path, "sys-usb");
     let gui_ch = Channel::new(&dir.path, "vm-gui");
-    dom0.proc.wait_log("attached to channel vm=vm-gui");
+    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
     let d = disks.display().to_string();
     let usb = Agent::start(&dir, &usb_ch, "sys-usb", &["--disks", &d]);
     gui_ch.consume_attach_signal();
@@ -73,7 +73,7 @@ fn impersonation_by_sender_is_refused() {
     errors.wait_log("vm-gui: refused \\\"system/disks/list_disks/request\\\"");
     s.dom0
         .proc
-        .wait_log("refused vm=vm-gui topic=\"system/disks/list_disks/request\"");
+        .wait_log("link{vm=vm-gui}: refused topic=\"system/disks/list_disks/request\"");
     assert!(
         !errors.output().contains("forged-7x"),
         "the payload is never reported"
@@ -129,7 +129,7 @@ fn reading_another_vms_responses_is_refused() {
         sub.stop();
     }
     errors.wait_log("subscription refused");
-    s.dom0.proc.wait_log("refused vm=vm-gui topic=\"#\"");
+    s.dom0.proc.wait_log("link{vm=vm-gui}: refused topic=\"#\"");
     round_trip_works(&s, "after-snoop");
 }
 
@@ -303,7 +303,7 @@ fn rendered_acl_enforced_by_mosquitto() {
     let _m = start_mosquitto(&dir, port, &format!("acl_file {}", acl.display()));
     let p = port.to_string();
     let sub = |id: &str, topics: &[&str]| {
-        crate::support::mosquitto_sub(
+        system_tests::mosquitto_sub(
             &dir,
             &format!("sub-{id}"),
             port,

@@ -4,8 +4,7 @@
 // Test code: a failed unwrap is a failed test, which is what a test should do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
 mod agent;
 mod dom0;
+mod layout;
 mod policy;

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod binary;
+pub mod filter;
 pub mod legacy;
 pub mod payload;
 pub mod reference;

@@ -545,6 +545,34 @@ pub struct BenchmarkReply {
     pub figures: BTreeMap<String, f64>,
 }
 
+/// The `q`-th quantile (0.0..=1.0) of sorted samples: the sample at `⌊len × q⌋`, the last one at
+/// most; `None` when there are none.
+pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
+    let last = sorted.len().checked_sub(1)?;
+    let at = ((sorted.len() as f64 * q) as usize).min(last);
+    sorted.get(at).copied()
+}
+
+impl BenchmarkReply {
+    /// The `messaging` figures of round-trip samples: `round_trip_p50_us`, `round_trip_p99_us`
+    /// (µs, one decimal) and `samples`.
+    pub fn round_trips(samples: &mut [std::time::Duration]) -> BenchmarkReply {
+        samples.sort();
+        let us = |d: Option<std::time::Duration>| {
+            d.map_or(0.0, |d| (d.as_secs_f64() * 1e7).round() / 10.0)
+        };
+        BenchmarkReply {
+            module: "messaging".into(),
+            figures: [
+                ("round_trip_p50_us".to_owned(), us(quantile(samples, 0.5))),
+                ("round_trip_p99_us".to_owned(), us(quantile(samples, 0.99))),
+                ("samples".to_owned(), samples.len() as f64),
+            ]
+            .into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Component {
     pub id: String,

@@ -270,43 +270,6 @@ impl fmt::Display for Topic {
     }
 }
 
-/// True when `topic` (a name, no wildcard) matches `filter` under MQTT's rules.
-///
-/// A filter starting with a wildcard does not match a `$` topic (MQTT 3.1.1 §4.7.2).
-pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(fl), Some(tl)) if fl == tl => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
-/// True when every topic matched by `inner` is also matched by `outer`.
-///
-/// Used to decide whether a (possibly wildcard) subscription stays within what a policy allows.
-pub fn filter_covers(outer: &str, inner: &str) -> bool {
-    let mut o = outer.split('/');
-    let mut i = inner.split('/');
-    loop {
-        match (o.next(), i.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(il)) if il != "#" => {}
-            (Some(ol), Some(il)) if ol == il && ol != "+" && ol != "#" => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,45 +446,6 @@ mod tests {
         ];
         for (f, e) in bad {
             assert_eq!(validate_filter(f), Err(e), "{f}");
-        }
-    }
-
-    #[test]
-    fn matching_table() {
-        let rows = [
-            ("#", "a/b", true),
-            ("a/#", "a", true),
-            ("a/#", "a/b/c", true),
-            ("a/+", "a/b", true),
-            ("a/+", "a/b/c", false),
-            ("a/+/c", "a/b/c", true),
-            ("a/b", "a/b", true),
-            ("a/b", "a/c", false),
-            ("+", "$SYS", false),
-            ("#", "$SYS/x", false),
-            ("$SYS/#", "$SYS/x", true),
-            ("a/b/c", "a/b", false),
-        ];
-        for (f, t, m) in rows {
-            assert_eq!(filter_matches(f, t), m, "{f} vs {t}");
-        }
-    }
-
-    #[test]
-    fn covering_table() {
-        let rows = [
-            ("#", "a/+/#", true),
-            ("a/#", "a/b/+", true),
-            ("a/+/c", "a/x/c", true),
-            ("a/+/c", "a/+/c", true),
-            ("a/+/c", "a/#", false),
-            ("a/x/c", "a/+/c", false),
-            ("a/+", "a/#", false),
-            ("a/b", "a/b/c", false),
-            ("x/response/vm-gui", "x/response/+", false),
-        ];
-        for (o, i, c) in rows {
-            assert_eq!(filter_covers(o, i), c, "{o} covers {i}");
         }
     }
 }

@@ -460,20 +460,3 @@ fn invalid_policies_are_refused() {
         .to_string();
     assert!(err.contains("line 3"), "{err}");
 }
-
-#[test]
-fn intersections() {
-    let rows = [
-        ("a/b", "a/b", true),
-        ("a/+", "a/b", true),
-        ("a/#", "+/c/d", true),
-        ("a/b", "a/c", false),
-        ("a/+/c", "a/b/d", false),
-        ("a", "a/b", false),
-        ("#", "x", true),
-    ];
-    for (a, b, i) in rows {
-        assert_eq!(filters_intersect(a, b), i, "{a} ∩ {b}");
-        assert_eq!(filters_intersect(b, a), i, "{b} ∩ {a}");
-    }
-}

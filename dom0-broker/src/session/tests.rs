@@ -80,7 +80,7 @@ fn broker_connect(s: &mut Session, now: Instant) -> Connect {
     let c = mqtt::parse_connect(&sent[0].1).unwrap();
     s.to_broker.clear();
     s.broker_in.extend_from_slice(b"\x20\x02\x00\x00");
-    let effects = s.on_broker_input(now);
+    let effects = s.on_broker_input(&[], now);
     assert!(effects.contains(&Effect::State(LinkState::SessionUp, None)));
     assert_eq!(packets(&s.to_guest), vec![(mqtt::CONNACK, vec![0, 0])]);
     s.to_guest.clear();
@@ -91,7 +91,7 @@ fn broker_connect(s: &mut Session, now: Instant) -> Connect {
 fn live() -> (Session, Instant) {
     let (mut s, now) = session();
     s.guest_in.extend_from_slice(&connect("vm-gui", 5));
-    assert_eq!(s.on_guest_input(now), vec![Effect::OpenBroker]);
+    assert_eq!(s.on_guest_input(&[], now), vec![Effect::OpenBroker]);
     broker_connect(&mut s, now);
     (s, now)
 }
@@ -112,7 +112,7 @@ fn garbage_and_a_200_mb_header_before_connect_are_skipped() {
         .extend_from_slice(b"\x30\x80\x80\xe8\x5f\x10\x10\x02\xff\x10\x05\x00\x04MQTX");
     s.guest_in.extend_from_slice(&[0x10; 7]);
     s.guest_in.extend_from_slice(&connect("", 5));
-    assert_eq!(s.on_guest_input(now), vec![Effect::OpenBroker]);
+    assert_eq!(s.on_guest_input(&[], now), vec![Effect::OpenBroker]);
     assert!(s.guest_in.is_empty());
     assert_eq!(
         &s.to_guest[..],
@@ -134,7 +134,7 @@ fn connect_split_across_reads() {
     let c = connect("vm-gui", 5);
     for chunk in c.chunks(3) {
         s.guest_in.extend_from_slice(chunk);
-        let effects = s.on_guest_input(now);
+        let effects = s.on_guest_input(&[], now);
         if s.guest_in.is_empty() {
             assert_eq!(effects, vec![Effect::OpenBroker]);
         } else {
@@ -147,7 +147,7 @@ fn connect_split_across_reads() {
 fn another_vms_client_id_is_refused() {
     let (mut s, now) = session();
     s.guest_in.extend_from_slice(&connect("sys-usb", 5));
-    let effects = s.on_guest_input(now);
+    let effects = s.on_guest_input(&[], now);
     assert!(matches!(
         effects.as_slice(),
         [Effect::State(LinkState::IdentityRefused, Some(_))]
@@ -165,7 +165,7 @@ fn mqtt5_connect_gets_unacceptable_protocol() {
     let mut c = connect("vm-gui", 5);
     c[8] = 5; // protocol level byte
     s.guest_in.extend_from_slice(&c);
-    assert!(s.on_guest_input(now).is_empty());
+    assert!(s.on_guest_input(&[], now).is_empty());
     assert_eq!(
         packets(&s.to_guest),
         vec![(mqtt::CONNACK, vec![0, connack::UNACCEPTABLE_PROTOCOL])]
@@ -177,10 +177,10 @@ fn truncated_connect_then_real_connect() {
     let (mut s, now) = session();
     let c = connect("vm-gui", 5);
     s.guest_in.extend_from_slice(&c[..c.len() - 3]);
-    assert!(s.on_guest_input(now).is_empty());
+    assert!(s.on_guest_input(&[], now).is_empty());
     // The guest restarted and sends a whole CONNECT: absorbed by the stale candidate's length at first.
     s.guest_in.extend_from_slice(&connect("vm-gui", 7));
-    let effects = s.on_guest_input(now);
+    let effects = s.on_guest_input(&[], now);
     if effects.is_empty() {
         let t = s.next_deadline().unwrap();
         assert!(t <= now + SCAN_TIMEOUT);
@@ -201,7 +201,7 @@ fn relays_publish_both_ways() {
         br#"{"sender":"vm-gui"}"#,
     );
     s.guest_in.extend_from_slice(&p);
-    assert!(s.on_guest_input(now).is_empty());
+    assert!(s.on_guest_input(&[], now).is_empty());
     assert_eq!(&s.to_broker[..], &p[..]);
     let r = publish(
         "system/disks/list_disks/response/vm-gui",
@@ -211,7 +211,7 @@ fn relays_publish_both_ways() {
     );
     s.broker_in.extend_from_slice(&r);
     s.broker_in.extend_from_slice(b"\x40\x02\x00\x03");
-    assert!(s.on_broker_input(now).is_empty());
+    assert!(s.on_broker_input(&[], now).is_empty());
     let mut expected = r.to_vec();
     expected.extend_from_slice(b"\x40\x02\x00\x03");
     assert_eq!(&s.to_guest[..], &expected[..]);
@@ -237,7 +237,7 @@ fn refused_publishes_are_acknowledged_not_forwarded() {
     s.guest_in.extend_from_slice(b"\x62\x02\x00\x05");
     // $SYS, QoS 0.
     s.guest_in.extend_from_slice(&publish("$SYS/x", 0, 0, b""));
-    let effects = s.on_guest_input(now);
+    let effects = s.on_guest_input(&[], now);
     assert_eq!(effects.len(), 3);
     assert!(effects.iter().all(|e| matches!(e, Effect::Refused { .. })));
     assert!(s.to_broker.is_empty(), "nothing reaches the broker");
@@ -266,7 +266,7 @@ fn subscribe_partially_refused_gets_merged_suback() {
         &mut sub,
     );
     s.guest_in.extend_from_slice(&sub);
-    let effects = s.on_guest_input(now);
+    let effects = s.on_guest_input(&[], now);
     assert_eq!(effects.len(), 3);
     // Only the allowed filter goes to the broker.
     let sent = packets(&s.to_broker);
@@ -275,7 +275,7 @@ fn subscribe_partially_refused_gets_merged_suback() {
         (11, vec![("system/+/+/response/vm-gui", 1)])
     );
     s.broker_in.extend_from_slice(b"\x90\x03\x00\x0b\x01");
-    s.on_broker_input(now);
+    s.on_broker_input(&[], now);
     assert_eq!(
         packets(&s.to_guest),
         vec![(mqtt::SUBACK, vec![0, 11, 0x80, 1, 0x80, 0x80])]
@@ -291,7 +291,7 @@ fn subscribe_partially_refused_gets_merged_suback() {
         &mut sub,
     );
     s.guest_in.extend_from_slice(&sub);
-    s.on_guest_input(now);
+    s.on_guest_input(&[], now);
     assert!(s.to_broker.is_empty());
     assert_eq!(
         packets(&s.to_guest),
@@ -308,7 +308,7 @@ fn delivery_filter_acks_to_broker() {
         21,
         b"{}",
     ));
-    s.on_broker_input(now);
+    s.on_broker_input(&[], now);
     assert!(s.to_guest.is_empty());
     assert_eq!(packets(&s.to_broker), vec![(mqtt::PUBACK, vec![0, 21])]);
 }
@@ -333,7 +333,7 @@ fn silence_ends_the_session() {
 fn keepalive_zero_is_kept_alive_by_the_link() {
     let (mut s, now) = session();
     s.guest_in.extend_from_slice(&connect("vm-gui", 0));
-    s.on_guest_input(now);
+    s.on_guest_input(&[], now);
     let c = broker_connect(&mut s, now);
     assert_eq!(c.keep_alive, 60, "the broker never sees keepalive 0");
     let t = s.next_deadline().unwrap();
@@ -341,16 +341,16 @@ fn keepalive_zero_is_kept_alive_by_the_link() {
     assert!(s.on_tick(t).is_empty());
     assert_eq!(&s.to_broker[..], &mqtt::PINGREQ_PACKET);
     s.broker_in.extend_from_slice(b"\xd0\x00");
-    s.on_broker_input(t);
+    s.on_broker_input(&[], t);
     assert!(
         s.to_guest.is_empty(),
         "the link's own PINGRESP is not relayed"
     );
     // The guest's own ping is relayed both ways.
     s.guest_in.extend_from_slice(b"\xc0\x00");
-    s.on_guest_input(t);
+    s.on_guest_input(&[], t);
     s.broker_in.extend_from_slice(b"\xd0\x00");
-    s.on_broker_input(t);
+    s.on_broker_input(&[], t);
     assert_eq!(&s.to_guest[..], b"\xd0\x00");
 }
 
@@ -364,7 +364,7 @@ fn malformed_packet_sends_back_to_scanning() {
     ] {
         let (mut s, now) = live();
         s.guest_in.extend_from_slice(bad);
-        let effects = s.on_guest_input(now);
+        let effects = s.on_guest_input(&[], now);
         assert!(
             effects.contains(&Effect::CloseBroker { flush: false }),
             "{bad:x?}: {effects:?}"
@@ -372,7 +372,11 @@ fn malformed_packet_sends_back_to_scanning() {
         assert_eq!(&s.to_guest[..], &mqtt::DISCONNECT_PACKET);
         // A fresh CONNECT starts a new session.
         s.guest_in.extend_from_slice(&connect("vm-gui", 5));
-        assert_eq!(s.on_guest_input(now), vec![Effect::OpenBroker], "{bad:x?}");
+        assert_eq!(
+            s.on_guest_input(&[], now),
+            vec![Effect::OpenBroker],
+            "{bad:x?}"
+        );
     }
 }
 
@@ -381,12 +385,12 @@ fn partial_frame_on_live_session_times_out() {
     let (mut s, now) = live();
     s.guest_in
         .extend_from_slice(&publish("system/disks/list_disks/request", 0, 0, b"{}")[..6]);
-    s.on_guest_input(now);
+    s.on_guest_input(&[], now);
     let t = now + Duration::from_secs(1);
     s.guest_in.clear(); // keep the guest "active" but stuck: only the partial frame remains
     s.guest_in
         .extend_from_slice(&publish("system/disks/list_disks/request", 0, 0, b"{}")[..6]);
-    s.on_guest_input(t);
+    s.on_guest_input(&[], t);
     let deadline = s.next_deadline().unwrap();
     let effects = s.on_tick(deadline);
     assert!(effects.contains(&Effect::CloseBroker { flush: false }));
@@ -396,7 +400,7 @@ fn partial_frame_on_live_session_times_out() {
 fn connect_on_live_session_restarts_it() {
     let (mut s, now) = live();
     s.guest_in.extend_from_slice(&connect("vm-gui", 5));
-    let effects = s.on_guest_input(now);
+    let effects = s.on_guest_input(&[], now);
     assert_eq!(effects[0], Effect::CloseBroker { flush: false });
     assert_eq!(effects.last(), Some(&Effect::OpenBroker));
 }
@@ -408,7 +412,7 @@ fn guest_that_stops_reading_overflows_alone() {
     for _ in 0..5 {
         s.broker_in.extend_from_slice(&p);
     }
-    let effects = s.on_broker_input(now);
+    let effects = s.on_broker_input(&[], now);
     assert!(
         effects
             .iter()
@@ -431,13 +435,13 @@ fn rate_limit_refuses_beyond_the_bucket() {
     l.violation_limit = 1000;
     let (mut s, now) = session_with(l);
     s.guest_in.extend_from_slice(&connect("vm-gui", 5));
-    s.on_guest_input(now);
+    s.on_guest_input(&[], now);
     broker_connect(&mut s, now);
     for _ in 0..20 {
         s.guest_in
             .extend_from_slice(&publish("system/events/error/notification", 0, 0, b"{}"));
     }
-    let effects = s.on_guest_input(now);
+    let effects = s.on_guest_input(&[], now);
     assert_eq!(s.stats.refused.load(Relaxed), 15, "5 pass, 15 refused");
     assert_eq!(effects.len(), 10, "reports are limited to 10 a second");
     assert_eq!(packets(&s.to_broker).len(), 5);
@@ -447,7 +451,7 @@ fn rate_limit_refuses_beyond_the_bucket() {
         s.guest_in
             .extend_from_slice(&publish("system/events/error/notification", 0, 0, b"{}"));
     }
-    let effects = s.on_guest_input(now + Duration::from_secs(1));
+    let effects = s.on_guest_input(&[], now + Duration::from_secs(1));
     assert_eq!(
         packets(&s.to_broker).len(),
         5,
@@ -466,12 +470,12 @@ fn repeated_violations_disconnect() {
     l.violation_limit = 3;
     let (mut s, now) = session_with(l);
     s.guest_in.extend_from_slice(&connect("vm-gui", 5));
-    s.on_guest_input(now);
+    s.on_guest_input(&[], now);
     broker_connect(&mut s, now);
     for _ in 0..3 {
         s.guest_in.extend_from_slice(&publish("$SYS/x", 0, 0, b""));
     }
-    let effects = s.on_guest_input(now);
+    let effects = s.on_guest_input(&[], now);
     assert!(
         effects
             .iter()
@@ -494,7 +498,7 @@ mod prop {
             let mut connected = false;
             for c in chunks {
                 s.guest_in.extend_from_slice(&c);
-                for e in s.on_guest_input(now) {
+                for e in s.on_guest_input(&[], now) {
                     if e == Effect::OpenBroker && !connected {
                         s.broker_connected(now);
                         connected = true;
@@ -513,7 +517,7 @@ mod prop {
         fn arbitrary_broker_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let (mut s, now) = live();
             s.broker_in.extend_from_slice(&bytes);
-            s.on_broker_input(now);
+            s.on_broker_input(&[], now);
         }
     }
 }
@@ -522,7 +526,7 @@ mod prop {
 fn guest_disconnect_is_forwarded_and_not_answered() {
     let (mut s, now) = live();
     s.guest_in.extend_from_slice(b"\xe0\x00");
-    let effects = s.on_guest_input(now);
+    let effects = s.on_guest_input(&[], now);
     assert!(effects.contains(&Effect::CloseBroker { flush: true }));
     assert_eq!(
         &s.to_broker[..],

@@ -5,26 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[allow(dead_code)]
-#[path = "../../tests/support/channel.rs"]
-mod channel;
-
-/// Deadline used by the channel module's waiting helpers.
-const DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
-
-/// Waits for a condition (used by the channel module's helpers).
-fn wait_for(what: &str, timeout: std::time::Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::park_timeout(std::time::Duration::from_millis(20));
-    }
-}
-
 use std::path::PathBuf;
+
+use system_tests::channel;
 
 fn main() {
     let mut args = std::env::args().skip(1);

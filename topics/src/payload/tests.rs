@@ -382,6 +382,25 @@ fn invalid_replies_and_notifications_table() {
     }
 }
 
+#[test]
+fn quantiles_and_round_trip_figures() {
+    let sorted: Vec<u32> = (0..100).collect();
+    assert_eq!(quantile(&sorted, 0.5), Some(50));
+    assert_eq!(quantile(&sorted, 0.99), Some(99));
+    assert_eq!(quantile(&sorted, 1.0), Some(99));
+    assert_eq!(quantile(&[7u32], 0.99), Some(7));
+    assert_eq!(quantile::<u32>(&[], 0.5), None);
+    let mut samples: Vec<std::time::Duration> = (1..=100)
+        .rev()
+        .map(std::time::Duration::from_micros)
+        .collect();
+    let r = BenchmarkReply::round_trips(&mut samples);
+    assert_eq!(r.module, "messaging");
+    assert_eq!(r.figures["round_trip_p50_us"], 51.0);
+    assert_eq!(r.figures["round_trip_p99_us"], 100.0);
+    assert_eq!(r.figures["samples"], 100.0);
+}
+
 mod prop {
     use super::*;
     use proptest::prelude::*;

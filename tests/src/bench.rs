@@ -3,9 +3,9 @@
 use std::fs::File;
 use std::net::TcpStream;
 
-use super::channel::Channel;
-use super::raw::RawClient;
-use super::{BrokerKind, DEADLINE, Dom0, wait_for};
+use crate::channel::Channel;
+use crate::raw::RawClient;
+use crate::{BrokerKind, DEADLINE, Dom0, wait_for};
 
 /// The brokers to measure: `--embedded`, `--mosquitto`, or both.
 pub fn kinds_from_args() -> Vec<BrokerKind> {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::channel::GuestTty;
+use crate::channel::GuestTty;
 
 fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
     loop {
@@ -135,6 +135,7 @@ pub fn connect_until_connack(
 
 /// A minimal blocking MQTT client over any byte stream (TCP, UNIX socket, tty), for benchmarks:
 /// QoS 0 only, no keepalive (run it for less than its keepalive).
+#[derive(Debug)]
 pub struct RawClient<S> {
     stream: S,
     buf: Vec<u8>,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::termios::{self, FlushArg, SetArg};
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Shared {
     /// The Dom0 client being served, if any (write side).
     client: Mutex<Option<UnixStream>>,
@@ -30,6 +30,7 @@ struct Shared {
 }
 
 /// One VM's simulated channel.
+#[derive(Debug)]
 pub struct Channel {
     pub vm: String,
     /// `<dir>/<vm>-msg.sock`, what Dom0 connects to.
@@ -230,6 +231,7 @@ impl Drop for Channel {
 }
 
 /// The guest's end of the channel, driven byte by byte by a test.
+#[derive(Debug)]
 pub struct GuestTty {
     f: File,
     /// Everything read so far.

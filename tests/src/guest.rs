@@ -17,14 +17,15 @@ use nix::sys::termios;
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS, Transport};
 
-use super::channel::Channel;
-use super::{DEADLINE, Proc, TestDir};
+use crate::channel::Channel;
+use crate::{DEADLINE, Proc, TestDir};
 
 /// A UNIX socket in the "guest" that relays to the channel tty, one client at a time, like
 /// `socat UNIX-LISTEN:...,fork FILE:/dev/pts/N,rawer` but without socat's flaw for sequential
 /// clients: a forked socat child whose client has left keeps reading the tty until its next write
 /// fails, stealing the first bytes meant for the next client. This bridge stops reading the tty the
 /// moment its client goes away.
+#[derive(Debug)]
 pub struct Bridge {
     pub socket: PathBuf,
     stop: Arc<AtomicBool>,
@@ -124,6 +125,7 @@ impl Bridge {
 }
 
 /// A rumqttc client in the guest.
+#[allow(missing_debug_implementations)] // rumqttc's Client is not Debug.
 pub struct RumqttGuest {
     pub client: Client,
     pub messages: mpsc::Receiver<(String, Vec<u8>)>,
