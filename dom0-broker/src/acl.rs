@@ -5,42 +5,12 @@ use std::fmt::Write as _;
 
 use topics::vm::VmId;
 
-use crate::policy::{Policy, Rules, Section, VM_PLACEHOLDER};
+use crate::policy::{Policy, Rules, Section};
 
 /// A section's filters with `{vm}` replaced by `name` (a VM name or Mosquitto's `%c`).
 fn expand(section: &Section, name: &str) -> Rules {
     let mut r = Rules::default();
-    for role in &section.roles {
-        let (p, s) = role.filters();
-        r.publish
-            .extend(p.iter().map(|f| f.replace(VM_PLACEHOLDER, name)));
-        r.subscribe
-            .extend(s.iter().map(|f| f.replace(VM_PLACEHOLDER, name)));
-    }
-    r.publish.extend(
-        section
-            .publish
-            .iter()
-            .map(|f| f.replace(VM_PLACEHOLDER, name)),
-    );
-    r.subscribe.extend(
-        section
-            .subscribe
-            .iter()
-            .map(|f| f.replace(VM_PLACEHOLDER, name)),
-    );
-    r.deny_publish.extend(
-        section
-            .deny_publish
-            .iter()
-            .map(|f| f.replace(VM_PLACEHOLDER, name)),
-    );
-    r.deny_subscribe.extend(
-        section
-            .deny_subscribe
-            .iter()
-            .map(|f| f.replace(VM_PLACEHOLDER, name)),
-    );
+    section.expand_into(name, &mut r);
     r
 }
 

@@ -2,7 +2,7 @@
 //! discovery and counter requests, and publishes what the links report: state changes on
 //! `system/supervision/links/notification`, refusals on `system/events/error/notification`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, Event as MqttEvent, MqttOptions, NetworkOptions, Packet, QoS, Transport,
@@ -18,15 +18,6 @@ use topics::vm::VmId;
 use crate::bench::{self, Bench, BenchRequest, Reply};
 use crate::config::BrokerAddr;
 use crate::supervision::{Event, Supervision};
-
-pub fn now_rfc3339() -> String {
-    topics::rfc3339(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    )
-}
 
 /// The commands the controller serves.
 const SERVED: [Command; 2] = [Command::Discover, Command::SupervisionCounters];
@@ -86,7 +77,7 @@ pub fn notification(event: &Event) -> Reply {
             body: serde_json::to_vec(&LinkEvent {
                 vm: vm.to_string(),
                 state: *state,
-                datetime: now_rfc3339(),
+                datetime: topics::rfc3339_now(),
                 detail: detail.clone(),
             })
             .unwrap_or_default(),
@@ -95,7 +86,7 @@ pub fn notification(event: &Event) -> Reply {
             topic: Notification::Error.topic(),
             body: serde_json::to_vec(&ErrorEvent {
                 module: "dom0-broker/policy".into(),
-                datetime: now_rfc3339(),
+                datetime: topics::rfc3339_now(),
                 level: level::WARNING,
                 description: format!("{vm}: refused {topic:?}: {reason}"),
             })

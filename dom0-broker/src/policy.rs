@@ -238,28 +238,13 @@ impl Policy {
             .map(String::as_str)
     }
 
-    /// The effective rules of a VM.
+    /// The effective rules of a VM: the `*` section and its own, `{vm}` its name, without repeats.
     pub fn rules_for(&self, vm: &VmId) -> Rules {
         let mut rules = Rules::default();
         for key in ["*", vm.as_str()] {
-            let Some(s) = self.file.vm.get(key) else {
-                continue;
-            };
-            for role in &s.roles {
-                let (p, sub) = role.filters();
-                rules.publish.extend(p.iter().map(|f| subst(f, vm)));
-                rules.subscribe.extend(sub.iter().map(|f| subst(f, vm)));
+            if let Some(section) = self.file.vm.get(key) {
+                section.expand_into(vm.as_str(), &mut rules);
             }
-            rules.publish.extend(s.publish.iter().map(|f| subst(f, vm)));
-            rules
-                .subscribe
-                .extend(s.subscribe.iter().map(|f| subst(f, vm)));
-            rules
-                .deny_publish
-                .extend(s.deny_publish.iter().map(|f| subst(f, vm)));
-            rules
-                .deny_subscribe
-                .extend(s.deny_subscribe.iter().map(|f| subst(f, vm)));
         }
         for list in [
             &mut rules.publish,
@@ -289,8 +274,26 @@ fn line_of(text: &str, from: usize, needles: &[String]) -> usize {
         .map_or(0, |(i, _)| i + 1)
 }
 
-fn subst(filter: &str, vm: &VmId) -> String {
-    filter.replace(VM_PLACEHOLDER, vm.as_str())
+impl Section {
+    /// Adds the section's filters to `rules`, roles expanded and `{vm}` replaced by `name` (a VM
+    /// name, or Mosquitto's `%c` in the rendered ACL).
+    pub fn expand_into(&self, name: &str, rules: &mut Rules) {
+        let subst = |filters: &[String]| -> Vec<String> {
+            filters
+                .iter()
+                .map(|f| f.replace(VM_PLACEHOLDER, name))
+                .collect()
+        };
+        for role in &self.roles {
+            let (publish, subscribe) = role.filters();
+            rules.publish.extend(subst(&publish));
+            rules.subscribe.extend(subst(&subscribe));
+        }
+        rules.publish.extend(subst(&self.publish));
+        rules.subscribe.extend(subst(&self.subscribe));
+        rules.deny_publish.extend(subst(&self.deny_publish));
+        rules.deny_subscribe.extend(subst(&self.deny_subscribe));
+    }
 }
 
 impl Rules {

@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
@@ -51,15 +51,6 @@ pub struct Service {
 
 fn fs_error(e: FsError) -> ErrorBody {
     ErrorBody::new(e.code(), e.to_string())
-}
-
-pub fn now_rfc3339() -> String {
-    topics::rfc3339(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    )
 }
 
 impl Service {
@@ -132,7 +123,7 @@ impl Service {
     pub async fn report(&self, module: &str, description: String) {
         let ev = ErrorEvent {
             module: format!("{}/{module}", self.vm),
-            datetime: now_rfc3339(),
+            datetime: topics::rfc3339_now(),
             level: level::ERROR,
             description,
         };

@@ -36,6 +36,16 @@ pub fn rfc3339(unix_secs: u64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
 }
 
+/// The current time as RFC 3339 UTC (the `datetime` of notifications).
+pub fn rfc3339_now() -> String {
+    rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
