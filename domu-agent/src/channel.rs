@@ -1,110 +1,243 @@
-//! The I/O driver of the agent's session: owns the channel tty (opened, waited for, reopened) and
-//! the timers, moves bytes between the tty and the [`Session`], and hands what the session reports
-//! to the application. All MQTT logic is in `session.rs`.
+//! The I/O driver of the agent's one session with Dom0, and the hub of its local clients: owns the
+//! channel tty (opened, waited for, reopened) and the timers, moves bytes between the tty and the
+//! [`Session`], and carries out what the [`Mux`] decides for the clients attached through a
+//! [`Hub`]: the guest's MQTT applications (`local_mqtt.rs`), the agent's own service, and the
+//! local requests of `domu-agent call`. There is no other path to the channel.
+//!
+//! A client that does not take its messages (its queue is full) is dropped alone; the agent's own
+//! clients are `lossless`: the hub waits for them (they hand work off at once).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout};
 use tracing::Instrument;
 
-use crate::session::{Event, Session, SessionConfig};
+use crate::mux::{Action, ClientId, Mux};
+use crate::session::{Event, PublishError, Session, SessionConfig};
 use crate::tty::{Device, Tty};
 
-/// Settings of the channel: where the tty is, the session, and its standing subscriptions.
+/// Messages held by the hub while the session cannot take them (no session, in-flight window
+/// full); beyond, a local client's publish closes it, the agent's own is dropped with a warning.
+pub const MAX_HELD: usize = 1024;
+/// How often an absent channel is looked for.
+const REOPEN_EVERY: Duration = Duration::from_millis(500);
+
+/// Settings of the channel: where the tty is, and the session.
 #[derive(Debug, Clone)]
 pub struct ChannelConfig {
     pub device: Device,
     pub session: SessionConfig,
-    /// Filters subscribed to on every CONNACK.
-    pub subscriptions: Vec<String>,
 }
 
-/// What the application asks of the session.
+/// What a client asks of the hub.
 #[derive(Debug)]
-pub enum ToSession {
+pub enum ToHub {
+    Attach {
+        client: ClientId,
+        /// Its name in logs (a local MQTT client id, or `service`).
+        name: String,
+        to_client: mpsc::Sender<ToClient>,
+        /// Never dropped for a full queue: the hub waits.
+        lossless: bool,
+    },
+    Detach(ClientId),
     Publish {
+        client: ClientId,
         topic: String,
         payload: Bytes,
         qos: QoS,
+        retain: bool,
+        /// The client's packet id, to acknowledge once Dom0 did (QoS > 0).
+        pkid: Option<u16>,
     },
-    /// Send a PINGREQ and report the time to its PINGRESP (the messaging benchmark).
+    Subscribe {
+        client: ClientId,
+        pkid: u16,
+        filters: Vec<(String, QoS)>,
+    },
+    Unsubscribe {
+        client: ClientId,
+        pkid: u16,
+        filters: Vec<String>,
+    },
+    /// A PINGREQ whose round trip is reported (the messaging benchmark).
     Ping(oneshot::Sender<Duration>),
 }
 
-/// What the session tells the application.
+/// What the hub tells a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FromSession {
-    /// A session is up (after each CONNACK).
-    Connected,
-    Publish {
+pub enum ToClient {
+    Message {
         topic: String,
         payload: Bytes,
+        qos: QoS,
+        retain: bool,
     },
+    /// Dom0 acknowledged the client's publish with this packet id.
+    PubAck(u16),
+    SubAck {
+        pkid: u16,
+        codes: Vec<Option<QoS>>,
+    },
+    UnsubAck(u16),
+    /// The hub dropped the client.
+    Closed(String),
 }
 
-/// Why the tty loop ended.
-enum End {
-    Stop,
-    /// The tty failed: reopen it.
-    Reopen,
+/// The handle clients use to reach the hub.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    tx: mpsc::Sender<ToHub>,
+    next: Arc<AtomicU64>,
 }
 
-/// Runs the session until `stop`: opens the tty, connects, relays, reconnects.
-pub async fn run(
-    cfg: ChannelConfig,
-    rx: mpsc::Receiver<ToSession>,
-    tx: mpsc::Sender<FromSession>,
-    stop: watch::Receiver<bool>,
-) {
-    let span = tracing::info_span!("session", vm = %cfg.session.vm);
-    drive(cfg, rx, tx, stop).instrument(span).await
+/// One attached client. Detached when dropped.
+#[derive(Debug)]
+pub struct Client {
+    id: ClientId,
+    tx: mpsc::Sender<ToHub>,
 }
 
-async fn drive(
-    cfg: ChannelConfig,
-    mut rx: mpsc::Receiver<ToSession>,
-    tx: mpsc::Sender<FromSession>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut d = Driver {
-        session: Session::new(cfg.session, Instant::now()),
-        probes: HashMap::new(),
-        next_probe: 0,
-        tx,
-    };
-    for f in cfg.subscriptions {
-        d.session.subscribe(f, QoS::AtLeastOnce);
-    }
-    loop {
-        let Some(tty) = Tty::open_wait(&cfg.device, &mut stop).await else {
-            return;
+impl Hub {
+    /// A hub handle and the receiver the driver ([`run`]) serves.
+    pub fn new(capacity: usize) -> (Hub, mpsc::Receiver<ToHub>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let hub = Hub {
+            tx,
+            next: Arc::new(AtomicU64::new(1)),
         };
-        match d.attached(&tty, &mut rx, &mut stop).await {
-            End::Stop => return,
-            End::Reopen => {
-                let (delay, events) = d.session.closed();
-                if !d.hand_over(events).await {
-                    return;
-                }
-                tokio::select! {
-                    _ = sleep(delay) => {}
-                    _ = stop.changed() => return,
-                }
-            }
-        }
+        (hub, rx)
     }
+
+    /// Attaches a client with a queue of `queue` messages. None when the hub is gone.
+    pub async fn attach(
+        &self,
+        name: &str,
+        queue: usize,
+        lossless: bool,
+    ) -> Option<(Client, mpsc::Receiver<ToClient>)> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (to_client, rx) = mpsc::channel(queue.max(1));
+        self.tx
+            .send(ToHub::Attach {
+                client: id,
+                name: name.to_owned(),
+                to_client,
+                lossless,
+            })
+            .await
+            .ok()?;
+        Some((
+            Client {
+                id,
+                tx: self.tx.clone(),
+            },
+            rx,
+        ))
+    }
+
+    /// A round trip to Dom0 and back (PINGREQ → PINGRESP). None without a session.
+    pub async fn ping(&self) -> Option<Duration> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(ToHub::Ping(tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+impl Client {
+    pub fn id(&self) -> ClientId {
+        self.id
+    }
+
+    /// Publishes; false when the hub is gone.
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        pkid: Option<u16>,
+    ) -> bool {
+        self.send(ToHub::Publish {
+            client: self.id,
+            topic,
+            payload,
+            qos,
+            retain,
+            pkid,
+        })
+        .await
+    }
+
+    pub async fn subscribe(&self, pkid: u16, filters: Vec<(String, QoS)>) -> bool {
+        self.send(ToHub::Subscribe {
+            client: self.id,
+            pkid,
+            filters,
+        })
+        .await
+    }
+
+    pub async fn unsubscribe(&self, pkid: u16, filters: Vec<String>) -> bool {
+        self.send(ToHub::Unsubscribe {
+            client: self.id,
+            pkid,
+            filters,
+        })
+        .await
+    }
+
+    async fn send(&self, m: ToHub) -> bool {
+        self.tx.send(m).await.is_ok()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // If the hub's queue is full, the hub notices the client is gone at its next delivery.
+        let _ = self.tx.try_send(ToHub::Detach(self.id));
+    }
+}
+
+/// Runs the channel and the hub until `stop`.
+pub async fn run(cfg: ChannelConfig, rx: mpsc::Receiver<ToHub>, stop: watch::Receiver<bool>) {
+    let span = tracing::info_span!("session", vm = %cfg.session.vm);
+    drive(cfg, rx, stop).instrument(span).await
+}
+
+/// An attached client, as the hub sees it.
+#[derive(Debug)]
+struct Attached {
+    name: String,
+    tx: mpsc::Sender<ToClient>,
+    lossless: bool,
+}
+
+/// A publish the session could not take yet.
+#[derive(Debug)]
+struct Held {
+    client: ClientId,
+    topic: String,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+    pkid: Option<u16>,
 }
 
 struct Driver {
     session: Session,
+    mux: Mux,
+    clients: HashMap<ClientId, Attached>,
+    held: VecDeque<Held>,
     /// Benchmark probes waiting for their PINGRESP.
     probes: HashMap<u64, oneshot::Sender<Duration>>,
     next_probe: u64,
-    tx: mpsc::Sender<FromSession>,
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {
@@ -114,83 +247,337 @@ async fn sleep_until_opt(t: Option<Instant>) {
     }
 }
 
+async fn read_opt(tty: Option<&Tty>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match tty {
+        Some(t) => t.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, mut stop: watch::Receiver<bool>) {
+    let mut d = Driver {
+        session: Session::new(cfg.session, Instant::now()),
+        mux: Mux::new(),
+        clients: HashMap::new(),
+        held: VecDeque::new(),
+        probes: HashMap::new(),
+        next_probe: 0,
+    };
+    let mut tty: Option<Tty> = None;
+    let mut reopen_at = Some(Instant::now());
+    let mut said_waiting = false;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut events: Vec<Event> = Vec::new();
+    loop {
+        // Messages to the clients first, then their acknowledgements to Dom0 (in the output).
+        d.handle(std::mem::take(&mut events)).await;
+        d.drain_held();
+        let out = d.session.take_output();
+        if let (Some(t), false) = (&tty, out.is_empty()) {
+            if let Err(e) = t.write_all(&out).await {
+                tracing::info!(error = %e, "channel write failed; reopening");
+                tty = None;
+                let (delay, ev) = d.session.closed();
+                events = ev;
+                reopen_at = Some(Instant::now() + delay);
+                continue;
+            }
+        }
+        let deadline = d.session.next_deadline();
+        events = tokio::select! {
+            _ = stop.changed() => {
+                d.session.stop();
+                let out = d.session.take_output();
+                if let Some(t) = &tty {
+                    let _ = timeout(Duration::from_millis(200), t.write_all(&out)).await;
+                }
+                return;
+            }
+            _ = sleep_until_opt(reopen_at), if tty.is_none() => {
+                match Tty::open_device(&cfg.device) {
+                    Ok(t) => {
+                        tracing::info!(device = %t.path.display(), "channel opened");
+                        said_waiting = false;
+                        tty = Some(t);
+                        reopen_at = None;
+                        d.session.open(Instant::now())
+                    }
+                    Err(e) => {
+                        if !said_waiting {
+                            tracing::info!(device = %cfg.device, error = %e, "channel not available yet; waiting");
+                            said_waiting = true;
+                        }
+                        if !crate::tty::is_transient(&e) && e.kind() != std::io::ErrorKind::WouldBlock {
+                            tracing::warn!(device = %cfg.device, error = %e, "cannot open the channel; retrying");
+                        }
+                        reopen_at = Some(Instant::now() + REOPEN_EVERY);
+                        Vec::new()
+                    }
+                }
+            }
+            r = read_opt(tty.as_ref(), &mut chunk) => match r {
+                Ok(n) if n > 0 => d.session.on_input(chunk.get(..n).unwrap_or_default(), Instant::now()),
+                other => {
+                    tracing::info!(result = ?other.map(|_| 0), "channel read failed; reopening");
+                    tty = None;
+                    let (delay, ev) = d.session.closed();
+                    reopen_at = Some(Instant::now() + delay);
+                    ev
+                }
+            },
+            m = rx.recv() => match m {
+                Some(m) => d.request(m).await,
+                None => return,
+            },
+            _ = sleep_until_opt(deadline) => d.session.on_tick(Instant::now()),
+        };
+    }
+}
+
 impl Driver {
-    /// Hands the session's events to the application; false when the application is gone.
-    async fn hand_over(&mut self, events: Vec<Event>) -> bool {
+    /// Carries out the session's events: deliveries, acknowledgements, SUBACKs, probes.
+    async fn handle(&mut self, events: Vec<Event>) {
         for ev in events {
-            let msg = match ev {
-                Event::Up => FromSession::Connected,
-                Event::Message { topic, payload, .. } => FromSession::Publish { topic, payload },
+            match ev {
+                Event::Up | Event::Down => {}
+                Event::Message {
+                    topic,
+                    payload,
+                    qos,
+                    retain,
+                } => {
+                    for (client, qos) in self.mux.deliver(&topic, qos) {
+                        let msg = ToClient::Message {
+                            topic: topic.clone(),
+                            payload: payload.clone(),
+                            qos,
+                            retain,
+                        };
+                        self.send(client, msg).await;
+                    }
+                }
+                Event::Acked(upstream) => {
+                    if let Some(a) = self.mux.acked(upstream) {
+                        self.act(vec![a]).await;
+                    }
+                }
+                Event::SubAcked(results) => {
+                    let actions = self.mux.on_suback(results);
+                    self.act(actions).await;
+                }
                 Event::Pong { probe, rtt } => {
                     if let Some(reply) = self.probes.remove(&probe) {
                         let _ = reply.send(rtt);
                     }
-                    continue;
                 }
-                // Probes of a session that is gone are never answered: their callers hear so.
-                Event::Down => {
-                    self.probes.clear();
-                    continue;
-                }
-                Event::Acked(_) | Event::SubAcked(_) => continue,
-            };
-            if self.tx.send(msg).await.is_err() {
-                return false;
             }
         }
-        true
+        // Probes of a session that is gone are never answered: their callers hear so.
+        if !self.session.is_live() {
+            self.probes.clear();
+        }
     }
 
-    /// Serves one opening of the tty until it fails or the agent stops.
-    async fn attached(
-        &mut self,
-        tty: &Tty,
-        rx: &mut mpsc::Receiver<ToSession>,
-        stop: &mut watch::Receiver<bool>,
-    ) -> End {
-        let mut events = self.session.open(Instant::now());
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            // The messages first, then their acknowledgements (in the output).
-            if !self.hand_over(events).await {
-                return End::Stop;
+    /// Serves one request of a client; returns the session's events.
+    async fn request(&mut self, m: ToHub) -> Vec<Event> {
+        match m {
+            ToHub::Attach {
+                client,
+                name,
+                to_client,
+                lossless,
+            } => {
+                tracing::debug!(client, name = %name, "local client attached");
+                self.mux.attach(client);
+                self.clients.insert(
+                    client,
+                    Attached {
+                        name,
+                        tx: to_client,
+                        lossless,
+                    },
+                );
             }
-            let out = self.session.take_output();
-            if !out.is_empty() && tty.write_all(&out).await.is_err() {
-                return End::Reopen;
-            }
-            let deadline = self.session.next_deadline();
-            let accepts = self.session.accepts_publish();
-            events = tokio::select! {
-                _ = stop.changed() => {
-                    self.session.stop();
-                    let out = self.session.take_output();
-                    let _ = timeout(Duration::from_millis(200), tty.write_all(&out)).await;
-                    return End::Stop;
+            ToHub::Detach(client) => self.detach(client, None).await,
+            ToHub::Publish {
+                client,
+                topic,
+                payload,
+                qos,
+                retain,
+                pkid,
+            } => {
+                let held = Held {
+                    client,
+                    topic,
+                    payload,
+                    qos,
+                    retain,
+                    pkid,
+                };
+                if self.held.is_empty() {
+                    if let Some(h) = self.try_publish(held) {
+                        self.hold(h).await;
+                    }
+                } else {
+                    self.hold(held).await;
                 }
-                r = tty.read(&mut chunk) => match r {
-                    Ok(n) if n > 0 => self.session.on_input(chunk.get(..n).unwrap_or_default(), Instant::now()),
-                    _ => return End::Reopen,
-                },
-                m = rx.recv(), if accepts => match m {
-                    None => return End::Stop,
-                    Some(ToSession::Publish { topic, payload, qos }) => {
-                        if let Err(e) = self.session.publish(topic, payload, qos, false, Instant::now()) {
-                            tracing::warn!(error = %e, "message not sent");
-                        }
-                        Vec::new()
-                    }
-                    Some(ToSession::Ping(reply)) => {
-                        self.next_probe += 1;
-                        if self.session.ping(self.next_probe, Instant::now()) {
-                            self.probes.insert(self.next_probe, reply);
-                        }
-                        Vec::new()
-                    }
-                },
-                _ = sleep_until_opt(deadline) => self.session.on_tick(Instant::now()),
-            };
+            }
+            ToHub::Subscribe {
+                client,
+                pkid,
+                filters,
+            } => {
+                let actions = self.mux.subscribe(client, pkid, filters);
+                self.act(actions).await;
+            }
+            ToHub::Unsubscribe {
+                client,
+                pkid,
+                filters,
+            } => {
+                let actions = self.mux.unsubscribe(client, pkid, &filters);
+                self.act(actions).await;
+            }
+            ToHub::Ping(reply) => {
+                self.next_probe += 1;
+                if self.session.ping(self.next_probe, Instant::now()) {
+                    self.probes.insert(self.next_probe, reply);
+                }
+            }
         }
+        Vec::new()
+    }
+
+    /// Hands a publish to the session; gives it back if the session cannot take it now.
+    fn try_publish(&mut self, h: Held) -> Option<Held> {
+        let can = match h.qos {
+            QoS::AtMostOnce => self.session.is_live(),
+            _ => self.session.inflight() < crate::session::MAX_INFLIGHT,
+        };
+        if !can {
+            return Some(h);
+        }
+        let (client, pkid) = (h.client, h.pkid);
+        match self
+            .session
+            .publish(h.topic, h.payload, h.qos, h.retain, Instant::now())
+        {
+            Ok(Some(upstream)) => {
+                if let Some(local) = pkid {
+                    self.mux.published(client, local, upstream);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // Not sendable at all (too large): said once; a QoS 1 publisher is acknowledged
+                // so it does not wait forever.
+                tracing::warn!(client, error = %e, "message not sent");
+                if let (Some(local), PublishError::TooLarge { .. }) = (pkid, &e) {
+                    if let Some(c) = self.clients.get(&client) {
+                        let _ = c.tx.try_send(ToClient::PubAck(local));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    async fn hold(&mut self, h: Held) {
+        if h.qos == QoS::AtMostOnce && !self.session.is_live() {
+            // At most once: nothing waits for a session that is not there.
+            tracing::debug!(
+                client = h.client,
+                "QoS 0 message dropped: no session with Dom0"
+            );
+            return;
+        }
+        if self.held.len() < MAX_HELD {
+            self.held.push_back(h);
+            return;
+        }
+        let lossless = self.clients.get(&h.client).is_none_or(|c| c.lossless);
+        if lossless {
+            tracing::warn!("too many messages waiting for the session; one dropped");
+        } else {
+            self.detach(
+                h.client,
+                Some("too many messages waiting for the session".into()),
+            )
+            .await;
+        }
+    }
+
+    /// Hands held publishes to the session while it takes them, in order.
+    fn drain_held(&mut self) {
+        while let Some(h) = self.held.pop_front() {
+            if let Some(h) = self.try_publish(h) {
+                self.held.push_front(h);
+                break;
+            }
+        }
+    }
+
+    async fn act(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::SubscribeUp(f) => self.session.subscribe(f, QoS::AtLeastOnce),
+                Action::UnsubscribeUp(f) => self.session.unsubscribe(&f),
+                Action::ForgetUp(f) => self.session.forget(&f),
+                Action::SubAck {
+                    client,
+                    pkid,
+                    codes,
+                } => self.send(client, ToClient::SubAck { pkid, codes }).await,
+                Action::UnsubAck { client, pkid } => {
+                    self.send(client, ToClient::UnsubAck(pkid)).await
+                }
+                Action::PubAck { client, pkid } => self.send(client, ToClient::PubAck(pkid)).await,
+            }
+        }
+    }
+
+    /// Sends to a client: waits for a lossless one, drops one whose queue is full.
+    async fn send(&mut self, client: ClientId, msg: ToClient) {
+        let Some(c) = self.clients.get(&client) else {
+            return;
+        };
+        let result = if c.lossless {
+            c.tx.send(msg).await.map_err(|_| "gone")
+        } else {
+            c.tx.try_send(msg).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => "full",
+                mpsc::error::TrySendError::Closed(_) => "gone",
+            })
+        };
+        match result {
+            Ok(()) => {}
+            Err("full") => {
+                Box::pin(self.detach(
+                    client,
+                    Some("client does not take its messages; dropped".into()),
+                ))
+                .await
+            }
+            Err(_) => Box::pin(self.detach(client, None)).await,
+        }
+    }
+
+    /// Detaches a client: its subscriptions released, told why if it is dropped.
+    async fn detach(&mut self, client: ClientId, why: Option<String>) {
+        let Some(c) = self.clients.remove(&client) else {
+            return;
+        };
+        match why {
+            Some(why) => {
+                tracing::warn!(client, name = %c.name, reason = %why, "local client dropped");
+                let _ = c.tx.try_send(ToClient::Closed(why));
+            }
+            None => tracing::debug!(client, name = %c.name, "local client detached"),
+        }
+        self.held.retain(|h| h.client != client);
+        let actions = self.mux.detach(client);
+        Box::pin(self.act(actions)).await;
     }
 }
 
@@ -215,14 +602,20 @@ mod tests {
                 keepalive: Duration::from_secs(30),
                 max_packet: 1 << 20,
             },
-            subscriptions: vec!["system/+/+/response/vm-gui".into()],
         };
-        let (to_session, rx) = mpsc::channel(8);
-        let (tx, mut from_session) = mpsc::channel(8);
+        let (hub, rx) = Hub::new(8);
         let (_stop_tx, stop_rx) = watch::channel(false);
-        tokio::spawn(run(cfg, rx, tx, stop_rx));
+        tokio::spawn(run(cfg, rx, stop_rx));
+        let (client, _from_hub) = hub.attach("test", 8, true).await.unwrap();
+        client
+            .subscribe(
+                0,
+                vec![("system/+/+/response/vm-gui".into(), QoS::AtLeastOnce)],
+            )
+            .await;
 
         // Dom0's side, blocking, in its own thread: returns what it read, in order.
+        let (published_tx, published_rx) = std::sync::mpsc::channel::<()>();
         let dom0 = std::thread::spawn(move || {
             let mut seen: Vec<u8> = Vec::new();
             let wait_for =
@@ -235,6 +628,7 @@ mod tests {
                 };
             wait_for(&mut master, &mut seen, b"\x00\x04MQTT", 1);
             master.write_all(b"\x20\x02\x00\x00").unwrap(); // CONNACK
+            published_tx.send(()).unwrap();
             wait_for(&mut master, &mut seen, b"request-1", 1); // the PUBLISH, left unacknowledged
             master.write_all(b"\xe0\x00").unwrap(); // DISCONNECT: start over
             wait_for(&mut master, &mut seen, b"\x00\x04MQTT", 2);
@@ -242,20 +636,18 @@ mod tests {
             wait_for(&mut master, &mut seen, b"request-1", 2); // sent again on the new session
             seen
         });
-        assert_eq!(from_session.recv().await, Some(FromSession::Connected));
-        to_session
-            .send(ToSession::Publish {
-                topic: "system/disks/list_disks/request".into(),
-                payload: Bytes::from_static(b"request-1"),
-                qos: QoS::AtLeastOnce,
-            })
+        tokio::task::spawn_blocking(move || published_rx.recv().unwrap())
             .await
             .unwrap();
-        assert_eq!(
-            from_session.recv().await,
-            Some(FromSession::Connected),
-            "reconnected"
-        );
+        client
+            .publish(
+                "system/disks/list_disks/request".into(),
+                Bytes::from_static(b"request-1"),
+                QoS::AtLeastOnce,
+                false,
+                None,
+            )
+            .await;
         let seen = tokio::task::spawn_blocking(move || dom0.join().unwrap())
             .await
             .unwrap();

@@ -1,5 +1,6 @@
 //! Settings of `domu-agent run`: the TOML file, overridden by flags, validated. Pure.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -33,10 +34,33 @@ pub struct FileConfig {
     pub repository: Option<PathBuf>,
     /// UNIX socket of the `call` CLI; absent: no local requests.
     pub local_socket: Option<PathBuf>,
+    /// UNIX socket of the local MQTT endpoint [default: /run/domu-agent/mqtt.sock]; "" turns it off.
+    pub mqtt_socket: Option<PathBuf>,
+    /// A TCP listener for local MQTT clients (`127.0.0.1:1883`); off when absent.
+    pub mqtt_listen: Option<String>,
     pub keepalive_secs: Option<u64>,
     pub log: Option<String>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub local: LocalConfig,
+}
+
+/// `[local]`: the local MQTT endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// Local MQTT clients connected at once [default: 64].
+    pub max_clients: Option<usize>,
+    /// Messages queued for one client before it is dropped [default: 1024].
+    pub client_queue: Option<usize>,
+    /// Mode of the UNIX socket, octal [default: "0660"].
+    pub socket_mode: Option<String>,
+    /// Group of the UNIX socket (name or number) [default: the agent's].
+    pub socket_group: Option<String>,
+    /// Allow `mqtt_listen` on an address other than loopback [default: false].
+    #[serde(default)]
+    pub allow_remote: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -60,6 +84,8 @@ pub struct Flags {
     pub disks: Option<PathBuf>,
     pub repository: Option<PathBuf>,
     pub local_socket: Option<PathBuf>,
+    pub mqtt_socket: Option<PathBuf>,
+    pub mqtt_listen: Option<String>,
     pub keepalive: Option<u64>,
 }
 
@@ -83,9 +109,26 @@ pub struct Settings {
     pub keepalive: Duration,
     pub limits: Limits,
     pub log: Option<String>,
+    /// The local MQTT endpoint's UNIX socket (None: off).
+    pub mqtt_socket: Option<PathBuf>,
+    /// Its TCP listener (None: off).
+    pub mqtt_listen: Option<SocketAddr>,
+    pub local: LocalSettings,
+}
+
+/// Settings of the local MQTT endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSettings {
+    pub max_clients: usize,
+    pub client_queue: usize,
+    pub socket_mode: u32,
+    /// A group name or number, resolved when the socket is made.
+    pub socket_group: Option<String>,
 }
 
 pub const DEFAULT_DEVICE: &str = "/dev/hvc2";
+/// Where local MQTT clients connect by default.
+pub const DEFAULT_MQTT_SOCKET: &str = "/run/domu-agent/mqtt.sock";
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let p = path.display().to_string();
@@ -153,7 +196,52 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> 
             "[limits] max_list_entries and max_concurrent must be at least 1".into(),
         ));
     }
+    let mqtt_socket = match flags.mqtt_socket.or(file.mqtt_socket) {
+        Some(p) if p.as_os_str().is_empty() || p.as_os_str() == "none" => None,
+        Some(p) => Some(p),
+        None => Some(PathBuf::from(DEFAULT_MQTT_SOCKET)),
+    };
+    let lc = file.local;
+    let mqtt_listen = match flags.mqtt_listen.or(file.mqtt_listen) {
+        None => None,
+        Some(a) => {
+            let addr: SocketAddr = a.parse().map_err(|e| {
+                ConfigError::Invalid(format!("--mqtt-listen {a:?}: {e} (give IP:PORT)"))
+            })?;
+            if !addr.ip().is_loopback() && !lc.allow_remote {
+                return Err(ConfigError::Invalid(format!(
+                    "--mqtt-listen {addr} is not loopback; set [local] allow_remote = true to allow it"
+                )));
+            }
+            Some(addr)
+        }
+    };
+    let socket_mode = match &lc.socket_mode {
+        None => 0o660,
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "[local] socket_mode {m:?}: give an octal mode like \"0660\""
+                ))
+            })?,
+    };
+    let local = LocalSettings {
+        max_clients: lc.max_clients.unwrap_or(64),
+        client_queue: lc.client_queue.unwrap_or(1024),
+        socket_mode,
+        socket_group: lc.socket_group,
+    };
+    if local.max_clients == 0 || local.client_queue == 0 {
+        return Err(ConfigError::Invalid(
+            "[local] max_clients and client_queue must be at least 1".into(),
+        ));
+    }
     Ok(Settings {
+        mqtt_socket,
+        mqtt_listen,
+        local,
         vm,
         device,
         disks: flags.disks.or(file.disks),
@@ -178,6 +266,9 @@ mod tests {
         let s = resolve(FileConfig::default(), flags).unwrap();
         assert_eq!(s.device, Device::Path("/dev/hvc2".into()));
         assert_eq!(s.keepalive, Duration::from_secs(5));
+        assert_eq!(s.mqtt_socket, Some(PathBuf::from(DEFAULT_MQTT_SOCKET)));
+        assert_eq!(s.mqtt_listen, None);
+        assert_eq!(s.local.socket_mode, 0o660);
         let file = parse_file(
             "vm = \"vm-gui\"\nchannel = \"msg\"\nkeepalive_secs = 3\n",
             "a.toml",
@@ -231,6 +322,52 @@ mod tests {
             )
             .is_err()
         );
+    }
+}
+
+#[cfg(test)]
+mod local_tests {
+    use super::*;
+
+    fn with(text: &str, flags: Flags) -> Result<Settings, ConfigError> {
+        let flags = Flags {
+            vm: Some("vm-gui".into()),
+            ..flags
+        };
+        resolve(parse_file(text, "agent.toml").unwrap(), flags)
+    }
+
+    #[test]
+    fn the_local_endpoint() {
+        let s = with(
+            "mqtt_listen = \"127.0.0.1:1884\"\n[local]\nsocket_mode = \"0600\"\nsocket_group = \"apps\"\n",
+            Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(s.mqtt_listen, Some("127.0.0.1:1884".parse().unwrap()));
+        assert_eq!(s.local.socket_mode, 0o600);
+        assert_eq!(s.local.socket_group.as_deref(), Some("apps"));
+        let off = Flags {
+            mqtt_socket: Some("none".into()),
+            ..Flags::default()
+        };
+        assert_eq!(with("", off).unwrap().mqtt_socket, None);
+        let rows = [
+            ("mqtt_listen = \"0.0.0.0:1883\"\n", "not loopback"),
+            ("mqtt_listen = \"localhost\"\n", "IP:PORT"),
+            ("[local]\nsocket_mode = \"rw\"\n", "octal"),
+            ("[local]\nmax_clients = 0\n", "at least 1"),
+        ];
+        for (text, why) in rows {
+            let e = with(text, Flags::default()).unwrap_err().to_string();
+            assert!(e.contains(why), "{text:?}: {e}");
+        }
+        let allowed = with(
+            "mqtt_listen = \"0.0.0.0:1883\"\n[local]\nallow_remote = true\n",
+            Flags::default(),
+        )
+        .unwrap();
+        assert!(allowed.mqtt_listen.is_some());
     }
 }
 

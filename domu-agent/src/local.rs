@@ -22,7 +22,7 @@ use topics::topic::Command;
 use topics::vm::VmId;
 use topics::{ErrorBody, ErrorCode, Response};
 
-use crate::channel::ToSession;
+use crate::channel::Client;
 
 /// Largest request line (create_file carries Base64 data).
 const MAX_LINE: u64 = 16 * 1024 * 1024;
@@ -120,7 +120,7 @@ pub async fn serve(
     path: PathBuf,
     vm: VmId,
     local: std::sync::Arc<LocalRequests>,
-    out: mpsc::Sender<ToSession>,
+    out: std::sync::Arc<Client>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -150,7 +150,7 @@ async fn one(
     conn: UnixStream,
     vm: VmId,
     local: std::sync::Arc<LocalRequests>,
-    out: mpsc::Sender<ToSession>,
+    out: std::sync::Arc<Client>,
 ) {
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
@@ -187,12 +187,16 @@ async fn one(
     payload.insert("sender".into(), Value::String(vm.to_string()));
     payload.insert("request_id".into(), Value::String(id.clone()));
     let body = Value::Object(payload).to_string();
-    let msg = ToSession::Publish {
-        topic: command.request_topic(),
-        payload: Bytes::from(body),
-        qos: QoS::AtLeastOnce,
-    };
-    if out.send(msg).await.is_err() {
+    let sent = out
+        .publish(
+            command.request_topic(),
+            Bytes::from(body),
+            QoS::AtLeastOnce,
+            false,
+            None,
+        )
+        .await;
+    if !sent {
         local.unregister(&id);
         return;
     }

@@ -6,16 +6,19 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use domu_agent::channel::{self, ChannelConfig, FromSession};
+use domu_agent::channel::{self, ChannelConfig, Hub, ToClient};
 use domu_agent::config::{self, ConfigError, Settings};
 use domu_agent::disks::Disks;
 use domu_agent::fsops;
 use domu_agent::local::{self, LocalRequests};
-use domu_agent::service::{self, Service};
+use domu_agent::local_mqtt::{self, EndpointConfig, Listeners};
+use domu_agent::local_session::LocalLimits;
+use domu_agent::service::{self, Service, Uplink};
 use domu_agent::session::SessionConfig;
 use domu_agent::watch::{self as announce, Announcer};
+use rumqttc::mqttbytes::QoS;
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
@@ -66,6 +69,14 @@ struct RunArgs {
     /// UNIX socket for local requests (`domu-agent call`).
     #[arg(long)]
     local_socket: Option<PathBuf>,
+    /// UNIX socket of the local MQTT endpoint for the guest's applications
+    /// [default: /run/domu-agent/mqtt.sock; `none`: off].
+    #[arg(long, value_name = "PATH")]
+    mqtt_socket: Option<PathBuf>,
+    /// Also listen for local MQTT clients on TCP (IP:PORT, loopback unless the config allows
+    /// another address) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    mqtt_listen: Option<String>,
     /// MQTT keepalive in seconds [default: 5].
     #[arg(long)]
     keepalive: Option<u64>,
@@ -110,6 +121,8 @@ fn settings(a: RunArgs) -> Result<Settings, ConfigError> {
         disks: a.disks,
         repository: a.repository,
         local_socket: a.local_socket,
+        mqtt_socket: a.mqtt_socket,
+        mqtt_listen: a.mqtt_listen,
         keepalive: a.keepalive,
     };
     config::resolve(file, flags)
@@ -179,8 +192,23 @@ async fn serve(s: Settings) -> ExitCode {
         }
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (to_session, from_app) = mpsc::channel(256);
-    let (to_app, mut from_session) = mpsc::channel(256);
+    let mut tasks = tokio::task::JoinSet::new();
+    // The channel and its hub: the one path to Dom0 for the service, `call` and applications.
+    let (hub, hub_rx) = Hub::new(1024);
+    let cfg = ChannelConfig {
+        device: s.device.clone(),
+        session: SessionConfig {
+            vm: s.vm.clone(),
+            keepalive: s.keepalive,
+            max_packet: s.limits.max_packet,
+        },
+    };
+    tracing::info!(vm = %s.vm, device = %s.device, disks = s.disks.is_some(), "agent starting");
+    let mut channel = tokio::spawn(channel::run(cfg, hub_rx, stop_rx.clone()));
+    let Some((service_client, mut service_rx)) = hub.attach("service", 1024, true).await else {
+        return fail(EX_SOFTWARE, "the channel task ended at start");
+    };
+    let out = Arc::new(service_client);
     let (announcer, notes) = if s.disks.is_some() || s.repository.is_some() {
         let (a, n) = Announcer::new();
         (a, Some(n))
@@ -193,11 +221,19 @@ async fn serve(s: Settings) -> ExitCode {
         s.disks.clone().map(|root| Disks { root }),
         s.repository.clone(),
         s.limits.clone(),
-        to_session.clone(),
+        Uplink {
+            client: out.clone(),
+            hub: hub.clone(),
+        },
         announcer,
         local.clone(),
     ));
-    let mut tasks = tokio::task::JoinSet::new();
+    let filters = service
+        .subscriptions(s.local_socket.is_some())
+        .into_iter()
+        .map(|f| (f, QoS::AtLeastOnce))
+        .collect();
+    out.subscribe(0, filters).await;
     if let Some(path) = s.local_socket.clone() {
         match local::bind(&path).await {
             Ok(l) => {
@@ -207,7 +243,7 @@ async fn serve(s: Settings) -> ExitCode {
                     path,
                     s.vm.clone(),
                     local.clone(),
-                    to_session.clone(),
+                    out.clone(),
                     stop_rx.clone(),
                 ));
             }
@@ -219,29 +255,38 @@ async fn serve(s: Settings) -> ExitCode {
             }
         }
     }
+    match local_listeners(&s).await {
+        Ok(Some(listeners)) => {
+            let cfg = EndpointConfig {
+                max_clients: s.local.max_clients,
+                queue: s.local.client_queue,
+                limits: LocalLimits {
+                    max_packet: s.limits.max_packet,
+                    max_output: s.limits.max_packet.saturating_mul(2).max(1 << 20),
+                },
+            };
+            tasks.spawn(local_mqtt::serve(
+                listeners,
+                hub.clone(),
+                cfg,
+                stop_rx.clone(),
+            ));
+        }
+        Ok(None) => {}
+        Err(e) => return fail(EX_UNAVAILABLE, &e),
+    }
     if let Some(notes) = notes {
         let repo = s
             .repository
             .clone()
             .map(|r| (service::REPOSITORY.to_owned(), r));
-        let (disks, out, stop) = (s.disks.clone(), to_session.clone(), stop_rx.clone());
+        let (disks, out, stop) = (s.disks.clone(), out.clone(), stop_rx.clone());
         tasks.spawn(async move {
             if let Err(e) = announce::run(disks, repo, notes, out, stop).await {
                 tracing::error!(error = %e, "new-file announcements stopped");
             }
         });
     }
-    let cfg = ChannelConfig {
-        device: s.device.clone(),
-        session: SessionConfig {
-            vm: s.vm.clone(),
-            keepalive: s.keepalive,
-            max_packet: s.limits.max_packet,
-        },
-        subscriptions: service.subscriptions(s.local_socket.is_some()),
-    };
-    tracing::info!(vm = %s.vm, device = %s.device, disks = s.disks.is_some(), "agent starting");
-    let mut session = tokio::spawn(channel::run(cfg, from_app, to_app, stop_rx.clone()));
     let mut stop_watch = stop_rx.clone();
     loop {
         tokio::select! {
@@ -249,24 +294,65 @@ async fn serve(s: Settings) -> ExitCode {
                 tracing::info!("stopping");
                 break;
             }
-            _ = &mut session => break,
+            _ = &mut channel => break,
             _ = stop_watch.changed() => break,
-            m = from_session.recv() => match m {
-                Some(FromSession::Publish { topic, payload }) => {
-                    service.on_message(topic, payload);
-                }
-                Some(FromSession::Connected) => {}
+            m = service_rx.recv() => match m {
+                Some(ToClient::Message { topic, payload, .. }) => service.on_message(topic, payload),
+                Some(_) => {}
                 None => break,
             },
         }
     }
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_millis(800), async {
-        let _ = (&mut session).await;
+        let _ = (&mut channel).await;
         while tasks.join_next().await.is_some() {}
     })
     .await;
     ExitCode::SUCCESS
+}
+
+/// Binds the local MQTT endpoint's listeners; None when both are off. Err: one line for the user.
+async fn local_listeners(s: &Settings) -> Result<Option<Listeners>, String> {
+    let unix = match &s.mqtt_socket {
+        None => None,
+        Some(path) => {
+            let group = match &s.local.socket_group {
+                None => None,
+                Some(g) => {
+                    Some(group_id(g).map_err(|e| format!("[local] socket_group {g:?}: {e}"))?)
+                }
+            };
+            let l = local_mqtt::bind_unix(path, s.local.socket_mode, group)
+                .await
+                .map_err(|e| format!("local MQTT socket: {e}"))?;
+            tracing::info!(path = %path.display(), "local MQTT endpoint listening");
+            Some((l, path.clone()))
+        }
+    };
+    let tcp = match s.mqtt_listen {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("--mqtt-listen {addr}: {e}"))?;
+            tracing::info!(addr = %addr, "local MQTT endpoint listening on TCP");
+            Some(l)
+        }
+    };
+    Ok((unix.is_some() || tcp.is_some()).then_some(Listeners { unix, tcp }))
+}
+
+/// A group name or number → its id.
+fn group_id(g: &str) -> Result<u32, String> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err("no such group".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 async fn shutdown_signal() {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::Semaphore;
 use topics::filter;
 use topics::payload::{
     self, BenchmarkArgs, BenchmarkReply, Component, CopyFileArgs, CreateFileArgs, DiscoverReply,
@@ -23,7 +23,7 @@ use topics::topic::{Command, Notification, Topic};
 use topics::vm::VmId;
 use topics::{ErrorBody, ErrorCode, RequestId, Response, Status};
 
-use crate::channel::ToSession;
+use crate::channel::{Client, Hub};
 use crate::config::Limits;
 use crate::disks::Disks;
 use crate::fsops::{self, FsError};
@@ -34,6 +34,13 @@ use crate::watch::Announcer;
 /// The name under which the local repository appears in `new_file` notifications.
 pub const REPOSITORY: &str = "repository";
 
+/// The service's way to Dom0: its client of the hub, and the hub (benchmark round trips).
+#[derive(Debug)]
+pub struct Uplink {
+    pub client: Arc<Client>,
+    pub hub: Hub,
+}
+
 /// Everything a request handler needs.
 #[derive(Debug)]
 pub struct Service {
@@ -41,7 +48,7 @@ pub struct Service {
     pub disks: Option<Disks>,
     pub repository: Option<PathBuf>,
     pub limits: Limits,
-    pub out: mpsc::Sender<ToSession>,
+    pub uplink: Uplink,
     pub announcer: Announcer,
     pub local: Arc<LocalRequests>,
     /// Disk operations running at once.
@@ -59,7 +66,7 @@ impl Service {
         disks: Option<Disks>,
         repository: Option<PathBuf>,
         limits: Limits,
-        out: mpsc::Sender<ToSession>,
+        uplink: Uplink,
         announcer: Announcer,
         local: Arc<LocalRequests>,
     ) -> Service {
@@ -69,7 +76,7 @@ impl Service {
             disks,
             repository,
             limits,
-            out,
+            uplink,
             announcer,
             local,
             permits,
@@ -109,12 +116,12 @@ impl Service {
     }
 
     async fn publish(&self, topic: String, body: Vec<u8>) {
-        let msg = ToSession::Publish {
-            topic,
-            payload: Bytes::from(body),
-            qos: QoS::AtLeastOnce,
-        };
-        if self.out.send(msg).await.is_err() {
+        let sent = self
+            .uplink
+            .client
+            .publish(topic, Bytes::from(body), QoS::AtLeastOnce, false, None)
+            .await;
+        if !sent {
             tracing::debug!("session gone; message dropped");
         }
     }
@@ -430,13 +437,12 @@ impl Service {
         const N: usize = 100;
         let mut samples = Vec::with_capacity(N);
         for _ in 0..N {
-            let (tx, rx) = oneshot::channel();
-            if self.out.send(ToSession::Ping(tx)).await.is_err() {
-                return Err(ErrorBody::new(ErrorCode::Internal, "session gone"));
-            }
-            match tokio::time::timeout(Duration::from_secs(5), rx).await {
-                Ok(Ok(d)) => samples.push(d),
-                _ => return Err(ErrorBody::new(ErrorCode::Timeout, "no PINGRESP within 5 s")),
+            match tokio::time::timeout(Duration::from_secs(5), self.uplink.hub.ping()).await {
+                Ok(Some(d)) => samples.push(d),
+                Ok(None) => {
+                    return Err(ErrorBody::new(ErrorCode::Internal, "no session with Dom0"));
+                }
+                Err(_) => return Err(ErrorBody::new(ErrorCode::Timeout, "no PINGRESP within 5 s")),
             }
         }
         Ok(BenchmarkReply::round_trips(&mut samples).figures)

@@ -293,6 +293,11 @@ impl Session {
         }
     }
 
+    /// Drops a filter Dom0 refused from the subscriptions renewed on every CONNACK; nothing is sent.
+    pub fn forget(&mut self, filter: &str) {
+        self.subscriptions.remove(filter);
+    }
+
     /// Sends a PINGREQ whose PINGRESP is reported as [`Event::Pong`] with `probe`. False when no
     /// session is up (nothing sent).
     pub fn ping(&mut self, probe: u64, now: Instant) -> bool {

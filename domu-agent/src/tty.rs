@@ -8,7 +8,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::termios::{self, SetArg};
@@ -132,39 +131,12 @@ impl Tty {
         })
     }
 
-    /// Opens the device, waiting while it is absent or not connected. Returns None on `stop`.
-    pub async fn open_wait(
-        device: &Device,
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Option<Tty> {
-        let mut said = false;
-        loop {
-            if *stop.borrow() {
-                return None;
-            }
-            let result = match resolve(device) {
-                Some(p) => Tty::open(&p),
-                None => Err(io::Error::from_raw_os_error(nix::libc::ENOENT)),
-            };
-            match result {
-                Ok(t) => {
-                    tracing::info!(device = %t.path.display(), "channel opened");
-                    return Some(t);
-                }
-                Err(e) => {
-                    if !said {
-                        tracing::info!(device = %device, error = %e, "channel not available yet; waiting");
-                        said = true;
-                    }
-                    if !is_transient(&e) && e.kind() != io::ErrorKind::WouldBlock {
-                        tracing::warn!(device = %device, error = %e, "cannot open the channel; retrying");
-                    }
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = stop.changed() => {}
-            }
+    /// Finds the device and opens it once. While it is absent or its backend not connected the
+    /// error is one of [`is_transient`]'s: the caller retries later.
+    pub fn open_device(device: &Device) -> io::Result<Tty> {
+        match resolve(device) {
+            Some(p) => Tty::open(&p),
+            None => Err(io::Error::from_raw_os_error(nix::libc::ENOENT)),
         }
     }
 

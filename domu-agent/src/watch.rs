@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -19,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use topics::payload::NewFileEvent;
 use topics::topic::Notification;
 
-use crate::channel::ToSession;
+use crate::channel::Client;
 use crate::paths;
 
 /// What commands tell the announcer.
@@ -85,7 +86,7 @@ struct Watcher {
     inotify_watches: inotify::Watches,
     watched: HashMap<WatchDescriptor, Watched>,
     announced: HashSet<(String, String)>,
-    out: mpsc::Sender<ToSession>,
+    out: Arc<Client>,
 }
 
 const FOLDER_EVENTS: WatchMask = WatchMask::CLOSE_WRITE
@@ -148,12 +149,16 @@ impl Watcher {
             filepath: path.to_owned(),
             size_in_bytes: size,
         };
-        let msg = ToSession::Publish {
-            topic: Notification::NewFile.topic(),
-            payload: Bytes::from(serde_json::to_vec(&ev).unwrap_or_default()),
-            qos: QoS::AtLeastOnce,
-        };
-        let _ = self.out.send(msg).await;
+        let payload = Bytes::from(serde_json::to_vec(&ev).unwrap_or_default());
+        self.out
+            .publish(
+                Notification::NewFile.topic(),
+                payload,
+                QoS::AtLeastOnce,
+                false,
+                None,
+            )
+            .await;
     }
 
     async fn on_event(&mut self, wd: &WatchDescriptor, mask: EventMask, name: Option<&OsStr>) {
@@ -214,7 +219,7 @@ pub async fn run(
     disks: Option<PathBuf>,
     repository: Option<(String, PathBuf)>,
     mut notes: mpsc::UnboundedReceiver<Note>,
-    out: mpsc::Sender<ToSession>,
+    out: Arc<Client>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let inotify = Inotify::init()?;

@@ -73,11 +73,11 @@ fn run(kind: BrokerKind) {
     let dom0 = Dom0::start_logging(&dir, kind, &[], "info,rumqttd=error");
     let usb_ch = Channel::new(&dir.path, "sys-usb");
     let gui_ch = Channel::new(&dir.path, "vm-gui");
-    dom0.proc.wait_log("attached to channel vm=sys-usb");
-    dom0.proc.wait_log("attached to channel vm=vm-gui");
+    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
+    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
     let d = disks.display().to_string();
     let usb = Agent::start(&dir, &usb_ch, "sys-usb", &["--disks", &d]);
-    dom0.proc.wait_log("session up vm=sys-usb");
+    dom0.proc.wait_log("link{vm=sys-usb}: session up");
     let broker_port = system_tests::bench::broker_port(&dom0, kind);
 
     println!("== {kind:?} broker: request → response, {ROUND_TRIPS} sequential round trips, QoS 1");

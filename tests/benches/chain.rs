@@ -137,7 +137,7 @@ fn run(kind: BrokerKind) {
     let conf_arg = conf.display().to_string();
     let dom0 = Dom0::start_logging(&dir, kind, &["--config", &conf_arg], "info,rumqttd=error");
     let ch = Channel::new(&dir.path, "sys-usb");
-    dom0.proc.wait_log("attached to channel vm=sys-usb");
+    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
 
     let broker_port = system_tests::bench::broker_port(&dom0, kind);
 
@@ -188,7 +188,7 @@ fn run(kind: BrokerKind) {
     println!("direct  client → broker → client            {d:10.0} msg/s");
     // A second channel for the throughput runs, so the responder above stays out of the way.
     let ch2 = Channel::new(&dir.path, "vm-gui");
-    dom0.proc.wait_log("attached to channel vm=vm-gui");
+    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
     let down = throughput(
         NOTIFY,
         tcp(broker_port, "bench-pub-b"),
@@ -199,7 +199,7 @@ fn run(kind: BrokerKind) {
         down / d
     );
     let ch3 = Channel::new(&dir.path, "vm-three");
-    dom0.proc.wait_log("attached to channel vm=vm-three");
+    dom0.proc.wait_log("link{vm=vm-three}: attached to channel");
     // Any VM may publish error notifications (the `*` rules of the default policy).
     let up = throughput(
         ERRORS,

@@ -412,22 +412,27 @@ pub struct Agent {
     pub proc: Proc,
     /// Its local request socket (for `domu-agent call`).
     pub socket: PathBuf,
+    /// Its local MQTT endpoint (for the guest's applications).
+    pub mqtt: PathBuf,
 }
 
 impl Agent {
     /// Starts `domu-agent run --vm VM --device <tty>` with `extra` flags and waits for its session.
     pub fn start(dir: &TestDir, ch: &channel::Channel, vm: &str, extra: &[&str]) -> Agent {
         let socket = dir.join(&format!("{vm}-agent.sock"));
+        let mqtt = dir.join(&format!("{vm}-mqtt.sock"));
         let mut cmd = Command::new(bin("domu-agent"));
         cmd.args(["run", "--vm", vm, "--device"])
             .arg(&ch.tty)
             .arg("--local-socket")
             .arg(&socket)
+            .arg("--mqtt-socket")
+            .arg(&mqtt)
             .args(extra)
             .env("RUST_LOG", "debug");
         let proc = Proc::spawn(&format!("domu-agent-{vm}"), dir, &mut cmd);
         proc.wait_log("session up");
-        Agent { proc, socket }
+        Agent { proc, socket, mqtt }
     }
 
     /// `domu-agent call COMMAND ARGS...`: exit status and the response lines, parsed.

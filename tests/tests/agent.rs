@@ -869,6 +869,8 @@ fn agent_waits_for_its_device_and_notices_a_dead_link() {
     let mut cmd = Command::new(system_tests::bin("domu-agent"));
     cmd.args(["run", "--vm", "vm-gui", "--keepalive", "1", "--device"])
         .arg(&link)
+        .arg("--mqtt-socket")
+        .arg(dir.join("mqtt.sock"))
         .env("RUST_LOG", "debug");
     let mut agent = Proc::spawn("domu-agent", &dir, &mut cmd);
     agent.wait_log("channel not available yet; waiting");

@@ -1,0 +1,326 @@
+//! The local MQTT endpoint: the guest's applications connect here (a UNIX socket, and optionally a
+//! loopback TCP listener) with any MQTT 3.1.1 client, and reach Dom0 through the agent's one
+//! session. Each connection is a task that moves bytes between its socket and a
+//! [`LocalSession`], and talks to the hub as one of its clients. Bounds: a maximum number of
+//! clients, a queue per client (one that does not read is dropped alone), the packet size of the
+//! channel.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
+
+use crate::channel::{Client, Hub, ToClient};
+use crate::local_session::{Closed, LocalEvent, LocalLimits, LocalSession};
+
+/// Settings of the endpoint.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// Clients connected at once; one more is answered "server unavailable".
+    pub max_clients: usize,
+    /// Messages queued for one client before it is dropped.
+    pub queue: usize,
+    pub limits: LocalLimits,
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+struct Shared {
+    hub: Hub,
+    cfg: EndpointConfig,
+    connected: AtomicUsize,
+}
+
+/// Binds a UNIX socket: a stale one is replaced, a live one (another agent) refused; the parent
+/// directory is created if missing; `mode` and `group` applied to the socket.
+pub async fn bind_unix(
+    path: &Path,
+    mode: u32,
+    group: Option<u32>,
+) -> std::io::Result<UnixListener> {
+    let with_path =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(with_path)?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by another agent", path.display()),
+            ));
+        }
+        std::fs::remove_file(path).map_err(with_path)?;
+    }
+    let l = UnixListener::bind(path).map_err(with_path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(with_path)?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| with_path(std::io::Error::from(e)))?;
+    }
+    Ok(l)
+}
+
+/// The endpoint's listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    pub unix: Option<(UnixListener, PathBuf)>,
+    pub tcp: Option<TcpListener>,
+}
+
+/// Serves the listeners until `stop`; removes the UNIX socket.
+pub async fn serve(
+    listeners: Listeners,
+    hub: Hub,
+    cfg: EndpointConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let shared = Arc::new(Shared {
+        hub,
+        cfg,
+        connected: AtomicUsize::new(0),
+    });
+    let (unix, path) = match listeners.unix {
+        Some((l, p)) => (Some(l), Some(p)),
+        None => (None, None),
+    };
+    let tcp = listeners.tcp;
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            a = accept_unix(unix.as_ref()) => match a {
+                Ok(s) => { tasks.spawn(connection(s, "unix".to_owned(), shared.clone(), stop.clone())); }
+                Err(e) => accept_failed(e).await,
+            },
+            a = accept_tcp(tcp.as_ref()) => match a {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    tasks.spawn(connection(s, peer.to_string(), shared.clone(), stop.clone()));
+                }
+                Err(e) => accept_failed(e).await,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    if let Some(p) = path {
+        let _ = std::fs::remove_file(p);
+    }
+    tasks.shutdown().await;
+}
+
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "local MQTT accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<UnixStream> {
+    match l {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_tcp(
+    l: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_opt(rx: Option<&mut mpsc::Receiver<ToClient>>) -> Option<ToClient> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Decrements the connection count when the connection ends, however it ends.
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One local client's connection, until it ends or the agent stops.
+async fn connection<S>(stream: S, peer: String, shared: Arc<Shared>, stop: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let over = shared.connected.fetch_add(1, Ordering::Relaxed) >= shared.cfg.max_clients;
+    let _slot = Slot(shared.clone());
+    let mut c = Conn {
+        ls: LocalSession::new(shared.cfg.limits.clone(), Instant::now()),
+        client: None,
+        rx: None,
+        name: peer,
+        over,
+    };
+    let closed = c.run(stream, &shared, stop).await;
+    if let Some(closed) = closed {
+        if closed.reason == "client disconnected" {
+            tracing::debug!(client = %c.name, "local client left");
+        } else {
+            tracing::info!(client = %c.name, reason = %closed.reason, "local client closed");
+        }
+        if let (Some(w), Some(client)) = (closed.will, c.client.as_ref()) {
+            client
+                .publish(w.topic, w.payload, w.qos, w.retain, None)
+                .await;
+        }
+    }
+    // Dropping the client detaches it from the hub.
+}
+
+struct Conn {
+    ls: LocalSession,
+    client: Option<Client>,
+    rx: Option<mpsc::Receiver<ToClient>>,
+    /// The peer, then the client id once known (logs).
+    name: String,
+    /// Over the maximum number of clients: refused at its CONNECT.
+    over: bool,
+}
+
+impl Conn {
+    /// Returns how the connection ended (None when the agent stops).
+    async fn run<S>(
+        &mut self,
+        stream: S,
+        shared: &Shared,
+        mut stop: watch::Receiver<bool>,
+    ) -> Option<Closed>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut r, mut w) = tokio::io::split(stream);
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let out = self.ls.take_output();
+            if !out.is_empty() && w.write_all(&out).await.is_err() {
+                return Some(Closed {
+                    reason: "write failed".into(),
+                    will: None,
+                });
+            }
+            let deadline = self.ls.next_deadline();
+            let step = tokio::select! {
+                _ = stop.changed() => return None,
+                n = r.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => Err(self.ls.lost()),
+                    Ok(n) => match self.ls.on_input(buf.get(..n).unwrap_or_default(), Instant::now()) {
+                        Ok(events) => self.events(events, shared).await,
+                        Err(c) => Err(c),
+                    },
+                },
+                m = recv_opt(self.rx.as_mut()) => self.on_hub(m),
+                _ = sleep_until_opt(deadline) => self.ls.on_tick(Instant::now()),
+            };
+            if let Err(closed) = step {
+                // What the session said last (a CONNACK refusal) goes out before closing.
+                let out = self.ls.take_output();
+                if !out.is_empty() {
+                    let _ = w.write_all(&out).await;
+                }
+                let _ = w.shutdown().await;
+                return Some(closed);
+            }
+        }
+    }
+
+    async fn events(&mut self, events: Vec<LocalEvent>, shared: &Shared) -> Result<(), Closed> {
+        let mut queue = std::collections::VecDeque::from(events);
+        while let Some(ev) = queue.pop_front() {
+            match ev {
+                LocalEvent::Connect { client_id } => {
+                    if self.over {
+                        return Err(self.ls.refuse());
+                    }
+                    if !client_id.is_empty() {
+                        self.name = client_id;
+                    }
+                    let Some((client, rx)) =
+                        shared.hub.attach(&self.name, shared.cfg.queue, false).await
+                    else {
+                        return Err(Closed {
+                            reason: "agent stopping".into(),
+                            will: None,
+                        });
+                    };
+                    self.client = Some(client);
+                    self.rx = Some(rx);
+                    queue.extend(self.ls.accept(Instant::now())?);
+                }
+                LocalEvent::Publish {
+                    topic,
+                    payload,
+                    qos,
+                    retain,
+                    pkid,
+                } => {
+                    if let Some(c) = &self.client {
+                        c.publish(topic, payload, qos, retain, pkid).await;
+                    }
+                }
+                LocalEvent::Subscribe { pkid, filters } => {
+                    if let Some(c) = &self.client {
+                        c.subscribe(pkid, filters).await;
+                    }
+                }
+                LocalEvent::Unsubscribe { pkid, filters } => {
+                    if let Some(c) = &self.client {
+                        c.unsubscribe(pkid, filters).await;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_hub(&mut self, m: Option<ToClient>) -> Result<(), Closed> {
+        match m {
+            Some(ToClient::Message {
+                topic,
+                payload,
+                qos,
+                retain,
+            }) => self.ls.deliver(topic, payload, qos, retain),
+            Some(ToClient::PubAck(pkid)) => {
+                self.ls.acked(pkid);
+                Ok(())
+            }
+            Some(ToClient::SubAck { pkid, codes }) => {
+                self.ls.suback(pkid, &codes);
+                Ok(())
+            }
+            Some(ToClient::UnsubAck(pkid)) => {
+                self.ls.unsuback(pkid);
+                Ok(())
+            }
+            Some(ToClient::Closed(reason)) => Err(Closed { reason, will: None }),
+            None => Err(Closed {
+                reason: "agent stopping".into(),
+                will: None,
+            }),
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Table tests of the multiplexer: client requests and Dom0's answers in, actions out.
+
+use super::*;
+
+const Q0: QoS = QoS::AtMostOnce;
+const Q1: QoS = QoS::AtLeastOnce;
+
+fn sub(f: &str) -> Vec<(String, QoS)> {
+    vec![(f.to_owned(), Q1)]
+}
+
+fn up(f: &str) -> Action {
+    Action::SubscribeUp(f.to_owned())
+}
+
+#[test]
+fn first_subscriber_subscribes_upstream_and_waits_for_dom0() {
+    let mut m = Mux::new();
+    m.attach(1);
+    assert_eq!(m.subscribe(1, 10, sub("app/#")), vec![up("app/#")]);
+    // Dom0 grants: the client gets its SUBACK.
+    assert_eq!(
+        m.on_suback(vec![("app/#".into(), Some(Q1))]),
+        vec![Action::SubAck {
+            client: 1,
+            pkid: 10,
+            codes: vec![Some(Q1)]
+        }]
+    );
+    // A second client on the same filter: no upstream traffic, answered at once.
+    m.attach(2);
+    assert_eq!(
+        m.subscribe(2, 5, vec![("app/#".into(), Q0)]),
+        vec![Action::SubAck {
+            client: 2,
+            pkid: 5,
+            codes: vec![Some(Q0)]
+        }]
+    );
+    assert_eq!(m.upstream_filters(), ["app/#"]);
+}
+
+#[test]
+fn a_refusal_goes_to_the_client_that_asked_and_no_other() {
+    let mut m = Mux::new();
+    m.attach(1);
+    m.attach(2);
+    m.subscribe(1, 1, sub("app/x"));
+    m.on_suback(vec![("app/x".into(), Some(Q1))]);
+    // Client 2 asks for a filter Dom0 refuses, together with one it allows.
+    let actions = m.subscribe(2, 7, vec![("secret/#".into(), Q1), ("app/x".into(), Q1)]);
+    assert_eq!(actions, vec![up("secret/#")]);
+    assert_eq!(
+        m.on_suback(vec![("secret/#".into(), None)]),
+        vec![
+            Action::ForgetUp("secret/#".into()),
+            Action::SubAck {
+                client: 2,
+                pkid: 7,
+                codes: vec![None, Some(Q1)]
+            }
+        ]
+    );
+    assert_eq!(m.upstream_filters(), ["app/x"]);
+    assert_eq!(m.deliver("app/x", Q1), vec![(1, Q1), (2, Q1)]);
+    assert!(m.deliver("secret/a", Q1).is_empty());
+    // Asking again asks Dom0 again (its policy may have been reloaded).
+    assert_eq!(m.subscribe(1, 2, sub("secret/#")), vec![up("secret/#")]);
+}
+
+#[test]
+fn dollar_and_malformed_filters_are_refused_here() {
+    let mut m = Mux::new();
+    m.attach(1);
+    for f in ["$SYS/#", "a/#/b", "a+", "", "a//b"] {
+        assert_eq!(
+            m.subscribe(1, 3, sub(f)),
+            vec![Action::SubAck {
+                client: 1,
+                pkid: 3,
+                codes: vec![None]
+            }],
+            "{f:?}"
+        );
+    }
+    assert!(m.upstream_filters().is_empty());
+}
+
+#[test]
+fn overlapping_filters_of_one_client_deliver_one_copy() {
+    let mut m = Mux::new();
+    m.attach(1);
+    m.attach(2);
+    m.subscribe(
+        1,
+        1,
+        vec![("app/#".into(), Q0), ("app/+/status".into(), Q1)],
+    );
+    m.subscribe(2, 1, sub("app/sys-usb/status"));
+    m.on_suback(vec![
+        ("app/#".into(), Some(Q1)),
+        ("app/+/status".into(), Some(Q1)),
+        ("app/sys-usb/status".into(), Some(Q1)),
+    ]);
+    let rows: [(&str, QoS, Vec<(ClientId, QoS)>); 4] = [
+        ("app/sys-usb/status", Q1, vec![(1, Q1), (2, Q1)]),
+        ("app/sys-usb/status", Q0, vec![(1, Q0), (2, Q0)]),
+        ("app/other", Q1, vec![(1, Q0)]),
+        ("system/x/y/request", Q1, vec![]),
+    ];
+    for (topic, qos, expected) in rows {
+        assert_eq!(m.deliver(topic, qos), expected, "{topic} at {qos:?}");
+    }
+}
+
+#[test]
+fn the_last_one_out_unsubscribes_upstream() {
+    let mut m = Mux::new();
+    m.attach(1);
+    m.attach(2);
+    m.subscribe(1, 1, sub("app/#"));
+    m.subscribe(2, 1, sub("app/#"));
+    m.on_suback(vec![("app/#".into(), Some(Q1))]);
+    assert_eq!(
+        m.unsubscribe(1, 9, &["app/#".into()]),
+        vec![Action::UnsubAck { client: 1, pkid: 9 }]
+    );
+    assert_eq!(
+        m.deliver("app/a", Q1),
+        vec![(2, Q1)],
+        "the other keeps receiving"
+    );
+    assert_eq!(m.detach(2), vec![Action::UnsubscribeUp("app/#".into())]);
+    assert!(m.upstream_filters().is_empty());
+    assert_eq!(m.clients(), 1);
+}
+
+#[test]
+fn a_client_that_leaves_before_dom0_answers_is_forgotten() {
+    let mut m = Mux::new();
+    m.attach(1);
+    m.subscribe(1, 4, sub("app/#"));
+    assert_eq!(m.detach(1), vec![Action::UnsubscribeUp("app/#".into())]);
+    assert!(m.on_suback(vec![("app/#".into(), Some(Q1))]).is_empty());
+    // And one that unsubscribes while waiting gets its SUBACK all the same (refused: gone).
+    m.attach(2);
+    m.subscribe(2, 5, sub("app/#"));
+    m.unsubscribe(2, 6, &["app/#".into()]);
+    assert_eq!(
+        m.on_suback(vec![("app/#".into(), Some(Q1))]),
+        vec![Action::SubAck {
+            client: 2,
+            pkid: 5,
+            codes: vec![None]
+        }]
+    );
+}
+
+#[test]
+fn subacks_wait_for_every_filter_and_keep_their_order() {
+    let mut m = Mux::new();
+    m.attach(1);
+    m.subscribe(1, 1, vec![("a".into(), Q1), ("b".into(), Q1)]);
+    m.subscribe(1, 2, sub("a"));
+    assert_eq!(
+        m.on_suback(vec![("a".into(), Some(Q1))]),
+        vec![
+            // pkid 2 only needed `a`; pkid 1 still waits for `b`.
+            Action::SubAck {
+                client: 1,
+                pkid: 2,
+                codes: vec![Some(Q1)]
+            }
+        ]
+    );
+    assert_eq!(
+        m.on_suback(vec![("b".into(), Some(Q0))]),
+        vec![Action::SubAck {
+            client: 1,
+            pkid: 1,
+            codes: vec![Some(Q1), Some(Q0)]
+        }]
+    );
+}
+
+#[test]
+fn a_renewal_refused_after_a_reload_stops_delivery() {
+    let mut m = Mux::new();
+    m.attach(1);
+    m.subscribe(1, 1, sub("app/#"));
+    m.on_suback(vec![("app/#".into(), Some(Q1))]);
+    assert_eq!(m.deliver("app/a", Q1).len(), 1);
+    // After a reconnect, Dom0 refuses the renewed subscription.
+    assert_eq!(
+        m.on_suback(vec![("app/#".into(), None)]),
+        vec![Action::ForgetUp("app/#".into())]
+    );
+    assert!(m.deliver("app/a", Q1).is_empty());
+}
+
+#[test]
+fn local_qos1_publishes_are_acknowledged_when_dom0_acknowledges() {
+    let mut m = Mux::new();
+    m.attach(1);
+    m.attach(2);
+    m.published(1, 77, 3);
+    m.published(2, 77, 4);
+    assert_eq!(
+        m.acked(4),
+        Some(Action::PubAck {
+            client: 2,
+            pkid: 77
+        })
+    );
+    assert_eq!(m.acked(4), None, "once");
+    // A client that left gets nothing.
+    m.detach(1);
+    assert_eq!(m.acked(3), None);
+}
