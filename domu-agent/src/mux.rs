@@ -3,15 +3,22 @@
 //! back to the clients that asked, each message from Dom0 delivered once per matching client, and
 //! local QoS 1 publishes acknowledged once Dom0 acknowledged them.
 //!
+//! Upstream, a filter covered by another one Dom0 granted (`app/x/status` under `app/#`) is not
+//! subscribed again: it is granted here (what Dom0 lets the VM read under `app/#` it lets it read
+//! under `app/x/status`), so a broker that sends one copy per matching subscription (rumqttd does;
+//! Mosquitto does not) sends one. When the covering filter goes, the covered ones are subscribed
+//! upstream before it is unsubscribed: a message may then come twice, never not at all. Filters
+//! that merely overlap (`app/+/status` and `app/x/#`) are both subscribed upstream.
+//!
 //! Pure: client requests and session events in, [`Action`]s out; the driver (`channel.rs`) carries
 //! them out. Dom0's policy is the only authority: a filter is granted to a client only once Dom0
 //! granted it, and a filter Dom0 refuses is refused to the clients that asked for it, and to no
 //! other. `$`-filters and malformed ones are refused here without asking.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rumqttc::mqttbytes::QoS;
-use topics::filter::filter_matches;
+use topics::filter::{filter_covers, filter_matches};
 use topics::topic::validate_filter;
 
 /// A local client of the multiplexer.
@@ -47,12 +54,12 @@ struct Sub {
     granted: Option<QoS>,
 }
 
-/// A filter as subscribed upstream.
+/// A filter some client holds.
 #[derive(Debug)]
-struct Upstream {
+struct Filter {
     /// Clients that hold it.
     refs: usize,
-    /// Dom0's grant, once it answered.
+    /// Its grant: Dom0's answer, or the grant of a filter that covers it.
     granted: Option<QoS>,
 }
 
@@ -70,7 +77,10 @@ struct PendingSubAck {
 pub struct Mux {
     /// Each client's subscriptions.
     clients: BTreeMap<ClientId, BTreeMap<String, Sub>>,
-    upstream: BTreeMap<String, Upstream>,
+    /// Every filter some client holds.
+    filters: BTreeMap<String, Filter>,
+    /// The filters subscribed upstream: those no granted filter covers.
+    up: BTreeSet<String>,
     /// SUBSCRIBEs waiting for Dom0, in arrival order.
     pending: Vec<PendingSubAck>,
     /// Upstream packet id of a local QoS 1 publish → (client, its own packet id).
@@ -102,7 +112,55 @@ impl Mux {
 
     /// Filters subscribed upstream now (for tests and counters).
     pub fn upstream_filters(&self) -> Vec<String> {
-        self.upstream.keys().cloned().collect()
+        self.up.iter().cloned().collect()
+    }
+
+    /// The best grant among the granted filters, other than `f`, that cover `f`.
+    fn covering_grant(&self, f: &str) -> Option<QoS> {
+        self.filters
+            .iter()
+            .filter(|(g, e)| g.as_str() != f && e.granted.is_some() && filter_covers(g, f))
+            .filter_map(|(_, e)| e.granted)
+            .max_by_key(|q| *q as u8)
+    }
+
+    /// Records a filter's grant and passes it on to the clients that hold it.
+    fn grant(&mut self, f: &str, g: QoS) {
+        if let Some(e) = self.filters.get_mut(f) {
+            e.granted = Some(g);
+        }
+        for subs in self.clients.values_mut() {
+            if let Some(sub) = subs.get_mut(f) {
+                sub.granted = Some(min_qos(sub.asked, g));
+            }
+        }
+        self.resolve(f, Some(g));
+    }
+
+    /// Fills in the unknown codes of waiting SUBSCRIBEs for `f`.
+    fn resolve(&mut self, f: &str, code: Option<QoS>) {
+        for p in &mut self.pending {
+            for (pf, c) in &mut p.codes {
+                if pf == f && c.is_none() {
+                    *c = Some(code);
+                }
+            }
+        }
+    }
+
+    /// Filters that were covered by `gone` and are covered by nothing now go upstream.
+    fn uncover(&mut self, gone: &str, actions: &mut Vec<Action>) {
+        let uncovered: Vec<String> = self
+            .filters
+            .keys()
+            .filter(|h| filter_covers(gone, h) && !self.up.contains(*h))
+            .filter(|h| self.covering_grant(h).is_none())
+            .cloned()
+            .collect();
+        for h in uncovered {
+            self.up.insert(h.clone());
+            actions.push(Action::SubscribeUp(h));
+        }
     }
 
     /// A client's SUBSCRIBE. Answered at once for filters already granted or refused here, once
@@ -122,25 +180,40 @@ impl Mux {
                 codes.push((filter, Some(None)));
                 continue;
             }
+            let known = self.filters.get(&filter).map(|e| e.granted);
             let subs = self.clients.entry(client).or_default();
             if let Some(sub) = subs.get_mut(&filter) {
                 // Subscribed again: same filter, maybe another QoS.
                 sub.asked = asked;
-                let up = self.upstream.get(&filter).and_then(|u| u.granted);
-                sub.granted = up.map(|g| min_qos(asked, g));
+                sub.granted = known.flatten().map(|g| min_qos(asked, g));
                 codes.push((filter, sub.granted.map(Some)));
                 continue;
             }
-            let up = self.upstream.entry(filter.clone()).or_insert_with(|| {
-                actions.push(Action::SubscribeUp(filter.clone()));
-                Upstream {
-                    refs: 0,
-                    granted: None,
+            let granted = match known {
+                Some(g) => g,
+                None => {
+                    let cover = self.covering_grant(&filter);
+                    if cover.is_none() {
+                        self.up.insert(filter.clone());
+                        actions.push(Action::SubscribeUp(filter.clone()));
+                    }
+                    self.filters.insert(
+                        filter.clone(),
+                        Filter {
+                            refs: 0,
+                            granted: cover,
+                        },
+                    );
+                    cover
                 }
-            });
-            up.refs += 1;
-            let granted = up.granted.map(|g| min_qos(asked, g));
-            subs.insert(filter.clone(), Sub { asked, granted });
+            };
+            if let Some(e) = self.filters.get_mut(&filter) {
+                e.refs += 1;
+            }
+            let granted = granted.map(|g| min_qos(asked, g));
+            if let Some(subs) = self.clients.get_mut(&client) {
+                subs.insert(filter.clone(), Sub { asked, granted });
+            }
             codes.push((filter, granted.map(Some)));
         }
         self.pending.push(PendingSubAck {
@@ -156,35 +229,40 @@ impl Mux {
     pub fn on_suback(&mut self, results: Vec<(String, Option<QoS>)>) -> Vec<Action> {
         let mut actions = Vec::new();
         for (filter, granted) in results {
-            for p in &mut self.pending {
-                for (f, code) in &mut p.codes {
-                    if *f == filter && code.is_none() {
-                        *code = Some(granted.map(cap));
-                    }
-                }
-            }
-            let Some(up) = self.upstream.get_mut(&filter) else {
-                // Nobody wants it any more (left while Dom0 was answering).
+            if !self.up.contains(&filter) {
+                // Nobody wants it any more, or a granted filter covers it now: answered already.
+                self.resolve(&filter, None);
                 continue;
-            };
-            match granted {
+            }
+            match granted.map(cap) {
                 Some(g) => {
-                    let g = cap(g);
-                    up.granted = Some(g);
-                    for subs in self.clients.values_mut() {
-                        if let Some(sub) = subs.get_mut(&filter) {
-                            sub.granted = Some(min_qos(sub.asked, g));
+                    self.grant(&filter, g);
+                    // What it covers need not be subscribed upstream any more.
+                    let covered: Vec<String> = self
+                        .up
+                        .iter()
+                        .filter(|h| **h != filter && filter_covers(&filter, h))
+                        .cloned()
+                        .collect();
+                    for h in covered {
+                        self.up.remove(&h);
+                        if self.filters.get(&h).is_some_and(|e| e.granted.is_none()) {
+                            self.grant(&h, g);
                         }
+                        actions.push(Action::UnsubscribeUp(h));
                     }
                 }
                 None => {
                     // Refused to every client that holds it: they asked for it (or, after a
                     // policy reload, no longer get it).
-                    self.upstream.remove(&filter);
+                    self.resolve(&filter, None);
+                    self.filters.remove(&filter);
+                    self.up.remove(&filter);
                     for subs in self.clients.values_mut() {
                         subs.remove(&filter);
                     }
                     actions.push(Action::ForgetUp(filter.clone()));
+                    self.uncover(&filter, &mut actions);
                 }
             }
         }
@@ -251,12 +329,18 @@ impl Mux {
     }
 
     fn release(&mut self, filter: &str, actions: &mut Vec<Action>) {
-        if let Some(up) = self.upstream.get_mut(filter) {
-            up.refs = up.refs.saturating_sub(1);
-            if up.refs == 0 {
-                self.upstream.remove(filter);
-                actions.push(Action::UnsubscribeUp(filter.to_owned()));
-            }
+        let Some(e) = self.filters.get_mut(filter) else {
+            return;
+        };
+        e.refs = e.refs.saturating_sub(1);
+        if e.refs > 0 {
+            return;
+        }
+        self.filters.remove(filter);
+        if self.up.remove(filter) {
+            // What it covered goes upstream first: twice rather than not at all.
+            self.uncover(filter, actions);
+            actions.push(Action::UnsubscribeUp(filter.to_owned()));
         }
     }
 

@@ -217,3 +217,65 @@ fn local_qos1_publishes_are_acknowledged_when_dom0_acknowledges() {
     m.detach(1);
     assert_eq!(m.acked(3), None);
 }
+
+#[test]
+fn filters_covered_by_a_granted_one_are_not_subscribed_again() {
+    let mut m = Mux::new();
+    m.attach(1);
+    m.attach(2);
+    m.subscribe(1, 1, sub("app/#"));
+    m.on_suback(vec![("app/#".into(), Some(Q1))]);
+    // Covered: granted here, nothing upstream, one copy whatever the broker does.
+    assert_eq!(
+        m.subscribe(2, 1, sub("app/sys-usb/status")),
+        vec![Action::SubAck {
+            client: 2,
+            pkid: 1,
+            codes: vec![Some(Q1)]
+        }]
+    );
+    assert_eq!(m.upstream_filters(), ["app/#"]);
+    // The cover leaves: the covered filter goes upstream before the cover is unsubscribed.
+    assert_eq!(
+        m.detach(1),
+        vec![
+            up("app/sys-usb/status"),
+            Action::UnsubscribeUp("app/#".into())
+        ]
+    );
+    assert_eq!(m.upstream_filters(), ["app/sys-usb/status"]);
+    assert_eq!(m.deliver("app/sys-usb/status", Q1), vec![(2, Q1)]);
+}
+
+#[test]
+fn a_new_cover_replaces_what_it_covers_upstream_once_granted() {
+    let mut m = Mux::new();
+    m.attach(1);
+    m.attach(2);
+    m.subscribe(1, 1, sub("app/a/status"));
+    m.on_suback(vec![("app/a/status".into(), Some(Q1))]);
+    // Overlapping but not covering: both upstream.
+    assert_eq!(
+        m.subscribe(2, 1, sub("app/+/status")),
+        vec![up("app/+/status")]
+    );
+    // Granted: it covers app/a/status, which leaves the upstream set.
+    assert_eq!(
+        m.on_suback(vec![("app/+/status".into(), Some(Q1))]),
+        vec![
+            Action::UnsubscribeUp("app/a/status".into()),
+            Action::SubAck {
+                client: 2,
+                pkid: 1,
+                codes: vec![Some(Q1)]
+            }
+        ]
+    );
+    assert_eq!(m.upstream_filters(), ["app/+/status"]);
+    // Refused later (a policy reload): what it covered comes back upstream.
+    assert_eq!(
+        m.on_suback(vec![("app/+/status".into(), None)]),
+        vec![Action::ForgetUp("app/+/status".into()), up("app/a/status")]
+    );
+    assert_eq!(m.deliver("app/a/status", Q1), vec![(1, Q1)]);
+}

@@ -1,0 +1,385 @@
+//! Guest applications through the agents' local MQTT endpoints: any client, application topics,
+//! many clients multiplexed over each guest's one channel session, Dom0 in between, both brokers.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use system_tests::channel::Channel;
+use system_tests::local::{LocalClient, mosquitto_pub_unix, mosquitto_sub_unix};
+use system_tests::{Agent, BrokerKind, DEADLINE, Dom0, TestDir, wait_for};
+
+/// The default roles, and application topics opened: each VM publishes under `app/<itself>/`,
+/// and reads all of `app/`.
+const APP_POLICY: &str = r#"
+[vm."*"]
+roles = ["agent"]
+subscribe = ["app/#"]
+publish = ["app/{vm}/#"]
+
+[vm.vm-gui]
+roles = ["client"]
+
+[vm.sys-usb]
+roles = ["disk-provider"]
+"#;
+
+const STATUS: &str = "app/sys-usb/status";
+
+struct Scene {
+    dir: TestDir,
+    dom0: Dom0,
+    usb_ch: Channel,
+    gui_ch: Channel,
+    usb: Agent,
+    gui: Agent,
+    /// `--policy FILE` when the scene has its own policy.
+    dom0_args: Vec<String>,
+}
+
+/// Dom0 and the two agents (sys-usb with a disk), under `policy` (None: the default policy).
+fn scene(name: &str, kind: BrokerKind, policy: Option<&str>) -> Scene {
+    scene_with(name, kind, policy, "")
+}
+
+/// The same, with `gui_config` as vm-gui's agent config file.
+fn scene_with(name: &str, kind: BrokerKind, policy: Option<&str>, gui_config: &str) -> Scene {
+    let dir = TestDir::new(name);
+    let disks = dir.join("disks");
+    std::fs::create_dir_all(disks.join("usb0")).unwrap();
+    std::fs::write(disks.join("usb0/a.txt"), b"a\n").unwrap();
+    let mut dom0_args = Vec::new();
+    if let Some(p) = policy {
+        let file = dir.join("policy.toml");
+        std::fs::write(&file, p).unwrap();
+        dom0_args = vec!["--policy".to_owned(), file.display().to_string()];
+    }
+    let args: Vec<&str> = dom0_args.iter().map(String::as_str).collect();
+    let dom0 = Dom0::start(&dir, kind, &args);
+    let usb_ch = Channel::new(&dir.path, "sys-usb");
+    let gui_ch = Channel::new(&dir.path, "vm-gui");
+    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
+    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
+    let d = disks.display().to_string();
+    let usb = Agent::start(&dir, &usb_ch, "sys-usb", &["--disks", &d]);
+    let gui_conf = dir.join("vm-gui.toml");
+    std::fs::write(&gui_conf, gui_config).unwrap();
+    let g = gui_conf.display().to_string();
+    let gui = Agent::start(&dir, &gui_ch, "vm-gui", &["--config", &g]);
+    dom0.proc.wait_log("link{vm=sys-usb}: session up");
+    dom0.proc.wait_log("link{vm=vm-gui}: session up");
+    Scene {
+        dir,
+        dom0,
+        usb_ch,
+        gui_ch,
+        usb,
+        gui,
+        dom0_args,
+    }
+}
+
+/// mosquitto_sub on vm-gui's endpoint gets what mosquitto_pub on sys-usb's publishes.
+fn application_topics_between_two_vms(kind: BrokerKind) {
+    let s = scene("app-topics", kind, Some(APP_POLICY));
+    let sub = mosquitto_sub_unix(&s.dir, "gui-sub", &s.gui.mqtt, &[STATUS]);
+    let out = mosquitto_pub_unix(&s.usb.mqtt, STATUS, "disk inserted");
+    assert!(out.status.success(), "{out:?}");
+    sub.wait_log(&format!("{STATUS} disk inserted"));
+    assert_eq!(sub.output().matches("disk inserted").count(), 1);
+}
+
+#[test]
+fn application_topics_between_two_vms_embedded() {
+    application_topics_between_two_vms(BrokerKind::Embedded);
+}
+
+#[test]
+fn application_topics_between_two_vms_mosquitto() {
+    application_topics_between_two_vms(BrokerKind::Mosquitto);
+}
+
+/// Under the default policy the subscription is refused, mosquitto_sub says so, nothing arrives.
+fn default_policy_refuses_application_topics(kind: BrokerKind) {
+    let s = scene("app-refused", kind, None);
+    let mut sub = Command::new("mosquitto_sub")
+        .arg("--unix")
+        .arg(&s.gui.mqtt)
+        .args(["-d", "-q", "1", "-t", STATUS])
+        .output()
+        .unwrap();
+    // mosquitto_sub ends by itself when all its subscriptions are denied.
+    let said =
+        String::from_utf8_lossy(&sub.stdout).into_owned() + &String::from_utf8_lossy(&sub.stderr);
+    assert!(
+        said.contains("All subscription requests were denied"),
+        "{said}"
+    );
+    assert!(said.contains("Subscribed (mid: 1): 128"), "{said}");
+    sub.stdout.clear();
+    // A local client that may read notifications sees sys-usb's publish refused, and never the
+    // message itself.
+    let watcher = LocalClient::connect(&s.gui.mqtt, "watcher");
+    assert_eq!(
+        watcher.subscribe(&["app/#", "system/events/error/notification"]),
+        [false, true],
+        "refused to the client that asked, the other filter granted"
+    );
+    let out = mosquitto_pub_unix(&s.usb.mqtt, STATUS, "secret");
+    assert!(
+        out.status.success(),
+        "a refused QoS 1 publish is acknowledged"
+    );
+    let mut seen = Vec::new();
+    let refused = (0..100).find_map(|_| {
+        let (topic, payload) = watcher.recv(DEADLINE)?;
+        seen.push(topic.clone());
+        let text = String::from_utf8_lossy(&payload).into_owned();
+        (text.contains("sys-usb") && text.contains(STATUS)).then_some(text)
+    });
+    assert!(refused.is_some(), "no refusal report: {seen:?}");
+    assert!(!seen.iter().any(|t| t == STATUS), "{seen:?}");
+}
+
+#[test]
+fn default_policy_refuses_application_topics_embedded() {
+    default_policy_refuses_application_topics(BrokerKind::Embedded);
+}
+
+#[test]
+fn default_policy_refuses_application_topics_mosquitto() {
+    default_policy_refuses_application_topics(BrokerKind::Mosquitto);
+}
+
+/// A rumqttc application asks list_disks of sys-usb while `domu-agent call` does the same.
+#[test]
+fn a_library_client_and_call_at_the_same_moment() {
+    let s = scene("app-rumqttc", BrokerKind::Embedded, None);
+    let app = LocalClient::connect(&s.gui.mqtt, "inventory-app");
+    let response = "system/disks/list_disks/response/vm-gui";
+    assert_eq!(app.subscribe(&[response]), [true]);
+    let gui = &s.gui;
+    let answers: Vec<Value> = std::thread::scope(|scope| {
+        let call = scope.spawn(|| gui.call("list_disks", &[]));
+        let body = json!({"sender": "vm-gui", "request_id": "app-1"}).to_string();
+        app.publish("system/disks/list_disks/request", body.as_bytes());
+        let mut mine = Vec::new();
+        while mine.is_empty() {
+            let (topic, payload) = app.recv(DEADLINE).expect("no answer for the application");
+            assert_eq!(topic, response);
+            let v: Value = serde_json::from_slice(&payload).unwrap();
+            if v["request_id"] == "app-1" {
+                mine.push(v);
+            }
+        }
+        let (ok, lines) = call.join().unwrap();
+        assert!(ok, "{lines:?}");
+        assert_eq!(lines[0]["disks"][0]["id"], "usb0", "{lines:?}");
+        mine
+    });
+    assert_eq!(answers[0]["status"], "ok");
+    assert_eq!(answers[0]["disks"][0]["id"], "usb0", "{answers:?}");
+}
+
+/// The payloads `c` receives up to `marker` (excluded).
+fn payloads_until(c: &LocalClient, marker: &[u8]) -> Vec<Vec<u8>> {
+    let mut v = Vec::new();
+    loop {
+        let (_, p) = c.recv(DEADLINE).expect("the marker never came");
+        if p == marker {
+            return v;
+        }
+        v.push(p);
+    }
+}
+
+/// Overlapping subscriptions: one copy each; when one leaves, the other keeps receiving.
+fn overlapping_subscriptions(kind: BrokerKind) {
+    let s = scene("app-overlap", kind, Some(APP_POLICY));
+    let a = LocalClient::connect(&s.gui.mqtt, "dashboard");
+    let b = LocalClient::connect(&s.gui.mqtt, "status-panel");
+    assert_eq!(a.subscribe(&["app/#", "app/+/status"]), [true, true]);
+    assert_eq!(b.subscribe(&[STATUS]), [true]);
+    let publisher = LocalClient::connect(&s.usb.mqtt, "usb-daemon");
+    for i in 0..5 {
+        publisher.publish_acked(STATUS, format!("n{i}").as_bytes());
+    }
+    publisher.publish_acked(STATUS, b"end");
+    let expected: Vec<Vec<u8>> = (0..5).map(|i| format!("n{i}").into_bytes()).collect();
+    assert_eq!(
+        payloads_until(&a, b"end"),
+        expected,
+        "one copy for the dashboard"
+    );
+    assert_eq!(
+        payloads_until(&b, b"end"),
+        expected,
+        "one copy for the panel"
+    );
+    // One unsubscribes one of its filters: both still receive, once.
+    a.unsubscribe("app/+/status");
+    publisher.publish_acked(STATUS, b"after-unsubscribe");
+    publisher.publish_acked(STATUS, b"end");
+    assert_eq!(payloads_until(&a, b"end"), [b"after-unsubscribe".to_vec()]);
+    assert_eq!(payloads_until(&b, b"end"), [b"after-unsubscribe".to_vec()]);
+    // It disconnects: the other keeps receiving, once.
+    drop(a);
+    publisher.publish_acked(STATUS, b"after-disconnect");
+    publisher.publish_acked(STATUS, b"end");
+    assert_eq!(payloads_until(&b, b"end"), [b"after-disconnect".to_vec()]);
+}
+
+#[test]
+fn overlapping_subscriptions_embedded() {
+    overlapping_subscriptions(BrokerKind::Embedded);
+}
+
+#[test]
+fn overlapping_subscriptions_mosquitto() {
+    overlapping_subscriptions(BrokerKind::Mosquitto);
+}
+
+/// Dom0 restarts: local clients stay connected and receive again; a QoS 1 message published
+/// during the outage arrives exactly once.
+fn dom0_restart_keeps_local_clients(kind: BrokerKind) {
+    let mut s = scene("app-restart", kind, Some(APP_POLICY));
+    let panel = LocalClient::connect(&s.gui.mqtt, "panel");
+    assert_eq!(panel.subscribe(&[STATUS]), [true]);
+    let publisher = LocalClient::connect(&s.gui.mqtt, "gui-events");
+    let usb_app = LocalClient::connect(&s.usb.mqtt, "usb-daemon");
+    publisher.publish_acked("app/vm-gui/event", b"before");
+
+    // Dom0 stops; vm-gui's application publishes while it is away.
+    s.dom0.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(s.dom0.proc.wait_exit(DEADLINE).is_some());
+    publisher.publish("app/vm-gui/event", b"during-outage");
+    // vm-gui's channel is not served until a Dom0 subscriber is back, so the message cannot
+    // arrive before someone listens for it (with the embedded broker, the broker restarts too).
+    s.gui_ch.refuse();
+    let args: Vec<&str> = s.dom0_args.iter().map(String::as_str).collect();
+    s.dom0.restart(&s.dir, kind, &args);
+    let dom0_sub = s.dom0.subscribe(&s.dir, &["app/vm-gui/event"]);
+    s.gui_ch.serve();
+    dom0_sub.wait_log("app/vm-gui/event during-outage");
+    publisher.publish_acked("app/vm-gui/event", b"after-restart");
+    dom0_sub.wait_log("app/vm-gui/event after-restart");
+    assert_eq!(
+        dom0_sub.output().matches("during-outage").count(),
+        1,
+        "exactly once"
+    );
+    // The panel receives again once both sessions are back (its subscription renewed).
+    let mut i = 0;
+    wait_for("the panel to receive after the restart", DEADLINE, || {
+        i += 1;
+        usb_app.publish(STATUS, format!("back-{i}").as_bytes());
+        panel
+            .recv(Duration::from_millis(200))
+            .is_some_and(|(t, _)| t == STATUS)
+    });
+    for c in [&panel, &publisher, &usb_app] {
+        assert_eq!(*c.connacks.lock().unwrap(), 1, "a local client reconnected");
+    }
+}
+
+#[test]
+fn dom0_restart_keeps_local_clients_embedded() {
+    dom0_restart_keeps_local_clients(BrokerKind::Embedded);
+}
+
+#[test]
+fn dom0_restart_keeps_local_clients_mosquitto() {
+    dom0_restart_keeps_local_clients(BrokerKind::Mosquitto);
+}
+
+/// A local client that stops reading is dropped alone; another client's round trips go on.
+#[test]
+fn a_client_that_stops_reading_is_dropped_alone() {
+    use std::io::Write;
+    // A small queue per client, so a few megabytes overflow it.
+    let s = scene_with(
+        "app-slow",
+        BrokerKind::Embedded,
+        Some(APP_POLICY),
+        "[local]\nclient_queue = 32\n",
+    );
+    // A raw client: CONNECT, SUBSCRIBE app/#, then never reads.
+    let mut slow = std::os::unix::net::UnixStream::connect(&s.gui.mqtt).unwrap();
+    slow.write_all(b"\x10\x11\x00\x04MQTT\x04\x02\x00\x00\x00\x05stuck")
+        .unwrap();
+    slow.write_all(b"\x82\x0a\x00\x01\x00\x05app/#\x00")
+        .unwrap();
+    let worker = LocalClient::connect(&s.gui.mqtt, "worker");
+    let response = "system/disks/list_disks/response/vm-gui";
+    assert_eq!(worker.subscribe(&[response]), [true]);
+    s.gui.proc.wait_log("name=stuck");
+    // sys-usb floods app/sys-usb/bulk with 16 KiB messages.
+    let usb_mqtt: PathBuf = s.usb.mqtt.clone();
+    let flood = std::thread::spawn(move || {
+        let p = LocalClient::connect(&usb_mqtt, "flood");
+        let chunk = vec![b'x'; 16 * 1024];
+        for _ in 0..600 {
+            p.publish("app/sys-usb/bulk", &chunk);
+        }
+        p.publish_acked("app/sys-usb/bulk", b"end");
+    });
+    let mut round_trips = 0;
+    let mut dropped = false;
+    while !dropped || round_trips < 5 {
+        round_trips += 1;
+        let id = format!("rt-{round_trips}");
+        let body = json!({"sender": "vm-gui", "request_id": id}).to_string();
+        worker.publish("system/disks/list_disks/request", body.as_bytes());
+        loop {
+            let (_, payload) = worker
+                .recv(DEADLINE)
+                .expect("a round trip failed during the flood");
+            let v: Value = serde_json::from_slice(&payload).unwrap();
+            if v["request_id"] == id.as_str() {
+                break;
+            }
+        }
+        dropped = s.gui.proc.output().contains("local client dropped");
+        assert!(round_trips < 10_000, "the slow client was never dropped");
+    }
+    flood.join().unwrap();
+    let log = s.gui.proc.output();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("local client dropped") && l.contains("name=stuck")),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("local client dropped") && l.contains("name=worker")),
+        "{log}"
+    );
+    assert_eq!(*worker.connacks.lock().unwrap(), 1);
+    let (ok, _) = s.gui.call("list_disks", &[]);
+    assert!(ok, "the agent's own service goes on");
+}
+
+/// MQTT 5 and 3.1 clients are told the protocol is not supported; they never hang.
+#[test]
+fn other_protocol_versions_are_refused_at_once() {
+    let s = scene("app-v5", BrokerKind::Embedded, Some(APP_POLICY));
+    for version in ["mqttv5", "mqttv31"] {
+        let out = Command::new("timeout")
+            .args(["10", "mosquitto_sub", "--unix"])
+            .arg(&s.gui.mqtt)
+            .args(["-V", version, "-t", STATUS, "-C", "1"])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(124), "{version} hung");
+        assert!(!out.status.success(), "{version}");
+        assert!(
+            said.to_lowercase().contains("protocol version")
+                || said.to_lowercase().contains("unacceptable"),
+            "{version}: {said}"
+        );
+    }
+    let _ = (&s.usb_ch, &s.usb);
+}
