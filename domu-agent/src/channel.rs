@@ -387,7 +387,7 @@ impl Driver {
                 to_client,
                 lossless,
             } => {
-                tracing::debug!(client, name = %name, "local client attached");
+                tracing::debug!(id = client, client = %name, "local client attached");
                 self.mux.attach(client);
                 self.clients.insert(
                     client,
@@ -570,10 +570,10 @@ impl Driver {
         };
         match why {
             Some(why) => {
-                tracing::warn!(client, name = %c.name, reason = %why, "local client dropped");
+                tracing::warn!(id = client, client = %c.name, reason = %why, "local client dropped");
                 let _ = c.tx.try_send(ToClient::Closed(why));
             }
-            None => tracing::debug!(client, name = %c.name, "local client detached"),
+            None => tracing::debug!(id = client, client = %c.name, "local client detached"),
         }
         self.held.retain(|h| h.client != client);
         let actions = self.mux.detach(client);

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
@@ -177,10 +178,12 @@ where
     };
     let closed = c.run(stream, &shared, stop).await;
     if let Some(closed) = closed {
-        if closed.reason == "client disconnected" {
-            tracing::debug!(client = %c.name, "local client left");
-        } else {
-            tracing::info!(client = %c.name, reason = %closed.reason, "local client closed");
+        match closed.reason.as_str() {
+            "client disconnected" | "connection lost" => {
+                tracing::debug!(client = %c.name, reason = %closed.reason, "local client left")
+            }
+            // Bad bytes, a client that does not read, silence: that client's fault, said once.
+            _ => tracing::warn!(client = %c.name, reason = %closed.reason, "local client closed"),
         }
         if let (Some(w), Some(client)) = (closed.will, c.client.as_ref()) {
             client
@@ -214,32 +217,47 @@ impl Conn {
     {
         let (mut r, mut w) = tokio::io::split(stream);
         let mut buf = vec![0u8; 16 * 1024];
+        // Bytes for the client: taken from the session at once, written as the client reads. The
+        // hub's queue is drained meanwhile, so a slow reader is measured in bytes here.
+        let mut out = BytesMut::new();
         loop {
-            let out = self.ls.take_output();
-            if !out.is_empty() && w.write_all(&out).await.is_err() {
-                return Some(Closed {
-                    reason: "write failed".into(),
+            out.extend_from_slice(&self.ls.take_output());
+            let step = if out.len() > shared.cfg.limits.max_output {
+                Err(Closed {
+                    reason: "client does not read".into(),
                     will: None,
-                });
-            }
-            let deadline = self.ls.next_deadline();
-            let step = tokio::select! {
-                _ = stop.changed() => return None,
-                n = r.read(&mut buf) => match n {
-                    Ok(0) | Err(_) => Err(self.ls.lost()),
-                    Ok(n) => match self.ls.on_input(buf.get(..n).unwrap_or_default(), Instant::now()) {
-                        Ok(events) => self.events(events, shared).await,
-                        Err(c) => Err(c),
+                })
+            } else {
+                let deadline = self.ls.next_deadline();
+                tokio::select! {
+                    _ = stop.changed() => return None,
+                    n = r.read(&mut buf) => match n {
+                        Ok(0) | Err(_) => Err(self.ls.lost()),
+                        Ok(n) => match self.ls.on_input(buf.get(..n).unwrap_or_default(), Instant::now()) {
+                            Ok(events) => self.events(events, shared).await,
+                            Err(c) => Err(c),
+                        },
                     },
-                },
-                m = recv_opt(self.rx.as_mut()) => self.on_hub(m),
-                _ = sleep_until_opt(deadline) => self.ls.on_tick(Instant::now()),
+                    n = w.write(&out), if !out.is_empty() => match n {
+                        Ok(n) if n > 0 => {
+                            out.advance(n);
+                            Ok(())
+                        }
+                        _ => Err(self.ls.lost()),
+                    },
+                    m = recv_opt(self.rx.as_mut()) => self.on_hub(m),
+                    _ = sleep_until_opt(deadline) => self.ls.on_tick(Instant::now()),
+                }
             };
             if let Err(closed) = step {
                 // What the session said last (a CONNACK refusal) goes out before closing.
-                let out = self.ls.take_output();
-                if !out.is_empty() {
-                    let _ = w.write_all(&out).await;
+                out.extend_from_slice(&self.ls.take_output());
+                if !out.is_empty() && closed.reason != "client does not read" {
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_millis(200),
+                        w.write_all(&out),
+                    )
+                    .await;
                 }
                 let _ = w.shutdown().await;
                 return Some(closed);

@@ -7,13 +7,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::TcpStream;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use system_tests::bench::{guest, tcp, tcp_plain};
+use system_tests::bench::{guest, tcp, tcp_plain, throughput};
 use system_tests::channel::Channel;
-use system_tests::raw::{self, RawClient};
+use system_tests::raw::RawClient;
 use system_tests::{BrokerKind, Dom0, TestDir};
 
 /// Each run has its own command so a responder of one run never answers another run's requests.
@@ -72,50 +70,6 @@ fn round_trips(mut c: RawClient<TcpStream>, command: &str) -> Stats {
             .filter(|d| **d >= Duration::from_millis(40))
             .count(),
     }
-}
-
-/// Messages per second from `publisher` to `subscriber`, with at most `WINDOW` in flight (so the
-/// broker's logs never drop what a consumer has not read yet). Messages lost are reported.
-fn throughput<P, S>(topic: &str, mut publisher: RawClient<P>, mut subscriber: RawClient<S>) -> f64
-where
-    P: std::io::Read + std::io::Write,
-    S: std::io::Read + std::io::Write + Send + 'static,
-{
-    const WINDOW: u64 = 5_000;
-    const BATCH: u64 = 250;
-    subscriber.subscribe(topic);
-    let received = Arc::new(AtomicU64::new(0));
-    let r = received.clone();
-    std::thread::spawn(move || {
-        while subscriber.try_next_publish().is_some() {
-            r.fetch_add(1, Ordering::Relaxed);
-        }
-    });
-    let batch: Vec<u8> = (0..BATCH)
-        .flat_map(|_| raw::publish(topic, b"0123456789abcdef"))
-        .collect();
-    let t0 = Instant::now();
-    let mut sent = 0u64;
-    let mut last = (0u64, Instant::now());
-    loop {
-        let got = received.load(Ordering::Relaxed);
-        if got >= MESSAGES {
-            break;
-        }
-        if got != last.0 {
-            last = (got, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(3) {
-            println!("  (stalled: {got} of {sent} sent messages arrived)");
-            break;
-        }
-        if sent < MESSAGES && sent - got < WINDOW {
-            publisher.write_raw(&batch);
-            sent += BATCH;
-        } else {
-            std::thread::yield_now();
-        }
-    }
-    received.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -181,6 +135,7 @@ fn run(kind: BrokerKind) {
 
     println!("== {kind:?} broker: throughput, {MESSAGES} × 16-byte messages, QoS 0");
     let d = throughput(
+        MESSAGES,
         NOTIFY,
         tcp(dom0.port, "bench-pub-a"),
         tcp(dom0.port, "bench-sub-a"),
@@ -190,6 +145,7 @@ fn run(kind: BrokerKind) {
     let ch2 = Channel::new(&dir.path, "vm-gui");
     dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
     let down = throughput(
+        MESSAGES,
         NOTIFY,
         tcp(broker_port, "bench-pub-b"),
         guest(&ch2, "vm-gui"),
@@ -202,6 +158,7 @@ fn run(kind: BrokerKind) {
     dom0.proc.wait_log("link{vm=vm-three}: attached to channel");
     // Any VM may publish error notifications (the `*` rules of the default policy).
     let up = throughput(
+        MESSAGES,
         ERRORS,
         guest(&ch3, "vm-three"),
         tcp(broker_port, "bench-sub-c"),

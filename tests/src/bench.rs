@@ -2,6 +2,9 @@
 
 use std::fs::File;
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::channel::Channel;
 use crate::raw::RawClient;
@@ -64,4 +67,53 @@ pub fn broker_port(dom0: &Dom0, kind: BrokerKind) -> u16 {
         }
         BrokerKind::Mosquitto => dom0.port,
     }
+}
+
+/// Messages per second from `publisher` to `subscriber`, with at most `WINDOW` in flight (so the
+/// broker's logs never drop what a consumer has not read yet). Messages lost are reported.
+pub fn throughput<P, S>(
+    messages: u64,
+    topic: &str,
+    mut publisher: RawClient<P>,
+    mut subscriber: RawClient<S>,
+) -> f64
+where
+    P: std::io::Read + std::io::Write,
+    S: std::io::Read + std::io::Write + Send + 'static,
+{
+    const WINDOW: u64 = 5_000;
+    const BATCH: u64 = 250;
+    subscriber.subscribe(topic);
+    let received = Arc::new(AtomicU64::new(0));
+    let r = received.clone();
+    std::thread::spawn(move || {
+        while subscriber.try_next_publish().is_some() {
+            r.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let batch: Vec<u8> = (0..BATCH)
+        .flat_map(|_| crate::raw::publish(topic, b"0123456789abcdef"))
+        .collect();
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    let mut last = (0u64, Instant::now());
+    loop {
+        let got = received.load(Ordering::Relaxed);
+        if got >= messages {
+            break;
+        }
+        if got != last.0 {
+            last = (got, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(3) {
+            println!("  (stalled: {got} of {sent} sent messages arrived)");
+            break;
+        }
+        if sent < messages && sent - got < WINDOW {
+            publisher.write_raw(&batch);
+            sent += BATCH;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    received.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
 }

@@ -314,13 +314,13 @@ fn a_client_that_stops_reading_is_dropped_alone() {
     let worker = LocalClient::connect(&s.gui.mqtt, "worker");
     let response = "system/disks/list_disks/response/vm-gui";
     assert_eq!(worker.subscribe(&[response]), [true]);
-    s.gui.proc.wait_log("name=stuck");
+    s.gui.proc.wait_log("client=stuck");
     // sys-usb floods app/sys-usb/bulk with 16 KiB messages.
     let usb_mqtt: PathBuf = s.usb.mqtt.clone();
     let flood = std::thread::spawn(move || {
         let p = LocalClient::connect(&usb_mqtt, "flood");
         let chunk = vec![b'x'; 16 * 1024];
-        for _ in 0..600 {
+        for _ in 0..1500 {
             p.publish("app/sys-usb/bulk", &chunk);
         }
         p.publish_acked("app/sys-usb/bulk", b"end");
@@ -341,21 +341,22 @@ fn a_client_that_stops_reading_is_dropped_alone() {
                 break;
             }
         }
-        dropped = s.gui.proc.output().contains("local client dropped");
+        dropped = s
+            .gui
+            .proc
+            .output()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("client=stuck "));
         assert!(round_trips < 10_000, "the slow client was never dropped");
     }
     flood.join().unwrap();
     let log = s.gui.proc.output();
-    assert!(
+    let dropped = |who: &str| {
         log.lines()
-            .any(|l| l.contains("local client dropped") && l.contains("name=stuck")),
-        "{log}"
-    );
-    assert!(
-        !log.lines()
-            .any(|l| l.contains("local client dropped") && l.contains("name=worker")),
-        "{log}"
-    );
+            .any(|l| l.contains("WARN") && l.contains(&format!("client={who} ")))
+    };
+    assert!(dropped("stuck"), "{log}");
+    assert!(!dropped("worker"), "{log}");
     assert_eq!(*worker.connacks.lock().unwrap(), 1);
     let (ok, _) = s.gui.call("list_disks", &[]);
     assert!(ok, "the agent's own service goes on");

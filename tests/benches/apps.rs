@@ -1,0 +1,204 @@
+//! Benchmark of guest applications through the agents' local MQTT endpoints, in one run:
+//! - request → response between an application in vm-gui and one in sys-usb (both on their agent's
+//!   UNIX socket: both agents, both channels, the Dom0 links), against the same two clients talking
+//!   to the broker directly, interleaved, QoS 1 both ways;
+//! - small-message throughput (16 bytes, QoS 0) from the vm-gui application to the sys-usb one,
+//!   against the same clients on the broker.
+//!
+//! The Dom0 rate limit is raised for the run (it would measure the limiter, not the path). Run with
+//! `./scripts/bench` (which builds the release binaries). Prints figures; asserts nothing about speed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use system_tests::bench::{tcp, throughput};
+use system_tests::channel::Channel;
+use system_tests::raw::RawClient;
+use system_tests::{Agent, BrokerKind, Dom0, TestDir};
+
+const ROUND_TRIPS: usize = 1000;
+const MESSAGES: u64 = 100_000;
+
+const POLICY: &str = r#"
+[vm."*"]
+roles = ["agent"]
+subscribe = ["app/#"]
+publish = ["app/{vm}/#"]
+[vm.vm-gui]
+roles = ["client"]
+[vm.sys-usb]
+roles = ["disk-provider"]
+"#;
+
+struct Stats {
+    p50: f64,
+    p99: f64,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    Stats {
+        p50: us(samples[samples.len() / 2]),
+        p99: us(samples[samples.len() * 99 / 100]),
+    }
+}
+
+fn local(path: &std::path::Path, id: &str) -> RawClient<UnixStream> {
+    RawClient::connect(UnixStream::connect(path).unwrap(), id)
+}
+
+/// An echo responder: what arrives on its subscription goes back on `response` (QoS 1).
+fn responder<S: std::io::Read + std::io::Write + Send + 'static>(
+    mut c: RawClient<S>,
+    request: &str,
+    response: &'static str,
+) {
+    c.subscribe_qos1(request);
+    std::thread::spawn(move || {
+        let mut pkid = 0u16;
+        while let Some(p) = c.try_next_publish() {
+            pkid = pkid % 60_000 + 1;
+            if !c.try_publish_qos1(response, pkid, &p) {
+                return;
+            }
+        }
+    });
+}
+
+/// One QoS 1 round trip: publish `payload` on `topic`, wait for it to come back.
+fn round_trip<S: std::io::Read + std::io::Write>(
+    c: &mut RawClient<S>,
+    topic: &str,
+    pkid: u16,
+    payload: &[u8],
+) -> Duration {
+    let t0 = Instant::now();
+    assert!(c.try_publish_qos1(topic, pkid, payload));
+    loop {
+        if c.next_publish() == payload {
+            return t0.elapsed();
+        }
+    }
+}
+
+fn main() {
+    for kind in system_tests::bench::kinds_from_args() {
+        run(kind);
+    }
+}
+
+fn run(kind: BrokerKind) {
+    let dir = TestDir::new("bench-apps");
+    let policy = dir.join("policy.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let conf = dir.join("dom0.toml");
+    std::fs::write(
+        &conf,
+        "[limits]\nrate_per_sec = 10000000\nburst = 10000000\n",
+    )
+    .unwrap();
+    let (p, c) = (policy.display().to_string(), conf.display().to_string());
+    let dom0 = Dom0::start_logging(
+        &dir,
+        kind,
+        &["--policy", &p, "--config", &c],
+        "info,rumqttd=error",
+    );
+    let usb_ch = Channel::new(&dir.path, "sys-usb");
+    let gui_ch = Channel::new(&dir.path, "vm-gui");
+    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
+    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
+    let usb = Agent::start(&dir, &usb_ch, "sys-usb", &[]);
+    let gui = Agent::start(&dir, &gui_ch, "vm-gui", &[]);
+    dom0.proc.wait_log("link{vm=sys-usb}: session up");
+    dom0.proc.wait_log("link{vm=vm-gui}: session up");
+    let broker_port = system_tests::bench::broker_port(&dom0, kind);
+
+    println!(
+        "== {kind:?} broker: application ↔ application, {ROUND_TRIPS} sequential round trips, QoS 1"
+    );
+    responder(
+        tcp(broker_port, "bench-responder"),
+        "bench/direct/request",
+        "bench/direct/response",
+    );
+    let mut direct_requester = tcp(broker_port, "bench-requester");
+    direct_requester.subscribe_qos1("bench/direct/response");
+    responder(
+        local(&usb.mqtt, "usb-echo"),
+        "app/vm-gui/request",
+        "app/sys-usb/response",
+    );
+    let mut app = local(&gui.mqtt, "gui-app");
+    app.subscribe_qos1("app/sys-usb/response");
+    let (mut direct, mut chained) = (Vec::new(), Vec::new());
+    for i in 0..ROUND_TRIPS + 100 {
+        let payload = format!("ping-{i}");
+        let pkid = (i % 60_000 + 1) as u16;
+        let d = round_trip(
+            &mut direct_requester,
+            "bench/direct/request",
+            pkid,
+            payload.as_bytes(),
+        );
+        let c = round_trip(&mut app, "app/vm-gui/request", pkid, payload.as_bytes());
+        if i >= 100 {
+            direct.push(d);
+            chained.push(c);
+        }
+    }
+    let (a, b) = (stats(direct), stats(chained));
+    // The simulator's own share, measured apart from Dom0's socket directory.
+    let sim_dir = TestDir::new("bench-apps-sim");
+    let sim = stats(system_tests::channel::round_trip_samples(
+        &sim_dir.path,
+        ROUND_TRIPS,
+    ));
+    println!(
+        "direct      client ↔ broker ↔ client                    p50 {:8.1} µs  p99 {:8.1} µs",
+        a.p50, a.p99
+    );
+    println!(
+        "local app ↔ agent ↔ link ↔ broker ↔ link ↔ agent ↔ app  p50 {:8.1} µs  p99 {:8.1} µs",
+        b.p50, b.p99
+    );
+    println!(
+        "ratio                                                  p50 {:8.2}×    p99 {:8.2}×",
+        b.p50 / a.p50,
+        b.p99 / a.p99
+    );
+    println!(
+        "the simulated channel alone: p50 {:.1} µs per round trip; crossed twice; \
+         ratio to direct + 2 channels: p50 {:.2}×",
+        sim.p50,
+        b.p50 / (a.p50 + 2.0 * sim.p50)
+    );
+
+    println!("== {kind:?} broker: throughput, {MESSAGES} × 16-byte messages, QoS 0");
+    let d = throughput(
+        MESSAGES,
+        "bench/direct/flow",
+        tcp(broker_port, "bench-pub"),
+        tcp(broker_port, "bench-sub"),
+    );
+    println!("direct      client → broker → client       {d:10.0} msg/s");
+    let t = throughput(
+        MESSAGES,
+        "app/vm-gui/flow",
+        local(&gui.mqtt, "gui-flow"),
+        local(&usb.mqtt, "usb-flow"),
+    );
+    println!(
+        "local app → agent → links → agent → app    {t:10.0} msg/s  ({:.2} of direct)",
+        t / d
+    );
+    println!(
+        "RSS after the runs: Dom0 {} KiB, vm-gui agent {} KiB, sys-usb agent {} KiB",
+        dom0.proc.rss_kb(),
+        gui.proc.rss_kb(),
+        usb.proc.rss_kb()
+    );
+}
