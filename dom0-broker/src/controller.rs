@@ -8,6 +8,7 @@ use rumqttc::{
     AsyncClient, Event as MqttEvent, MqttOptions, NetworkOptions, Packet, QoS, Transport,
 };
 use tokio::sync::{mpsc, watch};
+use topics::legacy_line;
 use topics::payload::{
     self, Component, CountersReply, DiscoverReply, ErrorBody, ErrorCode, ErrorEvent, LinkEvent,
     NoArgs, Response, level,
@@ -28,6 +29,9 @@ pub fn answer(topic: &str, payload: &[u8], supervision: &Supervision) -> Option<
         Ok(Topic::Request(c)) if SERVED.contains(&c) => c,
         _ => return None,
     };
+    if !legacy_line::addressed_to(payload, topics::vm::DOM0) {
+        return None;
+    }
     let request = match payload::decode_request::<NoArgs>(payload) {
         Ok(r) => r,
         Err(e) => {
@@ -157,7 +161,9 @@ pub async fn run(
                                 replies.push(done.finish());
                             }
                         }
-                    } else if p.topic == Command::Benchmark.request_topic() {
+                    } else if p.topic == Command::Benchmark.request_topic()
+                        && legacy_line::addressed_to(&p.payload, topics::vm::DOM0)
+                    {
                         match (bench::request(&p.payload), running.as_ref()) {
                             (BenchRequest::Start(b), Some(_)) => replies.push(b.busy()),
                             (BenchRequest::Start(mut b), None) => {
@@ -172,6 +178,7 @@ pub async fn run(
                         replies.push(reply);
                     }
                     for Reply { topic, body } in replies {
+                        let body = payload::with_responder(&body, topics::vm::DOM0);
                         if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, body) {
                             tracing::warn!(error = %e, "controller reply dropped");
                         }
@@ -198,6 +205,7 @@ pub async fn run(
                 // A probe was lost (QoS 0): report instead of hanging the benchmark.
                 if let Some(b) = running.take() {
                     let Reply { topic, body } = b.timed_out();
+                    let body = payload::with_responder(&body, topics::vm::DOM0);
                     let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
                 }
             }

@@ -10,6 +10,7 @@ pub mod broker;
 pub mod config;
 pub mod controller;
 pub mod discovery;
+pub mod legacy_mode;
 pub mod link;
 pub mod mqtt;
 pub mod policy;

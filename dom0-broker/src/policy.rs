@@ -33,7 +33,8 @@ pub enum Denial {
     NotAllowed,
     /// A deny rule matches.
     Denied(String),
-    /// A request whose `sender` is missing, malformed or another VM.
+    /// A request whose `sender` is missing, malformed or another VM, or a response whose
+    /// `responder` is another VM.
     Sender(String),
 }
 
@@ -371,11 +372,35 @@ pub fn check_sender(vm: &VmId, payload: &[u8]) -> Result<(), Denial> {
     }
 }
 
-/// The whole publish decision: topic rules, then the sender of requests.
+/// True for topics `.../response/<requester>`, whose `responder` (when given) is checked.
+pub fn is_response_topic(topic: &str) -> bool {
+    let mut levels = topic.rsplit('/');
+    levels.next();
+    levels.next() == Some(topics::topic::RESPONSE)
+}
+
+/// The `responder` check of a response payload: absent is fine (PSEC services do not send it);
+/// present, it must be the VM itself.
+pub fn check_responder(vm: &VmId, payload: &[u8]) -> Result<(), Denial> {
+    match topics::payload::claimed_responder(payload) {
+        Ok(None) => Ok(()),
+        Ok(Some(r)) if r == vm.as_str() => Ok(()),
+        Ok(Some(r)) => Err(Denial::Sender(format!(
+            "responder is {:?}, not the channel's VM",
+            r.chars().take(64).collect::<String>()
+        ))),
+        Err(e) => Err(Denial::Sender(e.to_string())),
+    }
+}
+
+/// The whole publish decision: topic rules, then the sender of requests and the responder of
+/// responses.
 pub fn check_publish(rules: &Rules, vm: &VmId, topic: &str, payload: &[u8]) -> Result<(), Denial> {
     rules.check_publish_topic(topic)?;
     if is_request_topic(topic) {
         check_sender(vm, payload)?;
+    } else if is_response_topic(topic) {
+        check_responder(vm, payload)?;
     }
     Ok(())
 }

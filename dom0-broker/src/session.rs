@@ -16,9 +16,12 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::time::Instant;
-use topics::payload::LinkState;
+use topics::payload::{self, ErrorBody, ErrorCode, LinkState, NoArgs};
+use topics::topic::Topic;
 use topics::vm::VmId;
+use topics::{RequestId, Response};
 
+use crate::legacy_mode::{LegacyMode, Out as LegacyOut, looks_legacy};
 use crate::mqtt::{self, FixedHeader, PacketError, connack};
 use crate::policy::{self, Rules};
 use crate::supervision::LinkStats;
@@ -70,7 +73,13 @@ pub enum Effect {
 enum Phase {
     Scanning,
     Connecting,
-    Live { connack_seen: bool },
+    Live {
+        connack_seen: bool,
+    },
+    /// The guest speaks the MVP's JSON lines: the link translates (`legacy_mode.rs`).
+    Legacy {
+        connack_seen: bool,
+    },
 }
 
 /// One VM's link state.
@@ -121,6 +130,10 @@ pub struct Session {
     /// Refusals not reported since the last report.
     suppressed: u64,
     effects: Vec<Effect>,
+    /// The translation of a guest in legacy mode.
+    legacy: Option<LegacyMode>,
+    /// Packet ids of the publishes the link makes for a legacy guest.
+    legacy_pkid: u16,
 }
 
 impl Session {
@@ -162,6 +175,8 @@ impl Session {
             report_at: None,
             suppressed: 0,
             effects: Vec::new(),
+            legacy: None,
+            legacy_pkid: 0,
         }
     }
 
@@ -234,13 +249,16 @@ impl Session {
                 Phase::Scanning => self.scan(now),
                 Phase::Connecting => false,
                 Phase::Live { .. } => self.relay_one_from_guest(now),
+                Phase::Legacy { .. } => self.legacy_input(now),
             };
             if !progressed {
                 break;
             }
         }
+        let nothing_partial =
+            self.guest_in.is_empty() && self.legacy.as_ref().is_none_or(|l| l.partial().is_empty());
         self.partial_since = match (
-            self.guest_in.is_empty() || self.phase == Phase::Connecting,
+            nothing_partial || self.phase == Phase::Connecting,
             self.partial_since,
         ) {
             (true, _) => None,
@@ -251,6 +269,10 @@ impl Session {
 
     /// Looks for a CONNECT in `guest_in`. Returns true if it consumed something worth looping on.
     fn scan(&mut self, now: Instant) -> bool {
+        if looks_legacy(&self.guest_in) {
+            self.enter_legacy(now);
+            return false;
+        }
         let start = self.guest_in.iter().position(|b| *b == mqtt::CONNECT << 4);
         let skipped = start.unwrap_or(self.guest_in.len());
         if skipped > 0 {
@@ -279,6 +301,171 @@ impl Session {
                 self.stats.bytes_in.fetch_add(h.frame_len() as u64, Relaxed);
                 self.on_connect(c, now)
             }
+        }
+    }
+
+    /// The guest speaks the MVP's JSON lines: open a broker session on its behalf and translate.
+    fn enter_legacy(&mut self, now: Instant) {
+        tracing::info!("guest speaks the MVP's JSON lines: legacy mode");
+        // Ends, on the guest's side, the line our attach signal started.
+        self.to_guest.extend_from_slice(b"\n");
+        self.legacy = Some(LegacyMode::new(self.vm.clone()));
+        let max = self.limits.max_keepalive;
+        let c = mqtt::Connect {
+            clean_session: true,
+            keep_alive: u16::try_from(max.as_secs()).unwrap_or(u16::MAX).max(1),
+            client_id: self.vm.to_string(),
+            will: None,
+            username: Some(self.vm.to_string()),
+            password: None,
+        };
+        self.pending_connect.clear();
+        mqtt::encode_connect(&c, &mut self.pending_connect);
+        self.own_keepalive = Some(max / 2);
+        self.window = max.mul_f32(1.5);
+        self.reset_session_state(now);
+        self.phase = Phase::Connecting;
+        self.effects.push(Effect::OpenBroker);
+    }
+
+    /// Feeds the guest's bytes to the legacy translation, a line at a time; a CONNECT at a line
+    /// boundary switches the guest to MQTT. True when the phase changed.
+    fn legacy_input(&mut self, now: Instant) -> bool {
+        loop {
+            let Some(l) = self.legacy.as_mut() else {
+                return true;
+            };
+            if l.partial().is_empty() && self.guest_in.first() == Some(&(mqtt::CONNECT << 4)) {
+                tracing::info!("legacy guest switches to MQTT");
+                self.leave_legacy("guest switched to MQTT");
+                return true;
+            }
+            if self.guest_in.is_empty() {
+                return false;
+            }
+            let n = self
+                .guest_in
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(self.guest_in.len(), |i| i + 1);
+            let chunk = self.guest_in.split_to(n);
+            self.stats.bytes_in.fetch_add(n as u64, Relaxed);
+            let outs = l.on_guest(&chunk, now);
+            self.legacy_outs(outs, now);
+        }
+    }
+
+    /// Ends the legacy broker session (the guest switches to MQTT, or the broker went away).
+    fn leave_legacy(&mut self, why: &str) {
+        let was_up = self.phase == Phase::Legacy { connack_seen: true };
+        self.legacy = None;
+        self.phase = Phase::Scanning;
+        self.effects.push(Effect::CloseBroker { flush: false });
+        if was_up {
+            self.state(LinkState::SessionDown, Some(why.to_owned()));
+        }
+    }
+
+    /// Carries out what the legacy translation asks: lines to the guest, publications under the
+    /// same bounds and policy as an MQTT guest's.
+    fn legacy_outs(&mut self, outs: Vec<LegacyOut>, now: Instant) {
+        for o in outs {
+            match o {
+                LegacyOut::Line(line) => self.relay_to_guest(&line),
+                LegacyOut::Publish { topic, payload } => {
+                    self.stats.packets_in.fetch_add(1, Relaxed);
+                    let verdict = if self.take_token(now) {
+                        policy::check_publish(&self.rules, &self.vm, &topic, &payload)
+                            .map_err(|d| d.to_string())
+                    } else {
+                        Err(format!(
+                            "rate limit ({} msg/s) exceeded",
+                            self.limits.rate_per_sec
+                        ))
+                    };
+                    match verdict {
+                        Ok(()) => {
+                            self.legacy_pkid = self.legacy_pkid.checked_add(1).unwrap_or(1);
+                            mqtt::encode_publish(
+                                &mqtt::Publish {
+                                    topic: &topic,
+                                    qos: 1,
+                                    retain: false,
+                                    dup: false,
+                                    pkid: Some(self.legacy_pkid),
+                                    payload: &payload,
+                                },
+                                &mut self.to_broker,
+                            );
+                            self.last_to_broker = now;
+                        }
+                        Err(reason) => {
+                            let shown: String = topic.chars().take(128).collect();
+                            self.refused(&shown, &reason, now);
+                            let line = self
+                                .legacy
+                                .as_mut()
+                                .map(|l| l.refused(&topic, &payload, &reason));
+                            if let Some(line) = line {
+                                self.relay_to_guest(&line);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A packet from the broker for a legacy guest.
+    fn legacy_broker_packet(&mut self, h: &FixedHeader, body: &[u8], now: Instant) {
+        match h.kind() {
+            mqtt::CONNACK => {
+                let rc = mqtt::parse_connack(body)
+                    .map(|(_, rc)| rc)
+                    .unwrap_or(connack::SERVER_UNAVAILABLE);
+                if rc == connack::ACCEPTED {
+                    self.phase = Phase::Legacy { connack_seen: true };
+                    tracing::info!("session up (legacy mode)");
+                    self.state(LinkState::SessionUp, Some("legacy mode".into()));
+                } else {
+                    tracing::warn!(rc, "broker refused the legacy session");
+                    self.leave_legacy("broker refused the session");
+                }
+            }
+            mqtt::PUBLISH => {
+                let Ok(p) = mqtt::parse_publish(h, body) else {
+                    self.end_session("bad PUBLISH from broker", false, now);
+                    return;
+                };
+                match (p.qos, p.pkid) {
+                    (1, Some(id)) => mqtt::encode_ack(mqtt::PUBACK, id, &mut self.to_broker),
+                    (2, Some(id)) => {
+                        self.dropped_qos2.insert(id);
+                        mqtt::encode_ack(mqtt::PUBREC, id, &mut self.to_broker);
+                    }
+                    _ => {}
+                }
+                if self.rules.check_deliver(p.topic).is_ok() {
+                    let line = self
+                        .legacy
+                        .as_mut()
+                        .and_then(|l| l.on_broker(p.topic, p.payload));
+                    if let Some(line) = line {
+                        self.relay_to_guest(&line);
+                    }
+                }
+            }
+            mqtt::PUBREL => {
+                if let Ok(id) = mqtt::parse_pkid(body) {
+                    self.dropped_qos2.remove(&id);
+                    mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_broker);
+                }
+            }
+            mqtt::PINGRESP => {
+                self.pings.pop_front();
+            }
+            // SUBACK (a refused filter simply delivers nothing), PUBACK: nothing to do.
+            _ => {}
         }
     }
 
@@ -381,15 +568,30 @@ impl Session {
     pub fn broker_connected(&mut self, now: Instant) -> Vec<Effect> {
         self.to_broker.extend_from_slice(&self.pending_connect);
         self.last_to_broker = now;
-        self.phase = Phase::Live {
-            connack_seen: false,
-        };
+        if self.legacy.is_some() {
+            let filters: Vec<(&str, u8)> = Vec::new();
+            let subs = LegacyMode::subscriptions(&self.vm, &self.rules);
+            let mut filters = filters;
+            filters.extend(subs.iter().map(|f| (f.as_str(), 1u8)));
+            if !filters.is_empty() {
+                mqtt::encode_subscribe(1, &filters, &mut self.to_broker);
+            }
+            self.phase = Phase::Legacy {
+                connack_seen: false,
+            };
+        } else {
+            self.phase = Phase::Live {
+                connack_seen: false,
+            };
+        }
         self.on_guest_input(&[], now)
     }
 
     /// The broker could not be reached: tell the guest, which will retry.
     pub fn broker_failed(&mut self) {
-        mqtt::encode_connack(false, connack::SERVER_UNAVAILABLE, &mut self.to_guest);
+        if self.legacy.take().is_none() {
+            mqtt::encode_connack(false, connack::SERVER_UNAVAILABLE, &mut self.to_guest);
+        }
         self.phase = Phase::Scanning;
     }
 
@@ -404,10 +606,17 @@ impl Session {
     /// Ends the broker session and sends the guest back to CONNECT. `flush` marks the guest's own
     /// DISCONNECT: it is forwarded to the broker first (so no will is published).
     fn end_session(&mut self, why: &str, flush: bool, now: Instant) {
-        let was_live = matches!(self.phase, Phase::Live { connack_seen: true });
+        let was_live = matches!(
+            self.phase,
+            Phase::Live { connack_seen: true } | Phase::Legacy { connack_seen: true }
+        );
         self.phase = Phase::Scanning;
         self.effects.push(Effect::CloseBroker { flush });
-        if !flush {
+        if self.legacy.take().is_some() {
+            // A legacy guest reads lines, not MQTT: it is told nothing; its next line starts a
+            // new legacy session.
+            self.to_guest.extend_from_slice(b"\n");
+        } else if !flush {
             // Not the guest's own DISCONNECT: tell it to start over. (After its DISCONNECT the guest
             // has gone; a byte sent now would wait in the tty for whoever opens it next.)
             self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
@@ -433,7 +642,7 @@ impl Session {
     /// A refused packet: counted always; logged and reported at most [`REPORTS_PER_SEC`] a second
     /// (a flooding guest must not flood the log or the error topic), the rest summed up in the next
     /// report.
-    fn refused(&mut self, topic: &str, reason: &str, now: Instant) {
+    fn refused(&mut self, topic: &str, reason: &str, now: Instant) -> bool {
         self.refusal();
         let elapsed = self
             .report_at
@@ -442,7 +651,7 @@ impl Session {
         self.report_tokens = (self.report_tokens + elapsed * REPORTS_PER_SEC).min(REPORTS_PER_SEC);
         if self.report_tokens < 1.0 {
             self.suppressed += 1;
-            return;
+            return false;
         }
         self.report_tokens -= 1.0;
         let reason = match std::mem::take(&mut self.suppressed) {
@@ -454,6 +663,7 @@ impl Session {
             topic: topic.to_owned(),
             reason,
         });
+        true
     }
 
     /// Frames and relays one packet from the guest. Returns false when it needs more bytes.
@@ -562,20 +772,20 @@ impl Session {
         let body = frame.get(h.header_len..).unwrap_or_default();
         let p = mqtt::parse_publish(h, body)?;
         let verdict = if p.pkid.is_some_and(|id| self.inflight.contains(&id)) && !p.dup {
-            Err("packet id already in flight".to_owned())
+            Err((ErrorCode::Busy, "packet id already in flight".to_owned()))
         } else if !self.take_token(now) {
-            Err(format!(
-                "rate limit ({} msg/s) exceeded",
-                self.limits.rate_per_sec
+            Err((
+                ErrorCode::Busy,
+                format!("rate limit ({} msg/s) exceeded", self.limits.rate_per_sec),
             ))
         } else if p.qos > 0 && self.inflight.len() >= self.limits.max_inflight {
-            Err(format!(
-                "more than {} messages in flight",
-                self.limits.max_inflight
+            Err((
+                ErrorCode::Busy,
+                format!("more than {} messages in flight", self.limits.max_inflight),
             ))
         } else {
             policy::check_publish(&self.rules, &self.vm, p.topic, p.payload)
-                .map_err(|d| d.to_string())
+                .map_err(|d| (ErrorCode::Forbidden, d.to_string()))
         };
         match verdict {
             Ok(()) => {
@@ -584,11 +794,15 @@ impl Session {
                 }
                 self.forward(frame, now);
             }
-            Err(reason) => {
+            Err((code, reason)) => {
                 let topic: String = p.topic.chars().take(128).collect();
                 let pkid = p.pkid;
                 let qos = p.qos;
-                self.refused(&topic, &reason, now);
+                if self.refused(&topic, &reason, now) {
+                    // A refused request is answered, so its caller fails at once (rate-limited
+                    // with the refusal reports).
+                    self.answer_refused_request(p.topic, p.payload, code, &reason);
+                }
                 // Acknowledge so the guest's session stays sound; the message goes nowhere.
                 match (qos, pkid) {
                     (1, Some(id)) => mqtt::encode_ack(mqtt::PUBACK, id, &mut self.to_guest),
@@ -601,6 +815,46 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Answers a refused request on the VM's own response topic of its command (when the VM may
+    /// read it): `status: error`, the code, the reason, the request's `request_id`.
+    fn answer_refused_request(&mut self, topic: &str, payload: &[u8], code: ErrorCode, why: &str) {
+        let Ok(Topic::Request(command)) = Topic::parse(topic) else {
+            return;
+        };
+        let reply_topic = command.response_topic(&self.vm);
+        if self.rules.check_deliver(&reply_topic).is_err() {
+            return;
+        }
+        let request_id = payload::decode_envelope(payload)
+            .ok()
+            .and_then(|e| e.request_id)
+            .or_else(|| {
+                serde_json::from_slice::<serde_json::Value>(payload)
+                    .ok()
+                    .and_then(|v| v.get("request_id")?.as_str().map(str::to_owned))
+                    .and_then(|id| RequestId::parse(&id).ok())
+            });
+        let body = Response::<NoArgs>::error(
+            request_id,
+            ErrorBody::new(code, format!("refused by Dom0: {why}")),
+        )
+        .to_json();
+        let body = payload::with_responder(&body, topics::vm::DOM0);
+        let mut out = BytesMut::new();
+        mqtt::encode_publish(
+            &mqtt::Publish {
+                topic: &reply_topic,
+                qos: 0,
+                retain: false,
+                dup: false,
+                pkid: None,
+                payload: &body,
+            },
+            &mut out,
+        );
+        self.relay_to_guest(&out);
     }
 
     fn guest_subscribe(&mut self, body: &[u8], now: Instant) -> Result<(), PacketError> {
@@ -678,6 +932,10 @@ impl Session {
     }
 
     fn broker_packet(&mut self, h: &FixedHeader, frame: &[u8], body: &[u8], now: Instant) {
+        if self.legacy.is_some() {
+            self.legacy_broker_packet(h, body, now);
+            return;
+        }
         match h.kind() {
             mqtt::CONNACK => {
                 let rc = mqtt::parse_connack(body)
@@ -766,7 +1024,7 @@ impl Session {
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         if let Some(t) = self.partial_since {
             consider(
-                t + if self.phase == Phase::Scanning {
+                t + if matches!(self.phase, Phase::Scanning | Phase::Legacy { .. }) {
                     SCAN_TIMEOUT
                 } else {
                     self.window
@@ -775,9 +1033,14 @@ impl Session {
         }
         if matches!(self.phase, Phase::Live { .. }) {
             consider(self.last_guest + self.window);
+        }
+        if matches!(self.phase, Phase::Live { .. } | Phase::Legacy { .. }) {
             if let Some(k) = self.own_keepalive {
                 consider(self.last_to_broker + k);
             }
+        }
+        if let Some(t) = self.legacy.as_ref().and_then(LegacyMode::next_deadline) {
+            consider(t);
         }
         next
     }
@@ -790,6 +1053,16 @@ impl Session {
                     // A CONNECT that never completed (the guest restarted while sending it): skip its
                     // first byte and look again in what followed.
                     self.discard(1);
+                    self.partial_since = None;
+                    self.process_guest(now);
+                }
+                Phase::Legacy { .. } if now >= since + SCAN_TIMEOUT => {
+                    // A line that never ended (the guest restarted mid-line): dropped, so what
+                    // follows starts at a line boundary (a CONNECT switches to MQTT there).
+                    if let Some(l) = self.legacy.as_mut() {
+                        let dropped = l.take_partial();
+                        tracing::debug!(bytes = dropped.len(), "unfinished legacy line dropped");
+                    }
                     self.partial_since = None;
                     self.process_guest(now);
                 }
@@ -809,7 +1082,17 @@ impl Session {
             self.stats.dropped.fetch_add(1, Relaxed);
             self.end_session("guest silent beyond 1.5 × keepalive", false, now);
         }
-        if let (Some(k), Phase::Live { .. }) = (self.own_keepalive, self.phase) {
+        let lines = self
+            .legacy
+            .as_mut()
+            .map(|l| l.on_tick(now))
+            .unwrap_or_default();
+        for line in lines {
+            self.relay_to_guest(&line);
+        }
+        if let (Some(k), Phase::Live { .. } | Phase::Legacy { .. }) =
+            (self.own_keepalive, self.phase)
+        {
             if now >= self.last_to_broker + k {
                 self.to_broker.extend_from_slice(&mqtt::PINGREQ_PACKET);
                 self.pings.push_back(true);

@@ -38,6 +38,9 @@ pub struct FileConfig {
     pub mqtt_socket: Option<PathBuf>,
     /// A TCP listener for local MQTT clients (`127.0.0.1:1883`); off when absent.
     pub mqtt_listen: Option<String>,
+    /// UNIX socket of the legacy (MVP JSON lines) endpoint [default: /run/domu-agent/legacy.sock];
+    /// "" turns it off.
+    pub legacy_socket: Option<PathBuf>,
     pub keepalive_secs: Option<u64>,
     pub log: Option<String>,
     #[serde(default)]
@@ -86,6 +89,7 @@ pub struct Flags {
     pub local_socket: Option<PathBuf>,
     pub mqtt_socket: Option<PathBuf>,
     pub mqtt_listen: Option<String>,
+    pub legacy_socket: Option<PathBuf>,
     pub keepalive: Option<u64>,
 }
 
@@ -113,6 +117,8 @@ pub struct Settings {
     pub mqtt_socket: Option<PathBuf>,
     /// Its TCP listener (None: off).
     pub mqtt_listen: Option<SocketAddr>,
+    /// The legacy endpoint's UNIX socket (None: off).
+    pub legacy_socket: Option<PathBuf>,
     pub local: LocalSettings,
 }
 
@@ -129,6 +135,17 @@ pub struct LocalSettings {
 pub const DEFAULT_DEVICE: &str = "/dev/hvc2";
 /// Where local MQTT clients connect by default.
 pub const DEFAULT_MQTT_SOCKET: &str = "/run/domu-agent/mqtt.sock";
+/// Where MVP applications connect by default.
+pub const DEFAULT_LEGACY_SOCKET: &str = "/run/domu-agent/legacy.sock";
+
+/// A socket path from a flag or the file: the default when absent, off when "" or "none".
+fn socket_path(given: Option<PathBuf>, default: &str) -> Option<PathBuf> {
+    match given {
+        Some(p) if p.as_os_str().is_empty() || p.as_os_str() == "none" => None,
+        Some(p) => Some(p),
+        None => Some(PathBuf::from(default)),
+    }
+}
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let p = path.display().to_string();
@@ -196,11 +213,11 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> 
             "[limits] max_list_entries and max_concurrent must be at least 1".into(),
         ));
     }
-    let mqtt_socket = match flags.mqtt_socket.or(file.mqtt_socket) {
-        Some(p) if p.as_os_str().is_empty() || p.as_os_str() == "none" => None,
-        Some(p) => Some(p),
-        None => Some(PathBuf::from(DEFAULT_MQTT_SOCKET)),
-    };
+    let mqtt_socket = socket_path(flags.mqtt_socket.or(file.mqtt_socket), DEFAULT_MQTT_SOCKET);
+    let legacy_socket = socket_path(
+        flags.legacy_socket.or(file.legacy_socket),
+        DEFAULT_LEGACY_SOCKET,
+    );
     let lc = file.local;
     let mqtt_listen = match flags.mqtt_listen.or(file.mqtt_listen) {
         None => None,
@@ -239,6 +256,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> 
         ));
     }
     Ok(Settings {
+        legacy_socket,
         mqtt_socket,
         mqtt_listen,
         local,

@@ -4,10 +4,12 @@
 //! Pure logic (`paths`, `config`, CONNACK resync in `session`, mount tables in `disks`) is kept
 //! apart from I/O (`tty`, `fsops`, `watch`, `local`).
 
+pub mod call_output;
 pub mod channel;
 pub mod config;
 pub mod disks;
 pub mod fsops;
+pub mod legacy;
 pub mod local;
 pub mod local_mqtt;
 pub mod local_session;

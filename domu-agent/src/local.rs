@@ -58,7 +58,8 @@ impl LocalRequests {
         }
     }
 
-    fn register(&self, vm: &VmId) -> (String, mpsc::Receiver<Bytes>) {
+    /// A waiter for the responses to a new request id.
+    pub fn register(&self, vm: &VmId) -> (String, mpsc::Receiver<Bytes>) {
         let id = format!(
             "{vm}-{}-{}",
             std::process::id(),
@@ -69,7 +70,7 @@ impl LocalRequests {
         (id, rx)
     }
 
-    fn unregister(&self, id: &str) {
+    pub fn unregister(&self, id: &str) {
         self.waiters().remove(id);
     }
 }

@@ -10,6 +10,7 @@ use domu_agent::channel::{self, ChannelConfig, Hub, ToClient};
 use domu_agent::config::{self, ConfigError, Settings};
 use domu_agent::disks::Disks;
 use domu_agent::fsops;
+use domu_agent::legacy::Legacy;
 use domu_agent::local::{self, LocalRequests};
 use domu_agent::local_mqtt::{self, EndpointConfig, Listeners};
 use domu_agent::local_session::LocalLimits;
@@ -42,7 +43,8 @@ struct Cli {
 enum Cmd {
     /// Run the agent on the channel tty.
     Run(RunArgs),
-    /// Ask a command through the local agent and print the response(s), one JSON line each.
+    /// Ask a command through the local agent and print the answer(s). Exit codes: 0 ok, 1 the
+    /// command answered an error, 124 no answer in time, 125 local failure, 126 refused by Dom0.
     Call(CallArgs),
 }
 
@@ -77,6 +79,10 @@ struct RunArgs {
     /// another address) [default: off].
     #[arg(long, value_name = "ADDR")]
     mqtt_listen: Option<String>,
+    /// UNIX socket of the legacy endpoint for MVP applications (JSON lines)
+    /// [default: /run/domu-agent/legacy.sock; `none`: off].
+    #[arg(long, value_name = "PATH")]
+    legacy_socket: Option<PathBuf>,
     /// MQTT keepalive in seconds [default: 5].
     #[arg(long)]
     keepalive: Option<u64>,
@@ -90,6 +96,9 @@ struct CallArgs {
     /// How long to wait for the answer(s), in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Print the answers as the JSON lines they are.
+    #[arg(long)]
+    json: bool,
     /// list_disks, list_files, read_file, copy_file, remove_file, get_file_footprint, create_file,
     /// discover, benchmark (or a topic root, or the MVP's name).
     command: String,
@@ -123,6 +132,7 @@ fn settings(a: RunArgs) -> Result<Settings, ConfigError> {
         local_socket: a.local_socket,
         mqtt_socket: a.mqtt_socket,
         mqtt_listen: a.mqtt_listen,
+        legacy_socket: a.legacy_socket,
         keepalive: a.keepalive,
     };
     config::resolve(file, flags)
@@ -229,7 +239,7 @@ async fn serve(s: Settings) -> ExitCode {
         local.clone(),
     ));
     let filters = service
-        .subscriptions(s.local_socket.is_some())
+        .subscriptions(s.local_socket.is_some() || s.legacy_socket.is_some())
         .into_iter()
         .map(|f| (f, QoS::AtLeastOnce))
         .collect();
@@ -254,6 +264,36 @@ async fn serve(s: Settings) -> ExitCode {
                 );
             }
         }
+    }
+    if let Some(path) = s.legacy_socket.clone() {
+        let group = match &s.local.socket_group {
+            None => None,
+            Some(g) => match group_id(g) {
+                Ok(id) => Some(id),
+                Err(e) => return fail(EX_USAGE, &format!("[local] socket_group {g:?}: {e}")),
+            },
+        };
+        let listener = match local_mqtt::bind_unix(&path, s.local.socket_mode, group).await {
+            Ok(l) => l,
+            Err(e) => return fail(EX_UNAVAILABLE, &format!("legacy socket: {e}")),
+        };
+        tracing::info!(path = %path.display(), "legacy endpoint listening");
+        let legacy = Legacy::new(s.vm.clone(), local.clone(), out.clone());
+        let Some((client, rx)) = hub.attach("legacy-notifications", 1024, true).await else {
+            return fail(EX_SOFTWARE, "the channel task ended at start");
+        };
+        tasks.spawn(domu_agent::legacy::notifications(
+            legacy.clone(),
+            client,
+            rx,
+            stop_rx.clone(),
+        ));
+        tasks.spawn(domu_agent::legacy::serve(
+            listener,
+            path,
+            legacy,
+            stop_rx.clone(),
+        ));
     }
     match local_listeners(&s).await {
         Ok(Some(listeners)) => {
@@ -390,13 +430,14 @@ fn call_args(words: &[String]) -> Result<Map<String, Value>, String> {
 }
 
 fn call(a: CallArgs) -> ExitCode {
+    use domu_agent::call_output::{self, LOCAL_FAILURE};
     let args = match call_args(&a.args) {
         Ok(x) => x,
-        Err(e) => return fail(EX_USAGE, &e),
+        Err(e) => return fail(LOCAL_FAILURE, &e),
     };
-    if local::command_by_name(&a.command).is_none() {
-        return fail(EX_USAGE, &format!("unknown command {:?}", a.command));
-    }
+    let Some(command) = local::command_by_name(&a.command) else {
+        return fail(LOCAL_FAILURE, &format!("unknown command {:?}", a.command));
+    };
     let mut req = Map::new();
     req.insert("command".into(), Value::String(a.command));
     req.insert("args".into(), Value::Object(args));
@@ -407,29 +448,25 @@ fn call(a: CallArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             return fail(
-                EX_UNAVAILABLE,
-                &format!("agent socket {}: {e}", a.socket.display()),
+                LOCAL_FAILURE,
+                &format!(
+                    "agent socket {}: {e} (is the agent running?)",
+                    a.socket.display()
+                ),
             );
         }
     };
     let mut line = Value::Object(req).to_string();
     line.push('\n');
     if let Err(e) = conn.write_all(line.as_bytes()) {
-        return fail(EX_UNAVAILABLE, &format!("agent socket: {e}"));
+        return fail(LOCAL_FAILURE, &format!("agent socket: {e}"));
     }
-    let mut ok = false;
-    let stdout = std::io::stdout();
-    for l in std::io::BufReader::new(conn).lines() {
-        let Ok(l) = l else { break };
-        let status = serde_json::from_str::<Value>(&l)
-            .ok()
-            .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_owned));
-        ok = matches!(status.as_deref(), Some("ok" | "finished" | "started"));
-        let _ = writeln!(stdout.lock(), "{l}");
-    }
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    let lines: Vec<String> = std::io::BufReader::new(conn)
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    let out = call_output::render(command, &lines, a.json);
+    let _ = std::io::stdout().lock().write_all(out.stdout.as_bytes());
+    let _ = std::io::stderr().lock().write_all(out.stderr.as_bytes());
+    ExitCode::from(out.code)
 }

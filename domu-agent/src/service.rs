@@ -13,7 +13,6 @@ use rumqttc::mqttbytes::QoS;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
-use topics::filter;
 use topics::payload::{
     self, BenchmarkArgs, BenchmarkReply, Component, CopyFileArgs, CreateFileArgs, DiscoverReply,
     ErrorEvent, FootprintArgs, FootprintReply, ListDisksReply, ListFilesArgs, ListFilesReply,
@@ -22,6 +21,7 @@ use topics::payload::{
 use topics::topic::{Command, Notification, Topic};
 use topics::vm::VmId;
 use topics::{ErrorBody, ErrorCode, RequestId, Response, Status};
+use topics::{filter, legacy_line};
 
 use crate::channel::{Client, Hub};
 use crate::config::Limits;
@@ -115,7 +115,12 @@ impl Service {
         }
     }
 
+    /// Publishes at QoS 1; a response says who answered (`responder`).
     async fn publish(&self, topic: String, body: Vec<u8>) {
+        let body = match Topic::parse(&topic) {
+            Ok(Topic::Response { .. }) => payload::with_responder(&body, self.vm.as_str()),
+            _ => body,
+        };
         let sent = self
             .uplink
             .client
@@ -152,6 +157,10 @@ impl Service {
                 return;
             }
         };
+        if !legacy_line::addressed_to(&payload, self.vm.as_str()) {
+            tracing::debug!(topic, "request addressed to another VM");
+            return;
+        }
         let reply_topic = command.response_topic(&env.sender);
         let rid = env.request_id.clone();
         tracing::debug!(topic, sender = %env.sender, request_id = ?rid.as_ref().map(RequestId::as_str), "request");

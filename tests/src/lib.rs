@@ -440,6 +440,7 @@ impl Agent {
     pub fn call(&self, command: &str, args: &[&str]) -> (bool, Vec<serde_json::Value>) {
         let out = Command::new(bin("domu-agent"))
             .arg("call")
+            .arg("--json")
             .arg("--socket")
             .arg(&self.socket)
             .arg(command)

@@ -675,6 +675,7 @@ fn requests_in_flight_are_told_apart() {
             std::thread::spawn(move || {
                 let out = Command::new(system_tests::bin("domu-agent"))
                     .arg("call")
+                    .arg("--json")
                     .arg("--socket")
                     .arg(&socket)
                     .args([
@@ -779,6 +780,7 @@ fn one_gib_file() {
     };
     let out = Command::new(system_tests::bin("domu-agent"))
         .arg("call")
+        .arg("--json")
         .arg("--socket")
         .arg(&s.gui.socket)
         .args([
@@ -805,6 +807,7 @@ fn one_gib_file() {
     let copier = std::thread::spawn(move || {
         Command::new(system_tests::bin("domu-agent"))
             .arg("call")
+            .arg("--json")
             .arg("--socket")
             .arg(&socket)
             .args([

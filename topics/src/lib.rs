@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod binary;
 pub mod filter;
 pub mod legacy;
+pub mod legacy_line;
 pub mod payload;
 pub mod reference;
 pub mod topic;

@@ -545,6 +545,34 @@ pub struct BenchmarkReply {
     pub figures: BTreeMap<String, f64>,
 }
 
+/// A response body with `"responder": <who>` added: who answered (an agent's VM, or `dom0`). Dom0
+/// checks it against the channel's identity, as it checks `sender`. A body that is not a JSON
+/// object is returned unchanged.
+pub fn with_responder(body: &[u8], responder: &str) -> Vec<u8> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut m)) => {
+            m.insert("responder".into(), Value::String(responder.to_owned()));
+            Value::Object(m).to_string().into_bytes()
+        }
+        _ => body.to_vec(),
+    }
+}
+
+/// The `responder` a response claims, if any (`Err` when present but not a string).
+pub fn claimed_responder(payload: &[u8]) -> Result<Option<String>, PayloadError> {
+    match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Object(m)) => match m.get("responder") {
+            None => Ok(None),
+            Some(Value::String(r)) => Ok(Some(r.clone())),
+            Some(_) => Err(PayloadError::InvalidField {
+                field: "responder".into(),
+                message: "must be a string".into(),
+            }),
+        },
+        _ => Ok(None),
+    }
+}
+
 /// The `q`-th quantile (0.0..=1.0) of sorted samples: the sample at `⌊len × q⌋`, the last one at
 /// most; `None` when there are none.
 pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {

@@ -241,8 +241,18 @@ fn refused_publishes_are_acknowledged_not_forwarded() {
     assert_eq!(effects.len(), 3);
     assert!(effects.iter().all(|e| matches!(e, Effect::Refused { .. })));
     assert!(s.to_broker.is_empty(), "nothing reaches the broker");
+    let sent = packets(&s.to_guest);
+    // The refused request is answered on the VM's own response topic (issue 10), then the acks.
+    assert_eq!(sent[0].0, mqtt::PUBLISH);
+    let answer = String::from_utf8_lossy(&sent[0].1).into_owned();
+    assert!(
+        answer.starts_with("\0\x27system/disks/list_disks/response/vm-gui{")
+            && answer.contains(r#""code":"forbidden""#)
+            && answer.contains(r#""responder":"dom0""#),
+        "{answer}"
+    );
     assert_eq!(
-        packets(&s.to_guest),
+        sent[1..],
         vec![
             (mqtt::PUBACK, vec![0, 4]),
             (mqtt::PUBREC, vec![0, 5]),

@@ -1,0 +1,298 @@
+//! What `domu-agent call` prints and how it exits, from the response lines the agent wrote back.
+//! Pure: lines in, text and an exit code out.
+//!
+//! Exit codes, like `qrexec-client-vm`: 0 ok; 1 the command answered `error` (its message on
+//! stderr); 124 no answer before the timeout; 125 local failure (agent not running, bad
+//! arguments); 126 refused by Dom0's policy.
+
+use serde_json::Value;
+use topics::Command;
+use topics::payload::{
+    self, BenchmarkReply, CountersReply, DiscoverReply, FootprintReply, ListDisksReply,
+    ListFilesReply, ReadFileReply,
+};
+
+pub const OK: u8 = 0;
+pub const ERROR: u8 = 1;
+pub const TIMEOUT: u8 = 124;
+pub const LOCAL_FAILURE: u8 = 125;
+pub const REFUSED: u8 = 126;
+
+/// What to print and the exit code.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+    pub code: u8,
+}
+
+/// How serious an outcome is: the worst one decides the exit code.
+fn rank(code: u8) -> u8 {
+    match code {
+        OK => 0,
+        ERROR => 1,
+        TIMEOUT => 2,
+        REFUSED => 3,
+        _ => 4,
+    }
+}
+
+/// Formats the response lines of one call. `json`: print the lines as they are.
+pub fn render(command: Command, lines: &[String], json: bool) -> Output {
+    let mut out = Output::default();
+    if lines.is_empty() {
+        out.stderr = "no answer from the agent\n".into();
+        out.code = LOCAL_FAILURE;
+        return out;
+    }
+    let mut worst = OK;
+    for l in lines {
+        let (text, code, err) = one(command, l);
+        if json {
+            out.stdout.push_str(l);
+            out.stdout.push('\n');
+        } else {
+            out.stdout.push_str(&text);
+        }
+        out.stderr.push_str(&err);
+        if rank(code) > rank(worst) {
+            worst = code;
+        }
+    }
+    out.code = worst;
+    out
+}
+
+/// One response: (text for humans, exit code, text for stderr).
+fn one(command: Command, line: &str) -> (String, u8, String) {
+    let Ok(v) = serde_json::from_str::<Value>(line) else {
+        return (
+            String::new(),
+            LOCAL_FAILURE,
+            format!("unreadable answer: {line}\n"),
+        );
+    };
+    let status = v.get("status").and_then(Value::as_str).unwrap_or("");
+    let responder = v.get("responder").and_then(Value::as_str).unwrap_or("");
+    if status == "error" {
+        let code = v
+            .pointer("/error/code")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let message = v
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let from = if responder.is_empty() {
+            String::new()
+        } else {
+            format!("{responder}: ")
+        };
+        let exit = match code {
+            "timeout" if responder.is_empty() => TIMEOUT,
+            "forbidden" if responder == topics::vm::DOM0 => REFUSED,
+            _ => ERROR,
+        };
+        return (String::new(), exit, format!("{from}{code}: {message}\n"));
+    }
+    (
+        human(command, line.as_bytes(), responder),
+        OK,
+        String::new(),
+    )
+}
+
+fn human(command: Command, body: &[u8], responder: &str) -> String {
+    let mut s = String::new();
+    let fallback = |s: &mut String| {
+        s.push_str(&String::from_utf8_lossy(body));
+        s.push('\n');
+    };
+    match command {
+        Command::ListDisks => match payload::decode_response::<ListDisksReply>(body) {
+            Ok(r) => {
+                let disks = r.result.map(|d| d.disks).unwrap_or_default();
+                s.push_str(&format!("{:<24} {}\n", "ID", "LABEL"));
+                for d in disks {
+                    s.push_str(&format!("{:<24} {}\n", d.id, d.label));
+                }
+            }
+            Err(_) => fallback(&mut s),
+        },
+        Command::ListFiles => match payload::decode_response::<ListFilesReply>(body) {
+            Ok(r) => {
+                if let Ok(l) = r.result {
+                    for f in &l.files {
+                        let kind = match f.kind {
+                            payload::FileKind::File => "file",
+                            payload::FileKind::Folder => "folder",
+                        };
+                        s.push_str(&format!("{kind:<7} {:>12}  {}\n", f.size, f.path));
+                    }
+                    if l.truncated {
+                        s.push_str("(listing truncated)\n");
+                    }
+                }
+            }
+            Err(_) => fallback(&mut s),
+        },
+        Command::GetFileFootprint => match payload::decode_response::<FootprintReply>(body) {
+            Ok(Response { result: Ok(f), .. }) => {
+                let path = match (&f.disk, &f.filepath) {
+                    (Some(d), Some(p)) => format!("{d}:{p}"),
+                    (_, Some(p)) => p.clone(),
+                    _ => String::new(),
+                };
+                s.push_str(&format!("{}  {path}\n", f.footprint));
+            }
+            _ => fallback(&mut s),
+        },
+        Command::ReadFile => match payload::decode_response::<ReadFileReply>(body) {
+            Ok(Response { result: Ok(r), .. }) => s.push_str(&format!(
+                "{}  {}  ({} bytes, in the local repository)\n",
+                r.footprint.unwrap_or_default(),
+                r.filepath.unwrap_or_default(),
+                r.size_in_bytes.unwrap_or(0)
+            )),
+            _ => fallback(&mut s),
+        },
+        Command::Discover => match payload::decode_response::<DiscoverReply>(body) {
+            Ok(Response { result: Ok(r), .. }) => {
+                for c in r.components {
+                    s.push_str(&format!("{:<24} {:<8} {}\n", c.id, c.kind, c.label));
+                }
+            }
+            _ => fallback(&mut s),
+        },
+        Command::Benchmark => match payload::decode_response::<BenchmarkReply>(body) {
+            Ok(r) => {
+                let who = if responder.is_empty() { "?" } else { responder };
+                let status = serde_json::to_value(r.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let b = r.result.unwrap_or_default();
+                s.push_str(&format!("{who}: {} {status}", b.module));
+                for (k, v) in &b.figures {
+                    s.push_str(&format!(" {k}={v}"));
+                }
+                s.push('\n');
+            }
+            Err(_) => fallback(&mut s),
+        },
+        Command::SupervisionCounters => match payload::decode_response::<CountersReply>(body) {
+            Ok(Response { result: Ok(r), .. }) => {
+                s.push_str(&format!(
+                    "{:<20} {:<7} {:<8} {:>10} {:>10} {:>8} {:>8}\n",
+                    "VM", "LINKED", "SESSION", "IN", "OUT", "REFUSED", "DROPPED"
+                ));
+                for l in r.links {
+                    s.push_str(&format!(
+                        "{:<20} {:<7} {:<8} {:>10} {:>10} {:>8} {:>8}\n",
+                        l.vm,
+                        l.linked,
+                        l.session,
+                        l.packets_in,
+                        l.packets_out,
+                        l.refused,
+                        l.dropped
+                    ));
+                }
+            }
+            _ => fallback(&mut s),
+        },
+        Command::CopyFile | Command::RemoveFile | Command::CreateFile => s.push_str("ok\n"),
+    }
+    s
+}
+
+use topics::Response;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn readable_output_and_exit_codes() {
+        let rows: [(Command, &[&str], &str, u8); 8] = [
+            (
+                Command::ListDisks,
+                &[r#"{"status":"ok","disks":[{"id":"usb0","label":"USB"}]}"#],
+                "usb0                     USB\n",
+                OK,
+            ),
+            (
+                Command::ListFiles,
+                &[
+                    r#"{"status":"ok","disk":"usb0","files":[{"path":"a/b","size":3,"name":"b","type":"file"}]}"#,
+                ],
+                "file               3  a/b\n",
+                OK,
+            ),
+            (
+                Command::GetFileFootprint,
+                &[r#"{"status":"ok","disk":"usb0","filepath":"a","footprint":"ab12"}"#],
+                "ab12  usb0:a\n",
+                OK,
+            ),
+            (
+                Command::Discover,
+                &[
+                    r#"{"status":"ok","components":[{"id":"dom0","label":"Dom0","type":"dom0"}]}"#,
+                    r#"{"status":"ok","components":[{"id":"sys-usb","label":"sys-usb","type":"domu"}]}"#,
+                ],
+                "sys-usb                  domu     sys-usb\n",
+                OK,
+            ),
+            (
+                Command::CreateFile,
+                &[
+                    r#"{"status":"error","responder":"sys-usb","error":{"code":"forbidden","message":"`..` leaves the disk"}}"#,
+                ],
+                "",
+                ERROR,
+            ),
+            (
+                Command::ListDisks,
+                &[
+                    r#"{"status":"error","responder":"dom0","error":{"code":"forbidden","message":"refused by Dom0"}}"#,
+                ],
+                "",
+                REFUSED,
+            ),
+            (
+                Command::ListDisks,
+                &[
+                    r#"{"status":"error","error":{"code":"timeout","message":"no answer within 10 ms"}}"#,
+                ],
+                "",
+                TIMEOUT,
+            ),
+            (
+                Command::Benchmark,
+                &[
+                    r#"{"status":"started","module":"messaging","responder":"vm-gui"}"#,
+                    r#"{"status":"finished","module":"messaging","responder":"vm-gui","figures":{"samples":100.0}}"#,
+                ],
+                "vm-gui: messaging finished samples=100\n",
+                OK,
+            ),
+        ];
+        for (command, input, contains, code) in rows {
+            let o = render(command, &lines(input), false);
+            assert!(o.stdout.contains(contains), "{command:?}: {:?}", o.stdout);
+            assert_eq!(o.code, code, "{command:?}: {o:?}");
+            if code != OK {
+                assert!(!o.stderr.is_empty());
+            }
+            let j = render(command, &lines(input), true);
+            assert_eq!(j.stdout.lines().count(), input.len());
+            assert_eq!(j.code, code);
+        }
+        assert_eq!(render(Command::ListDisks, &[], false).code, LOCAL_FAILURE);
+    }
+}

@@ -1,0 +1,400 @@
+//! The MVP's wire format: one compact JSON object a line, `{"type", "source", "destination",
+//! "payload"}`, and its translation to and from the dictionary's topics and payloads. Pure: the
+//! agent's legacy endpoint and Dom0's legacy mode for un-upgraded guests both use it.
+//!
+//! - command: `{"type":"commande","source":S,"destination":D,"payload":{"commande":"liste_disques","arguments":{..}}}`
+//!   (`commande` may also be a `TypeCommande` name); D is a VM name, `Dom0`/`dom0`, or `tous`.
+//! - response: `{"type":"reponse","source":R,"destination":S,"payload":{"commande":KIND,"data":{..}}}`
+//!   with the MVP's kinds (`liste_disques`, `liste_fichiers`, `file_footprint`, `file_creation`,
+//!   `benchmark_files` with `data.etat` = `demarre|termine|erreur`, ...). `data` is the response's
+//!   fields (`status` included, `request_id` and `responder` left out).
+//! - notification: `{"type":"notification","source":V,"destination":"tous","payload":{"evenement":E,"data":{..}}}`
+//!   with E = `fichier` (new file), `erreur` (error), `etat_domu` (a link's state).
+//!
+//! Errors, which the MVP had no shape for (stable from now on):
+//! - a command that failed: `{"type":"reponse",...,"payload":{"commande":KIND,"erreur":{"code":C,"message":M}}}`
+//!   with the dictionary's error codes (`not_found`, `forbidden`, `timeout`, ...);
+//! - a line that is not a command: `{"type":"erreur","source":..,"destination":..,"payload":{"code":"invalid_argument","message":M}}`.
+
+use serde_json::{Map, Value, json};
+
+use crate::legacy;
+use crate::payload::{ErrorCode, Status};
+use crate::topic::{Command, Notification};
+use crate::vm::{DOM0, VmId};
+
+/// Longest line accepted, in bytes (a `create_file` carries its data in Base64).
+pub const MAX_LINE: usize = 8 * 1024 * 1024;
+/// The MVP's "every domain".
+pub const ALL: &str = "tous";
+/// How long answers to a command sent to `tous` are collected.
+pub const ALL_WINDOW_MS: u64 = 2000;
+
+/// Where a command goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// One VM: only it answers.
+    Vm(VmId),
+    /// `Dom0`: only Dom0's controller answers.
+    Dom0,
+    /// `tous`: every responder answers.
+    All,
+}
+
+impl Destination {
+    pub fn parse(untrusted: &str) -> Result<Destination, LegacyError> {
+        match untrusted {
+            ALL => Ok(Destination::All),
+            "Dom0" | DOM0 => Ok(Destination::Dom0),
+            other => VmId::parse(other)
+                .map(Destination::Vm)
+                .map_err(|e| LegacyError::Invalid(format!("destination {other:?}: {e}"))),
+        }
+    }
+
+    /// The name responders compare with their own (`dom0`, a VM id), or None for everyone.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Destination::Vm(v) => Some(v.as_str()),
+            Destination::Dom0 => Some(DOM0),
+            Destination::All => None,
+        }
+    }
+
+    /// As written in lines: the VM, `Dom0`, `tous`.
+    pub fn as_line(&self) -> &str {
+        match self {
+            Destination::Vm(v) => v.as_str(),
+            Destination::Dom0 => "Dom0",
+            Destination::All => ALL,
+        }
+    }
+}
+
+/// Why a line was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LegacyError {
+    #[error("line of {0} bytes is over the limit of {MAX_LINE}")]
+    TooLong(usize),
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    #[error("not a JSON object")]
+    NotObject,
+    #[error("missing field `{0}`")]
+    Missing(&'static str),
+    #[error("unknown type {0:?} (commande, reponse, notification)")]
+    UnknownType(String),
+    #[error("unknown commande {0:?}")]
+    UnknownCommand(String),
+    #[error("unknown evenement {0:?}")]
+    UnknownEvent(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A parsed line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LegacyLine {
+    Command {
+        command: Command,
+        destination: Destination,
+        arguments: Map<String, Value>,
+    },
+    /// A response the client sends (an MVP service answering a command).
+    Response {
+        command: Command,
+        /// The requester it answers.
+        destination: VmId,
+        /// `data` (or the error, as the dictionary's response fields).
+        fields: Map<String, Value>,
+    },
+    Notification {
+        notification: Notification,
+        data: Map<String, Value>,
+    },
+}
+
+fn str_field<'a>(m: &'a Map<String, Value>, name: &'static str) -> Result<&'a str, LegacyError> {
+    match m.get(name) {
+        None | Some(Value::Null) => Err(LegacyError::Missing(name)),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(LegacyError::Invalid(format!("`{name}` must be a string"))),
+    }
+}
+
+fn object_field(
+    m: &mut Map<String, Value>,
+    name: &'static str,
+    required: bool,
+) -> Result<Map<String, Value>, LegacyError> {
+    match m.remove(name) {
+        Some(Value::Object(o)) => Ok(o),
+        None | Some(Value::Null) if !required => Ok(Map::new()),
+        None | Some(Value::Null) => Err(LegacyError::Missing(name)),
+        Some(_) => Err(LegacyError::Invalid(format!("`{name}` must be an object"))),
+    }
+}
+
+/// The command a `commande` string names: the MVP's lowercase string or a `TypeCommande` name.
+pub fn command_named(untrusted: &str) -> Option<Command> {
+    legacy::from_commande(untrusted).or_else(|| legacy::from_type_commande(untrusted))
+}
+
+/// Parses one line (without its newline). `source` is not trusted and not returned: the caller
+/// replaces it with the identity it knows.
+pub fn parse(untrusted: &[u8]) -> Result<LegacyLine, LegacyError> {
+    if untrusted.len() > MAX_LINE {
+        return Err(LegacyError::TooLong(untrusted.len()));
+    }
+    let mut m = match serde_json::from_slice::<Value>(untrusted) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err(LegacyError::NotObject),
+        Err(e) => return Err(LegacyError::NotJson(e.to_string())),
+    };
+    let kind = str_field(&m, "type")?.to_owned();
+    let mut payload = object_field(&mut m, "payload", true)?;
+    match kind.as_str() {
+        "commande" => {
+            let name = str_field(&payload, "commande")?;
+            let command =
+                command_named(name).ok_or_else(|| LegacyError::UnknownCommand(name.to_owned()))?;
+            let destination = Destination::parse(str_field(&m, "destination")?)?;
+            let arguments = object_field(&mut payload, "arguments", false)?;
+            Ok(LegacyLine::Command {
+                command,
+                destination,
+                arguments,
+            })
+        }
+        "reponse" => {
+            let name = str_field(&payload, "commande")?;
+            let command = legacy::from_response_kind(name)
+                .or_else(|| command_named(name))
+                .ok_or_else(|| LegacyError::UnknownCommand(name.to_owned()))?;
+            let destination = str_field(&m, "destination")?;
+            let destination = VmId::parse(destination)
+                .map_err(|e| LegacyError::Invalid(format!("destination {destination:?}: {e}")))?;
+            let fields = match object_field(&mut payload, "erreur", false)? {
+                e if !e.is_empty() => {
+                    let mut f = Map::new();
+                    f.insert("status".into(), json!(Status::Error));
+                    f.insert("error".into(), Value::Object(e));
+                    f
+                }
+                _ => {
+                    let mut data = object_field(&mut payload, "data", false)?;
+                    if let Some(etat) = data.remove("etat") {
+                        let status = match etat.as_str() {
+                            Some("demarre") => Status::Started,
+                            Some("termine") => Status::Finished,
+                            Some("erreur") => Status::Error,
+                            _ => Status::Ok,
+                        };
+                        data.insert("status".into(), json!(status));
+                    }
+                    data.entry("status").or_insert_with(|| json!(Status::Ok));
+                    data
+                }
+            };
+            Ok(LegacyLine::Response {
+                command,
+                destination,
+                fields,
+            })
+        }
+        "notification" => {
+            let name = str_field(&payload, "evenement")?;
+            let notification = legacy::from_evenement(name)
+                .or_else(|| legacy::from_type_evenement(name))
+                .ok_or_else(|| LegacyError::UnknownEvent(name.to_owned()))?;
+            let data = object_field(&mut payload, "data", false)?;
+            Ok(LegacyLine::Notification { notification, data })
+        }
+        other => Err(LegacyError::UnknownType(other.to_owned())),
+    }
+}
+
+/// The request a command becomes: its topic and payload (`sender` and `request_id` added, and
+/// `destination` unless it goes to everyone).
+pub fn request(
+    command: Command,
+    destination: &Destination,
+    arguments: &Map<String, Value>,
+    sender: &VmId,
+    request_id: &str,
+) -> (String, Vec<u8>) {
+    let mut p = arguments.clone();
+    p.insert("sender".into(), json!(sender.as_str()));
+    p.insert("request_id".into(), json!(request_id));
+    match destination.name() {
+        Some(d) => p.insert("destination".into(), json!(d)),
+        None => p.remove("destination"),
+    };
+    (
+        command.request_topic(),
+        Value::Object(p).to_string().into_bytes(),
+    )
+}
+
+fn line(kind: &str, source: &str, destination: &str, payload: Value) -> Vec<u8> {
+    let mut v =
+        json!({"type": kind, "source": source, "destination": destination, "payload": payload})
+            .to_string()
+            .into_bytes();
+    v.push(b'\n');
+    v
+}
+
+/// The MVP `reponse` line for a response payload of `command` (a JSON object from the topics).
+/// `source` is the responder as far as it is known (the response's `responder`, else `fallback`).
+pub fn response_line(command: Command, payload: &[u8], requester: &str, fallback: &str) -> Vec<u8> {
+    let kind = legacy::response_kind(command).unwrap_or_else(|| command.root());
+    let mut m = match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Object(m)) => m,
+        _ => {
+            return command_error_line(
+                command,
+                fallback,
+                requester,
+                ErrorCode::Internal,
+                "the responder's answer is not a JSON object",
+            );
+        }
+    };
+    let source = match m.remove("responder") {
+        Some(Value::String(r)) => r,
+        _ => fallback.to_owned(),
+    };
+    m.remove("request_id");
+    let status = m.get("status").and_then(Value::as_str).map(str::to_owned);
+    if status.as_deref() == Some("error") && command != Command::Benchmark {
+        let err = m.remove("error").unwrap_or(Value::Null);
+        return line(
+            "reponse",
+            &source,
+            requester,
+            json!({"commande": kind, "erreur": err}),
+        );
+    }
+    if command == Command::Benchmark {
+        let etat = match status.as_deref() {
+            Some("started") => "demarre",
+            Some("finished") | Some("ok") => "termine",
+            _ => "erreur",
+        };
+        m.insert("etat".into(), json!(etat));
+    }
+    line(
+        "reponse",
+        &source,
+        requester,
+        json!({"commande": kind, "data": Value::Object(m)}),
+    )
+}
+
+/// A `reponse` line saying a command failed.
+pub fn command_error_line(
+    command: Command,
+    source: &str,
+    destination: &str,
+    code: ErrorCode,
+    message: &str,
+) -> Vec<u8> {
+    let kind = legacy::response_kind(command).unwrap_or_else(|| command.root());
+    line(
+        "reponse",
+        source,
+        destination,
+        json!({"commande": kind, "erreur": {"code": code, "message": message}}),
+    )
+}
+
+/// An `erreur` line: what the client sent was not a command.
+pub fn error_line(source: &str, destination: &str, e: &LegacyError) -> Vec<u8> {
+    line(
+        "erreur",
+        source,
+        destination,
+        json!({"code": ErrorCode::InvalidArgument, "message": e.to_string()}),
+    )
+}
+
+/// The MVP `evenement` of a notification.
+pub fn evenement(n: Notification) -> &'static str {
+    legacy::evenement(n).unwrap_or("etat_domu")
+}
+
+/// The MVP `notification` line for a notification payload.
+pub fn notification_line(n: Notification, payload: &[u8], source: &str) -> Vec<u8> {
+    let data = match serde_json::from_slice::<Value>(payload) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => json!({}),
+    };
+    line(
+        "notification",
+        source,
+        ALL,
+        json!({"evenement": evenement(n), "data": data}),
+    )
+}
+
+/// The MVP `commande` line a request becomes for a legacy responder (Dom0's legacy mode).
+pub fn command_line(command: Command, payload: &[u8], destination: &str) -> Option<Vec<u8>> {
+    let Ok(Value::Object(mut m)) = serde_json::from_slice::<Value>(payload) else {
+        return None;
+    };
+    let sender = match m.remove("sender") {
+        Some(Value::String(s)) => s,
+        _ => return None,
+    };
+    m.remove("destination");
+    let name = legacy::commande(command)?;
+    Some(line(
+        "commande",
+        &sender,
+        destination,
+        json!({"commande": name, "arguments": Value::Object(m)}),
+    ))
+}
+
+/// The topic and payload a legacy response or notification becomes (Dom0's legacy mode).
+/// `request_id` is not known to an MVP service: responses carry none.
+pub fn publication(l: &LegacyLine) -> Option<(String, Vec<u8>)> {
+    match l {
+        LegacyLine::Response {
+            command,
+            destination,
+            fields,
+        } => Some((
+            command.response_topic(destination),
+            Value::Object(fields.clone()).to_string().into_bytes(),
+        )),
+        LegacyLine::Notification { notification, data } => Some((
+            notification.topic(),
+            Value::Object(data.clone()).to_string().into_bytes(),
+        )),
+        LegacyLine::Command { .. } => None,
+    }
+}
+
+/// True when a request payload is addressed to `me` (no `destination`, `tous`, or `me`).
+pub fn addressed_to(payload: &[u8], me: &str) -> bool {
+    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(payload) else {
+        return true;
+    };
+    match m.get("destination") {
+        Some(Value::String(d)) => d == ALL || d == me || (me == DOM0 && d == "Dom0"),
+        _ => true,
+    }
+}
+
+/// Validates a VM name given as a line's `source`, for logs only (never trusted).
+pub fn claimed_source(m: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(m).ok()?;
+    v.get("source")?
+        .as_str()
+        .map(|s| s.chars().take(64).collect())
+}
+
+#[cfg(test)]
+mod tests;

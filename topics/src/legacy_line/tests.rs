@@ -1,0 +1,225 @@
+//! Table tests of the MVP's line format and its translation.
+
+use super::*;
+
+fn vm(s: &str) -> VmId {
+    VmId::parse(s).unwrap()
+}
+
+fn parsed(line: &str) -> Result<LegacyLine, LegacyError> {
+    parse(line.as_bytes())
+}
+
+fn json_of(bytes: &[u8]) -> Value {
+    assert_eq!(bytes.last(), Some(&b'\n'), "a line ends with a newline");
+    let v: Value = serde_json::from_slice(bytes).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&bytes[..bytes.len() - 1]).contains('\n'),
+        "one line"
+    );
+    v
+}
+
+#[test]
+fn commands_in_both_spellings() {
+    for name in [
+        "liste_fichiers",
+        "LISTE_FICHIERS",
+        "TypeCommande.LISTE_FICHIERS",
+    ] {
+        let l = parsed(&format!(
+            r#"{{"type":"commande","source":"whoever","destination":"sys-usb","payload":{{"commande":"{name}","arguments":{{"disk":"usb0"}}}}}}"#
+        ))
+        .unwrap();
+        let LegacyLine::Command {
+            command,
+            destination,
+            arguments,
+        } = l
+        else {
+            panic!("not a command")
+        };
+        assert_eq!(command, Command::ListFiles);
+        assert_eq!(destination, Destination::Vm(vm("sys-usb")));
+        assert_eq!(arguments["disk"], "usb0");
+    }
+    for (d, expected) in [
+        ("tous", Destination::All),
+        ("Dom0", Destination::Dom0),
+        ("dom0", Destination::Dom0),
+    ] {
+        let l = parsed(&format!(
+            r#"{{"type":"commande","source":"x","destination":"{d}","payload":{{"commande":"liste_composants"}}}}"#
+        ))
+        .unwrap();
+        assert!(matches!(l, LegacyLine::Command { destination, .. } if destination == expected));
+    }
+}
+
+#[test]
+fn bad_lines_say_why() {
+    let long = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_LINE));
+    let rows: [(&str, &str); 10] = [
+        ("not json", "not JSON"),
+        ("[1,2]", "not a JSON object"),
+        (r#"{"payload":{}}"#, "missing field `type`"),
+        (r#"{"type":"commande"}"#, "missing field `payload`"),
+        (r#"{"type":"ordre","payload":{}}"#, "unknown type \"ordre\""),
+        (
+            r#"{"type":"commande","destination":"tous","payload":{"commande":"formate"}}"#,
+            "unknown commande \"formate\"",
+        ),
+        (
+            r#"{"type":"commande","payload":{"commande":"liste_disques"}}"#,
+            "missing field `destination`",
+        ),
+        (
+            r#"{"type":"commande","destination":"VM!","payload":{"commande":"liste_disques"}}"#,
+            "destination \"VM!\"",
+        ),
+        (
+            r#"{"type":"commande","destination":"tous","payload":{"commande":"liste_disques","arguments":[1]}}"#,
+            "`arguments` must be an object",
+        ),
+        (&long, "over the limit"),
+    ];
+    for (input, why) in rows {
+        let e = parsed(input).unwrap_err().to_string();
+        assert!(e.contains(why), "{input:.60}: {e}");
+        let l = json_of(&error_line("vm-gui", "app", &parsed(input).unwrap_err()));
+        assert_eq!(l["type"], "erreur");
+        assert_eq!(l["payload"]["code"], "invalid_argument");
+    }
+}
+
+#[test]
+fn requests_carry_sender_id_and_destination() {
+    let mut args = Map::new();
+    args.insert("disk".into(), json!("usb0"));
+    args.insert("sender".into(), json!("forged"));
+    let (topic, payload) = request(
+        Command::ListFiles,
+        &Destination::Vm(vm("sys-usb")),
+        &args,
+        &vm("vm-gui"),
+        "r1",
+    );
+    assert_eq!(topic, "system/disks/list_files/request");
+    let p: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(
+        p,
+        json!({"disk":"usb0","sender":"vm-gui","request_id":"r1","destination":"sys-usb"})
+    );
+    assert!(addressed_to(&payload, "sys-usb"));
+    assert!(!addressed_to(&payload, "vm-other"));
+    let (_, all) = request(
+        Command::Discover,
+        &Destination::All,
+        &Map::new(),
+        &vm("a"),
+        "2",
+    );
+    assert!(addressed_to(&all, "anyone"));
+    let (_, d0) = request(
+        Command::Discover,
+        &Destination::Dom0,
+        &Map::new(),
+        &vm("a"),
+        "3",
+    );
+    assert!(addressed_to(&d0, "dom0") && !addressed_to(&d0, "sys-usb"));
+}
+
+#[test]
+fn responses_in_the_mvp_kinds() {
+    let rows: [(Command, &str, Value); 5] = [
+        (
+            Command::ListFiles,
+            r#"{"status":"ok","request_id":"r1","responder":"sys-usb","disk":"usb0","files":[]}"#,
+            json!({"commande":"liste_fichiers","data":{"status":"ok","disk":"usb0","files":[]}}),
+        ),
+        (
+            Command::GetFileFootprint,
+            r#"{"status":"ok","disk":"usb0","filepath":"a","footprint":"ab"}"#,
+            json!({"commande":"file_footprint","data":{"status":"ok","disk":"usb0","filepath":"a","footprint":"ab"}}),
+        ),
+        (
+            Command::CreateFile,
+            r#"{"status":"error","error":{"code":"forbidden","message":"no"}}"#,
+            json!({"commande":"file_creation","erreur":{"code":"forbidden","message":"no"}}),
+        ),
+        (
+            Command::Benchmark,
+            r#"{"status":"started","module":"disks"}"#,
+            json!({"commande":"benchmark_files","data":{"status":"started","module":"disks","etat":"demarre"}}),
+        ),
+        (
+            Command::Benchmark,
+            r#"{"status":"error","error":{"code":"busy","message":"m"}}"#,
+            json!({"commande":"benchmark_files","data":{"status":"error","error":{"code":"busy","message":"m"},"etat":"erreur"}}),
+        ),
+    ];
+    for (command, payload, expected) in rows {
+        let l = json_of(&response_line(
+            command,
+            payload.as_bytes(),
+            "vm-gui",
+            "sys-usb",
+        ));
+        assert_eq!(l["type"], "reponse");
+        assert_eq!(l["source"], "sys-usb");
+        assert_eq!(l["destination"], "vm-gui");
+        assert_eq!(l["payload"], expected, "{payload}");
+    }
+    let l = json_of(&response_line(
+        Command::ListDisks,
+        b"garbage",
+        "vm-gui",
+        "sys-usb",
+    ));
+    assert_eq!(l["payload"]["erreur"]["code"], "internal");
+}
+
+#[test]
+fn notifications_and_what_a_legacy_service_sends() {
+    let l = json_of(&notification_line(
+        Notification::NewFile,
+        br#"{"disk":"usb0","filepath":"a","size_in_bytes":1}"#,
+        "sys-usb",
+    ));
+    assert_eq!(
+        l,
+        json!({"type":"notification","source":"sys-usb","destination":"tous","payload":{"evenement":"fichier","data":{"disk":"usb0","filepath":"a","size_in_bytes":1}}})
+    );
+    assert_eq!(evenement(Notification::LinkState), "etat_domu");
+    // An MVP service answering, and announcing.
+    let r = parsed(
+        r#"{"type":"reponse","source":"x","destination":"vm-gui","payload":{"commande":"liste_disques","data":{"disks":[]}}}"#,
+    )
+    .unwrap();
+    let (topic, payload) = publication(&r).unwrap();
+    assert_eq!(topic, "system/disks/list_disks/response/vm-gui");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&payload).unwrap(),
+        json!({"disks":[],"status":"ok"})
+    );
+    let n = parsed(
+        r#"{"type":"notification","source":"x","destination":"tous","payload":{"evenement":"TypeEvenement.FICHIER","data":{"disk":"d"}}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        publication(&n).unwrap().0,
+        "system/disk/new_file/notification"
+    );
+    // And a request it is to serve.
+    let c = command_line(
+        Command::ListFiles,
+        br#"{"sender":"vm-gui","request_id":"r","disk":"usb0"}"#,
+        "sys-usb",
+    )
+    .unwrap();
+    assert_eq!(
+        json_of(&c),
+        json!({"type":"commande","source":"vm-gui","destination":"sys-usb","payload":{"commande":"liste_fichiers","arguments":{"request_id":"r","disk":"usb0"}}})
+    );
+}
