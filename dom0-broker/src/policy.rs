@@ -61,7 +61,7 @@ pub enum Role {
     Client,
     /// Serves the disk commands (`sys-usb`): reads their requests, answers them, announces files.
     DiskProvider,
-    /// Answers `discover` and `benchmark` (every agent does).
+    /// Answers `discover` and `benchmark` (every agent does), reads the responses addressed to it.
     Agent,
 }
 
@@ -92,6 +92,9 @@ impl Role {
                 vec![
                     Command::Discover.request_topic(),
                     Command::Benchmark.request_topic(),
+                    // Responses addressed to itself: what its agent subscribes to, and where
+                    // Dom0 answers a request its policy refuses.
+                    filter::responses_to(VM_PLACEHOLDER),
                 ],
             ),
         }

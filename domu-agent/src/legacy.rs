@@ -197,11 +197,22 @@ async fn connection(conn: UnixStream, legacy: Arc<Legacy>, mut stop: watch::Rece
     let mut buf = vec![0u8; 64 * 1024];
     let me = legacy.vm.to_string();
     let mut tasks = tokio::task::JoinSet::new();
+    // After the client's end of input (`echo ... | socat`), its commands are still answered.
+    let mut reading = true;
     loop {
+        if !reading && tasks.is_empty() && lines_out.is_empty() {
+            break;
+        }
         tokio::select! {
             _ = stop.changed() => break,
-            n = r.read(&mut buf) => {
-                let n = match n { Ok(n) if n > 0 => n, _ => break };
+            n = r.read(&mut buf), if reading => {
+                let n = match n {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        reading = false;
+                        continue;
+                    }
+                };
                 input.push(buf.get(..n).unwrap_or_default());
                 while let Some(item) = input.next() {
                     let reply = match item {

@@ -415,6 +415,8 @@ pub struct Agent {
     pub socket: PathBuf,
     /// Its local MQTT endpoint (for the guest's applications).
     pub mqtt: PathBuf,
+    /// Its legacy endpoint (the MVP's JSON lines).
+    pub legacy: PathBuf,
 }
 
 impl Agent {
@@ -422,6 +424,7 @@ impl Agent {
     pub fn start(dir: &TestDir, ch: &channel::Channel, vm: &str, extra: &[&str]) -> Agent {
         let socket = dir.join(&format!("{vm}-agent.sock"));
         let mqtt = dir.join(&format!("{vm}-mqtt.sock"));
+        let legacy = dir.join(&format!("{vm}-legacy.sock"));
         let mut cmd = Command::new(bin("domu-agent"));
         cmd.args(["run", "--vm", vm, "--device"])
             .arg(&ch.tty)
@@ -429,11 +432,18 @@ impl Agent {
             .arg(&socket)
             .arg("--mqtt-socket")
             .arg(&mqtt)
+            .arg("--legacy-socket")
+            .arg(&legacy)
             .args(extra)
             .env("RUST_LOG", "debug");
         let proc = Proc::spawn(&format!("domu-agent-{vm}"), dir, &mut cmd);
         proc.wait_log("session up");
-        Agent { proc, socket, mqtt }
+        Agent {
+            proc,
+            socket,
+            mqtt,
+            legacy,
+        }
     }
 
     /// `domu-agent call COMMAND ARGS...`: exit status and the response lines, parsed.

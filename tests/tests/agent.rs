@@ -874,6 +874,8 @@ fn agent_waits_for_its_device_and_notices_a_dead_link() {
         .arg(&link)
         .arg("--mqtt-socket")
         .arg(dir.join("mqtt.sock"))
+        .arg("--legacy-socket")
+        .arg(dir.join("legacy.sock"))
         .env("RUST_LOG", "debug");
     let mut agent = Proc::spawn("domu-agent", &dir, &mut cmd);
     agent.wait_log("channel not available yet; waiting");

@@ -8,4 +8,5 @@ mod agent;
 mod apps;
 mod dom0;
 mod layout;
+mod legacy;
 mod policy;

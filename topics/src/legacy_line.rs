@@ -396,5 +396,54 @@ pub fn claimed_source(m: &[u8]) -> Option<String> {
         .map(|s| s.chars().take(64).collect())
 }
 
+/// Field names of a JSON object example, in order, without the envelope.
+fn fields(example: &[u8]) -> String {
+    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(example) else {
+        return String::new();
+    };
+    let names: Vec<String> = m
+        .keys()
+        .filter(|k| !matches!(k.as_str(), "sender" | "request_id" | "responder" | "error"))
+        .map(|k| format!("`{k}`"))
+        .collect();
+    if names.is_empty() {
+        "—".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The mapping table of `docs/migration.md` (between its `mapping` markers), generated here so
+/// the document cannot drift from the code.
+pub fn mapping_table() -> String {
+    let mut t = String::from(
+        "| MVP `commande` | `TypeCommande` | request topic | MVP response kind | arguments | response `data` |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for c in Command::ALL.into_iter().filter(|c| c.in_note()) {
+        let (req, resp) = crate::reference::example(c);
+        t.push_str(&format!(
+            "| `{}` | `{}` | `{}` | `{}` | {} | {} |\n",
+            legacy::commande(c).unwrap_or("—"),
+            legacy::type_commande(c).unwrap_or("—"),
+            c.request_topic(),
+            legacy::response_kind(c).unwrap_or("—"),
+            fields(&req),
+            fields(&resp),
+        ));
+    }
+    t.push_str("\n| MVP `evenement` | `TypeEvenement` | topic | `data` |\n|---|---|---|---|\n");
+    for n in Notification::ALL {
+        t.push_str(&format!(
+            "| `{}` | `{}` | `{}` | {} |\n",
+            evenement(n),
+            legacy::type_evenement(n).unwrap_or("—"),
+            n.topic(),
+            fields(&crate::reference::notification_example(n)),
+        ));
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests;

@@ -322,12 +322,14 @@ fn default_policy_table() {
             USB_REQ,
             na(),
         ),
+        // Every agent reads the responses addressed to itself (where Dom0 answers a refused
+        // request); the agent of sys-usb subscribes to them at start.
         (
             "sys-usb",
             Sub,
             "system/disks/list_disks/response/sys-usb",
             "",
-            na(),
+            Ok(()),
         ),
         // A VM the policy does not name gets only the `*` rules.
         (

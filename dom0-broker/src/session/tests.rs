@@ -548,3 +548,56 @@ fn guest_disconnect_is_forwarded_and_not_answered() {
         "nothing is left in the tty for the next client"
     );
 }
+
+#[test]
+fn a_legacy_guest_is_translated_and_can_switch_to_mqtt() {
+    let (mut s, now) = session();
+    let line = b"{\"type\":\"commande\",\"source\":\"sys-usb\",\"destination\":\"sys-usb\",\"payload\":{\"commande\":\"liste_disques\"}}\n";
+    assert_eq!(s.on_guest_input(line, now), vec![Effect::OpenBroker]);
+    s.broker_connected(now);
+    let sent = packets(&s.to_broker);
+    let c = mqtt::parse_connect(&sent[0].1).unwrap();
+    assert_eq!(c.client_id, "vm-gui", "the channel's identity");
+    assert_eq!(sent[1].0, mqtt::SUBSCRIBE);
+    assert_eq!(sent[2].0, mqtt::PUBLISH);
+    let request = String::from_utf8_lossy(&sent[2].1).into_owned();
+    assert!(
+        request.contains("system/disks/list_disks/request")
+            && request.contains(r#""sender":"vm-gui""#)
+            && !request.contains(r#""sender":"sys-usb""#),
+        "{request}"
+    );
+    s.to_broker.clear();
+    let effects = s.on_broker_input(b"\x20\x02\x00\x00", now);
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::State(LinkState::SessionUp, _))),
+        "{effects:?}"
+    );
+    // The answer comes back as an MVP line, and is acknowledged to the broker.
+    s.to_guest.clear();
+    let answer = publish(
+        "system/disks/list_disks/response/vm-gui",
+        1,
+        9,
+        br#"{"status":"ok","request_id":"legacy-1","responder":"sys-usb","disks":[]}"#,
+    );
+    s.on_broker_input(&answer, now);
+    let to_guest = String::from_utf8_lossy(&s.to_guest).into_owned();
+    assert!(
+        to_guest.contains(r#""type":"reponse""#)
+            && to_guest.contains(r#""commande":"liste_disques""#),
+        "{to_guest}"
+    );
+    assert!(to_guest.ends_with('\n'));
+    assert_eq!(packets(&s.to_broker), vec![(mqtt::PUBACK, vec![0, 9])]);
+    // A CONNECT at a line boundary: the guest switches to MQTT.
+    let effects = s.on_guest_input(&connect("vm-gui", 5), now);
+    assert_eq!(
+        effects.first(),
+        Some(&Effect::CloseBroker { flush: false }),
+        "{effects:?}"
+    );
+    assert_eq!(effects.last(), Some(&Effect::OpenBroker));
+}
