@@ -25,6 +25,8 @@ use crate::tty::{Device, Tty};
 /// Messages held by the hub while the session cannot take them (no session, in-flight window
 /// full); beyond, a local client's publish closes it, the agent's own is dropped with a warning.
 pub const MAX_HELD: usize = 1024;
+/// Client requests served per wake-up before the output is written (one write, not one per message).
+const BATCH: usize = 256;
 /// How often an absent channel is looked for.
 const REOPEN_EVERY: Duration = Duration::from_millis(500);
 
@@ -316,7 +318,12 @@ async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, mut stop: watc
                 }
             }
             r = read_opt(tty.as_ref(), &mut chunk) => match r {
-                Ok(n) if n > 0 => d.session.on_input(chunk.get(..n).unwrap_or_default(), Instant::now()),
+                Ok(n) if n > 0 => {
+                    let events = d.session.on_input(chunk.get(..n).unwrap_or_default(), Instant::now());
+                    // Let the clients' tasks take what the last batch brought them.
+                    tokio::task::yield_now().await;
+                    events
+                }
                 other => {
                     tracing::info!(result = ?other.map(|_| 0), "channel read failed; reopening");
                     tty = None;
@@ -326,7 +333,17 @@ async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, mut stop: watc
                 }
             },
             m = rx.recv() => match m {
-                Some(m) => d.request(m).await,
+                Some(m) => {
+                    // What else is waiting goes in the same write to the tty.
+                    let mut events = d.request(m).await;
+                    for _ in 0..BATCH {
+                        match rx.try_recv() {
+                            Ok(m) => events.extend(d.request(m).await),
+                            Err(_) => break,
+                        }
+                    }
+                    events
+                }
                 None => return,
             },
             _ = sleep_until_opt(deadline) => d.session.on_tick(Instant::now()),

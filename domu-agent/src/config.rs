@@ -55,7 +55,7 @@ pub struct FileConfig {
 pub struct LocalConfig {
     /// Local MQTT clients connected at once [default: 64].
     pub max_clients: Option<usize>,
-    /// Messages queued for one client before it is dropped [default: 1024].
+    /// Messages queued for one client before it is dropped [default: 4096].
     pub client_queue: Option<usize>,
     /// Mode of the UNIX socket, octal [default: "0660"].
     pub socket_mode: Option<String>,
@@ -246,7 +246,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> 
     };
     let local = LocalSettings {
         max_clients: lc.max_clients.unwrap_or(64),
-        client_queue: lc.client_queue.unwrap_or(1024),
+        client_queue: lc.client_queue.unwrap_or(4096),
         socket_mode,
         socket_group: lc.socket_group,
     };

@@ -40,33 +40,51 @@ pub struct Legacy {
     pub out: Arc<Client>,
     /// Notification lines for every connected client.
     pub notes: broadcast::Sender<Bytes>,
+    /// Clients connected now: notifications are subscribed to only while there is one.
+    connected: watch::Sender<usize>,
 }
 
 impl Legacy {
     pub fn new(vm: VmId, local: Arc<LocalRequests>, out: Arc<Client>) -> Arc<Legacy> {
         let (notes, _) = broadcast::channel(NOTES_BUFFER);
+        let (connected, _) = watch::channel(0);
         Arc::new(Legacy {
             vm,
             local,
             out,
             notes,
+            connected,
         })
     }
 }
 
-/// Turns the notifications of a hub client subscribed to them into legacy lines for every client.
+/// Turns the notifications of a hub client into legacy lines for every client. It subscribes
+/// while a legacy client is connected (a VM whose policy refuses notifications says so only when
+/// an MVP application is there to miss them).
 pub async fn notifications(
     legacy: Arc<Legacy>,
     client: Client,
     mut rx: mpsc::Receiver<ToClient>,
     mut stop: watch::Receiver<bool>,
 ) {
-    client
-        .subscribe(0, vec![(filter::notifications(), QoS::AtLeastOnce)])
-        .await;
+    let mut connected = legacy.connected.subscribe();
+    let mut subscribed = false;
     loop {
         let m = tokio::select! {
             _ = stop.changed() => return,
+            c = connected.changed() => {
+                if c.is_err() {
+                    return;
+                }
+                let want = *connected.borrow_and_update() > 0;
+                if want && !subscribed {
+                    client.subscribe(0, vec![(filter::notifications(), QoS::AtLeastOnce)]).await;
+                } else if !want && subscribed {
+                    client.unsubscribe(0, vec![filter::notifications()]).await;
+                }
+                subscribed = want;
+                continue;
+            }
             m = rx.recv() => m,
         };
         match m {
@@ -188,7 +206,24 @@ impl Lines {
     }
 }
 
+/// Counts a connected client while it lives.
+struct Connected(Arc<Legacy>);
+
+impl Connected {
+    fn new(legacy: Arc<Legacy>) -> Connected {
+        legacy.connected.send_modify(|n| *n += 1);
+        Connected(legacy)
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.connected.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 async fn connection(conn: UnixStream, legacy: Arc<Legacy>, mut stop: watch::Receiver<bool>) {
+    let _counted = Connected::new(legacy.clone());
     let (mut r, mut w) = conn.into_split();
     // Every writer (commands in flight, notifications) goes through one queue: lines never mix.
     let (tx, mut lines_out) = mpsc::channel::<Bytes>(64);

@@ -245,7 +245,17 @@ impl Conn {
                         }
                         _ => Err(self.ls.lost()),
                     },
-                    m = recv_opt(self.rx.as_mut()) => self.on_hub(m),
+                    m = recv_opt(self.rx.as_mut()) => {
+                        // Everything already queued goes into the same write.
+                        let mut r = self.on_hub(m);
+                        while r.is_ok() {
+                            match self.rx.as_mut().map(mpsc::Receiver::try_recv) {
+                                Some(Ok(m)) => r = self.on_hub(Some(m)),
+                                _ => break,
+                            }
+                        }
+                        r
+                    }
                     _ = sleep_until_opt(deadline) => self.ls.on_tick(Instant::now()),
                 }
             };

@@ -13,7 +13,7 @@
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use system_tests::bench::{tcp, throughput};
+use system_tests::bench::{STEP_DEADLINE, tcp, throughput};
 use system_tests::channel::Channel;
 use system_tests::raw::RawClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
@@ -47,7 +47,9 @@ fn stats(mut samples: Vec<Duration>) -> Stats {
 }
 
 fn local(path: &std::path::Path, id: &str) -> RawClient<UnixStream> {
-    RawClient::connect(UnixStream::connect(path).unwrap(), id)
+    let s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(STEP_DEADLINE)).unwrap();
+    RawClient::connect(s, id)
 }
 
 /// An echo responder: what arrives on its subscription goes back on `response` (QoS 1).
@@ -78,8 +80,10 @@ fn round_trip<S: std::io::Read + std::io::Write>(
     let t0 = Instant::now();
     assert!(c.try_publish_qos1(topic, pkid, payload));
     loop {
-        if c.next_publish() == payload {
-            return t0.elapsed();
+        match c.try_next_publish() {
+            Some(p) if p == payload => return t0.elapsed(),
+            Some(_) => {}
+            None => panic!("no answer on {topic} within {STEP_DEADLINE:?}"),
         }
     }
 }
@@ -129,11 +133,11 @@ fn run(kind: BrokerKind) {
     direct_requester.subscribe_qos1("bench/direct/response");
     responder(
         local(&usb.mqtt, "usb-echo"),
-        "app/vm-gui/request",
-        "app/sys-usb/response",
+        "app/vm-gui/ping",
+        "app/sys-usb/pong",
     );
     let mut app = local(&gui.mqtt, "gui-app");
-    app.subscribe_qos1("app/sys-usb/response");
+    app.subscribe_qos1("app/sys-usb/pong");
     let (mut direct, mut chained) = (Vec::new(), Vec::new());
     for i in 0..ROUND_TRIPS + 100 {
         let payload = format!("ping-{i}");
@@ -144,7 +148,7 @@ fn run(kind: BrokerKind) {
             pkid,
             payload.as_bytes(),
         );
-        let c = round_trip(&mut app, "app/vm-gui/request", pkid, payload.as_bytes());
+        let c = round_trip(&mut app, "app/vm-gui/ping", pkid, payload.as_bytes());
         if i >= 100 {
             direct.push(d);
             chained.push(c);

@@ -10,6 +10,10 @@ use crate::channel::Channel;
 use crate::raw::RawClient;
 use crate::{BrokerKind, DEADLINE, Dom0, wait_for};
 
+/// Every read of a benchmark's network clients has this deadline: a step that does not happen
+/// ends the run with a message instead of hanging it.
+pub const STEP_DEADLINE: Duration = Duration::from_secs(20);
+
 /// The brokers to measure: `--embedded`, `--mosquitto`, or both.
 pub fn kinds_from_args() -> Vec<BrokerKind> {
     match std::env::args().nth(1).as_deref() {
@@ -24,6 +28,7 @@ pub fn kinds_from_args() -> Vec<BrokerKind> {
 pub fn tcp(port: u16, id: &str) -> RawClient<TcpStream> {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(STEP_DEADLINE)).unwrap();
     RawClient::connect_with(s, id, |s| {
         let _ = socket2::SockRef::from(s).set_quickack(true);
     })
@@ -33,6 +38,7 @@ pub fn tcp(port: u16, id: &str) -> RawClient<TcpStream> {
 pub fn tcp_plain(port: u16, id: &str) -> RawClient<TcpStream> {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(STEP_DEADLINE)).unwrap();
     RawClient::connect(s, id)
 }
 
