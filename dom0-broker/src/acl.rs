@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use topics::vm::VmId;
 
+use crate::config::MosquittoConfig;
 use crate::policy::{Policy, Rules, Section};
 
 /// A section's filters with `{vm}` replaced by `name` (a VM name or Mosquitto's `%c`).
@@ -96,6 +97,35 @@ pub fn render_mosquitto(policy: &Policy) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Writes the policy as Mosquitto's ACL file (atomically: a temporary file renamed over it), then
+/// tells Mosquitto to reread it (SIGHUP to the pid in its pid file). Nothing to do when no ACL file
+/// is configured. Err: one line naming the file.
+pub fn install(cfg: &MosquittoConfig, policy: &Policy) -> Result<(), String> {
+    let Some(path) = &cfg.acl_file else {
+        return Ok(());
+    };
+    let tmp = path.with_extension("acl.tmp");
+    std::fs::write(&tmp, render_mosquitto(policy))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("Mosquitto ACL {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), "Mosquitto ACL written");
+    if let Some(pid_file) = &cfg.pid_file {
+        let pid = std::fs::read_to_string(pid_file)
+            .map_err(|e| format!("Mosquitto pid file {}: {e}", pid_file.display()))?;
+        let pid: i32 = pid
+            .trim()
+            .parse()
+            .map_err(|_| format!("Mosquitto pid file {}: not a pid", pid_file.display()))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .map_err(|e| format!("SIGHUP to Mosquitto (pid {pid}): {e}"))?;
+        tracing::info!(pid, "Mosquitto told to reload its ACL");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -43,6 +43,19 @@ pub struct FileConfig {
     pub log: Option<String>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// `[mosquitto]`: with Mosquitto as the broker, the ACL rendered from the policy.
+    #[serde(default)]
+    pub mosquitto: MosquittoConfig,
+}
+
+/// `[mosquitto]`: where the rendered ACL goes and how to tell Mosquitto to reread it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MosquittoConfig {
+    /// Re-rendered from the policy at start and on every reload (Mosquitto's `acl_file`).
+    pub acl_file: Option<PathBuf>,
+    /// Mosquitto's pid file: it gets SIGHUP after the ACL is rewritten.
+    pub pid_file: Option<PathBuf>,
 }
 
 /// `[limits]`: the bounds of every link and of the embedded broker.
@@ -136,6 +149,7 @@ pub struct Settings {
     pub limits: Limits,
     pub connect_timeout: Duration,
     pub log: Option<String>,
+    pub mosquitto: MosquittoConfig,
 }
 
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run";
@@ -258,6 +272,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> 
         limits,
         connect_timeout: Duration::from_millis(l.broker_connect_timeout_ms.unwrap_or(2000)),
         log: file.log,
+        mosquitto: file.mosquitto,
     })
 }
 

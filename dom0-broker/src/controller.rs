@@ -86,6 +86,18 @@ pub fn notification(event: &Event) -> Reply {
             })
             .unwrap_or_default(),
         },
+        Event::PolicyRefused { reason } => Reply {
+            topic: Notification::Error.topic(),
+            body: serde_json::to_vec(&ErrorEvent {
+                module: "dom0-broker/policy".into(),
+                datetime: topics::rfc3339_now(),
+                level: level::ERROR,
+                description: format!(
+                    "policy reload refused, the previous policy stays in force: {reason}"
+                ),
+            })
+            .unwrap_or_default(),
+        },
         Event::Refused { vm, topic, reason } => Reply {
             topic: Notification::Error.topic(),
             body: serde_json::to_vec(&ErrorEvent {

@@ -31,7 +31,8 @@ const READ_BUF: usize = 64 * 1024;
 pub struct LinkContext {
     pub broker: BrokerAddr,
     pub limits: Limits,
-    pub policy: Arc<Policy>,
+    /// The policy in force; a reload sends the new one (every link applies it at once).
+    pub policy: watch::Receiver<Arc<Policy>>,
     pub supervision: Supervision,
     /// How long opening a broker connection may take before the guest is told "server unavailable".
     pub connect_timeout: Duration,
@@ -59,14 +60,16 @@ async fn attach_loop(
                 tracing::info!(path = %path.display(), "attached to channel");
                 emit_state(&ctx, &vm, LinkState::Linked, None);
                 let started = Instant::now();
+                let mut policy = ctx.policy.clone();
+                let rules = policy.borrow_and_update().rules_for(&vm);
                 let mut s = Session::new(
                     vm.clone(),
                     ctx.limits.clone(),
-                    ctx.policy.rules_for(&vm),
+                    rules,
                     stats.clone(),
                     Instant::now(),
                 );
-                let why = attached(&vm, &mut s, stream, &ctx, &mut stop).await;
+                let why = attached(&vm, &mut s, stream, &ctx, &mut policy, &mut stop).await;
                 s.detach();
                 tracing::info!(reason = %why, "detached from channel");
                 emit_state(&ctx, &vm, LinkState::Unlinked, Some(why));
@@ -127,6 +130,7 @@ async fn attached(
     s: &mut Session,
     stream: UnixStream,
     ctx: &LinkContext,
+    policy: &mut watch::Receiver<Arc<Policy>>,
     stop: &mut watch::Receiver<bool>,
 ) -> String {
     let (mut gr, mut gw) = stream.into_split();
@@ -180,6 +184,13 @@ async fn attached(
                 }
             },
             _ = sleep_until_opt(deadline) => s.on_tick(Instant::now()),
+            r = policy.changed() => match r {
+                Ok(()) => {
+                    let rules = policy.borrow_and_update().rules_for(vm);
+                    s.set_rules(rules, Instant::now())
+                }
+                Err(_) => return "service stopping".to_owned(),
+            },
         };
         pending.extend(effects);
         while let Some(effect) = pending.pop_front() {

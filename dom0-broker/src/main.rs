@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use dom0_broker::config::{self, BrokerAddr, BrokerChoice, ConfigError, Settings};
+use dom0_broker::config::{self, BrokerAddr, BrokerChoice, ConfigError, MosquittoConfig, Settings};
 use dom0_broker::link::LinkContext;
 use dom0_broker::policy::Policy;
-use dom0_broker::supervision::Supervision;
+use dom0_broker::supervision::{Event, Supervision};
 use dom0_broker::{acl, broker, controller, discovery, relay};
 use tokio::sync::watch;
 
@@ -122,19 +122,24 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
 }
 
 fn init_logging(configured: Option<&str>) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = std::env::var("RUST_LOG")
         .ok()
         .or_else(|| configured.map(str::to_owned))
         .unwrap_or_else(|| "info,rumqttd=warn,rumqttc=warn".to_owned());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false)
         // `LEVEL link{vm=..}: message fields`: the VM comes from the span (`link`, `session`).
         .with_target(false)
-        .init();
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            !broker::routine_broker_event(m)
+        }));
+    tracing_subscriber::registry().with(filter).with(fmt).init();
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -195,22 +200,38 @@ async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
                         );
                     }
                 };
+            let internal_v5 =
+                match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        return fail(
+                            EX_UNAVAILABLE,
+                            &format!("no free loopback port for the broker: {e}"),
+                        );
+                    }
+                };
             let limits = settings.limits.clone();
-            match tokio::task::spawn_blocking(move || broker::start_embedded(internal, &limits))
-                .await
+            match tokio::task::spawn_blocking(move || {
+                broker::start_embedded(internal, internal_v5, &limits)
+            })
+            .await
             {
                 Ok(Ok(())) => {
-                    tracing::info!(listen = %listen, internal = %internal, "embedded broker listening")
+                    tracing::info!(listen = %listen, internal = %internal, internal_v5 = %internal_v5, "embedded broker listening")
                 }
                 Ok(Err(e)) => return fail(EX_UNAVAILABLE, &e.to_string()),
                 Err(e) => return fail(EX_SOFTWARE, &e.to_string()),
             }
-            tasks.spawn(relay::run_tcp(listener, internal, stop_rx.clone()));
+            let backends = relay::Backends {
+                v4: internal,
+                v5: internal_v5,
+            };
+            tasks.spawn(relay::run_tcp(listener, backends, stop_rx.clone()));
             if let Some(path) = settings.operator_socket.clone() {
                 match relay::bind_unix(&path).await {
                     Ok(l) => {
                         tracing::info!(path = %path.display(), "operator socket listening");
-                        tasks.spawn(relay::run_unix(l, path, internal, stop_rx.clone()));
+                        tasks.spawn(relay::run_unix(l, path, backends, stop_rx.clone()));
                     }
                     Err(e) => {
                         return fail(
@@ -238,6 +259,17 @@ async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
     };
 
     let (supervision, events) = Supervision::new();
+    let (policy_tx, policy_rx) = watch::channel(policy);
+    if let Err(e) = acl::install(&settings.mosquitto, &policy_rx.borrow()) {
+        return fail(EX_UNAVAILABLE, &e);
+    }
+    tasks.spawn(reload_on_hangup(
+        settings.policy.clone(),
+        settings.mosquitto.clone(),
+        policy_tx,
+        supervision.clone(),
+        stop_rx.clone(),
+    ));
     tasks.spawn(controller::run(
         broker_addr.clone(),
         settings.limits.max_packet,
@@ -248,7 +280,7 @@ async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
     let ctx = Arc::new(LinkContext {
         broker: broker_addr,
         limits: settings.limits.clone(),
-        policy,
+        policy: policy_rx,
         supervision,
         connect_timeout: settings.connect_timeout,
     });
@@ -276,6 +308,52 @@ async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
     })
     .await;
     code
+}
+
+/// SIGHUP (`rc-service dom0-broker reload`) rereads the policy file. A valid policy is in force at
+/// once for every link; then the Mosquitto ACL is rewritten and Mosquitto told (SIGHUP). An invalid
+/// one is refused with its reason (ERROR, and `system/events/error/notification`): the previous
+/// policy stays in force. There is never a moment without a policy.
+async fn reload_on_hangup(
+    path: Option<PathBuf>,
+    mosquitto: MosquittoConfig,
+    policy: watch::Sender<Arc<Policy>>,
+    supervision: Supervision,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot catch SIGHUP: no live policy reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            h = hup.recv() => if h.is_none() { return },
+        }
+        let Some(p) = &path else {
+            tracing::info!("SIGHUP: the built-in policy is in force; nothing to reload");
+            continue;
+        };
+        match Policy::load(p) {
+            Ok(new) => {
+                let new = Arc::new(new);
+                policy.send_replace(new.clone());
+                tracing::info!(path = %p.display(), "policy reloaded");
+                if let Err(e) = acl::install(&mosquitto, &new) {
+                    tracing::error!(error = %e, "Mosquitto ACL not updated");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
+                supervision.emit(Event::PolicyRefused {
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -56,12 +56,63 @@ async fn downstream<W: AsyncWrite + Unpin>(mut from: tokio::net::tcp::OwnedReadH
     let _ = to.shutdown().await;
 }
 
+/// rumqttd's listeners: it serves MQTT 3.1.1 and 5 on separate ports; the relay picks the one the
+/// client's CONNECT asks for, so Dom0 clients of either version use one address.
+#[derive(Debug, Clone, Copy)]
+pub struct Backends {
+    pub v4: SocketAddr,
+    pub v5: SocketAddr,
+}
+
+/// How long a new client may take to say which protocol it speaks.
+const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The protocol level of the CONNECT at the start of `buf`: None while incomplete; 4 for anything
+/// that is not a CONNECT (rumqttd's MQTT 3.1.1 listener then refuses it as it should).
+fn protocol_level(buf: &[u8]) -> Option<u8> {
+    let h = match crate::mqtt::fixed_header(buf, usize::MAX) {
+        Ok(Some(h)) => h,
+        Ok(None) => return None,
+        Err(_) => return Some(4),
+    };
+    if h.kind() != crate::mqtt::CONNECT {
+        return Some(4);
+    }
+    let body = buf.get(h.header_len..).unwrap_or_default();
+    match body.get(..7) {
+        None => None,
+        Some([0, 4, b'M', b'Q', b'T', b'T', level]) => Some(*level),
+        Some(_) => Some(4),
+    }
+}
+
 /// Relays one client connection to the broker until either side closes or `stop`.
-async fn relay<R, W>(client_r: R, client_w: W, broker: SocketAddr, mut stop: watch::Receiver<bool>)
-where
+async fn relay<R, W>(
+    mut client_r: R,
+    client_w: W,
+    backends: Backends,
+    mut stop: watch::Receiver<bool>,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // Read until the CONNECT says its protocol level.
+    let mut first = Vec::with_capacity(64);
+    let level = loop {
+        if let Some(l) = protocol_level(&first) {
+            break l;
+        }
+        let mut buf = [0u8; 512];
+        let n = tokio::select! {
+            r = tokio::time::timeout(CONNECT_WAIT, client_r.read(&mut buf)) => match r {
+                Ok(Ok(n)) if n > 0 => n,
+                _ => return,
+            },
+            _ = stop.changed() => return,
+        };
+        first.extend_from_slice(buf.get(..n).unwrap_or_default());
+    };
+    let broker = if level == 5 { backends.v5 } else { backends.v4 };
     let upstream_conn = match TcpStream::connect(broker).await {
         Ok(s) => s,
         Err(e) => {
@@ -70,7 +121,10 @@ where
         }
     };
     let _ = upstream_conn.set_nodelay(true);
-    let (br, bw) = upstream_conn.into_split();
+    let (br, mut bw) = upstream_conn.into_split();
+    if bw.write_all(&first).await.is_err() {
+        return;
+    }
     tokio::select! {
         _ = async { tokio::join!(upstream(client_r, bw), downstream(br, client_w)) } => {}
         _ = stop.changed() => {}
@@ -78,7 +132,7 @@ where
 }
 
 /// Serves Dom0 clients on TCP until `stop`.
-pub async fn run_tcp(listener: TcpListener, broker: SocketAddr, stop: watch::Receiver<bool>) {
+pub async fn run_tcp(listener: TcpListener, backends: Backends, stop: watch::Receiver<bool>) {
     let mut stop_accept = stop.clone();
     loop {
         tokio::select! {
@@ -87,7 +141,7 @@ pub async fn run_tcp(listener: TcpListener, broker: SocketAddr, stop: watch::Rec
                 Ok((client, _)) => {
                     let _ = client.set_nodelay(true);
                     let (r, w) = client.into_split();
-                    tokio::spawn(relay(r, w, broker, stop.clone()));
+                    tokio::spawn(relay(r, w, backends, stop.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "relay accept failed");
@@ -102,7 +156,7 @@ pub async fn run_tcp(listener: TcpListener, broker: SocketAddr, stop: watch::Rec
 pub async fn run_unix(
     listener: UnixListener,
     path: PathBuf,
-    broker: SocketAddr,
+    backends: Backends,
     stop: watch::Receiver<bool>,
 ) {
     let mut stop_accept = stop.clone();
@@ -112,7 +166,7 @@ pub async fn run_unix(
             accepted = listener.accept() => match accepted {
                 Ok((client, _)) => {
                     let (r, w) = client.into_split();
-                    tokio::spawn(relay(r, w, broker, stop.clone()));
+                    tokio::spawn(relay(r, w, backends, stop.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "operator socket accept failed");

@@ -9,7 +9,7 @@
 //! window, or silence beyond 1.5 × keepalive ends the broker session and returns to `Scanning`;
 //! the guest is then sent a DISCONNECT so it starts over at once.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -132,6 +132,8 @@ pub struct Session {
     effects: Vec<Effect>,
     /// The translation of a guest in legacy mode.
     legacy: Option<LegacyMode>,
+    /// Filters of this session forwarded to the broker (checked again when the policy changes).
+    subscribed: BTreeSet<String>,
     /// Packet ids of the publishes the link makes for a legacy guest.
     legacy_pkid: u16,
 }
@@ -177,7 +179,35 @@ impl Session {
             effects: Vec::new(),
             legacy: None,
             legacy_pkid: 0,
+            subscribed: BTreeSet::new(),
         }
+    }
+
+    /// The policy was reloaded: the VM's new rules apply to every packet from now on. A session
+    /// holding a subscription the new rules deny is restarted (the guest resubscribes at once and
+    /// is refused what is denied now); deliveries are checked against the new rules meanwhile.
+    pub fn set_rules(&mut self, rules: Rules, now: Instant) -> Vec<Effect> {
+        if rules == self.rules {
+            return Vec::new();
+        }
+        self.rules = rules;
+        let denied = self
+            .subscribed
+            .iter()
+            .find(|f| self.rules.check_subscribe(f).is_err())
+            .cloned();
+        match denied {
+            Some(f) if self.has_broker() => {
+                tracing::info!(filter = %f, "policy reloaded: a subscription is no longer allowed; restarting the session");
+                self.end_session(
+                    &format!("policy reloaded: subscription {f:?} no longer allowed"),
+                    false,
+                    now,
+                );
+            }
+            _ => tracing::debug!("policy reloaded"),
+        }
+        std::mem::take(&mut self.effects)
     }
 
     /// True while a broker session is open or opening.
@@ -552,6 +582,7 @@ impl Session {
     }
 
     fn reset_session_state(&mut self, now: Instant) {
+        self.subscribed.clear();
         self.pings.clear();
         self.pending_subs.clear();
         self.refused_qos2.clear();
@@ -571,6 +602,7 @@ impl Session {
         if self.legacy.is_some() {
             let filters: Vec<(&str, u8)> = Vec::new();
             let subs = LegacyMode::subscriptions(&self.vm, &self.rules);
+            self.subscribed.extend(subs.iter().cloned());
             let mut filters = filters;
             filters.extend(subs.iter().map(|f| (f.as_str(), 1u8)));
             if !filters.is_empty() {
@@ -714,7 +746,12 @@ impl Session {
                 }
             }),
             mqtt::SUBSCRIBE => self.guest_subscribe(body, now),
-            mqtt::UNSUBSCRIBE => mqtt::parse_unsubscribe(body).map(|_| self.forward(&frame, now)),
+            mqtt::UNSUBSCRIBE => mqtt::parse_unsubscribe(body).map(|(_, filters)| {
+                for f in filters {
+                    self.subscribed.remove(f);
+                }
+                self.forward(&frame, now)
+            }),
             mqtt::PINGREQ if body.is_empty() => {
                 self.pings.push_back(false);
                 self.forward(&frame, now);
@@ -881,9 +918,13 @@ impl Session {
             let codes = vec![mqtt::SUBACK_FAILURE; refused.len()];
             mqtt::encode_suback(pkid, &codes, &mut self.to_guest);
         } else if allowed.len() == filters.len() {
+            self.subscribed
+                .extend(allowed.iter().map(|(f, _)| (*f).to_owned()));
             mqtt::encode_subscribe(pkid, &allowed, &mut self.to_broker);
             self.last_to_broker = now;
         } else {
+            self.subscribed
+                .extend(allowed.iter().map(|(f, _)| (*f).to_owned()));
             mqtt::encode_subscribe(pkid, &allowed, &mut self.to_broker);
             self.last_to_broker = now;
             self.pending_subs.insert(pkid, refused);

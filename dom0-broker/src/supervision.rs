@@ -57,6 +57,8 @@ pub enum Event {
         topic: String,
         reason: String,
     },
+    /// A new policy file was refused on reload; the previous policy stays in force.
+    PolicyRefused { reason: String },
 }
 
 /// Shared by the links, the discovery loop and the controller.

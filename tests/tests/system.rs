@@ -9,4 +9,5 @@ mod apps;
 mod dom0;
 mod layout;
 mod legacy;
+mod operations;
 mod policy;
