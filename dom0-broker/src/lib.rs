@@ -16,4 +16,5 @@ pub mod mqtt;
 pub mod policy;
 pub mod relay;
 pub mod session;
+pub mod status;
 pub mod supervision;

@@ -46,6 +46,109 @@ enum Cmd {
         #[arg(long)]
         policy: Option<PathBuf>,
     },
+    /// Validate the config file and the policy it names; exit 64 with the reason if either is bad.
+    CheckConfig {
+        /// The config file [default: /etc/dom0-broker/dom0-broker.toml if it exists].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The policy file, when the service is given one with --policy.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+    /// One line per VM: link state, session up since, messages in and out, refusals, last error.
+    Status {
+        /// The service's broker [default: the configured one, else 127.0.0.1:1883]:
+        /// mqtt://HOST:PORT or unix:///PATH.
+        #[arg(long)]
+        broker: Option<String>,
+        /// The config file to read the broker from [default: /etc/dom0-broker/dom0-broker.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Refresh every 2 seconds until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Print the counters as JSON (one object a line) for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where the service's config lives by default.
+const DEFAULT_CONFIG: &str = "/etc/dom0-broker/dom0-broker.toml";
+
+/// The config file to read: the one given, else the default one if it exists.
+fn config_file(given: Option<PathBuf>) -> Result<config::FileConfig, ConfigError> {
+    match given {
+        Some(p) => config::load_file(&p),
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            config::load_file(std::path::Path::new(DEFAULT_CONFIG))
+        }
+        None => Ok(config::FileConfig::default()),
+    }
+}
+
+fn check_config(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {
+    let file = match config_file(config) {
+        Ok(f) => f,
+        Err(e) => return fail(EX_USAGE, &e.to_string()),
+    };
+    let flags = config::Flags {
+        policy,
+        ..config::Flags::default()
+    };
+    let s = match config::resolve(file, flags) {
+        Ok(s) => s,
+        Err(e) => return fail(EX_USAGE, &e.to_string()),
+    };
+    if let Some(p) = &s.policy {
+        if let Err(e) = Policy::load(p) {
+            return fail(EX_USAGE, &format!("invalid policy: {e}"));
+        }
+    }
+    println!(
+        "config ok; policy: {}",
+        s.policy
+            .as_ref()
+            .map_or("built-in".to_owned(), |p| format!("{} ok", p.display()))
+    );
+    ExitCode::SUCCESS
+}
+
+fn status(broker: Option<String>, config: Option<PathBuf>, watch: bool, json: bool) -> ExitCode {
+    let addr = match broker {
+        Some(url) => config::parse_broker_url(&url),
+        None => config_file(config).and_then(|f| {
+            config::resolve(f, config::Flags::default()).map(|s| match s.broker {
+                BrokerChoice::Embedded(listen) => BrokerAddr::Tcp(listen.to_string()),
+                BrokerChoice::External(a) => a,
+            })
+        }),
+    };
+    let addr = match addr {
+        Ok(a) => a,
+        Err(e) => return fail(EX_USAGE, &e.to_string()),
+    };
+    loop {
+        match dom0_broker::status::fetch(&addr) {
+            Ok(links) => {
+                if json {
+                    for l in &links {
+                        println!("{}", serde_json::to_string(l).unwrap_or_default());
+                    }
+                } else {
+                    if watch {
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{}", dom0_broker::status::table(&links));
+                }
+            }
+            Err(e) => return fail(EX_UNAVAILABLE, &e.to_string()),
+        }
+        if !watch {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,6 +187,13 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(EX_USAGE, &e.to_string()),
         },
+        Cmd::CheckConfig { config, policy } => check_config(config, policy),
+        Cmd::Status {
+            broker,
+            config,
+            watch,
+            json,
+        } => status(broker, config, watch, json),
         Cmd::RenderAcl { policy } => {
             let p = match policy {
                 Some(f) => Policy::load(&f),

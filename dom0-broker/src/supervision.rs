@@ -25,6 +25,10 @@ pub struct LinkStats {
     pub dropped: AtomicU64,
     /// Bytes discarded while scanning for CONNECT.
     pub garbage_bytes: AtomicU64,
+    /// Seconds since the epoch when the current session came up (0: none).
+    pub session_since: AtomicU64,
+    /// The last refusal or session loss, for `dom0-broker status`.
+    pub last_error: Mutex<Option<String>>,
 }
 
 impl LinkStats {
@@ -39,7 +43,20 @@ impl LinkStats {
             bytes_out: self.bytes_out.load(Relaxed),
             refused: self.refused.load(Relaxed),
             dropped: self.dropped.load(Relaxed),
+            session_since: match self.session_since.load(Relaxed) {
+                0 => None,
+                t => Some(topics::rfc3339(t)),
+            },
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
+    }
+
+    fn note(&self, what: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
     }
 }
 
@@ -107,8 +124,50 @@ impl Supervision {
         self.links().iter().map(|(vm, s)| s.snapshot(vm)).collect()
     }
 
-    /// Reports an event; never blocks a link.
+    /// Reports an event; never blocks a link. The VM's record (session since, last error) is
+    /// kept up to date on the way.
     pub fn emit(&self, event: Event) {
+        let now = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        match &event {
+            Event::State { vm, state, detail } => {
+                if let Some(stats) = self.links().get(vm) {
+                    match state {
+                        LinkState::SessionUp => stats.session_since.store(now(), Relaxed),
+                        LinkState::Linked => {}
+                        other => {
+                            stats.session_since.store(0, Relaxed);
+                            let what = serde_json::to_value(other)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default();
+                            if !matches!(other, LinkState::Unlinked) || detail.is_some() {
+                                stats.note(format!(
+                                    "{} {what}{}",
+                                    topics::rfc3339(now()),
+                                    detail
+                                        .as_deref()
+                                        .map(|d| format!(": {d}"))
+                                        .unwrap_or_default()
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            Event::Refused { vm, topic, reason } => {
+                if let Some(stats) = self.links().get(vm) {
+                    stats.note(format!(
+                        "{} refused {topic:?}: {reason}",
+                        topics::rfc3339(now())
+                    ));
+                }
+            }
+            Event::PolicyRefused { .. } => {}
+        }
         if self.events.try_send(event).is_err() {
             tracing::debug!("supervision event dropped: controller queue full or gone");
         }

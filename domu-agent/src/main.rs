@@ -46,6 +46,12 @@ enum Cmd {
     /// Ask a command through the local agent and print the answer(s). Exit codes: 0 ok, 1 the
     /// command answered an error, 124 no answer in time, 125 local failure, 126 refused by Dom0.
     Call(CallArgs),
+    /// Validate a config file (as `run` would read it); exit 64 with the reason if it is bad.
+    CheckConfig {
+        /// The config file [default: /etc/domu-agent/domu-agent.toml].
+        #[arg(long, default_value = "/etc/domu-agent/domu-agent.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -110,6 +116,17 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Cmd::Run(a) => run(a),
         Cmd::Call(a) => call(a),
+        Cmd::CheckConfig { config } => {
+            let checked = config::load_file(&config)
+                .and_then(|f| config::resolve(f, config::Flags::default()));
+            match checked {
+                Ok(s) => {
+                    println!("{}: ok (vm {}, {})", config.display(), s.vm, s.device);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EX_USAGE, &e.to_string()),
+            }
+        }
     }
 }
 

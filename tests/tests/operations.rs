@@ -236,3 +236,85 @@ fn policy_reload_embedded() {
 fn policy_reload_mosquitto() {
     policy_reload(BrokerKind::Mosquitto);
 }
+
+/// `dom0-broker status` shows both VMs with live counters; a clear line when the service is down.
+#[test]
+fn status_shows_the_links() {
+    let s = scene("status", BrokerKind::Embedded, DEFAULT_POLICY);
+    let (ok, _) = s.gui.call("list_disks", &[]);
+    assert!(ok);
+    let url = format!("mqtt://127.0.0.1:{}", s.dom0.port);
+    let out = Command::new(system_tests::bin("dom0-broker"))
+        .args(["status", "--broker", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    for vm in ["sys-usb", "vm-gui"] {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(vm))
+            .unwrap_or_else(|| panic!("no line for {vm}:\n{table}"));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[1], "session", "{line}");
+        assert!(cols[2].ends_with('Z'), "session since: {line}");
+        assert!(cols[3].parse::<u64>().unwrap() > 0, "packets in: {line}");
+    }
+    let out = Command::new(system_tests::bin("dom0-broker"))
+        .args(["status", "--json", "--broker", &url])
+        .output()
+        .unwrap();
+    let vms: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(vms.len(), 2);
+    assert!(vms.iter().all(|v| v["session"] == true), "{vms:?}");
+    // Nothing listening there: one clear line, exit 69.
+    let free = system_tests::free_port();
+    let out = Command::new(system_tests::bin("dom0-broker"))
+        .args(["status", "--broker", &format!("mqtt://127.0.0.1:{free}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not running") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+/// `check-config` (what the OpenRC service runs before starting) refuses a bad config and a bad
+/// policy with one line each.
+#[test]
+fn check_config_refuses_bad_files() {
+    let dir = TestDir::new("checkconf");
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "listen = \"127.0.0.1:1883\"\n").unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "listen = \"0.0.0.0:1883\"\n").unwrap();
+    let policy = dir.join("policy.toml");
+    std::fs::write(&policy, "[vm.vm-gui]\npublish = [\"a/#/b\"]\n").unwrap();
+    let run = |args: &[&str]| {
+        Command::new(system_tests::bin("dom0-broker"))
+            .arg("check-config")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let g = good.display().to_string();
+    let out = run(&["--config", &g]);
+    assert!(out.status.success(), "{out:?}");
+    for (args, why) in [
+        (vec!["--config", bad.to_str().unwrap()], "not loopback"),
+        (
+            vec!["--config", &g, "--policy", policy.to_str().unwrap()],
+            "wildcard",
+        ),
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why) && err.lines().count() == 1, "{err}");
+    }
+}

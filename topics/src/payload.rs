@@ -631,6 +631,12 @@ pub struct LinkCounters {
     pub refused: u64,
     /// Sessions dropped (overflow, silence, protocol error).
     pub dropped: u64,
+    /// When the current session came up (RFC 3339), if one is up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_since: Option<String>,
+    /// The last thing that went wrong on the link (a refusal, a dropped session), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

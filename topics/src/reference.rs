@@ -266,8 +266,13 @@ pub fn example(c: Command) -> (Vec<u8>, Vec<u8>) {
                         packets_out: 118,
                         bytes_in: 20480,
                         bytes_out: 19876,
-                        refused: 0,
+                        refused: 1,
                         dropped: 0,
+                        session_since: Some("2026-11-22T10:00:00Z".into()),
+                        last_error: Some(
+                            "2026-11-22T10:05:00Z refused \"system/disks/list_disks/response/vm-gui\": no rule allows it"
+                                .into(),
+                        ),
                     }],
                 },
             )
