@@ -71,6 +71,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write the man pages (`man`) or the bash, zsh and fish completions (`completions`) into DIR.
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_parser = ["man", "completions"])]
+        what: String,
+        dir: PathBuf,
+    },
 }
 
 /// Where the service's config lives by default.
@@ -188,6 +195,7 @@ fn main() -> ExitCode {
             Err(e) => fail(EX_USAGE, &e.to_string()),
         },
         Cmd::CheckConfig { config, policy } => check_config(config, policy),
+        Cmd::Generate { what, dir } => generate(&what, &dir),
         Cmd::Status {
             broker,
             config,
@@ -207,6 +215,28 @@ fn main() -> ExitCode {
                 Err(e) => fail(EX_USAGE, &e.to_string()),
             }
         }
+    }
+}
+
+/// Man pages and completions from the clap definitions, for packagers (the APKBUILD).
+fn generate(what: &str, dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let written = std::fs::create_dir_all(dir).and_then(|()| match what {
+        "man" => clap_mangen::generate_to(cmd, dir),
+        _ => [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ]
+        .into_iter()
+        .try_for_each(|shell| {
+            clap_complete::generate_to(shell, &mut cmd, "dom0-broker", dir).map(drop)
+        }),
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EX_SOFTWARE, &format!("{}: {e}", dir.display())),
     }
 }
 

@@ -52,6 +52,13 @@ enum Cmd {
         #[arg(long, default_value = "/etc/domu-agent/domu-agent.toml")]
         config: PathBuf,
     },
+    /// Write the man pages (`man`) or the bash, zsh and fish completions (`completions`) into DIR.
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_parser = ["man", "completions"])]
+        what: String,
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -116,6 +123,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Cmd::Run(a) => run(a),
         Cmd::Call(a) => call(a),
+        Cmd::Generate { what, dir } => generate(&what, &dir),
         Cmd::CheckConfig { config } => {
             let checked = config::load_file(&config)
                 .and_then(|f| config::resolve(f, config::Flags::default()));
@@ -127,6 +135,28 @@ fn main() -> ExitCode {
                 Err(e) => fail(EX_USAGE, &e.to_string()),
             }
         }
+    }
+}
+
+/// Man pages and completions from the clap definitions, for packagers (the APKBUILD).
+fn generate(what: &str, dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let written = std::fs::create_dir_all(dir).and_then(|()| match what {
+        "man" => clap_mangen::generate_to(cmd, dir),
+        _ => [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ]
+        .into_iter()
+        .try_for_each(|shell| {
+            clap_complete::generate_to(shell, &mut cmd, "domu-agent", dir).map(drop)
+        }),
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EX_SOFTWARE, &format!("{}: {e}", dir.display())),
     }
 }
 

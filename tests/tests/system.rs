@@ -6,6 +6,7 @@
 
 mod agent;
 mod apps;
+mod deploy;
 mod dom0;
 mod layout;
 mod legacy;
