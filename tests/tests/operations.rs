@@ -318,3 +318,82 @@ fn check_config_refuses_bad_files() {
         assert!(err.contains(why) && err.lines().count() == 1, "{err}");
     }
 }
+
+/// The embedded broker to Dom0 clients, like Mosquitto: keepalive 0 accepted.
+#[test]
+fn embedded_broker_accepts_keepalive_zero() {
+    use std::io::{Read, Write};
+    let dir = TestDir::new("k0");
+    let dom0 = Dom0::start(&dir, BrokerKind::Embedded, &[]);
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", dom0.port)).unwrap();
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    c.write_all(&system_tests::raw::connect("keepalive-zero", 0))
+        .unwrap();
+    let mut connack = [0u8; 4];
+    c.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    c.write_all(&system_tests::raw::subscribe(1, "k0/t", 0))
+        .unwrap();
+    let mut suback = [0u8; 5];
+    c.read_exact(&mut suback).unwrap();
+    assert_eq!(suback[0], 0x90);
+    dom0.publish("k0/t", "still here");
+    let mut buf = [0u8; 64];
+    let n = c.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("still here"));
+}
+
+/// The will of a Dom0 client whose keepalive expires is published, once per subscriber.
+#[test]
+fn embedded_broker_publishes_the_will_when_a_keepalive_expires() {
+    let dir = TestDir::new("will");
+    let dom0 = Dom0::start(&dir, BrokerKind::Embedded, &[]);
+    let watcher = dom0.subscribe(&dir, &["will/#"]);
+    let port = dom0.port.to_string();
+    let mut silent = Command::new("stdbuf")
+        .args([
+            "-oL",
+            "mosquitto_sub",
+            "-p",
+            &port,
+            "-t",
+            "x",
+            "-k",
+            "5",
+            "-d",
+        ])
+        .args(["--will-topic", "will/tool", "--will-payload", "gone"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stdbuf execs mosquitto_sub: same pid.
+    let pid = nix::unistd::Pid::from_raw(silent.id() as i32);
+    // Connected (its CONNACK printed), then silent: stopped, it sends no PINGREQ.
+    {
+        use std::io::BufRead;
+        let mut out = std::io::BufReader::new(silent.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("CONNACK") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "mosquitto_sub ended");
+        }
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // 1.5 × 5 s later the broker gives up on it and publishes its will.
+    watcher.wait_log("will/tool gone");
+    let _ = silent.kill();
+    let _ = silent.wait();
+    assert_eq!(watcher.output().matches("will/tool gone").count(), 1);
+}
+
+/// `$`-topics are never matched by a filter starting with a wildcard.
+#[test]
+fn embedded_broker_does_not_match_dollar_topics_with_wildcards() {
+    let dir = TestDir::new("dollar");
+    let dom0 = Dom0::start(&dir, BrokerKind::Embedded, &[]);
+    let watcher = dom0.subscribe(&dir, &["#", "+/+"]);
+    dom0.publish("$app/x", "dollar");
+    dom0.publish("app/x", "plain");
+    watcher.wait_log("app/x plain");
+    assert!(!watcher.output().contains("dollar"), "{}", watcher.output());
+}

@@ -197,11 +197,9 @@ where
 
     handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
 
-    // When keep_alive feature is disabled client can live forever, which is not good in
-    // distributed broker context so currenlty we don't allow it.
-    if connect.keep_alive == 0 {
-        return Err(Error::ZeroKeepAlive);
-    }
+    // xen-msg patch (see vendor/PATCHES.md): keepalive 0 is legal MQTT ("no keepalive") and common
+    // in tools; the clients of this broker are Dom0's own (trusted), so it is accepted, as
+    // Mosquitto does. (Upstream refused it: "not good in distributed broker context".)
 
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;
