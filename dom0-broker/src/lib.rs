@@ -14,6 +14,7 @@ pub mod legacy_mode;
 pub mod link;
 pub mod mqtt;
 pub mod policy;
+pub mod probe;
 pub mod relay;
 pub mod session;
 pub mod status;

@@ -55,6 +55,14 @@ enum Cmd {
         #[arg(long)]
         policy: Option<PathBuf>,
     },
+    /// Time round trips on a channel whose guest echoes what it reads (the platform's own cost).
+    ProbeChannel {
+        /// The channel socket (one that no link holds).
+        socket: PathBuf,
+        /// Round trips to time.
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+    },
     /// One line per VM: link state, session up since, messages in and out, refusals, last error.
     Status {
         /// The service's broker [default: the configured one, else 127.0.0.1:1883]:
@@ -195,6 +203,20 @@ fn main() -> ExitCode {
             Err(e) => fail(EX_USAGE, &e.to_string()),
         },
         Cmd::CheckConfig { config, policy } => check_config(config, policy),
+        Cmd::ProbeChannel { socket, count } => {
+            match dom0_broker::probe::probe(&socket, count, std::time::Duration::from_secs(5)) {
+                Ok(p) => {
+                    println!(
+                        "channel round trip: p50 {:.1} us  p99 {:.1} us  ({} samples)",
+                        p.p50.as_secs_f64() * 1e6,
+                        p.p99.as_secs_f64() * 1e6,
+                        p.samples
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(EX_UNAVAILABLE, &format!("{}: {e}", socket.display())),
+            }
+        }
         Cmd::Generate { what, dir } => generate(&what, &dir),
         Cmd::Status {
             broker,

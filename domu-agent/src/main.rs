@@ -46,6 +46,12 @@ enum Cmd {
     /// Ask a command through the local agent and print the answer(s). Exit codes: 0 ok, 1 the
     /// command answered an error, 124 no answer in time, 125 local failure, 126 refused by Dom0.
     Call(CallArgs),
+    /// Print the tty of a channel found by name (/dev/xen-channel/NAME, /dev/virtio-ports/NAME,
+    /// or xenstore's device/console/N/name), as `run --channel NAME` finds it.
+    Channel {
+        /// The channel's name (`name=` in xl.cfg's `channel`).
+        name: String,
+    },
     /// Validate a config file (as `run` would read it); exit 64 with the reason if it is bad.
     CheckConfig {
         /// The config file [default: /etc/domu-agent/domu-agent.toml].
@@ -112,6 +118,9 @@ struct CallArgs {
     /// Print the answers as the JSON lines they are.
     #[arg(long)]
     json: bool,
+    /// Ask N times in a row and print the round trips' p50 and p99 (after the last answer).
+    #[arg(long, value_name = "N")]
+    repeat: Option<usize>,
     /// list_disks, list_files, read_file, copy_file, remove_file, get_file_footprint, create_file,
     /// discover, benchmark (or a topic root, or the MVP's name).
     command: String,
@@ -123,6 +132,15 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Cmd::Run(a) => run(a),
         Cmd::Call(a) => call(a),
+        Cmd::Channel { name } => {
+            match domu_agent::tty::resolve(&domu_agent::tty::Device::Name(name.clone())) {
+                Some(p) => {
+                    println!("{}", p.display());
+                    ExitCode::SUCCESS
+                }
+                None => fail(EX_UNAVAILABLE, &format!("no channel named {name:?}")),
+            }
+        }
         Cmd::Generate { what, dir } => generate(&what, &dir),
         Cmd::CheckConfig { config } => {
             let checked = config::load_file(&config)
@@ -491,29 +509,47 @@ fn call(a: CallArgs) -> ExitCode {
     if let Some(t) = a.timeout_ms {
         req.insert("timeout_ms".into(), Value::from(t));
     }
-    let mut conn = match std::os::unix::net::UnixStream::connect(&a.socket) {
-        Ok(c) => c,
-        Err(e) => {
-            return fail(
-                LOCAL_FAILURE,
-                &format!(
-                    "agent socket {}: {e} (is the agent running?)",
-                    a.socket.display()
-                ),
-            );
-        }
-    };
     let mut line = Value::Object(req).to_string();
     line.push('\n');
-    if let Err(e) = conn.write_all(line.as_bytes()) {
-        return fail(LOCAL_FAILURE, &format!("agent socket: {e}"));
+    let ask = || -> Result<Vec<String>, String> {
+        let mut conn = std::os::unix::net::UnixStream::connect(&a.socket).map_err(|e| {
+            format!(
+                "agent socket {}: {e} (is the agent running?)",
+                a.socket.display()
+            )
+        })?;
+        conn.write_all(line.as_bytes())
+            .map_err(|e| format!("agent socket: {e}"))?;
+        Ok(std::io::BufReader::new(conn)
+            .lines()
+            .map_while(Result::ok)
+            .collect())
+    };
+    let mut samples = Vec::new();
+    let mut lines = Vec::new();
+    for _ in 0..a.repeat.unwrap_or(1).max(1) {
+        let t0 = std::time::Instant::now();
+        lines = match ask() {
+            Ok(l) => l,
+            Err(e) => return fail(LOCAL_FAILURE, &e),
+        };
+        samples.push(t0.elapsed());
     }
-    let lines: Vec<String> = std::io::BufReader::new(conn)
-        .lines()
-        .map_while(Result::ok)
-        .collect();
     let out = call_output::render(command, &lines, a.json);
     let _ = std::io::stdout().lock().write_all(out.stdout.as_bytes());
+    if a.repeat.is_some() {
+        samples.sort();
+        let us = |q| {
+            topics::payload::quantile(&samples, q)
+                .map_or(0.0, |d: std::time::Duration| d.as_secs_f64() * 1e6)
+        };
+        println!(
+            "round trip: p50 {:.1} us  p99 {:.1} us  ({} calls)",
+            us(0.5),
+            us(0.99),
+            samples.len()
+        );
+    }
     let _ = std::io::stderr().lock().write_all(out.stderr.as_bytes());
     ExitCode::from(out.code)
 }

@@ -60,15 +60,77 @@ fn xen_console_by_name(name: &str) -> Option<PathBuf> {
             continue;
         };
         let key = format!("device/console/{n}/name");
-        let out = std::process::Command::new("xenstore-read")
-            .arg(&key)
-            .output()
-            .ok()?;
-        if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == name {
+        if xenstore_read(&key).is_ok_and(|v| v == name) {
             return Some(PathBuf::from(format!("/dev/hvc{n}")));
         }
     }
     None
+}
+
+/// xenstore's READ request (`xs_wire.h`).
+const XS_READ: u32 = 2;
+/// xenstore's error answer.
+const XS_ERROR: u32 = 16;
+
+/// Reads a key of this domain's xenstore (a path relative to /local/domain/<domid>), through the
+/// xenbus device as `xenstore-read` does, so a minimal guest needs no xen tools; falls back to
+/// the `xenstore-read` command where the device is not there.
+pub fn xenstore_read(key: &str) -> io::Result<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/xen/xenbus")
+    {
+        Ok(mut f) => {
+            let mut msg = Vec::with_capacity(17 + key.len());
+            let len = u32::try_from(key.len() + 1)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "key too long"))?;
+            for word in [XS_READ, 0, 0, len] {
+                msg.extend_from_slice(&word.to_ne_bytes());
+            }
+            msg.extend_from_slice(key.as_bytes());
+            msg.push(0);
+            f.write_all(&msg)?;
+            let mut header = [0u8; 16];
+            f.read_exact(&mut header)?;
+            let word = |i: usize| {
+                let mut w = [0u8; 4];
+                w.copy_from_slice(header.get(i..i + 4).unwrap_or(&[0; 4]));
+                u32::from_ne_bytes(w)
+            };
+            let (kind, len) = (word(0), word(12) as usize);
+            if len > 4096 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "xenstore answer too long",
+                ));
+            }
+            let mut body = vec![0u8; len];
+            f.read_exact(&mut body)?;
+            let text = String::from_utf8_lossy(&body)
+                .trim_end_matches('\0')
+                .to_owned();
+            if kind == XS_ERROR {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("xenstore {key}: {text}"),
+                ));
+            }
+            Ok(text)
+        }
+        Err(_) => {
+            let out = std::process::Command::new("xenstore-read")
+                .arg(key)
+                .output()?;
+            if !out.status.success() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("xenstore {key}"),
+                ));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        }
+    }
 }
 
 /// True for the errors that mean "not there yet": retry later.
