@@ -527,6 +527,7 @@ impl Session {
     }
 
     fn discard(&mut self, n: usize) {
+        let n = n.min(self.guest_in.len());
         if n > 0 {
             self.stats.garbage_bytes.fetch_add(n as u64, Relaxed);
             self.guest_in.advance(n);
@@ -638,6 +639,10 @@ impl Session {
     /// Ends the broker session and sends the guest back to CONNECT. `flush` marks the guest's own
     /// DISCONNECT: it is forwarded to the broker first (so no will is published).
     fn end_session(&mut self, why: &str, flush: bool, now: Instant) {
+        // What was partial belonged to the session that ends (or to the legacy translation).
+        if self.guest_in.is_empty() {
+            self.partial_since = None;
+        }
         let was_live = matches!(
             self.phase,
             Phase::Live { connack_seen: true } | Phase::Legacy { connack_seen: true }

@@ -384,7 +384,15 @@ impl Session {
             .unwrap_or(u16::MAX)
             .max(1);
         c.clean_session = true;
-        self.encode(&Packet::Connect(c));
+        // rumqttc's `Connect::write` patches its flags byte at an index counted from the start of
+        // the buffer, not from where the packet starts: behind other bytes (a PUBACK queued in the
+        // same output) it corrupted "MQTT" instead, and Dom0 discarded the CONNECT (found by the
+        // `agent_session` fuzz target). Encoded on its own, then appended.
+        let mut frame = BytesMut::with_capacity(64);
+        match Packet::Connect(c).write(&mut frame, self.cfg.max_packet) {
+            Ok(_) => self.output.extend_from_slice(&frame),
+            Err(e) => tracing::warn!(error = %e, "CONNECT not sent"),
+        }
         self.last_write = now;
         self.phase = Phase::AwaitingConnack {
             deadline: now + CONNACK_TIMEOUT,

@@ -601,3 +601,28 @@ fn a_legacy_guest_is_translated_and_can_switch_to_mqtt() {
     );
     assert_eq!(effects.last(), Some(&Effect::OpenBroker));
 }
+
+/// Regression (found by the `dom0_session` fuzz target): a legacy guest's unfinished line, then
+/// the broker closing its session, left a partial-frame timer with nothing left to discard; the
+/// next tick panicked advancing an empty buffer.
+#[test]
+fn a_tick_after_a_legacy_session_ended_mid_line() {
+    let (mut s, now) = session();
+    assert_eq!(
+        s.on_guest_input(b"{\"type\":\"comm", now),
+        vec![Effect::OpenBroker]
+    );
+    s.broker_connected(now);
+    s.on_broker_input(b"\x20\x02\x00\x00", now);
+    let effects = s.broker_closed(now);
+    assert!(effects.contains(&Effect::CloseBroker { flush: false }));
+    s.broker_released();
+    let later = now + SCAN_TIMEOUT * 3;
+    let _ = s.on_tick(later);
+    let _ = s.on_tick(later + SCAN_TIMEOUT);
+    // And it still scans: a CONNECT starts a session.
+    assert_eq!(
+        s.on_guest_input(&connect("vm-gui", 5), later),
+        vec![Effect::OpenBroker]
+    );
+}

@@ -394,3 +394,17 @@ fn a_closed_tty_waits_and_keeps_what_is_in_flight() {
     s.on_input(CONNACK, t0);
     assert!(matches!(&sent(&mut s)[..], [Packet::Publish(p)] if p.dup));
 }
+
+/// Regression (found by the `agent_session` fuzz target): a CONNECT encoded behind other output (a
+/// PUBCOMP for Dom0's PUBREL, then Dom0's DISCONNECT in the same read) had its "MQTT" corrupted by
+/// rumqttc's `Connect::write`, so the reconnection waited for the CONNACK timeout.
+#[test]
+fn connect_behind_other_output_is_well_formed() {
+    let (mut s, t0) = live(&[]);
+    let mut input = encoded(Packet::PubRel(rumqttc::mqttbytes::v4::PubRel::new(3)));
+    input.extend_from_slice(DISCONNECT);
+    s.on_input(&input, t0);
+    let out = sent(&mut s);
+    assert!(matches!(out[0], Packet::PubComp(_)), "{out:?}");
+    assert!(is_connect(&out[1]), "{out:?}");
+}
