@@ -10,11 +10,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::time::Instant;
 use topics::ErrorCode;
 use topics::filter;
-use topics::legacy_line::{self, Destination, LegacyError, LegacyLine};
+use topics::legacy_line::{self, Destination, LegacyError, LegacyLine, LineItem, LineReader};
 use topics::topic::{Command, Topic};
 use topics::vm::VmId;
 
@@ -44,10 +43,8 @@ struct Pending {
 #[derive(Debug)]
 pub struct LegacyMode {
     vm: VmId,
-    /// Bytes of the line being received.
-    input: BytesMut,
-    /// Inside an over-long line: dropped up to its newline.
-    skipping: bool,
+    /// The guest's bytes, cut into lines.
+    input: LineReader,
     next_id: u64,
     /// Commands by request id.
     pending: HashMap<String, Pending>,
@@ -57,8 +54,7 @@ impl LegacyMode {
     pub fn new(vm: VmId) -> LegacyMode {
         LegacyMode {
             vm,
-            input: BytesMut::new(),
-            skipping: false,
+            input: LineReader::default(),
             next_id: 0,
             pending: HashMap::new(),
         }
@@ -81,39 +77,26 @@ impl LegacyMode {
 
     /// Bytes waiting in an unfinished line.
     pub fn partial(&self) -> &[u8] {
-        &self.input
+        self.input.partial()
     }
 
     /// Takes the unfinished line's bytes (the guest switches to MQTT: they may be its CONNECT).
-    pub fn take_partial(&mut self) -> BytesMut {
-        self.input.split()
+    pub fn take_partial(&mut self) -> Vec<u8> {
+        self.input.take_partial()
     }
 
     /// Bytes from the guest: complete lines are served.
     pub fn on_guest(&mut self, bytes: &[u8], now: Instant) -> Vec<Out> {
         let mut out = Vec::new();
-        self.input.extend_from_slice(bytes);
-        while let Some(at) = self.input.iter().position(|b| *b == b'\n') {
-            let line = self.input.split_to(at + 1);
-            if std::mem::take(&mut self.skipping) {
-                continue;
-            }
-            let line = line.get(..at).unwrap_or_default();
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            self.line(line, now, &mut out);
-        }
-        if self.input.len() > legacy_line::MAX_LINE {
-            self.input.clear();
-            if !self.skipping {
-                self.skipping = true;
-                out.push(Out::Line(legacy_line::error_line(
+        self.input.push(bytes);
+        while let Some(item) = self.input.next_line() {
+            match item {
+                LineItem::Line(line) => self.line(&line, now, &mut out),
+                LineItem::TooLong => out.push(Out::Line(legacy_line::error_line(
                     "Dom0",
                     self.vm.as_str(),
                     &LegacyError::TooLong(legacy_line::MAX_LINE + 1),
-                )));
+                ))),
             }
         }
         out

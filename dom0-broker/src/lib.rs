@@ -7,6 +7,7 @@
 pub mod acl;
 pub mod bench;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod discovery;

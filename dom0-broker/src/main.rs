@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use dom0_broker::cli::{Cli, Cmd, RunArgs};
 use dom0_broker::config::{self, BrokerAddr, BrokerChoice, ConfigError, MosquittoConfig, Settings};
 use dom0_broker::link::LinkContext;
 use dom0_broker::policy::Policy;
@@ -16,77 +17,6 @@ use tokio::sync::watch;
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_SOFTWARE: u8 = 70;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "dom0-broker",
-    version,
-    about = "Bridges every guest's Xen PV channel into an MQTT broker under a per-VM policy"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Debug, Subcommand)]
-enum Cmd {
-    /// Run the service: broker, one link per channel socket, controller.
-    Run(RunArgs),
-    /// Validate a policy file and print the effective rules per VM.
-    CheckPolicy {
-        /// The policy file.
-        file: PathBuf,
-        /// Also print the rules of these VMs (besides those the file names).
-        #[arg(long = "vm")]
-        vms: Vec<String>,
-    },
-    /// Render a policy as a Mosquitto ACL file (pattern lines with %c).
-    RenderAcl {
-        /// The policy file (default: the built-in policy).
-        #[arg(long)]
-        policy: Option<PathBuf>,
-    },
-    /// Validate the config file and the policy it names; exit 64 with the reason if either is bad.
-    CheckConfig {
-        /// The config file [default: /etc/dom0-broker/dom0-broker.toml if it exists].
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The policy file, when the service is given one with --policy.
-        #[arg(long)]
-        policy: Option<PathBuf>,
-    },
-    /// Time round trips on a channel whose guest echoes what it reads (the platform's own cost).
-    ProbeChannel {
-        /// The channel socket (one that no link holds).
-        socket: PathBuf,
-        /// Round trips to time.
-        #[arg(long, default_value_t = 200)]
-        count: usize,
-    },
-    /// One line per VM: link state, session up since, messages in and out, refusals, last error.
-    Status {
-        /// The service's broker [default: the configured one, else 127.0.0.1:1883]:
-        /// mqtt://HOST:PORT or unix:///PATH.
-        #[arg(long)]
-        broker: Option<String>,
-        /// The config file to read the broker from [default: /etc/dom0-broker/dom0-broker.toml].
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Refresh every 2 seconds until interrupted.
-        #[arg(long)]
-        watch: bool,
-        /// Print the counters as JSON (one object a line) for scripts.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Write the man pages (`man`) or the bash, zsh and fish completions (`completions`) into DIR.
-    #[command(hide = true)]
-    Generate {
-        #[arg(value_parser = ["man", "completions"])]
-        what: String,
-        dir: PathBuf,
-    },
-}
 
 /// Where the service's config lives by default.
 const DEFAULT_CONFIG: &str = "/etc/dom0-broker/dom0-broker.toml";
@@ -166,31 +96,6 @@ fn status(broker: Option<String>, config: Option<PathBuf>, watch: bool, json: bo
     }
 }
 
-#[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// TOML config file; flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Directory of the channel sockets [default: /var/run].
-    #[arg(long)]
-    socket_dir: Option<PathBuf>,
-    /// Channel socket names; `*` is the VM name [default: *-msg.sock].
-    #[arg(long)]
-    socket_glob: Option<String>,
-    /// Embedded broker's MQTT 3.1.1 listener [default: 127.0.0.1:1883]; loopback only unless the config allows.
-    #[arg(long)]
-    listen: Option<String>,
-    /// Use this broker instead of the embedded one: mqtt://HOST:PORT or unix:///PATH.
-    #[arg(long)]
-    broker: Option<String>,
-    /// Policy file [default: the built-in policy, deploy/alpine/policy.toml].
-    #[arg(long)]
-    policy: Option<PathBuf>,
-    /// UNIX socket for Dom0 operators, relayed to the embedded broker (mosquitto_pub --unix).
-    #[arg(long)]
-    operator_socket: Option<PathBuf>,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -217,7 +122,6 @@ fn main() -> ExitCode {
                 Err(e) => fail(EX_UNAVAILABLE, &format!("{}: {e}", socket.display())),
             }
         }
-        Cmd::Generate { what, dir } => generate(&what, &dir),
         Cmd::Status {
             broker,
             config,
@@ -237,28 +141,6 @@ fn main() -> ExitCode {
                 Err(e) => fail(EX_USAGE, &e.to_string()),
             }
         }
-    }
-}
-
-/// Man pages and completions from the clap definitions, for packagers (the APKBUILD).
-fn generate(what: &str, dir: &std::path::Path) -> ExitCode {
-    use clap::CommandFactory;
-    let mut cmd = Cli::command();
-    let written = std::fs::create_dir_all(dir).and_then(|()| match what {
-        "man" => clap_mangen::generate_to(cmd, dir),
-        _ => [
-            clap_complete::Shell::Bash,
-            clap_complete::Shell::Zsh,
-            clap_complete::Shell::Fish,
-        ]
-        .into_iter()
-        .try_for_each(|shell| {
-            clap_complete::generate_to(shell, &mut cmd, "dom0-broker", dir).map(drop)
-        }),
-    });
-    match written {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(EX_SOFTWARE, &format!("{}: {e}", dir.display())),
     }
 }
 

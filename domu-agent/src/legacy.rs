@@ -6,18 +6,18 @@
 //! error `reponse` on failure or timeout), or a response or notification the client publishes (an
 //! MVP service). Every notification the VM may read reaches every connected client. A client's
 //! `source` is replaced by the VM's id. A bad line gets an `erreur` line back and affects nothing
-//! else; a line over `legacy_line::MAX_LINE` is skipped up to its newline.
+//! else; a line over `legacy_line::MAX_LINE` is skipped up to its newline (`LineReader`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, watch};
-use topics::legacy_line::{self, Destination, LegacyError, LegacyLine};
+use topics::legacy_line::{self, Destination, LegacyError, LegacyLine, LineItem, LineReader};
 use topics::topic::{Command, Topic};
 use topics::vm::VmId;
 use topics::{ErrorCode, filter};
@@ -148,64 +148,6 @@ pub async fn serve(
     tasks.shutdown().await;
 }
 
-/// Splits complete lines off `buf`; a line longer than the limit is skipped up to its newline.
-#[derive(Debug, Default)]
-struct Lines {
-    buf: BytesMut,
-    /// Inside an over-long line: its bytes are dropped until the next newline.
-    skipping: bool,
-}
-
-/// One item of input.
-#[derive(Debug, PartialEq, Eq)]
-enum Input {
-    Line(Bytes),
-    TooLong,
-}
-
-impl Lines {
-    fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-    }
-
-    fn next(&mut self) -> Option<Input> {
-        loop {
-            match self.buf.iter().position(|b| *b == b'\n') {
-                Some(at) => {
-                    let line = self.buf.split_to(at + 1).freeze();
-                    if self.skipping {
-                        self.skipping = false;
-                        continue;
-                    }
-                    let line = line.slice(..at);
-                    let line = match line.last() {
-                        Some(b'\r') => line.slice(..line.len() - 1),
-                        _ => line,
-                    };
-                    if line.iter().all(u8::is_ascii_whitespace) {
-                        continue;
-                    }
-                    return Some(Input::Line(line));
-                }
-                None if self.buf.len() > legacy_line::MAX_LINE => {
-                    self.buf.clear();
-                    if !self.skipping {
-                        self.skipping = true;
-                        return Some(Input::TooLong);
-                    }
-                    return None;
-                }
-                None => {
-                    if self.skipping {
-                        self.buf.clear();
-                    }
-                    return None;
-                }
-            }
-        }
-    }
-}
-
 /// Counts a connected client while it lives.
 struct Connected(Arc<Legacy>);
 
@@ -228,7 +170,7 @@ async fn connection(conn: UnixStream, legacy: Arc<Legacy>, mut stop: watch::Rece
     // Every writer (commands in flight, notifications) goes through one queue: lines never mix.
     let (tx, mut lines_out) = mpsc::channel::<Bytes>(64);
     let mut notes = legacy.notes.subscribe();
-    let mut input = Lines::default();
+    let mut input = LineReader::default();
     let mut buf = vec![0u8; 64 * 1024];
     let me = legacy.vm.to_string();
     let mut tasks = tokio::task::JoinSet::new();
@@ -249,14 +191,14 @@ async fn connection(conn: UnixStream, legacy: Arc<Legacy>, mut stop: watch::Rece
                     }
                 };
                 input.push(buf.get(..n).unwrap_or_default());
-                while let Some(item) = input.next() {
+                while let Some(item) = input.next_line() {
                     let reply = match item {
-                        Input::TooLong => Some(legacy_line::error_line(
+                        LineItem::TooLong => Some(legacy_line::error_line(
                             &me,
                             "application",
                             &LegacyError::TooLong(legacy_line::MAX_LINE + 1),
                         )),
-                        Input::Line(line) => one_line(&legacy, &line, &tx, &mut tasks).await,
+                        LineItem::Line(line) => one_line(&legacy, &line, &tx, &mut tasks).await,
                     };
                     if let Some(reply) = reply {
                         let _ = tx.send(Bytes::from(reply)).await;
@@ -386,37 +328,5 @@ async fn answers(
         let msg = format!("no answer within {} ms", window.as_millis());
         let line = legacy_line::command_error_line(command, me, &client, ErrorCode::Timeout, &msg);
         let _ = tx.send(Bytes::from(line)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lines_are_split_and_over_long_ones_skipped() {
-        let mut l = Lines::default();
-        l.push(b"{\"a\":1}\r\n\n  \n{\"b\"");
-        assert_eq!(
-            l.next(),
-            Some(Input::Line(Bytes::from_static(b"{\"a\":1}")))
-        );
-        assert_eq!(l.next(), None);
-        l.push(b":2}\n");
-        assert_eq!(
-            l.next(),
-            Some(Input::Line(Bytes::from_static(b"{\"b\":2}")))
-        );
-        // An over-long line: one TooLong, its rest dropped, the next line read.
-        l.push(&vec![b'x'; legacy_line::MAX_LINE + 1]);
-        assert_eq!(l.next(), Some(Input::TooLong));
-        l.push(&vec![b'x'; 1000]);
-        assert_eq!(l.next(), None);
-        l.push(b"tail\n{\"c\":3}\n");
-        assert_eq!(
-            l.next(),
-            Some(Input::Line(Bytes::from_static(b"{\"c\":3}")))
-        );
-        assert_eq!(l.next(), None);
     }
 }

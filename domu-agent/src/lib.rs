@@ -6,6 +6,7 @@
 
 pub mod call_output;
 pub mod channel;
+pub mod cli;
 pub mod config;
 pub mod disks;
 pub mod fsops;

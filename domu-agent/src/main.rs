@@ -1,12 +1,12 @@
 //! `domu-agent`: the guest side of the channel.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use domu_agent::channel::{self, ChannelConfig, Hub, ToClient};
+use domu_agent::cli::{CallArgs, Cli, Cmd, RunArgs};
 use domu_agent::config::{self, ConfigError, Settings};
 use domu_agent::disks::Disks;
 use domu_agent::fsops;
@@ -25,109 +25,6 @@ const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_SOFTWARE: u8 = 70;
 
-/// The agent's local socket when none is configured (for `call`).
-const DEFAULT_LOCAL_SOCKET: &str = "/run/domu-agent.sock";
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "domu-agent",
-    version,
-    about = "Guest agent: MQTT over the Xen channel, the disk service, local requests"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Debug, Subcommand)]
-enum Cmd {
-    /// Run the agent on the channel tty.
-    Run(RunArgs),
-    /// Ask a command through the local agent and print the answer(s). Exit codes: 0 ok, 1 the
-    /// command answered an error, 124 no answer in time, 125 local failure, 126 refused by Dom0.
-    Call(CallArgs),
-    /// Print the tty of a channel found by name (/dev/xen-channel/NAME, /dev/virtio-ports/NAME,
-    /// or xenstore's device/console/N/name), as `run --channel NAME` finds it.
-    Channel {
-        /// The channel's name (`name=` in xl.cfg's `channel`).
-        name: String,
-    },
-    /// Validate a config file (as `run` would read it); exit 64 with the reason if it is bad.
-    CheckConfig {
-        /// The config file [default: /etc/domu-agent/domu-agent.toml].
-        #[arg(long, default_value = "/etc/domu-agent/domu-agent.toml")]
-        config: PathBuf,
-    },
-    /// Write the man pages (`man`) or the bash, zsh and fish completions (`completions`) into DIR.
-    #[command(hide = true)]
-    Generate {
-        #[arg(value_parser = ["man", "completions"])]
-        what: String,
-        dir: PathBuf,
-    },
-}
-
-#[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// TOML config file; flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// This guest's VM id (used as `sender`; Dom0 enforces it anyway).
-    #[arg(long)]
-    vm: Option<String>,
-    /// The channel tty [default: /dev/hvc2].
-    #[arg(long)]
-    device: Option<PathBuf>,
-    /// Find the channel by name (/dev/xen-channel/NAME, /dev/virtio-ports/NAME, or xenstore).
-    #[arg(long)]
-    channel: Option<String>,
-    /// Serve the disk commands: each subdirectory of DIR is a disk.
-    #[arg(long)]
-    disks: Option<PathBuf>,
-    /// The local repository that read_file copies into.
-    #[arg(long)]
-    repository: Option<PathBuf>,
-    /// UNIX socket for local requests (`domu-agent call`).
-    #[arg(long)]
-    local_socket: Option<PathBuf>,
-    /// UNIX socket of the local MQTT endpoint for the guest's applications
-    /// [default: /run/domu-agent/mqtt.sock; `none`: off].
-    #[arg(long, value_name = "PATH")]
-    mqtt_socket: Option<PathBuf>,
-    /// Also listen for local MQTT clients on TCP (IP:PORT, loopback unless the config allows
-    /// another address) [default: off].
-    #[arg(long, value_name = "ADDR")]
-    mqtt_listen: Option<String>,
-    /// UNIX socket of the legacy endpoint for MVP applications (JSON lines)
-    /// [default: /run/domu-agent/legacy.sock; `none`: off].
-    #[arg(long, value_name = "PATH")]
-    legacy_socket: Option<PathBuf>,
-    /// MQTT keepalive in seconds [default: 5].
-    #[arg(long)]
-    keepalive: Option<u64>,
-}
-
-#[derive(Debug, clap::Args)]
-struct CallArgs {
-    /// The agent's local socket.
-    #[arg(long, default_value = DEFAULT_LOCAL_SOCKET)]
-    socket: PathBuf,
-    /// How long to wait for the answer(s), in milliseconds.
-    #[arg(long)]
-    timeout_ms: Option<u64>,
-    /// Print the answers as the JSON lines they are.
-    #[arg(long)]
-    json: bool,
-    /// Ask N times in a row and print the round trips' p50 and p99 (after the last answer).
-    #[arg(long, value_name = "N")]
-    repeat: Option<usize>,
-    /// list_disks, list_files, read_file, copy_file, remove_file, get_file_footprint, create_file,
-    /// discover, benchmark (or a topic root, or the MVP's name).
-    command: String,
-    /// Arguments as KEY=VALUE; `data=@FILE` sends FILE's content (Base64); true/false are booleans.
-    args: Vec<String>,
-}
-
 fn main() -> ExitCode {
     match Cli::parse().command {
         Cmd::Run(a) => run(a),
@@ -141,7 +38,6 @@ fn main() -> ExitCode {
                 None => fail(EX_UNAVAILABLE, &format!("no channel named {name:?}")),
             }
         }
-        Cmd::Generate { what, dir } => generate(&what, &dir),
         Cmd::CheckConfig { config } => {
             let checked = config::load_file(&config)
                 .and_then(|f| config::resolve(f, config::Flags::default()));
@@ -153,28 +49,6 @@ fn main() -> ExitCode {
                 Err(e) => fail(EX_USAGE, &e.to_string()),
             }
         }
-    }
-}
-
-/// Man pages and completions from the clap definitions, for packagers (the APKBUILD).
-fn generate(what: &str, dir: &std::path::Path) -> ExitCode {
-    use clap::CommandFactory;
-    let mut cmd = Cli::command();
-    let written = std::fs::create_dir_all(dir).and_then(|()| match what {
-        "man" => clap_mangen::generate_to(cmd, dir),
-        _ => [
-            clap_complete::Shell::Bash,
-            clap_complete::Shell::Zsh,
-            clap_complete::Shell::Fish,
-        ]
-        .into_iter()
-        .try_for_each(|shell| {
-            clap_complete::generate_to(shell, &mut cmd, "domu-agent", dir).map(drop)
-        }),
-    });
-    match written {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(EX_SOFTWARE, &format!("{}: {e}", dir.display())),
     }
 }
 

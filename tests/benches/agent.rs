@@ -11,34 +11,15 @@
 
 use std::fs::File;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{Value, json};
-use system_tests::bench::{guest, tcp};
+use system_tests::bench::{guest, stats, tcp};
 use system_tests::channel::Channel;
 use system_tests::raw::RawClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
 
 const ROUND_TRIPS: usize = 1000;
-
-struct Stats {
-    p50: f64,
-    p99: f64,
-    stalls: usize,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    Stats {
-        p50: us(samples[samples.len() / 2]),
-        p99: us(samples[samples.len() * 99 / 100]),
-        stalls: samples
-            .iter()
-            .filter(|d| **d >= Duration::from_millis(40))
-            .count(),
-    }
-}
 
 /// Sends `payload` (QoS 1) on `topic` and waits for the response that echoes `id`.
 fn ask<S: std::io::Read + std::io::Write>(

@@ -13,7 +13,7 @@
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use system_tests::bench::{STEP_DEADLINE, tcp, throughput};
+use system_tests::bench::{STEP_DEADLINE, stats, tcp, throughput};
 use system_tests::channel::Channel;
 use system_tests::raw::RawClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
@@ -31,20 +31,6 @@ roles = ["client"]
 [vm.sys-usb]
 roles = ["disk-provider"]
 "#;
-
-struct Stats {
-    p50: f64,
-    p99: f64,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    Stats {
-        p50: us(samples[samples.len() / 2]),
-        p99: us(samples[samples.len() * 99 / 100]),
-    }
-}
 
 fn local(path: &std::path::Path, id: &str) -> RawClient<UnixStream> {
     let s = UnixStream::connect(path).unwrap();

@@ -123,3 +123,26 @@ where
     }
     received.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
 }
+
+/// Round-trip figures, in microseconds, and the round trips that took 40 ms or more (a Nagle stall).
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    pub p50: f64,
+    pub p99: f64,
+    pub stalls: usize,
+}
+
+/// The figures of a run's samples.
+pub fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let us =
+        |q| topics::payload::quantile(&samples, q).map_or(0.0, |d: Duration| d.as_secs_f64() * 1e6);
+    Stats {
+        p50: us(0.5),
+        p99: us(0.99),
+        stalls: samples
+            .iter()
+            .filter(|d| **d >= Duration::from_millis(40))
+            .count(),
+    }
+}

@@ -12,6 +12,7 @@ pub mod channel;
 pub mod guest;
 pub mod local;
 pub mod raw;
+pub mod scene;
 
 use std::fs::File;
 use std::net::TcpListener;

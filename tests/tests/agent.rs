@@ -6,55 +6,14 @@ use std::process::Command;
 use serde_json::{Value, json};
 
 use system_tests::channel::Channel;
-use system_tests::{Agent, BrokerKind, DEADLINE, Dom0, Proc, TestDir, wait_for};
+use system_tests::scene::{Scene, SceneOptions};
+use system_tests::{Agent, BrokerKind, DEADLINE, Proc, TestDir, wait_for};
 
 /// The whole system: Dom0, sys-usb (disks usb0 and usb1, a repository) and vm-gui.
-struct System {
-    dir: TestDir,
-    dom0: Dom0,
-    _usb_ch: Channel,
-    _gui_ch: Channel,
-    usb: Agent,
-    gui: Agent,
-    disks: PathBuf,
-    repo: PathBuf,
-}
+type System = Scene;
 
 fn system(name: &str, kind: BrokerKind) -> System {
-    let dir = TestDir::new(name);
-    let disks = dir.join("disks");
-    let repo = dir.join("repository");
-    std::fs::create_dir_all(disks.join("usb0/docs")).unwrap();
-    std::fs::create_dir_all(disks.join("usb1")).unwrap();
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(disks.join("usb0/docs/report.txt"), b"quarterly report\n").unwrap();
-    let dom0 = Dom0::start(&dir, kind, &[]);
-    let usb_ch = Channel::new(&dir.path, "sys-usb");
-    let gui_ch = Channel::new(&dir.path, "vm-gui");
-    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
-    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
-    let d = disks.display().to_string();
-    let r = repo.display().to_string();
-    let usb = Agent::start(
-        &dir,
-        &usb_ch,
-        "sys-usb",
-        &["--disks", &d, "--repository", &r],
-    );
-    let gui = Agent::start(&dir, &gui_ch, "vm-gui", &[]);
-    // Both agents have subscribed (their SUBSCRIBE follows the CONNACK on the same tty).
-    dom0.proc.wait_log("link{vm=sys-usb}: session up");
-    dom0.proc.wait_log("link{vm=vm-gui}: session up");
-    System {
-        dir,
-        dom0,
-        _usb_ch: usb_ch,
-        _gui_ch: gui_ch,
-        usb,
-        gui,
-        disks,
-        repo,
-    }
+    Scene::start(name, kind, SceneOptions::default())
 }
 
 fn sha256sum(path: &Path) -> String {
@@ -742,7 +701,7 @@ fn agents_survive_restarts() {
     let r = s.repo.display().to_string();
     s.usb = Agent::start(
         &s.dir,
-        &s._usb_ch,
+        &s.usb_ch,
         "sys-usb",
         &["--disks", &d, "--repository", &r],
     );

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use system_tests::channel::Channel;
 use system_tests::local::{LocalClient, mosquitto_pub_unix, mosquitto_sub_unix};
-use system_tests::{Agent, BrokerKind, DEADLINE, Dom0, TestDir, wait_for};
+use system_tests::scene::{Scene, SceneOptions};
+use system_tests::{BrokerKind, DEADLINE, wait_for};
 
 /// The default roles, and application topics opened: each VM publishes under `app/<itself>/`,
 /// and reads all of `app/`.
@@ -28,57 +28,14 @@ roles = ["disk-provider"]
 
 const STATUS: &str = "app/sys-usb/status";
 
-struct Scene {
-    dir: TestDir,
-    dom0: Dom0,
-    usb_ch: Channel,
-    gui_ch: Channel,
-    usb: Agent,
-    gui: Agent,
-    /// `--policy FILE` when the scene has its own policy.
-    dom0_args: Vec<String>,
-}
-
-/// Dom0 and the two agents (sys-usb with a disk), under `policy` (None: the default policy).
+/// Dom0 and the two agents, under `policy` (None: the default policy).
 fn scene(name: &str, kind: BrokerKind, policy: Option<&str>) -> Scene {
     scene_with(name, kind, policy, "")
 }
 
 /// The same, with `gui_config` as vm-gui's agent config file.
 fn scene_with(name: &str, kind: BrokerKind, policy: Option<&str>, gui_config: &str) -> Scene {
-    let dir = TestDir::new(name);
-    let disks = dir.join("disks");
-    std::fs::create_dir_all(disks.join("usb0")).unwrap();
-    std::fs::write(disks.join("usb0/a.txt"), b"a\n").unwrap();
-    let mut dom0_args = Vec::new();
-    if let Some(p) = policy {
-        let file = dir.join("policy.toml");
-        std::fs::write(&file, p).unwrap();
-        dom0_args = vec!["--policy".to_owned(), file.display().to_string()];
-    }
-    let args: Vec<&str> = dom0_args.iter().map(String::as_str).collect();
-    let dom0 = Dom0::start(&dir, kind, &args);
-    let usb_ch = Channel::new(&dir.path, "sys-usb");
-    let gui_ch = Channel::new(&dir.path, "vm-gui");
-    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
-    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
-    let d = disks.display().to_string();
-    let usb = Agent::start(&dir, &usb_ch, "sys-usb", &["--disks", &d]);
-    let gui_conf = dir.join("vm-gui.toml");
-    std::fs::write(&gui_conf, gui_config).unwrap();
-    let g = gui_conf.display().to_string();
-    let gui = Agent::start(&dir, &gui_ch, "vm-gui", &["--config", &g]);
-    dom0.proc.wait_log("link{vm=sys-usb}: session up");
-    dom0.proc.wait_log("link{vm=vm-gui}: session up");
-    Scene {
-        dir,
-        dom0,
-        usb_ch,
-        gui_ch,
-        usb,
-        gui,
-        dom0_args,
-    }
+    Scene::start(name, kind, SceneOptions { policy, gui_config })
 }
 
 /// mosquitto_sub on vm-gui's endpoint gets what mosquitto_pub on sys-usb's publishes.
@@ -258,7 +215,8 @@ fn dom0_restart_keeps_local_clients(kind: BrokerKind) {
     // vm-gui's channel is not served until a Dom0 subscriber is back, so the message cannot
     // arrive before someone listens for it (with the embedded broker, the broker restarts too).
     s.gui_ch.refuse();
-    let args: Vec<&str> = s.dom0_args.iter().map(String::as_str).collect();
+    let args = s.dom0_args.clone();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     s.dom0.restart(&s.dir, kind, &args);
     let dom0_sub = s.dom0.subscribe(&s.dir, &["app/vm-gui/event"]);
     s.gui_ch.serve();

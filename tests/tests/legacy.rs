@@ -3,13 +3,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use system_tests::channel::Channel;
+use system_tests::scene::{Scene, SceneOptions};
 use system_tests::{Agent, BrokerKind, DEADLINE, Dom0, TestDir, wait_for};
 
 /// A client of the MVP protocol: JSON lines on a UNIX socket.
@@ -77,41 +78,8 @@ impl LegacyClient {
     }
 }
 
-struct Scene {
-    dir: TestDir,
-    dom0: Dom0,
-    _usb_ch: Channel,
-    _gui_ch: Channel,
-    usb: Agent,
-    gui: Agent,
-    disks: PathBuf,
-}
-
 fn scene(name: &str) -> Scene {
-    let dir = TestDir::new(name);
-    let disks = dir.join("disks");
-    std::fs::create_dir_all(disks.join("usb0/docs")).unwrap();
-    std::fs::create_dir_all(disks.join("usb1")).unwrap();
-    std::fs::write(disks.join("usb0/docs/report.txt"), b"quarterly report\n").unwrap();
-    let dom0 = Dom0::start(&dir, BrokerKind::Embedded, &[]);
-    let usb_ch = Channel::new(&dir.path, "sys-usb");
-    let gui_ch = Channel::new(&dir.path, "vm-gui");
-    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
-    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
-    let d = disks.display().to_string();
-    let usb = Agent::start(&dir, &usb_ch, "sys-usb", &["--disks", &d]);
-    let gui = Agent::start(&dir, &gui_ch, "vm-gui", &[]);
-    dom0.proc.wait_log("link{vm=sys-usb}: session up");
-    dom0.proc.wait_log("link{vm=vm-gui}: session up");
-    Scene {
-        dir,
-        dom0,
-        _usb_ch: usb_ch,
-        _gui_ch: gui_ch,
-        usb,
-        gui,
-        disks,
-    }
+    Scene::start(name, BrokerKind::Embedded, SceneOptions::default())
 }
 
 fn sha256sum(path: &Path) -> String {

@@ -4,19 +4,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use system_tests::channel::Channel;
 use system_tests::local::{LocalClient, mosquitto_pub_unix};
-use system_tests::{Agent, BrokerKind, DEADLINE, Dom0, TestDir, wait_for};
-
-struct Scene {
-    dir: TestDir,
-    dom0: Dom0,
-    _usb_ch: Channel,
-    _gui_ch: Channel,
-    usb: Agent,
-    gui: Agent,
-    policy: std::path::PathBuf,
-}
+use system_tests::scene::{Scene, SceneOptions};
+use system_tests::{BrokerKind, DEADLINE, Dom0, TestDir, wait_for};
 
 const DEFAULT_POLICY: &str = include_str!("../../deploy/alpine/policy.toml");
 /// The default policy, and vm-gui may read `app/`.
@@ -29,33 +19,16 @@ fn with_app_reading() -> String {
     p
 }
 
-/// The demo's chain: Dom0 (with a policy file), sys-usb with a disk, vm-gui.
+/// The demo's chain: Dom0 (with a policy file), sys-usb with its disks, vm-gui.
 fn scene(name: &str, kind: BrokerKind, policy: &str) -> Scene {
-    let dir = TestDir::new(name);
-    let disks = dir.join("disks");
-    std::fs::create_dir_all(disks.join("usb0")).unwrap();
-    let policy_file = dir.join("policy.toml");
-    std::fs::write(&policy_file, policy).unwrap();
-    let p = policy_file.display().to_string();
-    let dom0 = Dom0::start(&dir, kind, &["--policy", &p]);
-    let usb_ch = Channel::new(&dir.path, "sys-usb");
-    let gui_ch = Channel::new(&dir.path, "vm-gui");
-    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
-    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
-    let d = disks.display().to_string();
-    let usb = Agent::start(&dir, &usb_ch, "sys-usb", &["--disks", &d]);
-    let gui = Agent::start(&dir, &gui_ch, "vm-gui", &[]);
-    dom0.proc.wait_log("link{vm=sys-usb}: session up");
-    dom0.proc.wait_log("link{vm=vm-gui}: session up");
-    Scene {
-        dir,
-        dom0,
-        _usb_ch: usb_ch,
-        _gui_ch: gui_ch,
-        usb,
-        gui,
-        policy: policy_file,
-    }
+    Scene::start(
+        name,
+        kind,
+        SceneOptions {
+            policy: Some(policy),
+            ..SceneOptions::default()
+        },
+    )
 }
 
 /// Lines at WARN or ERROR in a log.
@@ -191,7 +164,11 @@ fn policy_reload(kind: BrokerKind) {
     assert!(reader.wait_payload(b"one", DEADLINE));
 
     // A broken file on reload: refused with its reason, the old policy stays in force.
-    std::fs::write(&s.policy, "[vm.vm-gui]\nsubscribe = [\"app/#/x\"]\n").unwrap();
+    std::fs::write(
+        s.policy.as_ref().unwrap(),
+        "[vm.vm-gui]\nsubscribe = [\"app/#/x\"]\n",
+    )
+    .unwrap();
     reload(&s.dom0);
     s.dom0.proc.wait_log("policy reload refused");
     errors.wait_log("policy reload refused");
@@ -202,7 +179,7 @@ fn policy_reload(kind: BrokerKind) {
     );
 
     // The default policy: vm-gui may not read app/ any more: delivery stops at once.
-    std::fs::write(&s.policy, DEFAULT_POLICY).unwrap();
+    std::fs::write(s.policy.as_ref().unwrap(), DEFAULT_POLICY).unwrap();
     reload(&s.dom0);
     s.dom0.proc.wait_log("policy reloaded");
     s.dom0.proc.wait_log("restarting the session");

@@ -30,6 +30,83 @@ pub const ALL: &str = "tous";
 /// How long answers to a command sent to `tous` are collected.
 pub const ALL_WINDOW_MS: u64 = 2000;
 
+/// One item of a legacy byte stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineItem {
+    /// A line, without its `\n` (or `\r\n`).
+    Line(Vec<u8>),
+    /// A line over [`MAX_LINE`]: reported once, then skipped up to its newline.
+    TooLong,
+}
+
+/// Cuts a byte stream into the MVP's lines, as bytes arrive: `\n` or `\r\n`, blank lines
+/// skipped, at most [`MAX_LINE`] bytes buffered (an over-long line is reported once and skipped up
+/// to its newline, so the next line reads as usual).
+#[derive(Debug, Default)]
+pub struct LineReader {
+    buf: Vec<u8>,
+    /// Where the unread part of `buf` starts.
+    start: usize,
+    /// Inside an over-long line.
+    skipping: bool,
+}
+
+impl LineReader {
+    /// Bytes as they arrived.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > 64 * 1024 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete line (or over-long one), if there is one.
+    pub fn next_line(&mut self) -> Option<LineItem> {
+        loop {
+            let rest = self.buf.get(self.start..).unwrap_or_default();
+            match rest.iter().position(|b| *b == b'\n') {
+                Some(at) => {
+                    let line = rest.get(..at).unwrap_or_default();
+                    let line = line.strip_suffix(b"\r").unwrap_or(line).to_vec();
+                    self.start += at + 1;
+                    if std::mem::take(&mut self.skipping)
+                        || line.iter().all(u8::is_ascii_whitespace)
+                    {
+                        continue;
+                    }
+                    return Some(LineItem::Line(line));
+                }
+                None if rest.len() > MAX_LINE || (self.skipping && !rest.is_empty()) => {
+                    self.buf.clear();
+                    self.start = 0;
+                    if !std::mem::replace(&mut self.skipping, true) {
+                        return Some(LineItem::TooLong);
+                    }
+                    return None;
+                }
+                None => return None,
+            }
+        }
+    }
+
+    /// The unfinished line's bytes.
+    pub fn partial(&self) -> &[u8] {
+        self.buf.get(self.start..).unwrap_or_default()
+    }
+
+    /// Takes the unfinished line's bytes (they may be the start of something else).
+    pub fn take_partial(&mut self) -> Vec<u8> {
+        let rest = self.partial().to_vec();
+        self.buf.clear();
+        self.start = 0;
+        rest
+    }
+}
+
 /// Where a command goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {

@@ -241,3 +241,25 @@ fn migration_table_is_current() {
         "docs/migration.md's table is stale; between the markers it must read:\n{expected}"
     );
 }
+
+#[test]
+fn lines_are_cut_and_over_long_ones_skipped() {
+    let mut l = LineReader::default();
+    l.push(b"{\"a\":1}\r\n\n  \n{\"b\"");
+    assert_eq!(l.next_line(), Some(LineItem::Line(b"{\"a\":1}".to_vec())));
+    assert_eq!(l.next_line(), None);
+    assert_eq!(l.partial(), b"{\"b\"");
+    l.push(b":2}\n");
+    assert_eq!(l.next_line(), Some(LineItem::Line(b"{\"b\":2}".to_vec())));
+    // An over-long line: one TooLong, its rest dropped, the next line read.
+    l.push(&vec![b'x'; MAX_LINE + 1]);
+    assert_eq!(l.next_line(), Some(LineItem::TooLong));
+    l.push(&vec![b'x'; 1000]);
+    assert_eq!(l.next_line(), None);
+    l.push(b"tail\n{\"c\":3}\n");
+    assert_eq!(l.next_line(), Some(LineItem::Line(b"{\"c\":3}".to_vec())));
+    assert_eq!(l.next_line(), None);
+    l.push(b"half");
+    assert_eq!(l.take_partial(), b"half");
+    assert!(l.partial().is_empty());
+}
