@@ -43,7 +43,7 @@ pub fn tcp_plain(port: u16, id: &str) -> RawClient<TcpStream> {
 }
 
 /// An MQTT client in a guest, on its channel tty.
-pub fn guest(ch: &Channel, id: &str) -> RawClient<File> {
+pub fn guest(ch: &Channel, id: &str) -> RawClient<TimedTty> {
     // Until the backend has its Dom0 client, what the guest writes is dropped (as on Xen).
     wait_for("the link to attach", DEADLINE, || ch.has_client());
     let f = std::fs::OpenOptions::new()
@@ -51,7 +51,37 @@ pub fn guest(ch: &Channel, id: &str) -> RawClient<File> {
         .write(true)
         .open(&ch.tty)
         .unwrap();
-    RawClient::connect(f, id)
+    RawClient::connect(TimedTty(f), id)
+}
+
+/// A guest's tty whose reads give up after [`STEP_DEADLINE`] (a tty has no read timeout of its own).
+#[derive(Debug)]
+pub struct TimedTty(pub File);
+
+impl std::io::Read for TimedTty {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let ms = u16::try_from(STEP_DEADLINE.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "nothing from the channel within the step deadline",
+            )),
+            Ok(_) => self.0.read(buf),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl std::io::Write for TimedTty {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// The broker's own port: rumqttd's private port for the embedded broker (Dom0 clients normally

@@ -184,7 +184,8 @@ impl<S: std::io::Read + std::io::Write> RawClient<S> {
 
     /// The next whole packet: (first byte, body). Panics if the stream ends.
     pub fn next_packet(&mut self) -> (u8, Vec<u8>) {
-        self.try_next_packet().expect("stream closed")
+        self.try_next_packet()
+            .expect("stream closed, or nothing within the step deadline")
     }
 
     /// The next whole packet, or None when the stream ends or fails.
@@ -213,7 +214,8 @@ impl<S: std::io::Read + std::io::Write> RawClient<S> {
 
     /// The next PUBLISH's payload (other packets skipped). Panics if the stream ends.
     pub fn next_publish(&mut self) -> Vec<u8> {
-        self.try_next_publish().expect("stream closed")
+        self.try_next_publish()
+            .expect("stream closed, or no PUBLISH within the step deadline")
     }
 
     /// The next PUBLISH's payload, or None when the stream ends. A QoS 1 PUBLISH is acknowledged.
