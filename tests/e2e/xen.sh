@@ -12,10 +12,14 @@
 # missing RESULT line fails with the step's name. Needs root, ~200 MB of Debian packages (cached in
 # $CACHE between runs on a machine, checked), ~2 GB of disk, 3 GB of RAM.
 #
-#   ./tests/e2e/xen.sh                    # ~2-4 min with a warm cache
+#   ./tests/e2e/xen.sh                    # ~2 min with a warm cache (QEMU itself ~40 s)
 #   BREAK=raw ./tests/e2e/xen.sh          # sys-usb's tty put back in cooked mode: must fail
 #   BREAK=xl  ./tests/e2e/xen.sh          # no dummy channels (the xl workaround removed): must fail
 # MIRROR=http://... overrides the Debian mirror taken from this machine's apt sources.
+# XEN_CPU overrides QEMU's CPU model. The default hides SMAP/SMEP (Xen 4.17's PV Dom0 dies at once
+# under TCG with them) and XSAVE/AVX: with them, about one run in two had processes in Dom0 crash at
+# random (segfaults in glibc, bash, even init) — register state lost across context switches under
+# QEMU 7.2's TCG; without them, no crash in the runs since.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 cd "$(dirname "$0")/../.."
@@ -45,7 +49,7 @@ MIRROR=${MIRROR:-$(mirror_from_apt)} || fail "no Debian mirror in the apt source
 MIRROR=${MIRROR%/}
 
 miss=""
-for p in qemu-system-x86 busybox-static cpio kmod file debootstrap e2fsprogs; do
+for p in qemu-system-x86 busybox-static cpio kmod file debootstrap e2fsprogs xz-utils; do
   dpkg -s "$p" >/dev/null 2>&1 || miss="$miss $p"
 done
 if [ -n "$miss" ]; then say "apt-get install$miss"; apt-get update -q >/dev/null; apt-get install -y -q --no-install-recommends $miss >/dev/null; fi
@@ -60,6 +64,16 @@ if [ ! -f "$KROOT/.done" ] || [ ! -f "$KROOT/boot/vmlinuz-$KVER" ]; then
   rm -rf "$KROOT" "$CACHE/debs"; mkdir -p "$CACHE/debs" "$KROOT"
   (cd "$CACHE/debs" && apt-get download -q "$pkg" >/dev/null)
   dpkg-deb -x "$CACHE"/debs/"${pkg}"_*.deb "$KROOT"; depmod -b "$KROOT" "$KVER"; touch "$KROOT/.done"
+fi
+
+# The DomUs boot the kernel's ELF image (xl then has nothing to decompress: its XZ decoder failed
+# one `xl create` in five under TCG with "unable to XZ decompress kernel"), extracted once, checked.
+if ! file "$KROOT/vmlinux" 2>/dev/null | grep -q "ELF 64-bit"; then
+  off=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$KROOT/boot/vmlinuz-$KVER" | head -n1 | cut -d: -f1)
+  [ -n "$off" ] || fail "no XZ payload in vmlinuz-$KVER"
+  # xz stops at the end of the stream and complains about what follows it: the ELF is checked instead.
+  tail -c +$((off + 1)) "$KROOT/boot/vmlinuz-$KVER" | xz -dcq > "$KROOT/vmlinux" 2>/dev/null || true
+  file "$KROOT/vmlinux" | grep -q "ELF 64-bit" || fail "could not extract the ELF kernel from vmlinuz-$KVER"
 fi
 
 [ -x target/static/dom0-broker ] && [ -x target/static/domu-agent ] || ./scripts/build-static >/dev/null
@@ -130,7 +144,8 @@ case "$role" in
     RUST_LOG=info domu-agent run --config /etc/domu-agent.toml --vm vm-gui --mqtt-listen 127.0.0.1:1883 > /tmp/agent.log 2>&1 &
     for i in $(seq 1200); do grep -q "session up" /tmp/agent.log && break; sleep 0.2; done
     say "agent session up"
-    call() { domu-agent call --timeout-ms 20000 "$@" 2>&1 | tr '\n' ' '; }
+    call() { domu-agent call --timeout-ms 20000 "$@" > /tmp/call.out 2>&1; rc=$?
+             tr '\n' ' ' < /tmp/call.out; [ $rc = 0 ] || echo "(exit $rc)"; }
     say "GUI-RESULT list_disks $(call list_disks)"
     say "GUI-RESULT list_files $(call list_files disk=usb0)"
     say "GUI-RESULT footprint $(call get_file_footprint disk=usb0 filepath=docs/report.txt)"
@@ -165,7 +180,7 @@ fi
 D=$WORK/dom0root
 cp -a "$R" "$D"
 rm -rf "$D"/lib/modules/*; mkdir -p "$D/lib/modules"; cp -a "$KROOT/lib/modules/$KVER" "$D/lib/modules/"
-cp "$KROOT/boot/vmlinuz-$KVER" "$D/root/vmlinuz"; cp "$WORK/initrd.img" "$D/root/initrd.img"
+cp "$KROOT/vmlinux" "$D/root/vmlinux"; cp "$WORK/initrd.img" "$D/root/initrd.img"
 cp target/static/dom0-broker "$D/usr/local/bin/dom0-broker"
 cp deploy/alpine/policy.toml "$D/root/policy.toml"
 grep -q '^XENCONSOLED_ARGS=' "$D/etc/default/xen" 2>/dev/null \
@@ -183,7 +198,7 @@ for vm in sys-usb vm-gui; do
   cat > "$D/etc/xen/$vm.cfg" <<EOF_CFG
 name = "$vm"
 type = "pv"
-kernel = "/root/vmlinuz"
+kernel = "/root/vmlinux"
 ramdisk = "/root/initrd.img"
 extra = "console=hvc0 testrole=$vm quiet$brk"
 memory = 256
@@ -211,7 +226,7 @@ ip link set lo up
 for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback; do modprobe $m 2>/dev/null; done
 mount -t xenfs xenfs /proc/xen
 mkdir -p /var/log/xen/console
-/etc/init.d/xen start >/dev/null 2>&1; log "xen toolstack started"
+/etc/init.d/xen start >/dev/null 2>&1; log "xen toolstack started"; T_XEN=$(up)
 # waitfor FILE PATTERN SECONDS STEP: until PATTERN is in FILE, else the step fails.
 waitfor() { for _ in $(seq $(($3 * 10))); do grep -q -- "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
             die "$4" "no '$2' in $1 within $3 s"; }
@@ -223,7 +238,19 @@ stdbuf -oL mosquitto_sub -h 127.0.0.1 -p 1883 -v -t system/supervision/links/not
 for vm in sys-usb vm-gui; do
   xl create /etc/xen/$vm.cfg > /tmp/xl-$vm.log 2>&1 || { cat /tmp/xl-$vm.log; die create-$vm "xl create failed"; }
 done
-log "DomUs created"
+log "DomUs created"; T_CREATED=$(up)
+# Each guest's channels as xl wrote them in xenstore (device/console/N/name): `msg` must be there.
+for vm in sys-usb vm-gui; do
+  dom=$(xl domid $vm); names=""
+  for n in $(xenstore-list /local/domain/$dom/device/console 2>/dev/null); do
+    names="$names $(xenstore-read /local/domain/$dom/device/console/$n/name 2>/dev/null)"
+  done
+  case " $names " in
+    *" msg "*) ;;
+    *) die channels-$vm "no channel named msg in $vm's xenstore (channels:${names:- none}): xl 4.17 dropped the first channel= entry, the dummy channels of deploy/alpine/xl-channel.cfg are missing" ;;
+  esac
+done
+result channels ok "both guests have their msg channel in xenstore"
 GUI=/var/log/xen/console/guest-vm-gui.log
 waitfor /tmp/dom0.log "link{vm=sys-usb}: session up" 300 session-sys-usb
 waitfor /tmp/dom0.log "link{vm=vm-gui}: CONNECT with another VM's client id refused" 300 pose-client-id
@@ -233,6 +260,7 @@ for vm in sys-usb vm-gui; do
   waitfor /tmp/notes.txt "\"vm\":\"$vm\",\"state\":\"session_up\"" 30 linked-$vm
 done
 result linked ok "mosquitto_sub on Dom0 sees both VMs' sessions up"
+result boot ok "Dom0's toolstack up at ${T_XEN} s (Dom0 uptime), DomUs created at ${T_CREATED} s, both sessions up at $(up) s"
 waitfor "$GUI" "GUI-RESULT list_disks" 120 list_disks
 grep "GUI-RESULT list_disks" "$GUI" | grep -q usb0 && result list_disks ok || die list_disks "$(grep 'GUI-RESULT list_disks' "$GUI")"
 waitfor "$GUI" "GUI-RESULT list_files" 60 list_files
@@ -248,14 +276,18 @@ waitfor /tmp/dom0.log 'link{vm=vm-gui}: refused topic="system/disks/list_disks/r
 result pose-sender ok "a request from vm-gui with sender sys-usb refused"
 # The platform's own round trip (the echo channel), then the chain's (measured in vm-gui).
 sleep 1
-probe=$(dom0-broker probe-channel /var/run/sys-usb-echo.sock --count 100 2>&1) || die channel-rtt "$probe"
-ch=$(sed -n 's/.*p50 \([0-9.]*\) us.*/\1/p' <<<"$probe")
+rc=0; /usr/local/bin/dom0-broker probe-channel /var/run/sys-usb-echo.sock --count 100 > /tmp/probe.txt 2>&1 || rc=$?
+probe=$(cat /tmp/probe.txt)
+[ $rc = 0 ] || die channel-rtt "rc=$rc $probe $(ls -l /var/run/*.sock 2>&1 | tr '\n' ' ')"
+ch=$(sed -n 's/.*p50 \([0-9.]*\) us.*/\1/p' /tmp/probe.txt)
 result channel-rtt ok "$probe"
 waitfor "$GUI" "GUI-RESULT chain" 300 chain-rtt
 chain=$(grep "GUI-RESULT chain" "$GUI" | sed -n 's/.*p50 \([0-9.]*\) us.*/\1/p' | head -n1)
 [ -n "$chain" ] || die chain-rtt "$(grep 'GUI-RESULT chain' "$GUI")"
 ratio=$(awk -v c="$chain" -v x="$ch" 'BEGIN{printf "%.2f", c / (2 * x)}')
-result chain-rtt ok "vm-gui -> sys-usb -> vm-gui p50 $chain us = $ratio x two channel round trips (target <= 1.10)"
+met=$(awk -v r="$ratio" 'BEGIN{print (r <= 1.10) ? "met" : "NOT met"}')
+# A figure, not a verdict: the step passes when the chain answers; the ratio is reported.
+result chain-rtt ok "vm-gui -> sys-usb -> vm-gui p50 $chain us = $ratio x two channel round trips p50 $ch us (target <= 1.10: $met)"
 # dom0-broker restarted: vm-gui served again within 2 x keepalive (10 s).
 waitfor "$GUI" "GUI-SERVED" 60 served-before-restart
 kill -TERM $BROKER; wait $BROKER || true
@@ -280,7 +312,7 @@ XENGZ=$(ls "$D"/boot/xen-4.17-amd64.gz); zcat "$XENGZ" > "$WORK/xen-4.17-amd64"
 mke2fs -q -F -t ext4 -L dom0root -d "$D" "$WORK/dom0.ext4" 2G
 say "booting Xen, Dom0 and two DomUs under QEMU (TCG)${BREAK:+, broken: $BREAK}"
 t0=$(date +%s)
-timeout "${BOOT_TIMEOUT:-900}" qemu-system-x86_64 -accel tcg -cpu max,-smap,-smep -m 3G -smp 2 -display none -no-reboot -nic none \
+timeout "${BOOT_TIMEOUT:-900}" qemu-system-x86_64 -accel tcg -cpu "${XEN_CPU:-max,-smap,-smep,-xsave,-avx,-avx2}" -m 3G -smp 2 -display none -no-reboot -nic none \
   -kernel "$WORK/xen-4.17-amd64" \
   -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2" \
   -initrd "$KROOT/boot/vmlinuz-$KVER root=/dev/vda console=hvc0 testrole=dom0,$WORK/initrd.img" \
@@ -290,7 +322,7 @@ say "QEMU ran $(( $(date +%s) - t0 )) s"
 grep -a -E 'RESULT|XEN-TEST-END|BREAK|GUEST .* (pose|echo)' "$WORK/serial.log" | cut -c1-300 || true
 cp "$WORK/serial.log" "${XEN_SERIAL_LOG:-$ROOT/target/xen-serial.log}" 2>/dev/null || true
 status=0
-for step in linked pose-client-id list_disks list_files footprint create_file new_file pose-sender channel-rtt chain-rtt restart PASS; do
+for step in channels linked boot pose-client-id list_disks list_files footprint create_file new_file pose-sender channel-rtt chain-rtt restart PASS; do
   if ! grep -a -q "RESULT $step ok" "$WORK/serial.log"; then
     echo "xen.sh: step '$step' failed or did not run" >&2; status=1; break
   fi
@@ -300,6 +332,9 @@ if [ $status != 0 ]; then
   [ -n "$fails" ] && echo "xen.sh: $fails" >&2
   if grep -a -q "Primary console has invalid configuration" "$WORK/serial.log"; then
     echo "xen.sh: xl rejected the first channel (the xl 4.17 bug): the dummy channels are missing" >&2
+  fi
+  if grep -a -q -E "segfault at|Segmentation fault|Aborted|Kernel panic" "$WORK/serial.log"; then
+    echo "xen.sh: processes crashed under emulation (segfault/abort in the serial log): the TCG platform, not a verdict on the code; see XEN_CPU" >&2
   fi
   if grep -a -q "BREAK: tty put back in cooked mode" "$WORK/serial.log"; then
     echo "xen.sh: sys-usb's channel tty was not raw: its MQTT bytes were mangled by the line discipline" >&2
