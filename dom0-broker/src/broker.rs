@@ -133,7 +133,7 @@ pub fn routine_broker_event(m: &tracing::Metadata<'_>) -> bool {
     let (Some(file), Some(line)) = (m.file(), m.line()) else {
         return false;
     };
-    (file.ends_with("server/broker.rs") && matches!(line, 577 | 581 | 592))
+    (file.ends_with("server/broker.rs") && matches!(line, 584 | 588 | 599))
         || (file.ends_with("router/routing.rs") && matches!(line, 416 | 436 | 539))
 }
 
