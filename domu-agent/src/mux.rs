@@ -6,8 +6,11 @@
 //! Upstream, a filter covered by another one Dom0 granted (`app/x/status` under `app/#`) is not
 //! subscribed again: it is granted here (what Dom0 lets the VM read under `app/#` it lets it read
 //! under `app/x/status`), so a broker that sends one copy per matching subscription (rumqttd does;
-//! Mosquitto does not) sends one. When the covering filter goes, the covered ones are subscribed
-//! upstream before it is unsubscribed: a message may then come twice, never not at all. Filters
+//! Mosquitto does not) sends one. When the last client holding a covering filter lets it go while
+//! filters it covers are still held, it stays subscribed upstream (held by nobody, delivered to
+//! nobody but through the filters it covers) until they go too: swapping it for them would either
+//! lose messages (rumqttd drops what it routed to a filter and had not sent yet when that filter is
+//! unsubscribed) or deliver some twice (while both are subscribed). Filters
 //! that merely overlap (`app/+/status` and `app/x/#`) are both subscribed upstream.
 //!
 //! Pure: client requests and session events in, [`Action`]s out; the driver (`channel.rs`) carries
@@ -54,10 +57,10 @@ struct Sub {
     granted: Option<QoS>,
 }
 
-/// A filter some client holds.
+/// A filter some client holds (or a covering one kept upstream for the filters it covers).
 #[derive(Debug)]
 struct Filter {
-    /// Clients that hold it.
+    /// Clients that hold it (0: kept upstream only because held filters are under it).
     refs: usize,
     /// Its grant: Dom0's answer, or the grant of a filter that covers it.
     granted: Option<QoS>,
@@ -246,7 +249,10 @@ impl Mux {
                         .collect();
                     for h in covered {
                         self.up.remove(&h);
-                        if self.filters.get(&h).is_some_and(|e| e.granted.is_none()) {
+                        if self.filters.get(&h).is_some_and(|e| e.refs == 0) {
+                            // Kept only as a cover: the new cover does its job.
+                            self.filters.remove(&h);
+                        } else if self.filters.get(&h).is_some_and(|e| e.granted.is_none()) {
                             self.grant(&h, g);
                         }
                         actions.push(Action::UnsubscribeUp(h));
@@ -336,9 +342,32 @@ impl Mux {
         if e.refs > 0 {
             return;
         }
+        if !(self.up.contains(filter) && self.covers_held(filter)) {
+            self.drop_filter(filter, actions);
+        }
+        // Covers kept for what they covered, now covering nothing held, go.
+        let idle: Vec<String> = self
+            .filters
+            .iter()
+            .filter(|(f, e)| e.refs == 0 && !self.covers_held(f))
+            .map(|(f, _)| f.clone())
+            .collect();
+        for f in idle {
+            self.drop_filter(&f, actions);
+        }
+    }
+
+    /// True when a filter some client holds is under `f`.
+    fn covers_held(&self, f: &str) -> bool {
+        self.filters
+            .iter()
+            .any(|(h, e)| h != f && e.refs > 0 && filter_covers(f, h))
+    }
+
+    fn drop_filter(&mut self, filter: &str, actions: &mut Vec<Action>) {
         self.filters.remove(filter);
         if self.up.remove(filter) {
-            // What it covered goes upstream first: twice rather than not at all.
+            // What it covered (nothing held, unless Dom0 refused it) goes upstream first.
             self.uncover(filter, actions);
             actions.push(Action::UnsubscribeUp(filter.to_owned()));
         }

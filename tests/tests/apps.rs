@@ -185,7 +185,15 @@ fn overlapping_subscriptions(kind: BrokerKind) {
     drop(a);
     publisher.publish_acked(STATUS, b"after-disconnect");
     publisher.publish_acked(STATUS, b"end");
-    assert_eq!(payloads_until(&b, b"end"), [b"after-disconnect".to_vec()]);
+    let got = payloads_until(&b, b"end");
+    if got != [b"after-disconnect".to_vec()] {
+        eprintln!(
+            "GUI AGENT LOG\n{}\nDOM0 LOG\n{}",
+            s.gui.proc.output(),
+            s.dom0.log()
+        );
+    }
+    assert_eq!(got, [b"after-disconnect".to_vec()]);
 }
 
 #[test]

@@ -235,16 +235,66 @@ fn filters_covered_by_a_granted_one_are_not_subscribed_again() {
         }]
     );
     assert_eq!(m.upstream_filters(), ["app/#"]);
-    // The cover leaves: the covered filter goes upstream before the cover is unsubscribed.
-    assert_eq!(
-        m.detach(1),
-        vec![
-            up("app/sys-usb/status"),
-            Action::UnsubscribeUp("app/#".into())
-        ]
-    );
-    assert_eq!(m.upstream_filters(), ["app/sys-usb/status"]);
+    // The cover's client leaves: the cover stays upstream for the filter under it (swapping them
+    // would lose or duplicate messages at the broker), delivered to nobody but through it.
+    assert!(m.detach(1).is_empty());
+    assert_eq!(m.upstream_filters(), ["app/#"]);
     assert_eq!(m.deliver("app/sys-usb/status", Q1), vec![(2, Q1)]);
+    assert!(m.deliver("app/sys-usb/other", Q1).is_empty());
+    // A new client on the cover gets it at once.
+    m.attach(3);
+    assert_eq!(
+        m.subscribe(3, 1, sub("app/#")),
+        vec![Action::SubAck {
+            client: 3,
+            pkid: 1,
+            codes: vec![Some(Q1)]
+        }]
+    );
+    m.detach(3);
+    // The last filter under it goes: the cover goes too.
+    assert_eq!(m.detach(2), vec![Action::UnsubscribeUp("app/#".into())]);
+    assert!(m.upstream_filters().is_empty());
+}
+
+#[test]
+fn a_kept_cover_refused_by_a_reload_hands_over_to_what_it_covered() {
+    let mut m = Mux::new();
+    m.attach(1);
+    m.attach(2);
+    m.subscribe(1, 1, sub("app/#"));
+    m.on_suback(vec![("app/#".into(), Some(Q1))]);
+    m.subscribe(2, 1, sub("app/a/status"));
+    assert!(m.detach(1).is_empty());
+    assert_eq!(
+        m.on_suback(vec![("app/#".into(), None)]),
+        vec![Action::ForgetUp("app/#".into()), up("app/a/status")]
+    );
+    assert_eq!(m.upstream_filters(), ["app/a/status"]);
+}
+
+#[test]
+fn a_kept_cover_under_a_new_cover_goes() {
+    let mut m = Mux::new();
+    m.attach(1);
+    m.attach(2);
+    m.attach(3);
+    m.subscribe(1, 1, sub("app/a/#"));
+    m.on_suback(vec![("app/a/#".into(), Some(Q1))]);
+    m.subscribe(2, 1, sub("app/a/status"));
+    assert!(m.detach(1).is_empty());
+    // A wider cover, granted: the kept one is unsubscribed and forgotten.
+    assert_eq!(m.subscribe(3, 1, sub("app/#")), vec![up("app/#")]);
+    let after = m.on_suback(vec![("app/#".into(), Some(Q1))]);
+    assert!(
+        after.contains(&Action::UnsubscribeUp("app/a/#".into())),
+        "{after:?}"
+    );
+    assert_eq!(m.upstream_filters(), ["app/#"]);
+    // Client 3 leaves: app/# is kept for app/a/status; app/a/# does not come back.
+    assert!(m.detach(3).is_empty());
+    assert_eq!(m.upstream_filters(), ["app/#"]);
+    assert_eq!(m.detach(2), vec![Action::UnsubscribeUp("app/#".into())]);
 }
 
 #[test]
