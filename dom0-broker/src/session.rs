@@ -29,6 +29,58 @@ use crate::supervision::LinkStats;
 /// Refusals of one VM logged and reported on the error topic per second, at most.
 pub const REPORTS_PER_SEC: f64 = 10.0;
 
+/// What was not reported since the last report, as the suffix of the next one.
+#[derive(Debug, Clone, Copy)]
+struct Unreported(u64);
+
+impl std::fmt::Display for Unreported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            n => write!(f, " (and {n} more refusals not reported)"),
+        }
+    }
+}
+
+/// CONNECTs (new broker sessions) one VM may start: a burst, then this many a second. An agent
+/// reconnects with a growing backoff and never comes near; a guest starting sessions in a loop
+/// gets `CONNACK 3` (server unavailable) without costing the broker a connection.
+pub const CONNECT_BURST: f64 = 10.0;
+pub const CONNECTS_PER_SEC: f64 = 5.0;
+
+/// A token bucket: `cap` tokens at most, refilled at `rate` a second.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    cap: f64,
+    rate: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(cap: f64, rate: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: cap,
+            cap,
+            rate,
+            at: now,
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = self.at.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.cap);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Longest CONNECT accepted while scanning (client id, will, credentials).
 pub const MAX_CONNECT: usize = 64 * 1024;
 
@@ -119,14 +171,18 @@ pub struct Session {
     dropped_qos2: HashSet<u16>,
     /// Guest QoS 1/2 publishes awaiting the broker's PUBACK/PUBCOMP.
     inflight: HashSet<u16>,
-    tokens: f64,
-    last_refill: Instant,
+    /// Broker QoS 1/2 deliveries relayed to the guest: the acknowledgement each one awaits. A
+    /// guest's acknowledgement for anything else is dropped here, never shown to the broker.
+    awaiting: HashMap<u16, u8>,
+    /// The guest's publish rate (from the limits).
+    publishes: Bucket,
+    /// The guest's new sessions.
+    connects: Bucket,
     violations: u32,
     /// When the guest was last told to start over because it sent something other than CONNECT.
     last_nudge: Option<Instant>,
     /// Refusal reports allowed now (token bucket) and when it was last refilled.
-    report_tokens: f64,
-    report_at: Option<Instant>,
+    reports: Bucket,
     /// Refusals not reported since the last report.
     suppressed: u64,
     effects: Vec<Effect>,
@@ -146,7 +202,7 @@ impl Session {
         stats: Arc<LinkStats>,
         now: Instant,
     ) -> Session {
-        let tokens = f64::from(limits.burst);
+        let publishes = Bucket::full(f64::from(limits.burst), f64::from(limits.rate_per_sec), now);
         let window = limits.max_keepalive.mul_f32(1.5);
         Session {
             vm,
@@ -169,12 +225,12 @@ impl Session {
             refused_qos2: HashSet::new(),
             dropped_qos2: HashSet::new(),
             inflight: HashSet::new(),
-            tokens,
-            last_refill: now,
+            awaiting: HashMap::new(),
+            publishes,
+            connects: Bucket::full(CONNECT_BURST, CONNECTS_PER_SEC, now),
             violations: 0,
             last_nudge: None,
-            report_tokens: REPORTS_PER_SEC,
-            report_at: None,
+            reports: Bucket::full(REPORTS_PER_SEC, REPORTS_PER_SEC, now),
             suppressed: 0,
             effects: Vec::new(),
             legacy: None,
@@ -321,7 +377,15 @@ impl Session {
             Candidate::Level(h, level) => {
                 // A real CONNECT of a protocol we do not speak: say so (3.1.1 clients understand rc 1).
                 self.guest_in.advance(h.frame_len());
-                tracing::warn!(level, "CONNECT with unsupported protocol level refused");
+                if !self.connect_within_budget(now) {
+                    return true;
+                }
+                if let Some(unreported) = self.may_report(now) {
+                    tracing::warn!(
+                        level,
+                        "CONNECT with unsupported protocol level refused{unreported}"
+                    );
+                }
                 mqtt::encode_connack(false, connack::UNACCEPTABLE_PROTOCOL, &mut self.to_guest);
                 true
             }
@@ -404,7 +468,7 @@ impl Session {
                 LegacyOut::Line(line) => self.relay_to_guest(&line),
                 LegacyOut::Publish { topic, payload } => {
                     self.stats.packets_in.fetch_add(1, Relaxed);
-                    let verdict = if self.take_token(now) {
+                    let verdict = if self.publishes.take(now) {
                         policy::check_publish(&self.rules, &self.vm, &topic, &payload)
                             .map_err(|d| d.to_string())
                     } else {
@@ -534,11 +598,31 @@ impl Session {
         }
     }
 
+    /// Takes a token of the CONNECT budget; without one, the CONNECT is answered `CONNACK 3`.
+    fn connect_within_budget(&mut self, now: Instant) -> bool {
+        if self.connects.take(now) {
+            return true;
+        }
+        self.stats.dropped.fetch_add(1, Relaxed);
+        if let Some(unreported) = self.may_report(now) {
+            tracing::warn!(
+                "CONNECT beyond {CONNECTS_PER_SEC} new sessions a second refused{unreported}"
+            );
+        }
+        mqtt::encode_connack(false, connack::SERVER_UNAVAILABLE, &mut self.to_guest);
+        false
+    }
+
     /// A well-formed CONNECT: check identity and will, rewrite, ask for a broker connection.
     fn on_connect(&mut self, mut c: mqtt::Connect, now: Instant) -> bool {
+        if !self.connect_within_budget(now) {
+            return true;
+        }
         if !c.client_id.is_empty() && c.client_id != self.vm.as_str() {
             let claimed: String = c.client_id.chars().take(64).collect();
-            tracing::warn!(claimed = ?claimed, "CONNECT with another VM's client id refused");
+            if let Some(unreported) = self.may_report(now) {
+                tracing::warn!(claimed = ?claimed, "CONNECT with another VM's client id refused{unreported}");
+            }
             self.refusal();
             mqtt::encode_connack(false, connack::IDENTIFIER_REJECTED, &mut self.to_guest);
             self.state(
@@ -589,9 +673,13 @@ impl Session {
         self.refused_qos2.clear();
         self.dropped_qos2.clear();
         self.inflight.clear();
+        self.awaiting.clear();
         self.violations = 0;
-        self.tokens = f64::from(self.limits.burst);
-        self.last_refill = now;
+        self.publishes = Bucket::full(
+            f64::from(self.limits.burst),
+            f64::from(self.limits.rate_per_sec),
+            now,
+        );
         self.broker_in.clear();
         self.to_broker.clear();
     }
@@ -666,7 +754,9 @@ impl Session {
     }
 
     fn desync(&mut self, e: &PacketError, now: Instant) {
-        tracing::warn!(error = %e, "malformed packet from guest; scanning for CONNECT");
+        if let Some(unreported) = self.may_report(now) {
+            tracing::warn!(error = %e, "malformed packet from guest; scanning for CONNECT{unreported}");
+        }
         self.stats.dropped.fetch_add(1, Relaxed);
         self.end_session(&format!("malformed packet: {e}"), false, now);
     }
@@ -681,26 +771,40 @@ impl Session {
     /// report.
     fn refused(&mut self, topic: &str, reason: &str, now: Instant) -> bool {
         self.refusal();
-        let elapsed = self
-            .report_at
-            .map_or(1.0, |t| now.saturating_duration_since(t).as_secs_f64());
-        self.report_at = Some(now);
-        self.report_tokens = (self.report_tokens + elapsed * REPORTS_PER_SEC).min(REPORTS_PER_SEC);
-        if self.report_tokens < 1.0 {
-            self.suppressed += 1;
+        let Some(unreported) = self.may_report(now) else {
             return false;
-        }
-        self.report_tokens -= 1.0;
-        let reason = match std::mem::take(&mut self.suppressed) {
-            0 => reason.to_owned(),
-            n => format!("{reason} (and {n} more refusals not reported)"),
         };
+        let reason = format!("{reason}{unreported}");
         tracing::warn!(topic, reason = %reason, "refused");
         self.effects.push(Effect::Refused {
             topic: topic.to_owned(),
             reason,
         });
         true
+    }
+
+    /// Whether something the guest did may be logged (and reported) now: at most
+    /// [`REPORTS_PER_SEC`] a second, shared by every kind of guest misbehaviour, so no guest floods
+    /// the log. `Some` carries the suffix counting what was not reported since the last report.
+    fn may_report(&mut self, now: Instant) -> Option<Unreported> {
+        if self.reports.take(now) {
+            Some(Unreported(std::mem::take(&mut self.suppressed)))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+
+    /// An acknowledgement from the guest for nothing the broker sent it (or out of order): dropped.
+    fn unsolicited(&mut self, kind: u8, id: u16, now: Instant) {
+        self.stats.dropped.fetch_add(1, Relaxed);
+        if let Some(unreported) = self.may_report(now) {
+            tracing::warn!(
+                kind,
+                id,
+                "unsolicited acknowledgement from guest dropped{unreported}"
+            );
+        }
     }
 
     /// Frames and relays one packet from the guest. Returns false when it needs more bytes.
@@ -740,14 +844,27 @@ impl Session {
                 };
             }
             mqtt::PUBLISH => self.guest_publish(&h, &frame, now),
-            mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP => {
-                mqtt::parse_pkid(body).map(|_| self.forward(&frame, now))
+            kind @ (mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP) => {
+                mqtt::parse_pkid(body).map(|id| {
+                    if self.awaiting.get(&id) == Some(&kind) {
+                        // After a PUBREC, the broker's PUBREL comes and awaits the PUBCOMP.
+                        self.awaiting.remove(&id);
+                        self.forward(&frame, now);
+                    } else {
+                        self.unsolicited(kind, id, now);
+                    }
+                })
             }
             mqtt::PUBREL => mqtt::parse_pkid(body).map(|id| {
                 if self.refused_qos2.remove(&id) {
                     mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_guest);
-                } else {
+                } else if self.inflight.contains(&id) {
                     self.forward(&frame, now);
+                } else {
+                    // Nothing of the guest's in flight under this id: completed here (MQTT: a
+                    // PUBREL is always answered by a PUBCOMP), the broker never sees it.
+                    self.unsolicited(mqtt::PUBREL, id, now);
+                    mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_guest);
                 }
             }),
             mqtt::SUBSCRIBE => self.guest_subscribe(body, now),
@@ -790,21 +907,6 @@ impl Session {
         self.last_to_broker = now;
     }
 
-    fn take_token(&mut self, now: Instant) -> bool {
-        let elapsed = now
-            .saturating_duration_since(self.last_refill)
-            .as_secs_f64();
-        self.last_refill = now;
-        let cap = f64::from(self.limits.burst);
-        self.tokens = (self.tokens + elapsed * f64::from(self.limits.rate_per_sec)).min(cap);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
     fn guest_publish(
         &mut self,
         h: &FixedHeader,
@@ -815,7 +917,7 @@ impl Session {
         let p = mqtt::parse_publish(h, body)?;
         let verdict = if p.pkid.is_some_and(|id| self.inflight.contains(&id)) && !p.dup {
             Err((ErrorCode::Busy, "packet id already in flight".to_owned()))
-        } else if !self.take_token(now) {
+        } else if !self.publishes.take(now) {
             Err((
                 ErrorCode::Busy,
                 format!("rate limit ({} msg/s) exceeded", self.limits.rate_per_sec),
@@ -1004,7 +1106,14 @@ impl Session {
                     return;
                 };
                 match self.rules.check_deliver(p.topic) {
-                    Ok(()) => self.relay_to_guest(frame),
+                    Ok(()) => {
+                        match (p.qos, p.pkid) {
+                            (1, Some(id)) => self.awaiting.insert(id, mqtt::PUBACK),
+                            (2, Some(id)) => self.awaiting.insert(id, mqtt::PUBREC),
+                            _ => None,
+                        };
+                        self.relay_to_guest(frame)
+                    }
                     Err(d) => {
                         tracing::warn!(topic = p.topic, reason = %d, "delivery refused");
                         self.stats.refused.fetch_add(1, Relaxed);
@@ -1027,7 +1136,11 @@ impl Session {
                     mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_broker);
                     self.last_to_broker = now;
                 }
-                _ => self.relay_to_guest(frame),
+                Ok(id) => {
+                    self.awaiting.insert(id, mqtt::PUBCOMP);
+                    self.relay_to_guest(frame)
+                }
+                Err(_) => self.relay_to_guest(frame),
             },
             mqtt::PUBACK | mqtt::PUBCOMP => {
                 if let Ok(id) = mqtt::parse_pkid(body) {

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod channel;
 pub mod guest;
+pub mod hostile;
 pub mod local;
 pub mod raw;
 pub mod scene;

@@ -626,3 +626,104 @@ fn a_tick_after_a_legacy_session_ended_mid_line() {
         vec![Effect::OpenBroker]
     );
 }
+
+#[test]
+fn acknowledgements_for_nothing_the_broker_sent_are_dropped() {
+    let (mut s, now) = live();
+    let ack = |kind: u8, id: u16| {
+        let mut b = BytesMut::new();
+        mqtt::encode_ack(kind, id, &mut b);
+        b
+    };
+    // (what the guest sends, what reaches the broker, what the guest gets back)
+    let unsolicited: [(BytesMut, &[u8], Vec<(u8, Vec<u8>)>); 4] = [
+        (ack(mqtt::PUBACK, 7), b"", vec![]),
+        (ack(mqtt::PUBREC, 8), b"", vec![]),
+        (ack(mqtt::PUBCOMP, 10), b"", vec![]),
+        // MQTT: a PUBREL is always answered; completed here, the broker never sees it.
+        (ack(mqtt::PUBREL, 9), b"", vec![(mqtt::PUBCOMP, vec![0, 9])]),
+    ];
+    for (sent, to_broker, to_guest) in unsolicited {
+        s.guest_in.extend_from_slice(&sent);
+        assert!(s.on_guest_input(&[], now).is_empty());
+        assert_eq!(&s.to_broker[..], to_broker, "{sent:x?}");
+        assert_eq!(packets(&s.to_guest), to_guest, "{sent:x?}");
+        s.to_guest.clear();
+    }
+    assert_eq!(s.stats.dropped.load(Relaxed), 4);
+    assert_eq!(s.phase, Phase::Live { connack_seen: true });
+
+    // A QoS 1 delivery: its PUBACK reaches the broker once; a second one is dropped.
+    let topic = "system/disks/list_disks/response/vm-gui";
+    s.broker_in.extend_from_slice(&publish(topic, 1, 21, b"{}"));
+    s.on_broker_input(&[], now);
+    for _ in 0..2 {
+        s.guest_in.extend_from_slice(&ack(mqtt::PUBACK, 21));
+        s.on_guest_input(&[], now);
+    }
+    assert_eq!(&s.to_broker[..], &ack(mqtt::PUBACK, 21)[..]);
+    s.to_broker.clear();
+
+    // A QoS 2 delivery: PUBCOMP before the broker's PUBREL is dropped; PUBREC, then PUBCOMP after
+    // the PUBREL, reach the broker; a PUBACK for it (the wrong kind) is dropped.
+    s.broker_in.extend_from_slice(&publish(topic, 2, 22, b"{}"));
+    s.on_broker_input(&[], now);
+    for kind in [mqtt::PUBCOMP, mqtt::PUBACK, mqtt::PUBREC] {
+        s.guest_in.extend_from_slice(&ack(kind, 22));
+        s.on_guest_input(&[], now);
+    }
+    assert_eq!(&s.to_broker[..], &ack(mqtt::PUBREC, 22)[..]);
+    s.to_broker.clear();
+    s.broker_in.extend_from_slice(&ack(mqtt::PUBREL, 22));
+    s.on_broker_input(&[], now);
+    s.guest_in.extend_from_slice(&ack(mqtt::PUBCOMP, 22));
+    s.on_guest_input(&[], now);
+    assert_eq!(&s.to_broker[..], &ack(mqtt::PUBCOMP, 22)[..]);
+    assert_eq!(s.stats.dropped.load(Relaxed), 7);
+
+    // The guest's own QoS 2 publish: its PUBREL (after the broker's PUBREC) reaches the broker.
+    s.to_broker.clear();
+    s.guest_in.extend_from_slice(&publish(
+        "system/disks/list_disks/request",
+        2,
+        5,
+        br#"{"sender":"vm-gui"}"#,
+    ));
+    s.on_guest_input(&[], now);
+    assert_eq!(packets(&s.to_broker)[0].0, mqtt::PUBLISH);
+    s.to_broker.clear();
+    s.guest_in.extend_from_slice(&ack(mqtt::PUBREL, 5));
+    s.on_guest_input(&[], now);
+    assert_eq!(&s.to_broker[..], &ack(mqtt::PUBREL, 5)[..]);
+}
+
+#[test]
+fn sessions_started_in_a_loop_are_limited() {
+    let (mut s, start) = session();
+    let mut opened = 0;
+    let mut refused = 0;
+    // 30 CONNECTs within 100 ms: the burst opens broker sessions, the rest get CONNACK 3.
+    for i in 0..30u32 {
+        let now = start + Duration::from_millis(u64::from(i) * 3);
+        s.to_guest.clear();
+        s.guest_in.extend_from_slice(&connect("vm-gui", 5));
+        if s.on_guest_input(&[], now).contains(&Effect::OpenBroker) {
+            opened += 1;
+            broker_connect(&mut s, now);
+        } else {
+            assert_eq!(
+                packets(&s.to_guest),
+                vec![(mqtt::CONNACK, vec![0, connack::SERVER_UNAVAILABLE])]
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!((opened, refused), (10, 20));
+    // A second later, new sessions may start again.
+    s.to_guest.clear();
+    s.guest_in.extend_from_slice(&connect("vm-gui", 5));
+    assert_eq!(
+        s.on_guest_input(&[], start + Duration::from_secs(1)),
+        vec![Effect::OpenBroker]
+    );
+}

@@ -285,7 +285,7 @@ impl Router {
 
             let connection_id = self.connection_map.get(&client_id);
             if let Some(connection_id) = connection_id {
-                error!(
+                info!( // patched (dom0-broker, vendor/PATCHES.md): routine, not an error
                     "Duplicate client_id, dropping previous connection with connection_id: {}",
                     connection_id
                 );

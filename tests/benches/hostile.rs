@@ -1,0 +1,87 @@
+//! Reliability figures under hostile input: each attack class of `system_tests::hostile` down one
+//! guest's channel for a few seconds while vm-gui keeps asking sys-usb `list_disks`; prints one
+//! Markdown table per broker (Dom0 up, its memory, the neighbour's failures and p99 against its
+//! unloaded p99, the offender's recovery). `scripts/reliability` puts them in docs/reliability.md.
+//!
+//! `cargo bench -p system-tests --bench hostile -- [--embedded|--mosquitto] [--secs N] [--class N]...`
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use system_tests::BrokerKind;
+use system_tests::hostile::{LoopRun, Outcome, run_toward_dom0};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    };
+    let secs: u64 = value("--secs")
+        .first()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let only: Vec<u8> = value("--class")
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    for kind in system_tests::bench::kinds_from_args() {
+        let (base, outcomes) = run_toward_dom0(kind, Duration::from_secs(secs), &only);
+        print_table(kind, secs, &base, &outcomes);
+    }
+}
+
+fn ms(d: &Result<Duration, String>) -> String {
+    match d {
+        Ok(d) => format!("{} ms", d.as_millis()),
+        Err(e) => format!("**{e}**"),
+    }
+}
+
+fn print_table(kind: BrokerKind, secs: u64, base: &LoopRun, outcomes: &[Outcome]) {
+    let base_p99 = base.stats.map_or(f64::NAN, |s| s.p99);
+    println!(
+        "\n### Toward Dom0, {} broker ({secs} s per class)\n",
+        match kind {
+            BrokerKind::Embedded => "embedded rumqttd",
+            BrokerKind::Mosquitto => "Mosquitto",
+        }
+    );
+    println!(
+        "Neighbour unloaded: {} round trips, {} failed, p50 {:.0} µs, p99 {:.0} µs.\n",
+        base.answered,
+        base.failed,
+        base.stats.map_or(f64::NAN, |s| s.p50),
+        base_p99
+    );
+    println!(
+        "| # | class | inputs sent | Dom0 up | Dom0 CPU | Dom0 RSS after / peak | Dom0 WARN / ERROR lines | neighbour round trips (failed) | neighbour p99 (× unloaded) | offender reconnected after |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for o in outcomes {
+        for (m, n) in &o.messages {
+            eprintln!("class {}: {n} × {m}", o.class.id);
+        }
+        let p99 = o.neighbour.stats.map_or(f64::NAN, |s| s.p99);
+        println!(
+            "| {} | {} | {} | {} | {:.0}% | {:.1} / {:.1} MiB | {} / {} | {} ({}) | {:.0} µs ({:.2}×) | {} |",
+            o.class.id,
+            o.class.name,
+            o.inputs_sent,
+            if o.dom0_up { "yes" } else { "**no**" },
+            o.dom0_cpu,
+            o.rss_kb as f64 / 1024.0,
+            o.peak_rss_kb as f64 / 1024.0,
+            o.warn_lines,
+            o.error_lines,
+            o.neighbour.answered,
+            o.neighbour.failed,
+            p99,
+            p99 / base_p99,
+            ms(&o.recovery),
+        );
+    }
+}
