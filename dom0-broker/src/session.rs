@@ -67,11 +67,21 @@ impl Bucket {
         }
     }
 
-    /// Takes a token if there is one.
-    fn take(&mut self, now: Instant) -> bool {
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.at = self.at.max(now);
         self.tokens = (self.tokens + elapsed * self.rate).min(self.cap);
+    }
+
+    /// When the next token will be there.
+    fn next_token(&mut self, now: Instant) -> Instant {
+        self.refill(now);
+        now + Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0))
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -178,6 +188,9 @@ pub struct Session {
     publishes: Bucket,
     /// The guest's new sessions.
     connects: Bucket,
+    /// Set when a CONNECT went beyond the budget: the guest is not read until then (it blocks on
+    /// its full channel instead of spinning through refusals).
+    hold_until: Option<Instant>,
     violations: u32,
     /// When the guest was last told to start over because it sent something other than CONNECT.
     last_nudge: Option<Instant>,
@@ -228,6 +241,7 @@ impl Session {
             awaiting: HashMap::new(),
             publishes,
             connects: Bucket::full(CONNECT_BURST, CONNECTS_PER_SEC, now),
+            hold_until: None,
             violations: 0,
             last_nudge: None,
             reports: Bucket::full(REPORTS_PER_SEC, REPORTS_PER_SEC, now),
@@ -272,9 +286,11 @@ impl Session {
     }
 
     /// True while the driver should read the guest: not while the broker connection is opening
-    /// (bytes wait in the socket), not while the broker does not keep up (backpressure on the guest).
+    /// (bytes wait in the socket), not while the broker does not keep up (backpressure on the guest),
+    /// not while the guest is held for starting sessions beyond its budget.
     pub fn wants_guest_input(&self) -> bool {
         self.phase != Phase::Connecting
+            && self.hold_until.is_none()
             && self.to_broker.len() < self.limits.max_packet.max(64 * 1024)
             && self.guest_in.len() <= self.limits.max_packet + 8
     }
@@ -604,6 +620,7 @@ impl Session {
             return true;
         }
         self.stats.dropped.fetch_add(1, Relaxed);
+        self.hold_until = Some(self.connects.next_token(now));
         if let Some(unreported) = self.may_report(now) {
             tracing::warn!(
                 "CONNECT beyond {CONNECTS_PER_SEC} new sessions a second refused{unreported}"
@@ -1181,6 +1198,9 @@ impl Session {
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(t) = self.hold_until {
+            consider(t);
+        }
         if let Some(t) = self.partial_since {
             consider(
                 t + if matches!(self.phase, Phase::Scanning | Phase::Legacy { .. }) {
@@ -1206,6 +1226,9 @@ impl Session {
 
     /// Checks the timers: keepalive silence, stuck partial frames, the link's own broker pings.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Effect> {
+        if self.hold_until.is_some_and(|t| now >= t) {
+            self.hold_until = None;
+        }
         if let Some(since) = self.partial_since {
             match self.phase {
                 Phase::Scanning if now >= since + SCAN_TIMEOUT => {

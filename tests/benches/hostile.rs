@@ -42,7 +42,6 @@ fn ms(d: &Result<Duration, String>) -> String {
 }
 
 fn print_table(kind: BrokerKind, secs: u64, base: &LoopRun, outcomes: &[Outcome]) {
-    let base_p99 = base.stats.map_or(f64::NAN, |s| s.p99);
     println!(
         "\n### Toward Dom0, {} broker ({secs} s per class)\n",
         match kind {
@@ -51,14 +50,14 @@ fn print_table(kind: BrokerKind, secs: u64, base: &LoopRun, outcomes: &[Outcome]
         }
     );
     println!(
-        "Neighbour unloaded: {} round trips, {} failed, p50 {:.0} µs, p99 {:.0} µs.\n",
+        "The neighbour alone at the start: {} round trips, {} failed, p50 {:.0} µs, p99 {:.0} µs.\n",
         base.answered,
         base.failed,
         base.stats.map_or(f64::NAN, |s| s.p50),
-        base_p99
+        base.stats.map_or(f64::NAN, |s| s.p99),
     );
     println!(
-        "| # | class | inputs sent | Dom0 up | Dom0 CPU | Dom0 RSS after / peak | Dom0 WARN / ERROR lines | neighbour round trips (failed) | neighbour p99 (× unloaded) | offender reconnected after |"
+        "| # | class | inputs sent | Dom0 up | Dom0 CPU | Dom0 RSS after / peak | Dom0 WARN / ERROR lines | neighbour round trips (failed) | neighbour p99: alone just before → under attack | offender reconnected after |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for o in outcomes {
@@ -66,8 +65,9 @@ fn print_table(kind: BrokerKind, secs: u64, base: &LoopRun, outcomes: &[Outcome]
             eprintln!("class {}: {n} × {m}", o.class.id);
         }
         let p99 = o.neighbour.stats.map_or(f64::NAN, |s| s.p99);
+        let base_p99 = o.unloaded.stats.map_or(f64::NAN, |s| s.p99);
         println!(
-            "| {} | {} | {} | {} | {:.0}% | {:.1} / {:.1} MiB | {} / {} | {} ({}) | {:.0} µs ({:.2}×) | {} |",
+            "| {} | {} | {} | {} | {:.0}% | {:.1} / {:.1} MiB | {} / {} | {} ({}) | {:.0} → {:.0} µs ({:.2}×) | {} |",
             o.class.id,
             o.class.name,
             o.inputs_sent,
@@ -79,6 +79,7 @@ fn print_table(kind: BrokerKind, secs: u64, base: &LoopRun, outcomes: &[Outcome]
             o.error_lines,
             o.neighbour.answered,
             o.neighbour.failed,
+            base_p99,
             p99,
             p99 / base_p99,
             ms(&o.recovery),

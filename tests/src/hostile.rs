@@ -479,6 +479,8 @@ pub struct Outcome {
     pub error_lines: usize,
     /// Those lines, timestamps and numbers taken out, with how many times each came.
     pub messages: Vec<(String, usize)>,
+    /// The neighbour's loop alone just before the class (the machine's own noise, same minute).
+    pub unloaded: LoopRun,
     pub neighbour: LoopRun,
     /// Time for the offending guest to get a CONNACK again after the class, or what it got.
     pub recovery: Result<Duration, String>,
@@ -542,8 +544,9 @@ pub fn attack(
     (sent, recovery)
 }
 
-/// The whole suite toward Dom0: a scene (Dom0, sys-usb, vm-gui) and the attacker's channel; the
-/// neighbour's loop alone for `time`, then each class (or those in `only`) for `time`.
+/// The whole suite toward Dom0: a scene (Dom0, sys-usb, vm-gui) and the attacker's channel; for
+/// each class (or those in `only`), the neighbour's loop alone for `time`, then with the class for
+/// `time`.
 pub fn run_toward_dom0(
     kind: crate::BrokerKind,
     time: Duration,
@@ -554,17 +557,21 @@ pub fn run_toward_dom0(
     s.dom0
         .proc
         .wait_log("link{vm=vm-evil}: attached to channel");
-    let base = Neighbour::start(&s.gui.mqtt, "neighbour-0");
-    let t0 = Instant::now();
-    while t0.elapsed() < time {
-        std::thread::park_timeout(time.saturating_sub(t0.elapsed()));
-    }
-    let baseline = base.stop();
+    let quiet = |name: &str| {
+        let n = Neighbour::start(&s.gui.mqtt, name);
+        let t0 = Instant::now();
+        while t0.elapsed() < time {
+            std::thread::park_timeout(time.saturating_sub(t0.elapsed()));
+        }
+        n.stop()
+    };
+    let baseline = quiet("neighbour-0");
     let mut out = Vec::new();
     for class in toward_dom0(EVIL) {
         if !only.is_empty() && !only.contains(&class.id) {
             continue;
         }
+        let unloaded = quiet(&format!("quiet-{}", class.id));
         let logged = s.dom0.proc.output().len();
         let (cpu0, t0) = (cpu_ticks(s.dom0.proc.pid()), Instant::now());
         let nb = Neighbour::start(&s.gui.mqtt, &format!("neighbour-{}", class.id));
@@ -584,6 +591,7 @@ pub fn run_toward_dom0(
             warn_lines: log.matches(" WARN ").count(),
             error_lines: log.matches(" ERROR ").count(),
             messages: distinct_warnings(log),
+            unloaded,
             neighbour,
             recovery,
         });

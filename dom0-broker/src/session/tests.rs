@@ -719,6 +719,12 @@ fn sessions_started_in_a_loop_are_limited() {
         }
     }
     assert_eq!((opened, refused), (10, 20));
+    // Refused: the guest is not read until the next token (it blocks on its channel).
+    assert!(!s.wants_guest_input());
+    let next = s.next_deadline().unwrap();
+    assert!(next > start + Duration::from_millis(87) && next <= start + Duration::from_millis(300));
+    s.on_tick(next);
+    assert!(s.wants_guest_input());
     // A second later, new sessions may start again.
     s.to_guest.clear();
     s.guest_in.extend_from_slice(&connect("vm-gui", 5));
