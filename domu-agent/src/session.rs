@@ -36,6 +36,12 @@ pub const MAX_INFLIGHT: usize = 64;
 /// How long a CONNECT waits for its CONNACK before it is sent again.
 pub const CONNACK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a frame from Dom0 may stay half-received with no new byte. Dom0 writes a frame in one
+/// go; one that stops half-way is from a Dom0 that died mid-write, and Dom0's next attach signal
+/// (a DISCONNECT) would be swallowed as the rest of it: start over instead of waiting for the
+/// keepalive.
+pub const FRAME_STALL: Duration = Duration::from_secs(1);
+
 /// Settings of the session.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -122,6 +128,8 @@ pub struct Session {
     pings: VecDeque<(Instant, Option<u64>)>,
     /// When a packet was last written: the next keepalive PINGREQ is due a keepalive after.
     last_write: Instant,
+    /// When the last byte came while a frame is half-received (live session).
+    partial_at: Option<Instant>,
     backoff: Backoff,
     events: Vec<Event>,
 }
@@ -147,6 +155,7 @@ impl Session {
             order: VecDeque::new(),
             pings: VecDeque::new(),
             last_write: now,
+            partial_at: None,
             backoff: Backoff::new(),
             events: Vec::new(),
         }
@@ -208,6 +217,8 @@ impl Session {
                 }
                 Phase::Live => {
                     self.process_live(now);
+                    let live = self.phase == Phase::Live;
+                    self.partial_at = (live && !self.input.is_empty()).then_some(now);
                     break;
                 }
                 Phase::Closed | Phase::Backoff { .. } => {
@@ -318,10 +329,16 @@ impl Session {
             Phase::Backoff { until } => Some(until),
             // With a PINGREQ outstanding, its PINGRESP is what is waited for; otherwise the next
             // keepalive PINGREQ.
-            Phase::Live => Some(match self.pings.front() {
-                Some((sent, _)) => *sent + self.cfg.keepalive,
-                None => self.last_write + self.cfg.keepalive,
-            }),
+            Phase::Live => {
+                let keepalive = match self.pings.front() {
+                    Some((sent, _)) => *sent + self.cfg.keepalive,
+                    None => self.last_write + self.cfg.keepalive,
+                };
+                Some(match self.partial_at {
+                    Some(t) => keepalive.min(t + FRAME_STALL),
+                    None => keepalive,
+                })
+            }
         }
     }
 
@@ -335,7 +352,13 @@ impl Session {
             }
             Phase::Backoff { until } if now >= until => self.connect(now),
             Phase::Live => {
-                if self
+                if self.partial_at.is_some_and(|t| now >= t + FRAME_STALL) {
+                    tracing::warn!(
+                        bytes = self.input.len(),
+                        "a frame from Dom0 stopped half-way; reconnecting"
+                    );
+                    self.connect(now);
+                } else if self
                     .pings
                     .front()
                     .is_some_and(|(sent, _)| now >= *sent + self.cfg.keepalive)
@@ -379,6 +402,7 @@ impl Session {
     fn connect(&mut self, now: Instant) {
         self.go_down();
         self.input.clear();
+        self.partial_at = None;
         let mut c = Connect::new(self.cfg.vm.as_str());
         c.keep_alive = u16::try_from(self.cfg.keepalive.as_secs())
             .unwrap_or(u16::MAX)
@@ -411,6 +435,7 @@ impl Session {
     fn retry_later(&mut self, now: Instant) {
         self.go_down();
         self.input.clear();
+        self.partial_at = None;
         self.phase = Phase::Backoff {
             until: now + self.backoff.next_delay(),
         };

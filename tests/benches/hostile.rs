@@ -3,14 +3,16 @@
 //! Markdown table per broker (Dom0 up, its memory, the neighbour's failures and p99 against its
 //! unloaded p99, the offender's recovery). `scripts/reliability` puts them in docs/reliability.md.
 //!
-//! `cargo bench -p system-tests --bench hostile -- [--embedded|--mosquitto] [--secs N] [--class N]...`
+//! The same classes from a hostile "Dom0" toward an agent with `--agent`.
+//!
+//! `cargo bench -p system-tests --bench hostile -- [--embedded|--mosquitto|--agent] [--secs N] [--class N]...`
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
 use system_tests::BrokerKind;
-use system_tests::hostile::{LoopRun, Outcome, run_toward_dom0};
+use system_tests::hostile::{LoopRun, Outcome, run_toward_agent, run_toward_dom0};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -28,9 +30,34 @@ fn main() {
         .iter()
         .filter_map(|s| s.parse().ok())
         .collect();
+    if args.iter().any(|a| a == "--agent") {
+        let (base, outcomes) = run_toward_agent(Duration::from_secs(secs), &only);
+        let title = format!("Toward an agent, from a hostile Dom0 ({secs} s per class)");
+        print_table(
+            &title,
+            "agent",
+            "an application connecting to the agent's local MQTT endpoint",
+            &base,
+            &outcomes,
+        );
+        return;
+    }
     for kind in system_tests::bench::kinds_from_args() {
         let (base, outcomes) = run_toward_dom0(kind, Duration::from_secs(secs), &only);
-        print_table(kind, secs, &base, &outcomes);
+        let title = format!(
+            "Toward Dom0, {} broker ({secs} s per class)",
+            match kind {
+                BrokerKind::Embedded => "embedded rumqttd",
+                BrokerKind::Mosquitto => "Mosquitto",
+            }
+        );
+        print_table(
+            &title,
+            "Dom0",
+            "vm-gui asking sys-usb `list_disks` through both agents and Dom0",
+            &base,
+            &outcomes,
+        );
     }
 }
 
@@ -41,23 +68,17 @@ fn ms(d: &Result<Duration, String>) -> String {
     }
 }
 
-fn print_table(kind: BrokerKind, secs: u64, base: &LoopRun, outcomes: &[Outcome]) {
+fn print_table(title: &str, who: &str, neighbour: &str, base: &LoopRun, outcomes: &[Outcome]) {
+    println!("\n### {title}\n");
     println!(
-        "\n### Toward Dom0, {} broker ({secs} s per class)\n",
-        match kind {
-            BrokerKind::Embedded => "embedded rumqttd",
-            BrokerKind::Mosquitto => "Mosquitto",
-        }
-    );
-    println!(
-        "The neighbour alone at the start: {} round trips, {} failed, p50 {:.0} µs, p99 {:.0} µs.\n",
+        "The neighbour: {neighbour}. Alone at the start: {} round trips, {} failed, p50 {:.0} µs, p99 {:.0} µs.\n",
         base.answered,
         base.failed,
         base.stats.map_or(f64::NAN, |s| s.p50),
         base.stats.map_or(f64::NAN, |s| s.p99),
     );
     println!(
-        "| # | class | inputs sent | Dom0 up | Dom0 CPU | Dom0 RSS after / peak | Dom0 WARN / ERROR lines | neighbour round trips (failed) | neighbour p99: alone just before → under attack | offender reconnected after |"
+        "| # | class | inputs sent (in) | {who} up | {who} CPU | {who} RSS after / peak | {who} WARN / ERROR lines | neighbour round trips (failed) | neighbour p99: alone just before → under attack | session again after |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for o in outcomes {
@@ -67,12 +88,13 @@ fn print_table(kind: BrokerKind, secs: u64, base: &LoopRun, outcomes: &[Outcome]
         let p99 = o.neighbour.stats.map_or(f64::NAN, |s| s.p99);
         let base_p99 = o.unloaded.stats.map_or(f64::NAN, |s| s.p99);
         println!(
-            "| {} | {} | {} | {} | {:.0}% | {:.1} / {:.1} MiB | {} / {} | {} ({}) | {:.0} → {:.0} µs ({:.2}×) | {} |",
+            "| {} | {} | {} ({:.1} s) | {} | {:.0}% | {:.1} / {:.1} MiB | {} / {} | {} ({}) | {:.0} → {:.0} µs ({:.2}×) | {} |",
             o.class.id,
             o.class.name,
             o.inputs_sent,
-            if o.dom0_up { "yes" } else { "**no**" },
-            o.dom0_cpu,
+            o.elapsed.as_secs_f64(),
+            if o.up { "yes" } else { "**no**" },
+            o.cpu,
             o.rss_kb as f64 / 1024.0,
             o.peak_rss_kb as f64 / 1024.0,
             o.warn_lines,

@@ -401,7 +401,8 @@ pub struct LoopRun {
     pub stats: Option<Stats>,
 }
 
-/// vm-gui asking sys-usb `list_disks` in a loop, through its agent's local MQTT endpoint.
+/// A request loop measured while a class runs: each step is timed; a step that fails (no answer
+/// within 5 s) is counted.
 #[allow(missing_debug_implementations)]
 pub struct Neighbour {
     stop: Arc<AtomicBool>,
@@ -409,46 +410,73 @@ pub struct Neighbour {
 }
 
 impl Neighbour {
+    /// Runs `step` (true: answered) in a loop on a thread of its own until [`Neighbour::stop`],
+    /// `pace` apart (not timed): a loop that leaves the machine no breath measures only itself.
+    pub fn spawn(pace: Duration, mut step: impl FnMut(u64) -> bool + Send + 'static) -> Neighbour {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (mut samples, mut failed) = (Vec::new(), 0);
+            let mut i = 0u64;
+            while !flag.load(Ordering::SeqCst) {
+                i += 1;
+                let t0 = Instant::now();
+                if step(i) {
+                    samples.push(t0.elapsed());
+                } else {
+                    failed += 1;
+                }
+                std::thread::sleep(pace);
+            }
+            (samples, failed)
+        });
+        Neighbour { stop, handle }
+    }
+
+    /// vm-gui asking sys-usb `list_disks` in a loop, through its agent's local MQTT endpoint.
     pub fn start(mqtt: &Path, name: &str) -> Neighbour {
         let gui = VmId::parse("vm-gui").expect("vm id");
         let client = LocalClient::connect(mqtt, name);
         let response = Command::ListDisks.response_topic(&gui);
         assert_eq!(client.subscribe(&[&response]), [true]);
         let request = Command::ListDisks.request_topic();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
         let name = name.to_owned();
-        let handle = std::thread::spawn(move || {
-            let (mut samples, mut failed) = (Vec::new(), 0);
-            let mut i = 0u64;
-            while !flag.load(Ordering::SeqCst) {
-                i += 1;
-                let rid = format!("{name}-{i}");
-                let body = json!({"sender": "vm-gui", "request_id": rid}).to_string();
-                let t0 = Instant::now();
-                client.publish(&request, body.as_bytes());
-                let deadline = t0 + Duration::from_secs(5);
-                let mut answered = false;
-                while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                    let Some((_, p)) = client.recv(left) else {
-                        break;
-                    };
-                    if serde_json::from_slice::<serde_json::Value>(&p)
-                        .is_ok_and(|v| v["request_id"] == rid.as_str())
-                    {
-                        answered = true;
-                        break;
-                    }
-                }
-                if answered {
-                    samples.push(t0.elapsed());
-                } else {
-                    failed += 1;
+        Neighbour::spawn(Duration::ZERO, move |i| {
+            let rid = format!("{name}-{i}");
+            let body = json!({"sender": "vm-gui", "request_id": rid}).to_string();
+            client.publish(&request, body.as_bytes());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                let Some((_, p)) = client.recv(left) else {
+                    return false;
+                };
+                if serde_json::from_slice::<serde_json::Value>(&p)
+                    .is_ok_and(|v| v["request_id"] == rid.as_str())
+                {
+                    return true;
                 }
             }
-            (samples, failed)
-        });
-        Neighbour { stop, handle }
+            false
+        })
+    }
+
+    /// An application connecting to the agent's local MQTT endpoint in a loop (CONNECT → CONNACK,
+    /// then DISCONNECT): the endpoint stays responsive whatever Dom0 does.
+    pub fn local_connects(mqtt: &Path) -> Neighbour {
+        let path = mqtt.to_owned();
+        Neighbour::spawn(Duration::from_millis(1), move |i| {
+            use std::io::{Read, Write};
+            let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut connack = [0u8; 4];
+            let ok = s.write_all(&raw::connect(&format!("app-{i}"), 5)).is_ok()
+                && s.read_exact(&mut connack).is_ok()
+                && connack == [0x20, 0x02, 0x00, 0x00];
+            let _ = s.write_all(&raw::DISCONNECT);
+            ok
+        })
     }
 
     pub fn stop(self) -> LoopRun {
@@ -467,13 +495,13 @@ impl Neighbour {
 pub struct Outcome {
     pub class: Class,
     pub inputs_sent: usize,
-    pub dom0_up: bool,
+    pub up: bool,
     pub rss_kb: u64,
     pub peak_rss_kb: u64,
     /// How long the class ran (its inputs, then the offender's recovery).
     pub elapsed: Duration,
     /// Dom0's CPU use during the class, % of one core.
-    pub dom0_cpu: f64,
+    pub cpu: f64,
     /// WARN and ERROR lines Dom0 logged during the class (refusals are logged at a bounded rate).
     pub warn_lines: usize,
     pub error_lines: usize,
@@ -583,11 +611,381 @@ pub fn run_toward_dom0(
         out.push(Outcome {
             class,
             inputs_sent,
-            dom0_up: s.dom0.proc.is_running(),
+            up: s.dom0.proc.is_running(),
             rss_kb: s.dom0.proc.rss_kb(),
             peak_rss_kb: peak_rss_kb(pid),
             elapsed: t0.elapsed(),
-            dom0_cpu: (cpu_ticks(pid) - cpu0) as f64 / t0.elapsed().as_secs_f64(),
+            cpu: (cpu_ticks(pid) - cpu0) as f64 / t0.elapsed().as_secs_f64(),
+            warn_lines: log.matches(" WARN ").count(),
+            error_lines: log.matches(" ERROR ").count(),
+            messages: distinct_warnings(log),
+            unloaded,
+            neighbour,
+            recovery,
+        });
+    }
+    (baseline, out)
+}
+
+/// What a compromised Dom0 writes to an agent, class by class (`vm` is the agent's VM). `live`
+/// inputs follow a `CONNACK 0`; the others come instead of it.
+pub fn toward_agent(vm: &str) -> Vec<Class> {
+    let me = VmId::parse(vm).expect("vm id");
+    let response = Command::ListDisks.response_topic(&me);
+    let t = response.as_bytes();
+    let connack = vec![0x20, 0x02, 0x00, 0x00];
+    let full_publish = publish_raw(0x32, t, Some(7), b"{\"status\":\"ok\",\"disks\":[]}");
+    let mut classes = Vec::new();
+
+    classes.push(Class {
+        id: 1,
+        name: "non-CONNACK first packet; second CONNACK",
+        inputs: vec![
+            Input::scanning(publish_raw(0x30, t, None, b"{}")),
+            Input::scanning(vec![0x90, 0x03, 0x00, 0x01, 0x00]),
+            Input::scanning(vec![0xD0, 0x00]),
+            Input::live(connack.clone()),
+            Input::live(vec![0x20, 0x02, 0x00, 0x05]),
+        ],
+    });
+
+    classes.push(Class {
+        id: 2,
+        name: "client-to-server types, reserved types 0 and 15, reserved flag bits",
+        inputs: vec![
+            Input::live(raw::connect("dom0", 5)),
+            Input::live(subscribe_raw(0x82, 1, b"#", 0)),
+            Input::live(vec![0xA2, 0x05, 0x00, 0x01, 0x00, 0x01, b'#']),
+            Input::live(raw::PINGREQ.to_vec()),
+            Input::live(vec![0x00, 0x00]),
+            Input::live(vec![0xF0, 0x00]),
+            Input::live(vec![0xD1, 0x00]),
+            Input::live(publish_raw(0x38, t, None, b"{}")),
+            Input::scanning(vec![0x21, 0x02, 0x00, 0x00]),
+        ],
+    });
+
+    let mut nonminimal = vec![0x30, 0x80 | 9, 0x00];
+    let small = publish_raw(0x30, b"a/b", None, b"{\"x\":1}");
+    nonminimal.extend_from_slice(&small[2..]);
+    let mut huge = vec![0x30, 0xFF, 0xFF, 0xFF, 0x7F];
+    huge.extend(noise(65536, 3));
+    classes.push(Class {
+        id: 3,
+        name: "remaining length: 5 bytes, non-minimal, body mismatch, huge",
+        inputs: vec![
+            Input::scanning(vec![0x20, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F]),
+            Input::live(vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
+            Input::live(nonminimal),
+            Input::live(vec![0x30, 0x04, 0x00, 0xC8, b'a', b'b']),
+            Input::live(huge),
+        ],
+    });
+
+    let mut cuts: Vec<Input> = (1..connack.len())
+        .map(|n| Input::scanning(connack[..n].to_vec()))
+        .collect();
+    for n in [
+        1,
+        2,
+        3,
+        4,
+        10,
+        t.len() + 4,
+        t.len() + 5,
+        full_publish.len() - 1,
+    ] {
+        cuts.push(Input::live(
+            full_publish[..n.min(full_publish.len() - 1)].to_vec(),
+        ));
+    }
+    classes.push(Class {
+        id: 4,
+        name: "truncation at every field",
+        inputs: cuts,
+    });
+
+    let bad: [&[u8]; 4] = [b"\xC3\x28", b"\xED\xA0\x80", b"\x00", b"\x01"];
+    classes.push(Class {
+        id: 5,
+        name: "invalid UTF-8, surrogates, NUL, control characters in topics",
+        inputs: bad
+            .iter()
+            .map(|b| {
+                let mut topic = t.to_vec();
+                topic.extend_from_slice(b);
+                Input::live(publish_raw(0x30, &topic, None, b"{}"))
+            })
+            .collect(),
+    });
+
+    let long = vec![b'a'; 65535];
+    classes.push(Class {
+        id: 6,
+        name: "empty topics, wildcards in PUBLISH, over-long, $ topics, topics never subscribed",
+        inputs: [
+            &b""[..],
+            b"system/+/x",
+            b"#",
+            b"$SYS/x",
+            &long,
+            b"app/other/x",
+        ]
+        .iter()
+        .map(|topic| Input::live(publish_raw(0x30, topic, None, b"{}")))
+        .collect(),
+    });
+
+    classes.push(Class {
+        id: 7,
+        name: "QoS 3, packet id 0 with QoS > 0",
+        inputs: vec![
+            Input::live(publish_raw(0x36, t, Some(5), b"{}")),
+            Input::live(publish_raw(0x32, t, Some(0), b"{}")),
+            Input::live(publish_raw(0x34, t, Some(0), b"{}")),
+        ],
+    });
+
+    classes.push(Class {
+        id: 8,
+        name: "unsolicited PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK, UNSUBACK",
+        inputs: vec![
+            Input::live(ack(0x40, 7)),
+            Input::live(ack(0x50, 8)),
+            Input::live(ack(0x62, 9)),
+            Input::live(ack(0x70, 10)),
+            Input::live(vec![0x90, 0x03, 0x00, 0x33, 0x01]),
+            Input::live(ack(0xB0, 11)),
+        ],
+    });
+
+    let mut qos1 = Vec::new();
+    let mut qos2 = Vec::new();
+    for i in 1..=2000u16 {
+        qos1.extend(publish_raw(0x32, t, Some(i), b"{}"));
+        qos2.extend(publish_raw(0x34, t, Some(i), b"{}"));
+    }
+    classes.push(Class {
+        id: 9,
+        name: "2000 QoS 1, then 2000 QoS 2 publishes toward the agent",
+        inputs: vec![Input::live(qos1), Input::live(qos2)],
+    });
+
+    let props = vec![0x20, 0x08, 0x00, 0x00, 0x05, 0x21, 0x00, 0x0A, 0x22, 0x00];
+    classes.push(Class {
+        id: 10,
+        name: "MQTT 5 CONNACK with properties",
+        inputs: vec![
+            Input::scanning(props),
+            Input::scanning(vec![0x20, 0x03, 0x00, 0x00, 0x00]),
+        ],
+    });
+
+    let mut flood = Vec::new();
+    let kib = publish_raw(0x30, t, None, &[b'f'; 1024]);
+    for _ in 0..2048 {
+        flood.extend_from_slice(&kib);
+    }
+    classes.push(Class {
+        id: 11,
+        name: "slow CONNACK, no CONNACK at all, payload flood (2 MiB of 1 KiB publishes)",
+        inputs: vec![
+            Input {
+                pace: Some(Duration::from_millis(20)),
+                ..Input::scanning(connack.clone())
+            },
+            Input::scanning(Vec::new()),
+            Input::live(flood),
+        ],
+    });
+
+    classes.push(Class {
+        id: 12,
+        name: "a Dom0 that vanishes mid-write",
+        inputs: vec![
+            Input {
+                vanish: true,
+                ..Input::live(full_publish[..full_publish.len() / 2].to_vec())
+            },
+            Input {
+                vanish: true,
+                ..Input::scanning(connack[..2].to_vec())
+            },
+        ],
+    });
+    classes
+}
+
+/// Plays Dom0 on the channel's backend socket.
+struct FakeDom0 {
+    stream: std::os::unix::net::UnixStream,
+    seen: Vec<u8>,
+}
+
+impl FakeDom0 {
+    /// Takes the backend socket (the previous client is dropped), says DISCONNECT like Dom0's
+    /// attach signal, and waits for the agent's CONNECT.
+    fn attach(ch: &Channel, limit: Duration) -> Option<FakeDom0> {
+        ch.drop_client();
+        let stream = std::os::unix::net::UnixStream::connect(&ch.socket).ok()?;
+        let deadline = Instant::now() + limit;
+        while !ch.has_client() {
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::park_timeout(Duration::from_millis(5));
+        }
+        let mut d = FakeDom0 {
+            stream,
+            seen: Vec::new(),
+        };
+        d.write(&raw::DISCONNECT);
+        let _ = d.stream.set_read_timeout(Some(Duration::from_millis(50)));
+        while Instant::now() < deadline {
+            d.read();
+            if d.seen.windows(6).any(|w| w == b"\x00\x04MQTT") {
+                d.seen.clear();
+                return Some(d);
+            }
+        }
+        None
+    }
+
+    fn read(&mut self) {
+        use std::io::Read;
+        let mut buf = [0u8; 65536];
+        if let Ok(n) = self.stream.read(&mut buf) {
+            self.seen.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let _ = self.stream.write_all(bytes);
+    }
+}
+
+/// The agent under attack, with the files of its run.
+#[allow(missing_debug_implementations)]
+pub struct AgentUnderTest {
+    pub dir: crate::TestDir,
+    pub ch: Channel,
+    pub proc: crate::Proc,
+    pub mqtt: std::path::PathBuf,
+}
+
+impl AgentUnderTest {
+    pub fn start(vm: &str) -> AgentUnderTest {
+        let dir = crate::TestDir::new("hostile-dom0");
+        let ch = Channel::new(&dir.path, vm);
+        let mqtt = dir.join("mqtt.sock");
+        let mut cmd = std::process::Command::new(crate::bin("domu-agent"));
+        cmd.args(["run", "--vm", vm, "--device"])
+            .arg(&ch.tty)
+            .arg("--local-socket")
+            .arg(dir.join("agent.sock"))
+            .arg("--mqtt-socket")
+            .arg(&mqtt)
+            .arg("--legacy-socket")
+            .arg(dir.join("legacy.sock"))
+            .env("RUST_LOG", "info");
+        let proc = crate::Proc::spawn("domu-agent", &dir, &mut cmd);
+        proc.wait_log("channel opened");
+        AgentUnderTest {
+            dir,
+            ch,
+            proc,
+            mqtt,
+        }
+    }
+
+    /// A well-behaved Dom0 attaches: the time until the agent logged a new "session up".
+    fn recover(&mut self, limit: Duration) -> Result<Duration, String> {
+        let t0 = Instant::now();
+        let before = self.proc.output().matches("session up").count();
+        let Some(mut d) = FakeDom0::attach(&self.ch, limit) else {
+            return Err(format!("no CONNECT in {limit:?}"));
+        };
+        d.write(&[0x20, 0x02, 0x00, 0x00]);
+        while t0.elapsed() < limit {
+            d.read();
+            if self.proc.output().matches("session up").count() > before {
+                return Ok(t0.elapsed());
+            }
+        }
+        Err(format!("no session in {limit:?}"))
+    }
+
+    /// Sends `class` for `time` (each input to a freshly attached fake Dom0), then recovery.
+    fn attack(&mut self, class: &Class, time: Duration) -> (usize, Result<Duration, String>) {
+        let t0 = Instant::now();
+        let mut sent = 0;
+        while sent == 0 || t0.elapsed() < time {
+            for input in &class.inputs {
+                // The agent backs off (up to 5 s) from a Dom0 that misbehaves: wait for it.
+                let Some(mut d) = FakeDom0::attach(&self.ch, Duration::from_secs(15)) else {
+                    continue;
+                };
+                if input.live {
+                    d.write(&[0x20, 0x02, 0x00, 0x00]);
+                }
+                match input.pace {
+                    Some(p) => {
+                        for b in &input.bytes {
+                            d.write(std::slice::from_ref(b));
+                            std::thread::sleep(p);
+                        }
+                    }
+                    None => d.write(&input.bytes),
+                }
+                d.read();
+                if input.vanish {
+                    self.ch.drop_client();
+                }
+                sent += 1;
+            }
+        }
+        (sent, self.recover(Duration::from_secs(30)))
+    }
+}
+
+/// The whole suite toward an agent (vm-gui's): each class (or those in `only`) for `time`, while
+/// an application keeps connecting to the agent's local MQTT endpoint.
+pub fn run_toward_agent(time: Duration, only: &[u8]) -> (LoopRun, Vec<Outcome>) {
+    let mut a = AgentUnderTest::start("vm-gui");
+    let first = a.recover(Duration::from_secs(30));
+    assert!(first.is_ok(), "the agent never got a session: {first:?}");
+    let quiet = |mqtt: &Path| {
+        let n = Neighbour::local_connects(mqtt);
+        let t0 = Instant::now();
+        while t0.elapsed() < time {
+            std::thread::park_timeout(time.saturating_sub(t0.elapsed()));
+        }
+        n.stop()
+    };
+    let baseline = quiet(&a.mqtt);
+    let mut out = Vec::new();
+    for class in toward_agent("vm-gui") {
+        if !only.is_empty() && !only.contains(&class.id) {
+            continue;
+        }
+        let unloaded = quiet(&a.mqtt);
+        let logged = a.proc.output().len();
+        let pid = a.proc.pid();
+        let (cpu0, t0) = (cpu_ticks(pid), Instant::now());
+        let nb = Neighbour::local_connects(&a.mqtt);
+        let (inputs_sent, recovery) = a.attack(&class, time);
+        let neighbour = nb.stop();
+        let log = a.proc.output();
+        let log = log.get(logged..).unwrap_or_default();
+        out.push(Outcome {
+            class,
+            inputs_sent,
+            up: a.proc.is_running(),
+            rss_kb: a.proc.rss_kb(),
+            peak_rss_kb: peak_rss_kb(pid),
+            elapsed: t0.elapsed(),
+            cpu: (cpu_ticks(pid) - cpu0) as f64 / t0.elapsed().as_secs_f64(),
             warn_lines: log.matches(" WARN ").count(),
             error_lines: log.matches(" ERROR ").count(),
             messages: distinct_warnings(log),

@@ -20,7 +20,7 @@ fn every_attack_class_toward_dom0_embedded() {
     assert_eq!(outcomes.len(), 12);
     for o in &outcomes {
         let class = format!("class {} ({})", o.class.id, o.class.name);
-        assert!(o.dom0_up, "{class}: Dom0 died");
+        assert!(o.up, "{class}: Dom0 died");
         assert_eq!(
             o.neighbour.failed, 0,
             "{class}: the neighbour's requests failed"
@@ -52,6 +52,45 @@ fn every_attack_class_toward_dom0_embedded() {
             o.warn_lines <= bound,
             "{class}: {} WARN lines in {secs:.1} s (bound {bound}): {:?}",
             o.warn_lines,
+            o.messages
+        );
+    }
+}
+
+/// The agent's peak RSS allowed over the whole suite.
+const AGENT_PEAK_RSS_KB: u64 = 32 * 1024;
+
+/// The same classes from a hostile "Dom0" toward an agent: the agent stays up, its memory flat,
+/// its local endpoint keeps answering applications, it logs no ERROR, and a well-behaved Dom0
+/// gets a session again (a truncated frame costs at most two keepalives).
+#[test]
+fn every_attack_class_toward_an_agent() {
+    let (base, outcomes) = system_tests::hostile::run_toward_agent(Duration::from_millis(200), &[]);
+    assert_eq!(
+        base.failed, 0,
+        "the local endpoint failed before any attack"
+    );
+    assert_eq!(outcomes.len(), 12);
+    for o in &outcomes {
+        let class = format!("class {} ({})", o.class.id, o.class.name);
+        assert!(o.up, "{class}: the agent died");
+        assert_eq!(
+            o.neighbour.failed, 0,
+            "{class}: the local endpoint did not answer"
+        );
+        assert!(
+            o.recovery.is_ok(),
+            "{class}: no session again: {:?}",
+            o.recovery
+        );
+        assert!(
+            o.peak_rss_kb <= AGENT_PEAK_RSS_KB,
+            "{class}: agent peak RSS {} KiB",
+            o.peak_rss_kb
+        );
+        assert_eq!(
+            o.error_lines, 0,
+            "{class}: ERROR in the agent's log: {:?}",
             o.messages
         );
     }

@@ -408,3 +408,30 @@ fn connect_behind_other_output_is_well_formed() {
     assert!(matches!(out[0], Packet::PubComp(_)), "{out:?}");
     assert!(is_connect(&out[1]), "{out:?}");
 }
+
+#[test]
+fn a_frame_from_dom0_stopped_half_way_means_a_new_connect() {
+    let (mut s, t0) = live(&[]);
+    // Half a PUBLISH (Dom0 died mid-write), then Dom0's attach signal, swallowed as its body.
+    let publish = encoded(Packet::Publish(Publish::new(
+        "system/disks/list_disks/response/vm-gui",
+        QoS::AtMostOnce,
+        vec![b'x'; 100],
+    )));
+    assert!(s.on_input(&publish[..40], t0).is_empty());
+    let t1 = t0 + Duration::from_millis(300);
+    assert!(s.on_input(DISCONNECT, t1).is_empty());
+    // Bytes keep the frame alive; a second without one ends it, well before the keepalive.
+    assert_eq!(s.next_deadline(), Some(t1 + FRAME_STALL));
+    assert!(
+        s.on_tick(t1 + FRAME_STALL - Duration::from_millis(1))
+            .is_empty()
+    );
+    assert_eq!(s.on_tick(t1 + FRAME_STALL), vec![Event::Down]);
+    let out = sent(&mut s);
+    assert!(is_connect(&out[0]), "{out:?}");
+    assert_eq!(s.on_input(CONNACK, t1 + FRAME_STALL), vec![Event::Up]);
+    // A whole frame leaves no stall deadline behind.
+    assert!(s.on_input(&publish, t1 + FRAME_STALL).len() == 1);
+    assert_eq!(s.next_deadline(), Some(t1 + FRAME_STALL + KEEPALIVE));
+}
