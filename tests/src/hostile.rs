@@ -399,6 +399,8 @@ pub struct LoopRun {
     /// Requests without an answer within 5 s.
     pub failed: usize,
     pub stats: Option<Stats>,
+    /// The longest round trip.
+    pub max: Option<Duration>,
 }
 
 /// A request loop measured while a class runs: each step is timed; a step that fails (no answer
@@ -435,6 +437,11 @@ impl Neighbour {
 
     /// vm-gui asking sys-usb `list_disks` in a loop, through its agent's local MQTT endpoint.
     pub fn start(mqtt: &Path, name: &str) -> Neighbour {
+        Neighbour::requests(mqtt, name, Duration::from_secs(5))
+    }
+
+    /// The same, each request waiting up to `timeout` for its answer (QoS 1 both ways).
+    pub fn requests(mqtt: &Path, name: &str, timeout: Duration) -> Neighbour {
         let gui = VmId::parse("vm-gui").expect("vm id");
         let client = LocalClient::connect(mqtt, name);
         let response = Command::ListDisks.response_topic(&gui);
@@ -445,7 +452,7 @@ impl Neighbour {
             let rid = format!("{name}-{i}");
             let body = json!({"sender": "vm-gui", "request_id": rid}).to_string();
             client.publish(&request, body.as_bytes());
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let deadline = Instant::now() + timeout;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                 let Some((_, p)) = client.recv(left) else {
                     return false;
@@ -484,6 +491,7 @@ impl Neighbour {
         let (samples, failed) = self.handle.join().expect("neighbour thread");
         LoopRun {
             answered: samples.len(),
+            max: samples.iter().max().copied(),
             failed,
             stats: (!samples.is_empty()).then(|| stats(samples)),
         }

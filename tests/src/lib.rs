@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod channel;
+pub mod faults;
 pub mod guest;
 pub mod hostile;
 pub mod local;
@@ -330,10 +331,24 @@ impl Dom0 {
 
     /// Restarts the service (same broker, same port).
     pub fn restart(&mut self, dir: &TestDir, kind: BrokerKind, extra: &[&str]) {
-        self.proc.signal(nix::sys::signal::Signal::SIGTERM);
-        assert!(
-            self.proc.wait_exit(DEADLINE).is_some(),
-            "dom0-broker did not stop on SIGTERM"
+        self.restart_after(nix::sys::signal::Signal::SIGTERM, dir, kind, extra);
+    }
+
+    /// Stops the service with `signal` (SIGKILL: a crash) and starts it again.
+    pub fn restart_after(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+        dir: &TestDir,
+        kind: BrokerKind,
+        extra: &[&str],
+    ) {
+        self.proc.signal(signal);
+        // (A process killed by a signal has no exit code: wait for it to be gone.)
+        let proc = &mut self.proc;
+        wait_for(
+            &format!("dom0-broker to stop on {signal}"),
+            DEADLINE,
+            || !proc.is_running(),
         );
         if kind == BrokerKind::Embedded {
             wait_for("the port to be free", DEADLINE, || {

@@ -8,6 +8,7 @@ mod agent;
 mod apps;
 mod deploy;
 mod dom0;
+mod faults;
 mod hostile;
 mod layout;
 mod legacy;

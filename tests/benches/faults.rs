@@ -1,0 +1,57 @@
+//! Fault figures: each fault of `system_tests::faults` while vm-gui keeps asking sys-usb
+//! `list_disks` at QoS 1; prints one Markdown table per broker (requests answered and timed out,
+//! the longest round trip — the outage as the requester saw it —, half-written files left).
+//! `scripts/reliability` puts them in docs/reliability.md.
+//!
+//! `cargo bench -p system-tests --bench faults -- [--embedded|--mosquitto] [--secs N] [--fault N]...`
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use system_tests::BrokerKind;
+use system_tests::faults::{REQUEST_TIMEOUT, run_faults};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    };
+    let secs: u64 = value("--secs")
+        .first()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let only: Vec<u8> = value("--fault")
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    for kind in system_tests::bench::kinds_from_args() {
+        let outcomes = run_faults(kind, Duration::from_secs(secs), REQUEST_TIMEOUT, &only);
+        println!(
+            "\n### Faults, {} broker ({secs} s of requests before and after each)\n",
+            match kind {
+                BrokerKind::Embedded => "embedded rumqttd",
+                BrokerKind::Mosquitto => "Mosquitto",
+            }
+        );
+        println!(
+            "| fault | requests answered | requests timed out ({} s; the requester may retry) | longest answered round trip (the outage) | served after | half-written files left |",
+            REQUEST_TIMEOUT.as_secs()
+        );
+        println!("|---|---|---|---|---|---|");
+        for o in outcomes {
+            println!(
+                "| {} | {} | {} | {} ms | {} | {} |",
+                o.fault.name(),
+                o.requests.answered,
+                o.requests.failed,
+                o.worst.as_millis(),
+                if o.served_after { "yes" } else { "**no**" },
+                o.partial_files
+            );
+        }
+    }
+}
