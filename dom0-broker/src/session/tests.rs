@@ -733,3 +733,21 @@ fn sessions_started_in_a_loop_are_limited() {
         vec![Effect::OpenBroker]
     );
 }
+
+#[test]
+fn warnings_a_guest_causes_do_not_flood_the_log() {
+    // Found by the hostile suite: an MQTT 5 CONNECT loop wrote one WARN line per CONNECT (33 000
+    // a second). Every guest-caused warning now shares the report budget.
+    let (mut s, now) = session();
+    let mut c = connect("vm-gui", 5);
+    c[8] = 5;
+    for _ in 0..200 {
+        s.guest_in.extend_from_slice(&c);
+    }
+    s.on_guest_input(&[], now);
+    // 10 reported (the burst), the other 190 counted for the next report.
+    assert_eq!(s.suppressed, 190);
+    let later = s.may_report(now + Duration::from_secs(1)).unwrap();
+    assert_eq!(later.to_string(), " (and 190 more refusals not reported)");
+    assert_eq!(s.suppressed, 0);
+}
