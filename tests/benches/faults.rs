@@ -10,24 +10,12 @@
 use std::time::Duration;
 
 use system_tests::BrokerKind;
+use system_tests::bench::flag_numbers;
 use system_tests::faults::{REQUEST_TIMEOUT, run_faults};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| -> Vec<String> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].clone())
-            .collect()
-    };
-    let secs: u64 = value("--secs")
-        .first()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    let only: Vec<u8> = value("--fault")
-        .iter()
-        .filter_map(|s| s.parse().ok())
-        .collect();
+    let secs: u64 = flag_numbers("--secs").first().copied().unwrap_or(2);
+    let only: Vec<u8> = flag_numbers("--fault");
     for kind in system_tests::bench::kinds_from_args() {
         let outcomes = run_faults(kind, Duration::from_secs(secs), REQUEST_TIMEOUT, &only);
         println!(

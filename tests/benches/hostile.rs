@@ -12,25 +12,13 @@
 use std::time::Duration;
 
 use system_tests::BrokerKind;
+use system_tests::bench::flag_numbers;
 use system_tests::hostile::{LoopRun, Outcome, run_toward_agent, run_toward_dom0};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| -> Vec<String> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].clone())
-            .collect()
-    };
-    let secs: u64 = value("--secs")
-        .first()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let only: Vec<u8> = value("--class")
-        .iter()
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    if args.iter().any(|a| a == "--agent") {
+    let secs: u64 = flag_numbers("--secs").first().copied().unwrap_or(3);
+    let only: Vec<u8> = flag_numbers("--class");
+    if std::env::args().any(|a| a == "--agent") {
         let (base, outcomes) = run_toward_agent(Duration::from_secs(secs), &only);
         let title = format!("Toward an agent, from a hostile Dom0 ({secs} s per class)");
         print_table(

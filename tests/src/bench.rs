@@ -176,3 +176,20 @@ pub fn stats(mut samples: Vec<Duration>) -> Stats {
             .count(),
     }
 }
+
+/// The values given to `flag` on the command line (`--flag V`, possibly repeated).
+pub fn flag_values(flag: &str) -> Vec<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .filter(|w| w[0] == flag)
+        .map(|w| w[1].clone())
+        .collect()
+}
+
+/// The numbers given to `flag` (those that parse).
+pub fn flag_numbers<T: std::str::FromStr>(flag: &str) -> Vec<T> {
+    flag_values(flag)
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}

@@ -50,6 +50,19 @@ impl Input {
             ..Input::scanning(bytes)
         }
     }
+
+    /// Writes the bytes with `write`: at once, or a byte at a time at its pace.
+    fn send(&self, mut write: impl FnMut(&[u8])) {
+        match self.pace {
+            Some(p) => {
+                for b in &self.bytes {
+                    write(std::slice::from_ref(b));
+                    std::thread::sleep(p);
+                }
+            }
+            None => write(&self.bytes),
+        }
+    }
 }
 
 /// One class of the list.
@@ -93,6 +106,32 @@ fn subscribe_raw(byte1: u8, pkid: u16, filter: &[u8], qos: u8) -> Vec<u8> {
 
 fn ack(byte1: u8, pkid: u16) -> Vec<u8> {
     packet(byte1, &pkid.to_be_bytes())
+}
+
+/// A QoS 1 PUBLISH on `t` cut short at every field: in the header, the length, the topic length,
+/// the topic, the packet id, the payload (live inputs).
+fn publish_cuts(full_publish: &[u8], topic_len: usize) -> Vec<Input> {
+    let last = full_publish.len() - 1;
+    [1, 2, 3, 4, 10, topic_len + 4, topic_len + 5, last]
+        .iter()
+        .map(|n| Input::live(full_publish[..(*n).min(last)].to_vec()))
+        .collect()
+}
+
+/// 2000 QoS 1 publishes on `t`, and 2000 QoS 2 ones, packet ids 1 to 2000.
+fn unacknowledged(t: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut qos1 = Vec::new();
+    let mut qos2 = Vec::new();
+    for i in 1..=2000u16 {
+        qos1.extend(publish_raw(0x32, t, Some(i), b"{}"));
+        qos2.extend(publish_raw(0x34, t, Some(i), b"{}"));
+    }
+    (qos1, qos2)
+}
+
+/// 2 MiB of 1 KiB QoS 0 publishes on `t`.
+fn kib_flood(t: &[u8]) -> Vec<u8> {
+    publish_raw(0x30, t, None, &[b'f'; 1024]).repeat(2048)
 }
 
 /// Deterministic noise.
@@ -180,21 +219,7 @@ pub fn toward_dom0(vm: &str) -> Vec<Class> {
     let mut cuts: Vec<Input> = (1..full_connect.len())
         .map(|n| Input::scanning(full_connect[..n].to_vec()))
         .collect();
-    // PUBLISH: in the header, the length, the topic length, the topic, the packet id, the payload.
-    for n in [
-        1,
-        2,
-        3,
-        4,
-        10,
-        t.len() + 4,
-        t.len() + 5,
-        full_publish.len() - 1,
-    ] {
-        cuts.push(Input::live(
-            full_publish[..n.min(full_publish.len() - 1)].to_vec(),
-        ));
-    }
+    cuts.extend(publish_cuts(&full_publish, t.len()));
     classes.push(Class {
         id: 4,
         name: "truncation at every field",
@@ -283,12 +308,7 @@ pub fn toward_dom0(vm: &str) -> Vec<Class> {
         ],
     });
 
-    let mut qos1 = Vec::new();
-    let mut qos2 = Vec::new();
-    for i in 1..=2000u16 {
-        qos1.extend(publish_raw(0x32, t, Some(i), b"{}"));
-        qos2.extend(publish_raw(0x34, t, Some(i), b"{}"));
-    }
+    let (qos1, qos2) = unacknowledged(t);
     classes.push(Class {
         id: 9,
         name: "in-flight overflow: 2000 QoS 1, then 2000 QoS 2 publishes unacknowledged",
@@ -314,11 +334,7 @@ pub fn toward_dom0(vm: &str) -> Vec<Class> {
         ],
     });
 
-    let mut flood = Vec::new();
-    let kib = publish_raw(0x30, t, None, &[b'f'; 1024]);
-    for _ in 0..2048 {
-        flood.extend_from_slice(&kib);
-    }
+    let flood = kib_flood(t);
     classes.push(Class {
         id: 11,
         name: "slow writer, idle session, payload flood (2 MiB of 1 KiB publishes)",
@@ -522,6 +538,54 @@ pub struct Outcome {
     pub recovery: Result<Duration, String>,
 }
 
+/// What is measured of the attacked process during a class: from [`Watch::begin`] to
+/// [`Watch::finish`].
+struct Watch {
+    logged: usize,
+    cpu0: u64,
+    t0: Instant,
+}
+
+impl Watch {
+    fn begin(target: &crate::Proc) -> Watch {
+        Watch {
+            logged: target.output().len(),
+            cpu0: cpu_ticks(target.pid()),
+            t0: Instant::now(),
+        }
+    }
+
+    /// The class's figures; `sent` is what the attack returned (inputs sent, recovery).
+    fn finish(
+        self,
+        target: &mut crate::Proc,
+        class: Class,
+        sent: (usize, Result<Duration, String>),
+        unloaded: LoopRun,
+        neighbour: LoopRun,
+    ) -> Outcome {
+        let pid = target.pid();
+        let log = target.output();
+        let log = log.get(self.logged..).unwrap_or_default();
+        let elapsed = self.t0.elapsed();
+        Outcome {
+            class,
+            inputs_sent: sent.0,
+            up: target.is_running(),
+            rss_kb: target.rss_kb(),
+            peak_rss_kb: peak_rss_kb(pid),
+            elapsed,
+            cpu: (cpu_ticks(pid) - self.cpu0) as f64 / elapsed.as_secs_f64(),
+            warn_lines: log.matches(" WARN ").count(),
+            error_lines: log.matches(" ERROR ").count(),
+            messages: distinct_warnings(log),
+            unloaded,
+            neighbour,
+            recovery: sent.1,
+        }
+    }
+}
+
 /// Connects like a guest; the time it took, or what went wrong within `limit`.
 fn reconnect(g: &mut GuestTty, vm: &str, limit: Duration) -> Result<Duration, String> {
     let t0 = Instant::now();
@@ -559,15 +623,7 @@ pub fn attack(
             if input.live {
                 let _ = reconnect(&mut g, vm, Duration::from_secs(15));
             }
-            match input.pace {
-                Some(p) => {
-                    for b in &input.bytes {
-                        g.write(std::slice::from_ref(b));
-                        std::thread::sleep(p);
-                    }
-                }
-                None => g.write(&input.bytes),
-            }
+            input.send(|b| g.write(b));
             g.poll();
             g.seen.clear();
             if input.vanish {
@@ -608,29 +664,11 @@ pub fn run_toward_dom0(
             continue;
         }
         let unloaded = quiet(&format!("quiet-{}", class.id));
-        let logged = s.dom0.proc.output().len();
-        let (cpu0, t0) = (cpu_ticks(s.dom0.proc.pid()), Instant::now());
+        let watch = Watch::begin(&s.dom0.proc);
         let nb = Neighbour::start(&s.gui.mqtt, &format!("neighbour-{}", class.id));
-        let (inputs_sent, recovery) = attack(&evil, EVIL, &class, time);
+        let sent = attack(&evil, EVIL, &class, time);
         let neighbour = nb.stop();
-        let pid = s.dom0.proc.pid();
-        let log = s.dom0.proc.output();
-        let log = log.get(logged..).unwrap_or_default();
-        out.push(Outcome {
-            class,
-            inputs_sent,
-            up: s.dom0.proc.is_running(),
-            rss_kb: s.dom0.proc.rss_kb(),
-            peak_rss_kb: peak_rss_kb(pid),
-            elapsed: t0.elapsed(),
-            cpu: (cpu_ticks(pid) - cpu0) as f64 / t0.elapsed().as_secs_f64(),
-            warn_lines: log.matches(" WARN ").count(),
-            error_lines: log.matches(" ERROR ").count(),
-            messages: distinct_warnings(log),
-            unloaded,
-            neighbour,
-            recovery,
-        });
+        out.push(watch.finish(&mut s.dom0.proc, class, sent, unloaded, neighbour));
     }
     (baseline, out)
 }
@@ -693,20 +731,7 @@ pub fn toward_agent(vm: &str) -> Vec<Class> {
     let mut cuts: Vec<Input> = (1..connack.len())
         .map(|n| Input::scanning(connack[..n].to_vec()))
         .collect();
-    for n in [
-        1,
-        2,
-        3,
-        4,
-        10,
-        t.len() + 4,
-        t.len() + 5,
-        full_publish.len() - 1,
-    ] {
-        cuts.push(Input::live(
-            full_publish[..n.min(full_publish.len() - 1)].to_vec(),
-        ));
-    }
+    cuts.extend(publish_cuts(&full_publish, t.len()));
     classes.push(Class {
         id: 4,
         name: "truncation at every field",
@@ -767,12 +792,7 @@ pub fn toward_agent(vm: &str) -> Vec<Class> {
         ],
     });
 
-    let mut qos1 = Vec::new();
-    let mut qos2 = Vec::new();
-    for i in 1..=2000u16 {
-        qos1.extend(publish_raw(0x32, t, Some(i), b"{}"));
-        qos2.extend(publish_raw(0x34, t, Some(i), b"{}"));
-    }
+    let (qos1, qos2) = unacknowledged(t);
     classes.push(Class {
         id: 9,
         name: "2000 QoS 1, then 2000 QoS 2 publishes toward the agent",
@@ -789,11 +809,7 @@ pub fn toward_agent(vm: &str) -> Vec<Class> {
         ],
     });
 
-    let mut flood = Vec::new();
-    let kib = publish_raw(0x30, t, None, &[b'f'; 1024]);
-    for _ in 0..2048 {
-        flood.extend_from_slice(&kib);
-    }
+    let flood = kib_flood(t);
     classes.push(Class {
         id: 11,
         name: "slow CONNACK, no CONNACK at all, payload flood (2 MiB of 1 KiB publishes)",
@@ -937,15 +953,7 @@ impl AgentUnderTest {
                 if input.live {
                     d.write(&[0x20, 0x02, 0x00, 0x00]);
                 }
-                match input.pace {
-                    Some(p) => {
-                        for b in &input.bytes {
-                            d.write(std::slice::from_ref(b));
-                            std::thread::sleep(p);
-                        }
-                    }
-                    None => d.write(&input.bytes),
-                }
+                input.send(|b| d.write(b));
                 d.read();
                 if input.vanish {
                     self.ch.drop_client();
@@ -978,29 +986,11 @@ pub fn run_toward_agent(time: Duration, only: &[u8]) -> (LoopRun, Vec<Outcome>) 
             continue;
         }
         let unloaded = quiet(&a.mqtt);
-        let logged = a.proc.output().len();
-        let pid = a.proc.pid();
-        let (cpu0, t0) = (cpu_ticks(pid), Instant::now());
+        let watch = Watch::begin(&a.proc);
         let nb = Neighbour::local_connects(&a.mqtt);
-        let (inputs_sent, recovery) = a.attack(&class, time);
+        let sent = a.attack(&class, time);
         let neighbour = nb.stop();
-        let log = a.proc.output();
-        let log = log.get(logged..).unwrap_or_default();
-        out.push(Outcome {
-            class,
-            inputs_sent,
-            up: a.proc.is_running(),
-            rss_kb: a.proc.rss_kb(),
-            peak_rss_kb: peak_rss_kb(pid),
-            elapsed: t0.elapsed(),
-            cpu: (cpu_ticks(pid) - cpu0) as f64 / t0.elapsed().as_secs_f64(),
-            warn_lines: log.matches(" WARN ").count(),
-            error_lines: log.matches(" ERROR ").count(),
-            messages: distinct_warnings(log),
-            unloaded,
-            neighbour,
-            recovery,
-        });
+        out.push(watch.finish(&mut a.proc, class, sent, unloaded, neighbour));
     }
     (baseline, out)
 }
