@@ -26,18 +26,23 @@ fn main() {
             }
         );
         println!(
-            "| fault | requests answered | requests timed out ({} s; the requester may retry) | longest answered round trip (the outage) | served after | half-written files left |",
+            "| fault | requests answered | requests timed out ({} s; the requester may retry) | longest answered round trip (the outage) | served after | killed mid-write | half-written files left |",
             REQUEST_TIMEOUT.as_secs()
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|");
         for o in outcomes {
             println!(
-                "| {} | {} | {} | {} ms | {} | {} |",
+                "| {} | {} | {} | {} ms | {} | {} | {} |",
                 o.fault.name(),
                 o.requests.answered,
                 o.requests.failed,
                 o.worst.as_millis(),
                 if o.served_after { "yes" } else { "**no**" },
+                match o.caught_mid_write {
+                    None => "",
+                    Some(true) => "yes",
+                    Some(false) => "**not caught**",
+                },
                 o.partial_files
             );
         }

@@ -33,16 +33,20 @@ pub enum Fault {
     /// sys-usb's agent SIGKILLed in the middle of a `copy_file` of [`BIG`] bytes, then started
     /// again.
     AgentKilledMidCopy,
+    /// sys-usb's agent SIGKILLed while it writes the file of a 2 MiB `create_file` (tried until a
+    /// kill lands in the write, at most [`CREATE_TRIES`] times), then started again.
+    AgentKilledMidCreate,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 7] = [
         Fault::Dom0Killed,
         Fault::BrokerKilled,
         Fault::SocketRecreated,
         Fault::Dom0Detached,
         Fault::Garbage,
         Fault::AgentKilledMidCopy,
+        Fault::AgentKilledMidCreate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +57,7 @@ impl Fault {
             Fault::Dom0Detached => "Dom0 detached while sys-usb writes",
             Fault::Garbage => "garbage and half frames injected into sys-usb's channel",
             Fault::AgentKilledMidCopy => "sys-usb's agent SIGKILLed mid-copy_file, restarted",
+            Fault::AgentKilledMidCreate => "sys-usb's agent SIGKILLed mid-create_file, restarted",
         }
     }
 
@@ -71,6 +76,8 @@ pub struct FaultOutcome {
     pub requests: LoopRun,
     /// The longest answered round trip: the outage as the requester saw it.
     pub worst: Duration,
+    /// For the agent kills: whether the agent was seen with the file open just before the kill.
+    pub caught_mid_write: Option<bool>,
     /// A request asked after the fault (`domu-agent call list_disks`) was answered.
     pub served_after: bool,
     /// Files under the disks and the repository that are not whole files of the scene: files of
@@ -93,12 +100,19 @@ fn files(root: &Path, out: &mut Vec<(std::path::PathBuf, u64)>) {
     }
 }
 
+/// How many `create_file`s [`Fault::AgentKilledMidCreate`] tries to kill in the middle of.
+pub const CREATE_TRIES: usize = 30;
+
+/// The size of those files: just under the agent's default `create_file` limit (2 MiB).
+const CREATE_SIZE: u64 = 2 * 1024 * 1024 - 4096;
+
 /// The file `copy_file` copies in [`Fault::AgentKilledMidCopy`].
 const BIG: u64 = 256 << 20;
 
 /// Runs `fault` on a scene, `settle` of requests before and after it.
 fn run_one(s: &mut Scene, fault: Fault, settle: Duration, timeout: Duration) -> FaultOutcome {
     let nb = Neighbour::requests(&s.gui.mqtt, &format!("faults-{fault:?}"), timeout);
+    let mut caught = None;
     std::thread::park_timeout(settle);
     let kind = s.kind;
     match fault {
@@ -148,16 +162,44 @@ fn run_one(s: &mut Scene, fault: Fault, settle: Duration, timeout: Duration) -> 
             crate::wait_for("sys-usb's agent to start writing", crate::DEADLINE, || {
                 writing(usb_pid)
             });
-            s.usb.proc.signal(Signal::SIGKILL);
-            s.usb.proc.wait_exit(crate::DEADLINE);
-            let (d, r) = (s.disks.display().to_string(), s.repo.display().to_string());
-            s.usb = crate::Agent::start(
-                &s.dir,
-                &s.usb_ch,
-                "sys-usb",
-                &["--disks", &d, "--repository", &r],
-            );
+            kill_and_restart_usb(s);
+            caught = Some(true);
             let _ = call.wait();
+        }
+        Fault::AgentKilledMidCreate => {
+            // 2 MiB create_files one after the other; the agent is SIGKILLed as soon as it is seen
+            // with the new file open (the write takes milliseconds: tried again until it lands).
+            let data = s.dir.join("create.bin");
+            std::fs::write(&data, vec![0x5Au8; CREATE_SIZE as usize]).unwrap();
+            let data_arg = format!("data=@{}", data.display());
+            caught = Some(false);
+            for i in 0..CREATE_TRIES {
+                let mut call = std::process::Command::new(crate::bin("domu-agent"))
+                    .arg("call")
+                    .arg("--socket")
+                    .arg(&s.gui.socket)
+                    .args(["--timeout-ms", "10000", "create_file", "disk=usb1"])
+                    .arg(format!("filepath=created-{i}.bin"))
+                    .arg(&data_arg)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                let usb_pid = s.usb.proc.pid();
+                let mut seen = false;
+                while matches!(call.try_wait(), Ok(None)) {
+                    if writing(usb_pid) {
+                        seen = true;
+                        break;
+                    }
+                }
+                if seen {
+                    kill_and_restart_usb(s);
+                    caught = Some(true);
+                    let _ = call.wait();
+                    break;
+                }
+            }
         }
     }
     std::thread::park_timeout(settle);
@@ -171,16 +213,31 @@ fn run_one(s: &mut Scene, fault: Fault, settle: Duration, timeout: Duration) -> 
         .iter()
         .filter(|(p, size)| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            !(name == "report.txt" || (name == "big.bin" && *size == BIG))
+            let whole_created = name.starts_with("created-") && *size == CREATE_SIZE;
+            !(name == "report.txt" || (name == "big.bin" && *size == BIG) || whole_created)
         })
         .count();
     FaultOutcome {
         fault,
         requests,
         worst,
+        caught_mid_write: caught,
         served_after,
         partial_files,
     }
+}
+
+/// SIGKILLs sys-usb's agent and starts it again.
+fn kill_and_restart_usb(s: &mut Scene) {
+    s.usb.proc.signal(Signal::SIGKILL);
+    s.usb.proc.wait_exit(crate::DEADLINE);
+    let (d, r) = (s.disks.display().to_string(), s.repo.display().to_string());
+    s.usb = crate::Agent::start(
+        &s.dir,
+        &s.usb_ch,
+        "sys-usb",
+        &["--disks", &d, "--repository", &r],
+    );
 }
 
 /// True while `pid` has a file open for writing under a disk (an unnamed O_TMPFILE or a named

@@ -25,6 +25,9 @@ fn every_fault(kind: BrokerKind) {
             "{fault}: a request after the fault was not answered"
         );
         assert_eq!(o.partial_files, 0, "{fault}: half-written files left");
+        if let Some(caught) = o.caught_mid_write {
+            assert!(caught, "{fault}: no kill landed in the middle of a write");
+        }
     }
 }
 
