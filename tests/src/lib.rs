@@ -381,11 +381,16 @@ impl Dom0 {
             .write_all(payload.as_bytes())
             .unwrap();
         let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "mosquitto_pub: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            // What Dom0 logged last says which side dropped the connection.
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "mosquitto_pub: {}\ndom0-broker's last lines:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
     }
 
     /// A `mosquitto_sub` on Dom0 that prints `topic payload` lines; returns once it is subscribed.
