@@ -129,8 +129,11 @@ fn run_one(s: &mut Scene, fault: Fault, settle: Duration, timeout: Duration) -> 
             s.dom0.mosquitto = Some(crate::start_mosquitto(&s.dir, s.dom0.port, ""));
         }
         Fault::SocketRecreated => {
+            // Re-created once Dom0 has seen it gone (a reboot, not a blink).
+            const GONE: &str = "channel socket removed; link stopped";
+            let before = s.dom0.log().matches(GONE).count();
             s.usb_ch.shutdown();
-            std::thread::park_timeout(Duration::from_millis(300));
+            s.dom0.proc.wait_log_count(GONE, before + 1);
             s.usb_ch.serve();
         }
         Fault::Dom0Detached => s.usb_ch.drop_client(),
