@@ -1,8 +1,9 @@
 //! The broker: the embedded rumqttd, or an external one reached by TCP or a UNIX socket.
 //!
-//! Every connection we open sets TCP_NODELAY. rumqttd sets no TCP_NODELAY on its side, so a small
-//! write of its can wait for our ACK; we re-arm TCP_QUICKACK after every read so that ACK is never
-//! delayed (see docs/performance.md for the measurement).
+//! Every connection we open sets TCP_NODELAY, and so does the embedded rumqttd on its side (a
+//! vendored patch: upstream rumqttd sets none, and a small write of its waited 40 ms for a client's
+//! delayed ACK). For external brokers configured without it, we re-arm TCP_QUICKACK after every
+//! read so that our ACK is never delayed (see docs/performance.md for the measurement).
 
 use std::collections::HashMap;
 use std::io;
@@ -30,12 +31,12 @@ pub enum BrokerError {
 }
 
 /// Starts rumqttd on `listen` (MQTT 3.1.1) and `listen_v5` (MQTT 5) in its own threads and waits
-/// until it accepts.
+/// until it accepts. Returns where the front door hands Dom0 clients over.
 pub fn start_embedded(
     listen: SocketAddr,
     listen_v5: SocketAddr,
     limits: &Limits,
-) -> Result<(), BrokerError> {
+) -> Result<crate::front_door::Backends, BrokerError> {
     // rumqttd logs a bind failure from its own thread and carries on; find out first.
     for addr in [listen, listen_v5] {
         drop(
@@ -83,10 +84,14 @@ pub fn start_embedded(
         v5: Some(HashMap::from([("v5".to_owned(), server_v5)])),
         ..Default::default()
     };
+    let mut broker = rumqttd::Broker::new(config);
+    let front_door = crate::front_door::Backends {
+        v4: broker.handoff("v4"),
+        v5: broker.handoff("v5"),
+    };
     std::thread::Builder::new()
         .name("rumqttd".to_owned())
         .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
             if let Err(e) = broker.start() {
                 tracing::error!(error = %e, "embedded broker stopped");
             }
@@ -95,7 +100,7 @@ pub fn start_embedded(
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
         if is_listening(listen.port()) && is_listening(listen_v5.port()) {
-            return Ok(());
+            return Ok(front_door);
         }
         std::thread::sleep(Duration::from_millis(5));
     }

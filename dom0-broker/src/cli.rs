@@ -88,7 +88,7 @@ pub struct RunArgs {
     /// Policy file [default: the built-in policy, deploy/alpine/policy.toml].
     #[arg(long)]
     pub policy: Option<PathBuf>,
-    /// UNIX socket for Dom0 operators, relayed to the embedded broker (mosquitto_pub --unix).
+    /// UNIX socket for Dom0 operators, served by the embedded broker (mosquitto_pub --unix).
     #[arg(long)]
     pub operator_socket: Option<PathBuf>,
 }

@@ -34,7 +34,7 @@ pub struct FileConfig {
     /// External broker URL (`mqtt://HOST:PORT` or `unix:///PATH`); absent: embedded broker.
     pub broker: Option<String>,
     pub policy: Option<PathBuf>,
-    /// UNIX socket for Dom0 operators (`mosquitto_pub --unix`), relayed to the embedded broker.
+    /// UNIX socket for Dom0 operators (`mosquitto_pub --unix`), served by the embedded broker.
     pub operator_socket: Option<PathBuf>,
     /// Allow `listen` on a non-loopback address. Off by default: nothing listens beyond Dom0.
     #[serde(default)]

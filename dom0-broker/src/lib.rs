@@ -2,7 +2,7 @@
 //! channel, the per-VM policy, and the Dom0 controller.
 //!
 //! Pure logic (`mqtt`, `session`, `policy`, `acl`, `config`) is kept apart from the I/O drivers
-//! (`link`, `discovery`, `broker`, `relay`, `controller`).
+//! (`link`, `discovery`, `broker`, `front_door`, `controller`).
 
 pub mod acl;
 pub mod bench;
@@ -11,12 +11,12 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod discovery;
+pub mod front_door;
 pub mod legacy_mode;
 pub mod link;
 pub mod mqtt;
 pub mod policy;
 pub mod probe;
-pub mod relay;
 pub mod session;
 pub mod status;
 pub mod supervision;

@@ -10,7 +10,7 @@ use dom0_broker::config::{self, BrokerAddr, BrokerChoice, ConfigError, Mosquitto
 use dom0_broker::link::LinkContext;
 use dom0_broker::policy::Policy;
 use dom0_broker::supervision::{Event, Supervision};
-use dom0_broker::{acl, broker, controller, discovery, relay};
+use dom0_broker::{acl, broker, controller, discovery, front_door};
 use tokio::sync::watch;
 
 /// Exit codes (sysexits.h).
@@ -228,8 +228,9 @@ async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
     let mut tasks = tokio::task::JoinSet::new();
     let broker_addr = match &settings.broker {
         BrokerChoice::Embedded(listen) => {
-            // Dom0 clients reach rumqttd through our relay on `listen` (see relay.rs for why);
-            // rumqttd itself listens on a private loopback port.
+            // Dom0 clients reach rumqttd through our front door on `listen`, which hands each to
+            // rumqttd's server of its MQTT version (see front_door.rs); rumqttd itself listens on
+            // private loopback ports (the links' connections).
             let listener = match tokio::net::TcpListener::bind(listen).await {
                 Ok(l) => l,
                 Err(e) => return fail(EX_UNAVAILABLE, &format!("cannot listen on {listen}: {e}")),
@@ -255,27 +256,28 @@ async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
                     }
                 };
             let limits = settings.limits.clone();
-            match tokio::task::spawn_blocking(move || {
+            let backends = match tokio::task::spawn_blocking(move || {
                 broker::start_embedded(internal, internal_v5, &limits)
             })
             .await
             {
-                Ok(Ok(())) => {
-                    tracing::info!(listen = %listen, internal = %internal, internal_v5 = %internal_v5, "embedded broker listening")
+                Ok(Ok(b)) => {
+                    tracing::info!(listen = %listen, internal = %internal, internal_v5 = %internal_v5, "embedded broker listening");
+                    b
                 }
                 Ok(Err(e)) => return fail(EX_UNAVAILABLE, &e.to_string()),
                 Err(e) => return fail(EX_SOFTWARE, &e.to_string()),
-            }
-            let backends = relay::Backends {
-                v4: internal,
-                v5: internal_v5,
             };
-            tasks.spawn(relay::run_tcp(listener, backends, stop_rx.clone()));
+            tasks.spawn(front_door::run_tcp(
+                listener,
+                backends.clone(),
+                stop_rx.clone(),
+            ));
             if let Some(path) = settings.operator_socket.clone() {
-                match relay::bind_unix(&path).await {
+                match front_door::bind_unix(&path).await {
                     Ok(l) => {
                         tracing::info!(path = %path.display(), "operator socket listening");
-                        tasks.spawn(relay::run_unix(l, path, backends, stop_rx.clone()));
+                        tasks.spawn(front_door::run_unix(l, path, backends, stop_rx.clone()));
                     }
                     Err(e) => {
                         return fail(

@@ -1,32 +1,37 @@
 //! Benchmark of the Dom0 link: a client talking to the broker directly against the same client
-//! talking through a simulated channel and the link, in one run, with the ratios.
+//! talking through a simulated channel and the link, in one run, with the ratios; Dom0 clients on
+//! `--listen` and the operator socket against the broker's own port; throughput both ways.
 //!
-//! Run with `./scripts/bench` (it builds the release binaries first). Not a test: it asserts nothing
-//! about speed; it prints the figures recorded in docs/performance.md.
+//! Run with `./scripts/bench` (it builds the release binaries first and puts the tables in
+//! docs/performance.md). Not a test: it asserts nothing about speed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use system_tests::bench::{guest, tcp, tcp_plain, throughput};
-use system_tests::channel::Channel;
+use system_tests::bench::{
+    Report, STEP_DEADLINE, Stats, guest, interleaved, p50_p99, ratios, tcp, tcp_plain, throughput,
+};
+use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
 use system_tests::{BrokerKind, Dom0, TestDir};
 
-/// Each run has its own command so a responder of one run never answers another run's requests.
+/// Each path has its own command so that a responder of one path never answers another's requests.
 const DIRECT: &str = "system/disks/list_files";
 const CHAINED: &str = "system/disks/list_disks";
+const LISTEN: &str = "system/disks/get_file_footprint";
+const OPERATOR: &str = "system/disks/create_file";
+const OWN_PLAIN: &str = "system/disks/remove_file";
 const NOTIFY: &str = "system/disk/new_file/notification";
 const ERRORS: &str = "system/events/error/notification";
 const ROUND_TRIPS: usize = 2000;
+const WARMUP: usize = 200;
 const MESSAGES: u64 = 200_000;
 
 /// A responder that answers every request of `command` on its response topic, at QoS 1.
-fn responder<S: std::io::Read + std::io::Write + Send + 'static>(
-    mut c: RawClient<S>,
-    command: &'static str,
-) {
+fn responder<S: Read + Write + Send + 'static>(mut c: RawClient<S>, command: &'static str) {
     // Request and response at the same QoS (1), as the requester's.
     c.subscribe_qos1(&format!("{command}/request"));
     let response = format!("{command}/response/dom0");
@@ -41,48 +46,35 @@ fn responder<S: std::io::Read + std::io::Write + Send + 'static>(
     });
 }
 
-struct Stats {
-    p50: Duration,
-    p99: Duration,
-    max: Duration,
-    stalls: usize,
-}
-
-fn round_trips(mut c: RawClient<TcpStream>, command: &str) -> Stats {
+/// A requester of `command`: each call is one QoS 1 round trip.
+fn requester<S: Read + Write>(
+    mut c: RawClient<S>,
+    command: &str,
+) -> impl FnMut(usize) -> Duration + use<S> {
     c.subscribe_qos1(&format!("{command}/response/dom0"));
     let request = format!("{command}/request");
-    let mut samples = Vec::with_capacity(ROUND_TRIPS);
-    for i in 0..ROUND_TRIPS + 200 {
+    move |i| {
         let payload = format!(r#"{{"sender":"dom0","request_id":"{i}"}}"#);
         let t0 = Instant::now();
         assert!(c.try_publish_qos1(&request, (i % 60_000 + 1) as u16, payload.as_bytes()));
         let got = c.next_publish();
         let dt = t0.elapsed();
         assert_eq!(got, payload.as_bytes());
-        if i >= 200 {
-            samples.push(dt);
-        }
-    }
-    samples.sort();
-    Stats {
-        p50: samples[samples.len() / 2],
-        p99: samples[samples.len() * 99 / 100],
-        max: *samples.last().unwrap(),
-        stalls: samples
-            .iter()
-            .filter(|d| **d >= Duration::from_millis(40))
-            .count(),
+        dt
     }
 }
 
 fn main() {
     let kinds = system_tests::bench::kinds_from_args();
-    for kind in kinds {
-        run(kind);
+    let mut report = Report::new("Dom0 link (`tests/benches/chain.rs`)", &kinds);
+    for (i, kind) in kinds.into_iter().enumerate() {
+        report.column(i);
+        run(kind, &mut report);
     }
+    report.print();
 }
 
-fn run(kind: BrokerKind) {
+fn run(kind: BrokerKind, report: &mut Report) {
     let dir = TestDir::new("bench");
     let conf = dir.join("dom0.toml");
     // Guest publishes are rate-limited by default; the benchmark measures capacity.
@@ -92,72 +84,105 @@ fn run(kind: BrokerKind) {
     )
     .unwrap();
     let conf_arg = conf.display().to_string();
-    let dom0 = Dom0::start_logging(&dir, kind, &["--config", &conf_arg], "info,rumqttd=error");
+    let operator = dir.join("operator.sock");
+    let operator_arg = operator.display().to_string();
+    let mut args = vec!["--config", conf_arg.as_str()];
+    if kind == BrokerKind::Embedded {
+        args.extend(["--operator-socket", operator_arg.as_str()]);
+    }
+    let dom0 = Dom0::start_logging(&dir, kind, &args, "info,rumqttd=error");
     let ch = Channel::new(&dir.path, "sys-usb");
     dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
-
     let broker_port = system_tests::bench::broker_port(&dom0, kind);
 
-    println!("== {kind:?} broker: request → response, {ROUND_TRIPS} sequential round trips, QoS 1");
-    // (a) both clients talk to the broker directly.
+    // Round trips, QoS 1 both ways, interleaved (one of each path per round).
+    // (a) both clients on the broker's own port (the lean client of tests/src/raw.rs, with
+    // TCP_NODELAY and TCP_QUICKACK);
     responder(tcp(broker_port, "bench-direct-responder"), DIRECT);
-    let direct = round_trips(tcp(broker_port, "bench-direct-requester"), DIRECT);
-    // (b) the responder is a guest behind its channel and the Dom0 link (policy checks included).
+    let mut direct = requester(tcp(broker_port, "bench-direct-requester"), DIRECT);
+    // (b) the responder is a guest behind the simulated channel and the Dom0 link;
     responder(guest(&ch, "sys-usb"), CHAINED);
-    let chained = round_trips(tcp(broker_port, "bench-chain-requester"), CHAINED);
-    // (c) a requester without TCP_QUICKACK (like mosquitto_pub), on the broker's own port and on
-    // the address Dom0 clients use (--listen: dom0-broker's relay for the embedded broker).
-    let plain_own = round_trips(tcp_plain(broker_port, "bench-plain-own"), CHAINED);
-    let plain_listen = round_trips(tcp_plain(dom0.port, "bench-plain-listen"), CHAINED);
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let line = |what: &str, s: &Stats| {
-        println!(
-            "{what:<52} p50 {:7.1} µs  p99 {:7.1} µs  max {:8.1} µs  ≥40 ms: {}",
-            us(s.p50),
-            us(s.p99),
-            us(s.max),
-            s.stalls
-        )
-    };
-    line("direct  client ↔ broker ↔ client", &direct);
-    line("through the channel and the link", &chained);
-    println!(
-        "{:<52} p50 {:7.2}×    p99 {:7.2}×",
-        "ratio to direct",
-        us(chained.p50) / us(direct.p50),
-        us(chained.p99) / us(direct.p99)
-    );
-    // The link's own cost: what remains after the broker (direct) and the simulated channel's
-    // own round trip, measured in the same run, in a directory Dom0 does not watch.
+    let mut chained = requester(tcp(broker_port, "bench-chain-requester"), CHAINED);
+    // (c) the simulated channel's own round trip, in a directory Dom0 does not watch;
     let sim_dir = TestDir::new("bench-chain-sim");
-    let sim = system_tests::bench::stats(system_tests::channel::round_trip_samples(
-        &sim_dir.path,
-        ROUND_TRIPS,
-    ));
-    let own = us(chained.p50) - us(direct.p50) - sim.p50;
-    println!(
-        "{:<52} p50 {:7.1} µs; link's own cost p50 {own:6.1} µs ({:.2}× direct + channel; target ≤ 20 µs, ≤ 1.10×)",
-        "the simulated channel alone",
-        sim.p50,
-        us(chained.p50) / (us(direct.p50) + sim.p50)
+    let mut sim = SimRoundTrip::new(&sim_dir.path);
+    let mut sim = move |_| sim.once();
+    // (d) plain requesters (TCP_NODELAY, no TCP_QUICKACK: like mosquitto_pub) on the broker's own
+    // port, and — embedded broker — on the addresses Dom0 clients use: --listen and the operator
+    // socket (dom0-broker's front door). Their responders are direct.
+    responder(tcp(broker_port, "bench-own-responder"), OWN_PLAIN);
+    let mut own_plain = requester(tcp_plain(broker_port, "bench-plain-own"), OWN_PLAIN);
+    let mut paths: Vec<&mut dyn FnMut(usize) -> Duration> =
+        vec![&mut direct, &mut chained, &mut sim, &mut own_plain];
+    let mut listen;
+    let mut unix;
+    if kind == BrokerKind::Embedded {
+        responder(tcp(broker_port, "bench-listen-responder"), LISTEN);
+        listen = requester(tcp_plain(dom0.port, "bench-plain-listen"), LISTEN);
+        responder(tcp(broker_port, "bench-operator-responder"), OPERATOR);
+        let s = UnixStream::connect(&operator).unwrap();
+        s.set_read_timeout(Some(STEP_DEADLINE)).unwrap();
+        unix = requester(RawClient::connect(s, "bench-plain-operator"), OPERATOR);
+        paths.push(&mut listen);
+        paths.push(&mut unix);
+    }
+    eprintln!(
+        "{ROUND_TRIPS} rounds of {} interleaved round trips…",
+        paths.len()
     );
-    line(
-        "requester without TCP_QUICKACK, broker's own port",
-        &plain_own,
+    let s = interleaved(ROUND_TRIPS, WARMUP, &mut paths);
+    let (direct, chained, sim, own_plain) = (&s[0], &s[1], &s[2], &s[3]);
+    report.row(
+        "round trip direct (broker's own port), p50 / p99",
+        p50_p99(direct),
     );
-    line(
-        "requester without TCP_QUICKACK, via --listen",
-        &plain_listen,
+    report.row(
+        "round trip through channel + link, p50 / p99",
+        p50_p99(chained),
     );
+    report.row("**ratio to direct**, p50 / p99", ratios(chained, direct));
+    report.row(
+        "the simulated channel alone, one round trip, p50",
+        format!("{:.1} µs", sim.p50),
+    );
+    let own = chained.p50 - direct.p50 - sim.p50;
+    report.row(
+        "**the link's own cost** p50 (target ≤ 20 µs, ≤ 1.10× direct + channel)",
+        format!("{own:.1} µs ({:.2}×)", chained.p50 / (direct.p50 + sim.p50)),
+    );
+    let stalls: usize = s.iter().map(|s: &Stats| s.stalls).sum();
+    report.row(
+        "round trips ≥ 40 ms (Nagle stalls), all paths",
+        stalls.to_string(),
+    );
+    report.row(
+        "plain client (no TCP_QUICKACK) on the broker's own port, p50 / p99",
+        p50_p99(own_plain),
+    );
+    if let [.., listen, unix] = s.as_slice()
+        && kind == BrokerKind::Embedded
+    {
+        report.row(
+            "plain client on `--listen`, p50 / p99 (**ratio to direct**, target ≤ 1.10×)",
+            format!("{} ({})", p50_p99(listen), ratios(listen, direct)),
+        );
+        report.row(
+            "plain client on the operator socket, p50 / p99 (**ratio to direct**)",
+            format!("{} ({})", p50_p99(unix), ratios(unix, direct)),
+        );
+    }
 
-    println!("== {kind:?} broker: throughput, {MESSAGES} × 16-byte messages, QoS 0");
+    eprintln!("throughput, {MESSAGES} × 16-byte messages, QoS 0");
     let d = throughput(
         MESSAGES,
         NOTIFY,
-        tcp(dom0.port, "bench-pub-a"),
-        tcp(dom0.port, "bench-sub-a"),
+        tcp(broker_port, "bench-pub-a"),
+        tcp(broker_port, "bench-sub-a"),
     );
-    println!("direct  client → broker → client            {d:10.0} msg/s");
+    report.row(
+        "throughput direct (broker's own port), 16-byte QoS 0",
+        format!("{d:.0} msg/s"),
+    );
     // A second channel for the throughput runs, so the responder above stays out of the way.
     let ch2 = Channel::new(&dir.path, "vm-gui");
     dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
@@ -167,9 +192,9 @@ fn run(kind: BrokerKind) {
         tcp(broker_port, "bench-pub-b"),
         guest(&ch2, "vm-gui"),
     );
-    println!(
-        "Dom0 → guest through the link               {down:10.0} msg/s  ({:.2} of direct)",
-        down / d
+    report.row(
+        "Dom0 → guest through the link (**ratio to direct**, target ≥ 0.9×)",
+        format!("{down:.0} msg/s ({:.2}×)", down / d),
     );
     let ch3 = Channel::new(&dir.path, "vm-three");
     dom0.proc.wait_log("link{vm=vm-three}: attached to channel");
@@ -180,9 +205,12 @@ fn run(kind: BrokerKind) {
         guest(&ch3, "vm-three"),
         tcp(broker_port, "bench-sub-c"),
     );
-    println!(
-        "guest → Dom0 through the link               {up:10.0} msg/s  ({:.2} of direct)",
-        up / d
+    report.row(
+        "guest → Dom0 through the link (**ratio to direct**, target ≥ 0.9×)",
+        format!("{up:.0} msg/s ({:.2}×)", up / d),
     );
-    println!("Dom0 RSS after the runs: {} KiB", dom0.proc.rss_kb());
+    report.row(
+        "Dom0 RSS after the runs",
+        format!("{:.1} MiB", dom0.proc.rss_kb() as f64 / 1024.0),
+    );
 }

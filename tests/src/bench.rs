@@ -193,3 +193,116 @@ pub fn flag_numbers<T: std::str::FromStr>(flag: &str) -> Vec<T> {
         .filter_map(|s| s.parse().ok())
         .collect()
 }
+
+/// Round trips measured in turn, one of each path per round, so that every path sees the same
+/// machine (a 2-core VM is noisy). `warmup` rounds are not counted. Each path is a closure doing
+/// one round trip (given the round's number) and returning its duration.
+pub fn interleaved(
+    rounds: usize,
+    warmup: usize,
+    paths: &mut [&mut dyn FnMut(usize) -> Duration],
+) -> Vec<Stats> {
+    let mut samples: Vec<Vec<Duration>> =
+        paths.iter().map(|_| Vec::with_capacity(rounds)).collect();
+    for i in 0..warmup + rounds {
+        for (path, s) in paths.iter_mut().zip(samples.iter_mut()) {
+            let d = path(i);
+            if i >= warmup {
+                s.push(d);
+            }
+        }
+    }
+    samples.into_iter().map(stats).collect()
+}
+
+/// A benchmark's table for `docs/performance.md`: one row per figure, one column per broker.
+/// Each figure is also printed to stderr as it comes; `print` writes the Markdown to stdout
+/// (`./scripts/bench` collects it into the document).
+#[derive(Debug)]
+pub struct Report {
+    title: String,
+    columns: Vec<String>,
+    column: usize,
+    rows: Vec<(String, Vec<String>)>,
+}
+
+impl Report {
+    pub fn new(title: &str, kinds: &[BrokerKind]) -> Report {
+        Report {
+            title: title.to_owned(),
+            columns: kinds.iter().map(|k| broker_name(*k)).collect(),
+            column: 0,
+            rows: Vec::new(),
+        }
+    }
+
+    /// The figures that follow are for the `i`-th broker.
+    pub fn column(&mut self, i: usize) {
+        self.column = i;
+        eprintln!("== {}: {}", self.title, self.columns[i]);
+    }
+
+    /// Records one figure of the current broker.
+    pub fn row(&mut self, label: &str, value: String) {
+        eprintln!("{label:<60} {value}");
+        let n = self.columns.len();
+        let at = match self.rows.iter().position(|(l, _)| l == label) {
+            Some(at) => at,
+            None => {
+                self.rows.push((label.to_owned(), vec![String::new(); n]));
+                self.rows.len() - 1
+            }
+        };
+        self.rows[at].1[self.column] = value;
+    }
+
+    /// The Markdown table.
+    pub fn markdown(&self) -> String {
+        let mut out = format!("| {} | {} |\n|---|", self.title, self.columns.join(" | "));
+        out.push_str(&"---|".repeat(self.columns.len()));
+        out.push('\n');
+        for (label, values) in &self.rows {
+            let cells: Vec<&str> = values
+                .iter()
+                .map(|v| if v.is_empty() { "—" } else { v.as_str() })
+                .collect();
+            out.push_str(&format!("| {label} | {} |\n", cells.join(" | ")));
+        }
+        out
+    }
+
+    pub fn print(&self) {
+        println!("{}", self.markdown());
+    }
+}
+
+/// The broker's name and version, as the tables show it.
+pub fn broker_name(kind: BrokerKind) -> String {
+    match kind {
+        BrokerKind::Embedded => "embedded rumqttd".to_owned(),
+        BrokerKind::Mosquitto => {
+            let out = std::process::Command::new("mosquitto").arg("-h").output();
+            let text = out
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            match text
+                .split_whitespace()
+                .skip_while(|w| *w != "version")
+                .nth(1)
+            {
+                Some(v) => format!("Mosquitto {v}"),
+                None => "Mosquitto".to_owned(),
+            }
+        }
+    }
+}
+
+/// `p50 / p99` in microseconds.
+pub fn p50_p99(s: &Stats) -> String {
+    format!("{:.1} / {:.1} µs", s.p50, s.p99)
+}
+
+/// `p50 / p99` of `b` against `a`, as ratios.
+pub fn ratios(b: &Stats, a: &Stats) -> String {
+    format!("{:.2}× / {:.2}×", b.p50 / a.p50, b.p99 / a.p99)
+}

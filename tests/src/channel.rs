@@ -196,29 +196,56 @@ impl Channel {
 /// Round trips through a simulated channel alone (guest tty → backend socket → guest tty, 40
 /// bytes each way): the simulator's own share of any chain measured through it. Sorted samples.
 pub fn round_trip_samples(dir: &Path, n: usize) -> Vec<Duration> {
-    let ch = Channel::new(dir, "vm-simcost");
-    let mut dom0 = UnixStream::connect(&ch.socket).expect("connect to the simulated backend");
-    super::wait_for("the backend's client", super::DEADLINE, || ch.has_client());
-    let mut guest = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&ch.tty)
-        .expect("open tty");
-    let msg = [0x30u8; 40];
-    let mut buf = [0u8; 40];
+    let mut sim = SimRoundTrip::new(dir);
     let mut samples = Vec::with_capacity(n);
     for i in 0..n + n / 10 {
-        let t0 = Instant::now();
-        guest.write_all(&msg).expect("guest write");
-        dom0.read_exact(&mut buf).expect("backend read");
-        dom0.write_all(&msg).expect("backend write");
-        guest.read_exact(&mut buf).expect("guest read");
+        let d = sim.once();
         if i >= n / 10 {
-            samples.push(t0.elapsed());
+            samples.push(d);
         }
     }
     samples.sort();
     samples
+}
+
+/// The simulated channel's own round trip, one at a time (benchmarks interleave it with the
+/// round trips they compare it with): 40 bytes from the guest's tty to the Dom0 side of the
+/// socket and back. Its channel must be in a directory Dom0 does not watch.
+#[derive(Debug)]
+pub struct SimRoundTrip {
+    dom0: UnixStream,
+    guest: std::fs::File,
+    _ch: Channel,
+}
+
+impl SimRoundTrip {
+    pub fn new(dir: &Path) -> SimRoundTrip {
+        let ch = Channel::new(dir, "vm-simcost");
+        let dom0 = UnixStream::connect(&ch.socket).expect("connect to the simulated backend");
+        super::wait_for("the backend's client", super::DEADLINE, || ch.has_client());
+        let guest = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&ch.tty)
+            .expect("open tty");
+        SimRoundTrip {
+            dom0,
+            guest,
+            _ch: ch,
+        }
+    }
+
+    /// One round trip.
+    pub fn once(&mut self) -> Duration {
+        let msg = [0x30u8; 40];
+        let mut buf = [0u8; 40];
+        let t0 = Instant::now();
+        self.guest.write_all(&msg).expect("guest write");
+        self.dom0.read_exact(&mut buf).expect("backend read");
+        self.dom0.write_all(&msg).expect("backend write");
+        self.guest.read_exact(&mut buf).expect("guest read");
+        t0.elapsed()
+    }
 }
 
 impl Drop for Channel {

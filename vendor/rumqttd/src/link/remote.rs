@@ -58,6 +58,8 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    // xen-msg patch: the client sent DISCONNECT (the router then drops the link: routine).
+    pub(crate) client_disconnected: bool,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -122,6 +124,7 @@ impl<P: Protocol> RemoteLink<P> {
             link_rx,
             notifications: VecDeque::with_capacity(100),
             will_delay_interval,
+            client_disconnected: false,
         })
     }
 
@@ -138,6 +141,9 @@ impl<P: Protocol> RemoteLink<P> {
                         let mut buffer = self.link_tx.buffer();
                         buffer.push_back(packet);
                         self.network.readv(&mut buffer)?;
+                        if buffer.iter().any(|p| matches!(p, Packet::Disconnect(..))) {
+                            self.client_disconnected = true;
+                        }
                         buffer.len()
                     };
 

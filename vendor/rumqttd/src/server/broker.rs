@@ -67,6 +67,8 @@ pub enum Error {
 pub struct Broker {
     config: Arc<Config>,
     router_tx: Sender<(ConnectionId, Event)>,
+    // xen-msg patch: connections handed to a server by the embedding program, by server name.
+    handoffs: HashMap<String, flume::Receiver<super::Handoff>>,
 }
 
 impl Broker {
@@ -87,11 +89,11 @@ impl Broker {
                 // Start router first and then cluster in the background
                 let router_tx = router.spawn();
                 // cluster.spawn();
-                Broker { config, router_tx }
+                Broker { config, router_tx, handoffs: HashMap::new() }
             }
             None => {
                 let router_tx = router.spawn();
-                Broker { config, router_tx }
+                Broker { config, router_tx, handoffs: HashMap::new() }
             }
         }
     }
@@ -112,7 +114,7 @@ impl Broker {
     //     let router_tx = router.spawn();
     //     cluster.spawn();
 
-    //     (Broker { config, router_tx }, tx)
+    //     (Broker { config, router_tx, handoffs: HashMap::new() }, tx)
     // }
 
     // fn setup_remote_cluster(router: &mut Router, node_id: NodeId, cluster: &mut RemoteCluster) {
@@ -134,6 +136,14 @@ impl Broker {
     //         cluster.add_replica_router_handle(node_id, link);
     //     }
     // }
+
+    /// xen-msg patch: where the embedding program hands connections it accepted itself to the
+    /// server named `server` (its `ServerSettings::name`), once `start` runs.
+    pub fn handoff(&mut self, server: &str) -> super::HandoffSender {
+        let (tx, rx) = flume::bounded(64);
+        self.handoffs.insert(server.to_owned(), rx);
+        tx
+    }
 
     // Link to get meters
     pub fn meters(&self) -> Result<meters::MetersLink, meters::LinkError> {
@@ -205,7 +215,9 @@ impl Broker {
         if let Some(v4_config) = &self.config.v4 {
             for (_, config) in v4_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
+                let handoff = self.handoffs.remove(&config.name);
                 let mut server = Server::new(config, self.router_tx.clone(), V4);
+                server.handoff = handoff;
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -223,7 +235,9 @@ impl Broker {
         if let Some(v5_config) = &self.config.v5 {
             for (_, config) in v5_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
+                let handoff = self.handoffs.remove(&config.name);
                 let mut server = Server::new(config, self.router_tx.clone(), V5);
+                server.handoff = handoff;
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -248,7 +262,9 @@ impl Broker {
             for (_, config) in ws_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
                 //TODO: Add support for V5 procotol with websockets. Registered in config or on ServerSettings
+                let handoff = self.handoffs.remove(&config.name);
                 let mut server = Server::new(config, self.router_tx.clone(), V4);
+                server.handoff = handoff;
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -349,6 +365,8 @@ pub struct Server<P> {
     router_tx: Sender<(ConnectionId, Event)>,
     protocol: P,
     awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    // xen-msg patch: connections accepted by the embedding program (see `Broker::handoff`).
+    handoff: Option<flume::Receiver<super::Handoff>>,
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -362,6 +380,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             router_tx,
             protocol,
             awaiting_will_handler: Arc::new(Mutex::new(HashMap::default())),
+            handoff: None,
         }
     }
 
@@ -390,27 +409,60 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             listen_addr = self.config.listen.to_string(),
             "Listening for remote connections",
         );
+        let mut handoff = self.handoff.take();
         loop {
             // Await new network connection.
-            let (stream, addr) = match listener.accept().await {
-                Ok((s, r)) => (s, r),
-                Err(e) => {
-                    error!(error=?e, "Unable to accept socket.");
-                    continue;
+            // xen-msg patch: or a connection handed over by the embedding program.
+            let handed = async {
+                match &handoff {
+                    Some(rx) => rx.recv_async().await.ok(),
+                    None => std::future::pending().await,
                 }
             };
+            let (network, tenant_id) = tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, addr) = match accepted {
+                        Ok((s, r)) => (s, r),
+                        Err(e) => {
+                            error!(error=?e, "Unable to accept socket.");
+                            continue;
+                        }
+                    };
+                    // xen-msg patch: no Nagle delay on what the broker writes (a PUBACK then a
+                    // PUBLISH would otherwise wait for the client's delayed ACK: 40 ms).
+                    let _ = stream.set_nodelay(true);
 
-            let (network, tenant_id) = match self.tls_accept(stream).await {
-                Ok(o) => o,
-                Err(e) => {
-                    error!(error=?e, "Tls accept error");
-                    continue;
+                    let (network, tenant_id) = match self.tls_accept(stream).await {
+                        Ok(o) => o,
+                        Err(e) => {
+                            error!(error=?e, "Tls accept error");
+                            continue;
+                        }
+                    };
+
+                    info!(
+                        name=?self.config.name, ?addr, count, tenant=?tenant_id, "accept"
+                    );
+                    (network, tenant_id)
                 }
+                h = handed => match h {
+                    Some(h) => match super::handoff::into_stream(h) {
+                        Ok(network) => {
+                            tracing::debug!(name=?self.config.name, count, "handed over");
+                            (network, None)
+                        }
+                        Err(e) => {
+                            warn!(error=?e, "Unusable connection handed over");
+                            continue;
+                        }
+                    },
+                    None => {
+                        // The embedding program dropped its sender: listen only.
+                        handoff = None;
+                        continue;
+                    }
+                },
             };
-
-            info!(
-                name=?self.config.name, ?addr, count, tenant=?tenant_id, "accept"
-            );
 
             let config = config.clone();
             let router_tx = self.router_tx.clone();
@@ -584,6 +636,12 @@ async fn remote<P: Protocol>(
         Ok(_) => error!("connection-stop"),
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
+        // xen-msg patch: after the client's own DISCONNECT, the router dropping the link is
+        // the routine end of a session (whether the socket's end or the router's came first).
+        Err(remote::Error::Link(e)) if link.client_disconnected => {
+            tracing::debug!(error=?e, "router-drop after the client's DISCONNECT");
+            send_disconnect = false;
+        }
         Err(remote::Error::Link(e)) => {
             error!(error=?e, "router-drop");
             send_disconnect = false;
