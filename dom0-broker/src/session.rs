@@ -667,10 +667,12 @@ impl Session {
         if c.keep_alive == 0 {
             // rumqttd refuses keepalive 0: keep the broker side alive ourselves.
             c.keep_alive = u16::try_from(max.as_secs()).unwrap_or(u16::MAX).max(1);
-            self.own_keepalive = Some(max / 2);
-        } else {
-            self.own_keepalive = None;
         }
+        // The link pings the broker itself whenever it sent nothing for half the keepalive it
+        // announced: the broker never ends the session on its own timer (its 1.5 × keepalive
+        // counts from the last packet it got, which can be earlier than the guest's last byte, e.g.
+        // a frame left half-way); the link's supervision of the guest decides.
+        self.own_keepalive = Some(Duration::from_secs(u64::from(c.keep_alive)) / 2);
         // Identity is the channel's: client id and user name are the VM name; no password travels.
         c.client_id = self.vm.to_string();
         c.username = Some(self.vm.to_string());

@@ -326,8 +326,15 @@ fn delivery_filter_acks_to_broker() {
 #[test]
 fn silence_ends_the_session() {
     let (mut s, now) = live();
-    let t = s.next_deadline().unwrap();
-    assert_eq!(t, now + Duration::from_millis(7500), "1.5 × keepalive 5 s");
+    // The link's own ping comes first (it keeps the broker's timer from ending the session
+    // before the link's supervision of the guest does).
+    let ping = s.next_deadline().unwrap();
+    assert_eq!(ping, now + Duration::from_millis(2500), "keepalive 5 s / 2");
+    s.on_tick(ping);
+    assert_eq!(packets(&s.to_broker), vec![(mqtt::PINGREQ, vec![])]);
+    s.to_broker.clear();
+    let t = now + Duration::from_millis(7500);
+    assert!(s.next_deadline().unwrap() <= t);
     let effects = s.on_tick(t);
     assert!(effects.contains(&Effect::CloseBroker { flush: false }));
     assert!(
@@ -401,8 +408,13 @@ fn partial_frame_on_live_session_times_out() {
     s.guest_in
         .extend_from_slice(&publish("system/disks/list_disks/request", 0, 0, b"{}")[..6]);
     s.on_guest_input(&[], t);
-    let deadline = s.next_deadline().unwrap();
-    let effects = s.on_tick(deadline);
+    // 1.5 × keepalive 5 s after the frame started (the link's own pings come before).
+    assert!(
+        s.on_tick(now + Duration::from_millis(7400))
+            .iter()
+            .all(|e| !matches!(e, Effect::CloseBroker { .. }))
+    );
+    let effects = s.on_tick(now + Duration::from_millis(7500));
     assert!(effects.contains(&Effect::CloseBroker { flush: false }));
 }
 
@@ -750,4 +762,38 @@ fn warnings_a_guest_causes_do_not_flood_the_log() {
     let later = s.may_report(now + Duration::from_secs(1)).unwrap();
     assert_eq!(later.to_string(), " (and 190 more refusals not reported)");
     assert_eq!(s.suppressed, 0);
+}
+
+/// Found by the hostile suite (class 4): a guest that left a frame half-way kept its link waiting
+/// for the frame (1.5 × keepalive from the frame's start) while the broker, which had heard nothing
+/// since the last whole packet, timed the session out first (an ERROR in rumqttd's log). The link
+/// now pings the broker itself, so the broker never goes 1.5 × keepalive without a packet.
+#[test]
+fn a_frame_left_half_way_never_lets_the_broker_time_the_session_out() {
+    let (mut s, now) = live();
+    s.to_broker.clear();
+    let start = now + Duration::from_secs(3);
+    s.guest_in
+        .extend_from_slice(&publish("system/disks/list_disks/request", 0, 0, b"{}")[..6]);
+    s.on_guest_input(&[], start);
+    let mut last_to_broker = now;
+    let end = loop {
+        let t = s.next_deadline().unwrap();
+        let effects = s.on_tick(t);
+        if !s.to_broker.is_empty() {
+            assert!(
+                t - last_to_broker <= Duration::from_secs(5),
+                "the broker heard nothing for {:?}",
+                t - last_to_broker
+            );
+            last_to_broker = t;
+            s.to_broker.clear();
+        }
+        if effects.contains(&Effect::CloseBroker { flush: false }) {
+            break t;
+        }
+        assert!(t < now + Duration::from_secs(60), "the session never ended");
+    };
+    assert!(end - last_to_broker <= Duration::from_secs(5));
+    assert_eq!(end, start + Duration::from_millis(7500));
 }
