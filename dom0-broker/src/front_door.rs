@@ -96,22 +96,34 @@ async fn hand_over(handoff: rumqttd::Handoff, level: u8, backends: &Backends) {
     }
 }
 
-async fn tcp_client(mut client: TcpStream, backends: Backends, mut stop: watch::Receiver<bool>) {
-    let Some((level, first)) = first_bytes(&mut client, &mut stop).await else {
-        return;
-    };
-    match client.into_std() {
-        Ok(s) => hand_over(rumqttd::Handoff::Tcp(s, first), level, &backends).await,
-        Err(e) => tracing::warn!(error = %e, "front door: cannot hand the connection over"),
+/// A client the front door can hand over: its stream, and how it becomes a `Handoff`.
+trait Client: AsyncRead + Unpin {
+    fn into_handoff(self, first: Vec<u8>) -> std::io::Result<rumqttd::Handoff>;
+}
+
+impl Client for TcpStream {
+    fn into_handoff(self, first: Vec<u8>) -> std::io::Result<rumqttd::Handoff> {
+        Ok(rumqttd::Handoff::Tcp(self.into_std()?, first))
     }
 }
 
-async fn unix_client(mut client: UnixStream, backends: Backends, mut stop: watch::Receiver<bool>) {
+impl Client for UnixStream {
+    fn into_handoff(self, first: Vec<u8>) -> std::io::Result<rumqttd::Handoff> {
+        Ok(rumqttd::Handoff::Unix(self.into_std()?, first))
+    }
+}
+
+/// Reads a new client's CONNECT far enough, then hands it over.
+async fn serve_client<C: Client>(
+    mut client: C,
+    backends: Backends,
+    mut stop: watch::Receiver<bool>,
+) {
     let Some((level, first)) = first_bytes(&mut client, &mut stop).await else {
         return;
     };
-    match client.into_std() {
-        Ok(s) => hand_over(rumqttd::Handoff::Unix(s, first), level, &backends).await,
+    match client.into_handoff(first) {
+        Ok(h) => hand_over(h, level, &backends).await,
         Err(e) => tracing::warn!(error = %e, "front door: cannot hand the connection over"),
     }
 }
@@ -125,7 +137,7 @@ pub async fn run_tcp(listener: TcpListener, backends: Backends, stop: watch::Rec
             accepted = listener.accept() => match accepted {
                 Ok((client, _)) => {
                     let _ = client.set_nodelay(true);
-                    tokio::spawn(tcp_client(client, backends.clone(), stop.clone()));
+                    tokio::spawn(serve_client(client, backends.clone(), stop.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "front door: accept failed");
@@ -149,7 +161,7 @@ pub async fn run_unix(
             _ = stop_accept.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((client, _)) => {
-                    tokio::spawn(unix_client(client, backends.clone(), stop.clone()));
+                    tokio::spawn(serve_client(client, backends.clone(), stop.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "operator socket accept failed");

@@ -11,11 +11,11 @@
 
 use std::fs::File;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use system_tests::bench::{guest, stats, tcp};
-use system_tests::channel::Channel;
+use system_tests::bench::{Report, beyond_channels, guest, interleaved, p50_p99, ratios, tcp};
+use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
 
@@ -40,13 +40,10 @@ fn ask<S: std::io::Read + std::io::Write>(
 }
 
 fn main() {
-    let kinds = system_tests::bench::kinds_from_args();
-    for kind in kinds {
-        run(kind);
-    }
+    system_tests::bench::run_all("The chain with the agent (`tests/benches/agent.rs`)", run);
 }
 
-fn run(kind: BrokerKind) {
+fn run(kind: BrokerKind, report: &mut Report) {
     let dir = TestDir::new("bench-agent");
     let disks = dir.join("disks");
     std::fs::create_dir_all(disks.join("usb0")).unwrap();
@@ -61,7 +58,6 @@ fn run(kind: BrokerKind) {
     dom0.proc.wait_log("link{vm=sys-usb}: session up");
     let broker_port = system_tests::bench::broker_port(&dom0, kind);
 
-    println!("== {kind:?} broker: request → response, {ROUND_TRIPS} sequential round trips, QoS 1");
     // (a) Direct: a requester and a responder, both clients of the broker.
     let mut responder = tcp(broker_port, "bench-responder");
     responder.subscribe_qos1("bench/direct/request");
@@ -76,14 +72,7 @@ fn run(kind: BrokerKind) {
     });
     let mut requester = tcp(broker_port, "bench-requester");
     requester.subscribe_qos1("bench/direct/response");
-    // (b) vm-gui (a client on its channel) asks sys-usb's agent for list_disks: two channels,
-    // two links, policy checks, the agent's session and service.
-    let mut gui = guest(&gui_ch, "vm-gui");
-    gui.subscribe_qos1("system/+/+/response/vm-gui");
-    // The two are interleaved, so both see the same machine (a 2-core VM is noisy).
-    let mut direct = Vec::new();
-    let mut chained = Vec::new();
-    for i in 0..ROUND_TRIPS + 100 {
+    let mut direct = |i: usize| {
         let payload = format!(r#"{{"sender":"dom0","request_id":"{i}"}}"#);
         let t0 = Instant::now();
         assert!(requester.try_publish_qos1(
@@ -94,6 +83,13 @@ fn run(kind: BrokerKind) {
         let got = requester.next_publish();
         let d = t0.elapsed();
         assert_eq!(got, payload.as_bytes());
+        d
+    };
+    // (b) vm-gui (a client on its channel) asks sys-usb's agent for list_disks: two channels,
+    // two links, policy checks, the agent's session and service.
+    let mut gui = guest(&gui_ch, "vm-gui");
+    gui.subscribe_qos1("system/+/+/response/vm-gui");
+    let mut chained = |i: usize| {
         let id = format!("rt{i}");
         let t0 = Instant::now();
         let v = ask(
@@ -104,40 +100,44 @@ fn run(kind: BrokerKind) {
         );
         let c = t0.elapsed();
         assert_eq!(v["status"], "ok", "{v}");
-        if i >= 100 {
-            direct.push(d);
-            chained.push(c);
-        }
-    }
-    let (a, b) = (stats(direct), stats(chained));
-    // The simulator's own share: the chain crosses two simulated channels there and back.
+        c
+    };
+    // (c) The simulator's own share: the chain crosses two simulated channels there and back.
     // Measured in a directory Dom0 does not watch (there, Dom0 would take the channel first).
     let sim_dir = TestDir::new("bench-agent-sim");
-    let sim = stats(system_tests::channel::round_trip_samples(
-        &sim_dir.path,
+    let mut sim = SimRoundTrip::new(&sim_dir.path);
+    let mut sim = move |_| sim.once();
+    eprintln!("{ROUND_TRIPS} rounds of 3 interleaved round trips…");
+    let s = interleaved(
         ROUND_TRIPS,
-    ));
-    println!(
-        "direct  client ↔ broker ↔ client                 p50 {:8.1} µs  p99 {:8.1} µs  ≥40 ms: {}",
-        a.p50, a.p99, a.stalls
+        100,
+        &mut [
+            &mut direct as &mut dyn FnMut(usize) -> Duration,
+            &mut chained,
+            &mut sim,
+        ],
     );
-    println!(
-        "vm-gui → link → broker → link → sys-usb agent → …  p50 {:8.1} µs  p99 {:8.1} µs  ≥40 ms: {}",
-        b.p50, b.p99, b.stalls
+    let (a, b, sim) = (&s[0], &s[1], &s[2]);
+    report.row("round trip direct, p50 / p99", p50_p99(a));
+    report.row("vm-gui → sys-usb → vm-gui, p50 / p99", p50_p99(b));
+    report.row(
+        "**ratio to direct**, p50 / p99 (targets ≤ 3× / ≤ 5×)",
+        ratios(b, a),
     );
-    println!(
-        "ratio                                            p50 {:8.2}×    p99 {:8.2}×",
-        b.p50 / a.p50,
-        b.p99 / a.p99
+    report.row(
+        "the simulated channel alone, one round trip, p50",
+        format!("{:.1} µs", sim.p50),
     );
-    println!(
-        "the simulated channel alone, per round trip:     p50 {:8.1} µs; the chain crosses it twice; \
-         ratio without those two: p50 {:.2}×",
-        sim.p50,
-        (b.p50 - 2.0 * sim.p50) / a.p50
+    report.row(
+        "ratio p50 to direct + the two channel round trips",
+        beyond_channels(b, a, sim, 2.0),
+    );
+    report.row(
+        "round trips ≥ 40 ms, all paths",
+        s.iter().map(|s| s.stalls).sum::<usize>().to_string(),
     );
 
-    println!("== {kind:?} broker: get_file_footprint vs sha256sum, 1 GiB file (page cache warm)");
+    eprintln!("get_file_footprint vs sha256sum, 1 GiB file (page cache warm)");
     let big = disks.join("usb0/big.bin");
     {
         use std::io::Write;
@@ -169,29 +169,36 @@ fn run(kind: BrokerKind) {
     );
     let t_agent = t0.elapsed();
     assert_eq!(v["footprint"], expected);
-    println!(
-        "sha256sum                         {:8.0} ms  {:7.0} MB/s",
-        t_sum.as_secs_f64() * 1e3,
-        1073.741824 / t_sum.as_secs_f64()
+    report.row(
+        "`sha256sum` 1 GiB (page cache warm)",
+        format!(
+            "{:.0} ms ({:.0} MB/s)",
+            t_sum.as_secs_f64() * 1e3,
+            1073.741824 / t_sum.as_secs_f64()
+        ),
     );
-    println!(
-        "get_file_footprint via vm-gui     {:8.0} ms  {:7.0} MB/s  ({:.2}× sha256sum)",
-        t_agent.as_secs_f64() * 1e3,
-        1073.741824 / t_agent.as_secs_f64(),
-        t_sum.as_secs_f64() / t_agent.as_secs_f64()
+    report.row(
+        "`get_file_footprint` 1 GiB asked by vm-gui (**ratio to `sha256sum`**, target ≥ 3×)",
+        format!(
+            "{:.0} ms ({:.0} MB/s): {:.2}×",
+            t_agent.as_secs_f64() * 1e3,
+            1073.741824 / t_agent.as_secs_f64(),
+            t_sum.as_secs_f64() / t_agent.as_secs_f64()
+        ),
     );
-    println!(
-        "sys-usb agent RSS: {} KiB before, {} KiB after",
-        rss_before,
-        usb.proc.rss_kb()
+    report.row(
+        "sys-usb agent RSS before / after hashing 1 GiB",
+        format!("{} / {} KiB", rss_before, usb.proc.rss_kb()),
     );
 
-    println!(
-        "== {kind:?} broker: create_file through the channel, 16 × 1 MiB (Base64: 1.33 MiB per request)"
-    );
+    eprintln!("create_file through the channel, 16 × 1 MiB (Base64: 1.33 MiB per request)");
     let data = topics::binary::encode(&vec![0x5au8; 1024 * 1024]);
+    let files = system_tests::bench::flag_numbers::<usize>("--create-files")
+        .first()
+        .copied()
+        .unwrap_or(16);
     let t0 = Instant::now();
-    for i in 0..16 {
+    for i in 0..files {
         let id = format!("cf{i}");
         let v = ask(
             &mut gui,
@@ -202,14 +209,16 @@ fn run(kind: BrokerKind) {
         assert_eq!(v["status"], "ok", "{v}");
     }
     let secs = t0.elapsed().as_secs_f64();
-    println!(
-        "create_file                       {:8.1} MB/s of file data ({:.1} MB/s on the wire)",
-        16.0 * 1.048576 / secs,
-        16.0 * 1.398 / secs
+    report.row(
+        "`create_file` of 1 MiB files asked by vm-gui one after the other, file data",
+        format!("{:.1} MB/s", files as f64 * 1.048576 / secs),
     );
-    println!(
-        "sys-usb agent RSS after: {} KiB; Dom0 RSS: {} KiB",
-        usb.proc.rss_kb(),
-        dom0.proc.rss_kb()
+    report.row(
+        "sys-usb agent RSS after / Dom0 RSS",
+        format!(
+            "{:.1} / {:.1} MiB",
+            usb.proc.rss_kb() as f64 / 1024.0,
+            dom0.proc.rss_kb() as f64 / 1024.0
+        ),
     );
 }

@@ -13,8 +13,8 @@
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use system_tests::bench::{STEP_DEADLINE, stats, tcp, throughput};
-use system_tests::channel::Channel;
+use system_tests::bench::{Report, STEP_DEADLINE, interleaved, p50_p99, ratios, tcp, throughput};
+use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
 
@@ -75,12 +75,10 @@ fn round_trip<S: std::io::Read + std::io::Write>(
 }
 
 fn main() {
-    for kind in system_tests::bench::kinds_from_args() {
-        run(kind);
-    }
+    system_tests::bench::run_all("Guest applications (`tests/benches/apps.rs`)", run);
 }
 
-fn run(kind: BrokerKind) {
+fn run(kind: BrokerKind, report: &mut Report) {
     let dir = TestDir::new("bench-apps");
     let policy = dir.join("policy.toml");
     std::fs::write(&policy, POLICY).unwrap();
@@ -107,9 +105,6 @@ fn run(kind: BrokerKind) {
     dom0.proc.wait_log("link{vm=vm-gui}: session up");
     let broker_port = system_tests::bench::broker_port(&dom0, kind);
 
-    println!(
-        "== {kind:?} broker: application ↔ application, {ROUND_TRIPS} sequential round trips, QoS 1"
-    );
     responder(
         tcp(broker_port, "bench-responder"),
         "bench/direct/request",
@@ -124,71 +119,76 @@ fn run(kind: BrokerKind) {
     );
     let mut app = local(&gui.mqtt, "gui-app");
     app.subscribe_qos1("app/sys-usb/pong");
-    let (mut direct, mut chained) = (Vec::new(), Vec::new());
-    for i in 0..ROUND_TRIPS + 100 {
+    let mut direct = |i: usize| {
         let payload = format!("ping-{i}");
         let pkid = (i % 60_000 + 1) as u16;
-        let d = round_trip(
+        round_trip(
             &mut direct_requester,
             "bench/direct/request",
             pkid,
             payload.as_bytes(),
-        );
-        let c = round_trip(&mut app, "app/vm-gui/ping", pkid, payload.as_bytes());
-        if i >= 100 {
-            direct.push(d);
-            chained.push(c);
-        }
-    }
-    let (a, b) = (stats(direct), stats(chained));
+        )
+    };
+    let mut chained = |i: usize| {
+        let payload = format!("ping-{i}");
+        let pkid = (i % 60_000 + 1) as u16;
+        round_trip(&mut app, "app/vm-gui/ping", pkid, payload.as_bytes())
+    };
     // The simulator's own share, measured apart from Dom0's socket directory.
     let sim_dir = TestDir::new("bench-apps-sim");
-    let sim = stats(system_tests::channel::round_trip_samples(
-        &sim_dir.path,
+    let mut sim = SimRoundTrip::new(&sim_dir.path);
+    let mut sim = move |_| sim.once();
+    eprintln!("{ROUND_TRIPS} rounds of 3 interleaved round trips…");
+    let s = interleaved(
         ROUND_TRIPS,
-    ));
-    println!(
-        "direct      client ↔ broker ↔ client                    p50 {:8.1} µs  p99 {:8.1} µs",
-        a.p50, a.p99
+        100,
+        &mut [
+            &mut direct as &mut dyn FnMut(usize) -> Duration,
+            &mut chained,
+            &mut sim,
+        ],
     );
-    println!(
-        "local app ↔ agent ↔ link ↔ broker ↔ link ↔ agent ↔ app  p50 {:8.1} µs  p99 {:8.1} µs",
-        b.p50, b.p99
+    let (a, b, sim) = (&s[0], &s[1], &s[2]);
+    report.row("round trip direct, p50 / p99", p50_p99(a));
+    report.row(
+        "app in vm-gui ↔ app in sys-usb (both agents), p50 / p99",
+        p50_p99(b),
     );
-    println!(
-        "ratio                                                  p50 {:8.2}×    p99 {:8.2}×",
-        b.p50 / a.p50,
-        b.p99 / a.p99
+    report.row("**ratio to direct**, p50 / p99", ratios(b, a));
+    report.row(
+        "the simulated channel alone, one round trip, p50",
+        format!("{:.1} µs", sim.p50),
     );
-    println!(
-        "the simulated channel alone: p50 {:.1} µs per round trip; crossed twice; \
-         ratio to direct + 2 channels: p50 {:.2}×",
-        sim.p50,
-        b.p50 / (a.p50 + 2.0 * sim.p50)
+    report.row(
+        "ratio p50 to direct + the two channel round trips",
+        beyond_channels(b, a, sim, 2.0),
     );
 
-    println!("== {kind:?} broker: throughput, {MESSAGES} × 16-byte messages, QoS 0");
+    eprintln!("throughput, {MESSAGES} × 16-byte messages, QoS 0");
     let d = throughput(
         MESSAGES,
         "bench/direct/flow",
         tcp(broker_port, "bench-pub"),
         tcp(broker_port, "bench-sub"),
     );
-    println!("direct      client → broker → client       {d:10.0} msg/s");
+    report.row("throughput direct, 16-byte QoS 0", format!("{d:.0} msg/s"));
     let t = throughput(
         MESSAGES,
         "app/vm-gui/flow",
         local(&gui.mqtt, "gui-flow"),
         local(&usb.mqtt, "usb-flow"),
     );
-    println!(
-        "local app → agent → links → agent → app    {t:10.0} msg/s  ({:.2} of direct)",
-        t / d
+    report.row(
+        "throughput app → agents → app (**ratio to direct**)",
+        format!("{t:.0} msg/s ({:.2}×)", t / d),
     );
-    println!(
-        "RSS after the runs: Dom0 {} KiB, vm-gui agent {} KiB, sys-usb agent {} KiB",
-        dom0.proc.rss_kb(),
-        gui.proc.rss_kb(),
-        usb.proc.rss_kb()
+    report.row(
+        "RSS after the runs: vm-gui agent / sys-usb agent / Dom0",
+        format!(
+            "{:.1} / {:.1} / {:.1} MiB",
+            gui.proc.rss_kb() as f64 / 1024.0,
+            usb.proc.rss_kb() as f64 / 1024.0,
+            dom0.proc.rss_kb() as f64 / 1024.0
+        ),
     );
 }

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use system_tests::bench::Report;
 use system_tests::channel::Channel;
 use system_tests::{BrokerKind, DEADLINE, Dom0, TestDir, raw, wait_for};
 
@@ -24,13 +25,10 @@ fn cpu_ticks(pid: i32) -> u64 {
 }
 
 fn main() {
-    let kinds = system_tests::bench::kinds_from_args();
-    for kind in kinds {
-        run(kind);
-    }
+    system_tests::bench::run_all(&format!("{VMS} idle links (`tests/benches/idle.rs`)"), run);
 }
 
-fn run(kind: BrokerKind) {
+fn run(kind: BrokerKind, report: &mut Report) {
     let dir = TestDir::new("bench-idle");
     let dom0 = Dom0::start_logging(&dir, kind, &[], "info,rumqttd=error");
     wait_for("the controller", DEADLINE, || {
@@ -57,24 +55,34 @@ fn run(kind: BrokerKind) {
     std::thread::sleep(IDLE);
     let ticks = cpu_ticks(pid) - t0;
     let hz = 100.0; // USER_HZ on Linux
-    println!("== {kind:?} broker: {VMS} idle VM links");
-    println!(
-        "dom0-broker RSS: {rss0} KiB alone, {rss_linked} KiB with {VMS} links attached, {rss_sessions} KiB with {VMS} sessions up"
+    report.row(
+        &format!("dom0-broker RSS alone / {VMS} attached / {VMS} sessions"),
+        format!(
+            "{:.1} / {:.1} / {:.1} MiB",
+            rss0 as f64 / 1024.0,
+            rss_linked as f64 / 1024.0,
+            rss_sessions as f64 / 1024.0
+        ),
     );
-    println!(
-        "per link: {:.1} KiB attached, {:.1} KiB with its session{}",
-        (rss_linked.saturating_sub(rss0)) as f64 / VMS as f64,
-        (rss_sessions.saturating_sub(rss0)) as f64 / VMS as f64,
-        if kind == BrokerKind::Embedded {
-            " (rumqttd's per-connection state included)"
-        } else {
-            ""
-        }
+    report.row(
+        "**per link**, attached / with its session (target ≤ 64 KB)",
+        format!(
+            "{:.1} / {:.1} KiB{}",
+            (rss_linked.saturating_sub(rss0)) as f64 / VMS as f64,
+            (rss_sessions.saturating_sub(rss0)) as f64 / VMS as f64,
+            if kind == BrokerKind::Embedded {
+                " (rumqttd's per-connection state included)"
+            } else {
+                ""
+            }
+        ),
     );
-    println!(
-        "CPU while idle for {} s: {ticks} ticks = {:.2} % of one core",
-        IDLE.as_secs(),
-        ticks as f64 / hz / IDLE.as_secs_f64() * 100.0
+    report.row(
+        &format!("**CPU while idle** for {} s (target 0 %)", IDLE.as_secs()),
+        format!(
+            "{ticks} ticks = {:.2} % of one core",
+            ticks as f64 / hz / IDLE.as_secs_f64() * 100.0
+        ),
     );
     drop(guests);
 }

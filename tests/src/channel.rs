@@ -214,7 +214,7 @@ pub fn round_trip_samples(dir: &Path, n: usize) -> Vec<Duration> {
 #[derive(Debug)]
 pub struct SimRoundTrip {
     dom0: UnixStream,
-    guest: std::fs::File,
+    guest: crate::bench::TimedTty,
     _ch: Channel,
 }
 
@@ -222,17 +222,52 @@ impl SimRoundTrip {
     pub fn new(dir: &Path) -> SimRoundTrip {
         let ch = Channel::new(dir, "vm-simcost");
         let dom0 = UnixStream::connect(&ch.socket).expect("connect to the simulated backend");
+        dom0.set_read_timeout(Some(crate::bench::STEP_DEADLINE))
+            .expect("read timeout");
         super::wait_for("the backend's client", super::DEADLINE, || ch.has_client());
-        let guest = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&ch.tty)
-            .expect("open tty");
+        let guest = crate::bench::TimedTty(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&ch.tty)
+                .expect("open tty"),
+        );
         SimRoundTrip {
             dom0,
             guest,
             _ch: ch,
         }
+    }
+
+    /// The channel's bulk throughput in MB/s, from the guest's tty to Dom0's side (`up`) or the
+    /// other way: `bytes` written in 64 KiB chunks by one thread, read by this one.
+    pub fn bulk(&mut self, bytes: usize, up: bool) -> f64 {
+        let mut to: Box<dyn Write + Send> = if up {
+            Box::new(self.guest.0.try_clone().expect("clone the tty"))
+        } else {
+            Box::new(self.dom0.try_clone().expect("clone the socket"))
+        };
+        let t0 = Instant::now();
+        let writer = thread::spawn(move || {
+            let chunk = vec![0x5au8; 64 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                to.write_all(&chunk[..n]).expect("bulk write");
+                left -= n;
+            }
+        });
+        let from: &mut dyn Read = if up { &mut self.dom0 } else { &mut self.guest };
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0;
+        while got < bytes {
+            let n = from.read(&mut buf).expect("bulk read");
+            assert!(n > 0, "the simulated channel closed");
+            got += n;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        writer.join().expect("writer");
+        bytes as f64 / secs / 1e6
     }
 
     /// One round trip.
