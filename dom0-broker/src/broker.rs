@@ -126,25 +126,9 @@ fn listening_in(table: &str, port: u16) -> bool {
     })
 }
 
-/// True for what rumqttd 0.20 logs at ERROR when a client simply leaves ("router-drop",
-/// "disconnected", "connection-stop", "no-connection id N is already gone"): routine departures,
-/// not failures. They are not logged, so an operator who greps for ERROR sees only what is broken.
-/// (Matched by call site: rumqttd is pinned in Cargo.lock; `routine_departures_leave_no_error`
-/// in the system tests catches an upgrade that moves them.)
-pub fn routine_broker_event(m: &tracing::Metadata<'_>) -> bool {
-    if !m.target().starts_with("rumqttd") {
-        return false;
-    }
-    let (Some(file), Some(line)) = (m.file(), m.line()) else {
-        return false;
-    };
-    (file.ends_with("server/broker.rs") && matches!(line, 584 | 588 | 599))
-        || (file.ends_with("router/routing.rs") && matches!(line, 416 | 436 | 539))
-}
-
 /// Checks that an external broker accepts connections.
 pub async fn check_reachable(addr: &BrokerAddr) -> Result<(), BrokerError> {
-    connect(addr)
+    connect(addr, false)
         .await
         .map(drop)
         .map_err(|source| BrokerError::Unreachable {
@@ -156,7 +140,11 @@ pub async fn check_reachable(addr: &BrokerAddr) -> Result<(), BrokerError> {
 /// Read half of a broker connection.
 #[derive(Debug)]
 pub enum BrokerRead {
-    Tcp(tcp::OwnedReadHalf),
+    /// `quickack`: re-arm TCP_QUICKACK after every read (see [`connect`]).
+    Tcp {
+        half: tcp::OwnedReadHalf,
+        quickack: bool,
+    },
     Unix(unix::OwnedReadHalf),
 }
 
@@ -167,14 +155,16 @@ pub enum BrokerWrite {
     Unix(unix::OwnedWriteHalf),
 }
 
-/// Opens a connection to the broker (TCP_NODELAY on TCP).
-pub async fn connect(addr: &BrokerAddr) -> io::Result<(BrokerRead, BrokerWrite)> {
+/// Opens a connection to the broker (TCP_NODELAY on TCP). `quickack`: re-arm TCP_QUICKACK after
+/// every read, for a broker that may not set TCP_NODELAY (an external one); the embedded rumqttd
+/// does (vendored patch), so its links save that system call per read.
+pub async fn connect(addr: &BrokerAddr, quickack: bool) -> io::Result<(BrokerRead, BrokerWrite)> {
     match addr {
         BrokerAddr::Tcp(a) => {
             let s = TcpStream::connect(a).await?;
             s.set_nodelay(true)?;
-            let (r, w) = s.into_split();
-            Ok((BrokerRead::Tcp(r), BrokerWrite::Tcp(w)))
+            let (half, w) = s.into_split();
+            Ok((BrokerRead::Tcp { half, quickack }, BrokerWrite::Tcp(w)))
         }
         BrokerAddr::Unix(p) => {
             let s = UnixStream::connect(p).await?;
@@ -199,13 +189,13 @@ impl BrokerRead {
     /// one write per message under load).
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         let mut n = match self {
-            BrokerRead::Tcp(r) => r.read_buf(buf).await?,
+            BrokerRead::Tcp { half, .. } => half.read_buf(buf).await?,
             BrokerRead::Unix(r) => r.read_buf(buf).await?,
         };
         while n > 0 && n < READ_BATCH {
             buf.reserve(16 * 1024);
             let more = match self {
-                BrokerRead::Tcp(r) => r.try_read_buf(buf),
+                BrokerRead::Tcp { half, .. } => half.try_read_buf(buf),
                 BrokerRead::Unix(r) => r.try_read_buf(buf),
             };
             match more {
@@ -213,8 +203,12 @@ impl BrokerRead {
                 _ => break,
             }
         }
-        if let BrokerRead::Tcp(r) = self {
-            quickack(r.as_ref());
+        if let BrokerRead::Tcp {
+            half,
+            quickack: true,
+        } = self
+        {
+            quickack(half.as_ref());
         }
         Ok(n)
     }

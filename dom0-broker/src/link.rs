@@ -36,6 +36,9 @@ pub struct LinkContext {
     pub supervision: Supervision,
     /// How long opening a broker connection may take before the guest is told "server unavailable".
     pub connect_timeout: Duration,
+    /// Re-arm TCP_QUICKACK after every read from the broker (external brokers; see
+    /// `broker::connect`).
+    pub broker_quickack: bool,
 }
 
 /// Runs a VM's link until `stop` turns true. Its log lines carry the VM in a `link` span.
@@ -197,7 +200,7 @@ async fn attached(
             match effect {
                 Effect::OpenBroker => {
                     let opened = tokio::select! {
-                        r = timeout(ctx.connect_timeout, broker::connect(&ctx.broker)) => r,
+                        r = timeout(ctx.connect_timeout, broker::connect(&ctx.broker, ctx.broker_quickack)) => r,
                         _ = stop.changed() => return "service stopping".to_owned(),
                     };
                     match opened {

@@ -166,7 +166,6 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
 }
 
 fn init_logging(configured: Option<&str>) {
-    use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = std::env::var("RUST_LOG")
@@ -175,14 +174,13 @@ fn init_logging(configured: Option<&str>) {
         .unwrap_or_else(|| "info,rumqttd=warn,rumqttc=warn".to_owned());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // rumqttd's routine departures ("router-drop", "disconnected", …) are at debug in the
+    // vendored copy (vendor/PATCHES.md), so an operator who greps for ERROR sees only what is broken.
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false)
         // `LEVEL link{vm=..}: message fields`: the VM comes from the span (`link`, `session`).
-        .with_target(false)
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            !broker::routine_broker_event(m)
-        }));
+        .with_target(false);
     tracing_subscriber::registry().with(filter).with(fmt).init();
 }
 
@@ -329,6 +327,7 @@ async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
         policy: policy_rx,
         supervision,
         connect_timeout: settings.connect_timeout,
+        broker_quickack: !matches!(settings.broker, BrokerChoice::Embedded(_)),
     });
     let dir = settings.socket_dir.clone();
     let glob = settings.socket_glob.clone();

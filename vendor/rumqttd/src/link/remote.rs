@@ -58,8 +58,6 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
-    // xen-msg patch: the client sent DISCONNECT (the router then drops the link: routine).
-    pub(crate) client_disconnected: bool,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -124,7 +122,6 @@ impl<P: Protocol> RemoteLink<P> {
             link_rx,
             notifications: VecDeque::with_capacity(100),
             will_delay_interval,
-            client_disconnected: false,
         })
     }
 
@@ -141,9 +138,6 @@ impl<P: Protocol> RemoteLink<P> {
                         let mut buffer = self.link_tx.buffer();
                         buffer.push_back(packet);
                         self.network.readv(&mut buffer)?;
-                        if buffer.iter().any(|p| matches!(p, Packet::Disconnect(..))) {
-                            self.client_disconnected = true;
-                        }
                         buffer.len()
                     };
 

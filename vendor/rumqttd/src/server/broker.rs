@@ -633,17 +633,13 @@ async fn remote<P: Protocol>(
 
     match link.start().await {
         // Connection got closed. This shouldn't usually happen.
-        Ok(_) => error!("connection-stop"),
+        Ok(_) => tracing::debug!("connection-stop"),
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
-        // xen-msg patch: after the client's own DISCONNECT, the router dropping the link is
-        // the routine end of a session (whether the socket's end or the router's came first).
-        Err(remote::Error::Link(e)) if link.client_disconnected => {
-            tracing::debug!(error=?e, "router-drop after the client's DISCONNECT");
-            send_disconnect = false;
-        }
+        // xen-msg patch (here and below): routine departures of a client are logged at debug,
+        // not ERROR (dom0-broker's operators grep for ERROR to find what is broken).
         Err(remote::Error::Link(e)) => {
-            error!(error=?e, "router-drop");
+            tracing::debug!(error=?e, "router-drop");
             send_disconnect = false;
         }
         // Connection was closed by peer
@@ -654,7 +650,7 @@ async fn remote<P: Protocol>(
         }
         // Any other error
         Err(e) => {
-            error!(error=?e, "disconnected");
+            tracing::debug!(error=?e, "disconnected");
         }
     };
 
