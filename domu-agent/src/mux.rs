@@ -10,7 +10,9 @@
 //! filters it covers are still held, it stays subscribed upstream (held by nobody, delivered to
 //! nobody but through the filters it covers) until they go too: swapping it for them would either
 //! lose messages (rumqttd drops what it routed to a filter and had not sent yet when that filter is
-//! unsubscribed) or deliver some twice (while both are subscribed). Filters
+//! unsubscribed) or deliver some twice (while both are subscribed). A filter whose cover was asked
+//! upstream and not answered yet waits for that answer (granted with it, or sent upstream if Dom0
+//! refuses the cover), and a SUBSCRIBE that holds both asks the cover first. Filters
 //! that merely overlap (`app/+/status` and `app/x/#`) are both subscribed upstream.
 //!
 //! Pure: client requests and session events in, [`Action`]s out; the driver (`channel.rs`) carries
@@ -175,13 +177,44 @@ impl Mux {
         filters: Vec<(String, QoS)>,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
-        let mut codes = Vec::with_capacity(filters.len());
-        for (filter, asked) in filters {
+        // Filters that another filter of the same request covers come after it, so that they wait
+        // for its grant instead of going upstream beside it (the answer keeps the request's order).
+        let covered_here = |f: &str| {
+            filters
+                .iter()
+                .any(|(g, _)| g != f && !g.starts_with('$') && filter_covers(g, f))
+        };
+        let mut order: Vec<usize> = (0..filters.len()).collect();
+        order.sort_by_key(|&i| covered_here(&filters[i].0));
+        let mut codes: Vec<(String, Option<Option<QoS>>)> =
+            filters.iter().map(|(f, _)| (f.clone(), None)).collect();
+        for i in order {
+            let (filter, asked) = filters[i].clone();
+            let code = self.subscribe_one(client, filter, asked, &mut actions);
+            codes[i].1 = code;
+        }
+        self.pending.push(PendingSubAck {
+            client,
+            pkid,
+            codes,
+        });
+        self.flush_pending(&mut actions);
+        actions
+    }
+
+    /// One filter of a client's SUBSCRIBE: its code if known now (None: once Dom0 answered).
+    fn subscribe_one(
+        &mut self,
+        client: ClientId,
+        filter: String,
+        asked: QoS,
+        actions: &mut Vec<Action>,
+    ) -> Option<Option<QoS>> {
+        {
             let asked = cap(asked);
             if filter.starts_with('$') || validate_filter(&filter).is_err() {
                 tracing::debug!(filter = %filter, "local subscription refused: not a valid filter");
-                codes.push((filter, Some(None)));
-                continue;
+                return Some(None);
             }
             let known = self.filters.get(&filter).map(|e| e.granted);
             let subs = self.clients.entry(client).or_default();
@@ -189,14 +222,20 @@ impl Mux {
                 // Subscribed again: same filter, maybe another QoS.
                 sub.asked = asked;
                 sub.granted = known.flatten().map(|g| min_qos(asked, g));
-                codes.push((filter, sub.granted.map(Some)));
-                continue;
+                return sub.granted.map(Some);
             }
             let granted = match known {
                 Some(g) => g,
                 None => {
                     let cover = self.covering_grant(&filter);
-                    if cover.is_none() {
+                    // A cover already asked upstream and not answered yet: wait for its grant
+                    // rather than subscribing beside it (rumqttd would send one copy per filter
+                    // until this one was unsubscribed again).
+                    let cover_asked = self
+                        .up
+                        .iter()
+                        .any(|g| *g != filter && filter_covers(g, &filter));
+                    if cover.is_none() && !cover_asked {
                         self.up.insert(filter.clone());
                         actions.push(Action::SubscribeUp(filter.clone()));
                     }
@@ -217,15 +256,8 @@ impl Mux {
             if let Some(subs) = self.clients.get_mut(&client) {
                 subs.insert(filter.clone(), Sub { asked, granted });
             }
-            codes.push((filter, granted.map(Some)));
+            granted.map(Some)
         }
-        self.pending.push(PendingSubAck {
-            client,
-            pkid,
-            codes,
-        });
-        self.flush_pending(&mut actions);
-        actions
     }
 
     /// Dom0 answered a SUBSCRIBE (the first one, or a renewal after a reconnect).
@@ -240,6 +272,21 @@ impl Mux {
             match granted.map(cap) {
                 Some(g) => {
                     self.grant(&filter, g);
+                    // Filters that waited for this cover (never asked upstream) are granted.
+                    let waiting: Vec<String> = self
+                        .filters
+                        .iter()
+                        .filter(|(h, e)| {
+                            **h != filter
+                                && e.granted.is_none()
+                                && !self.up.contains(*h)
+                                && filter_covers(&filter, h)
+                        })
+                        .map(|(h, _)| h.clone())
+                        .collect();
+                    for h in waiting {
+                        self.grant(&h, g);
+                    }
                     // What it covers need not be subscribed upstream any more.
                     let covered: Vec<String> = self
                         .up

@@ -329,3 +329,74 @@ fn a_new_cover_replaces_what_it_covers_upstream_once_granted() {
     );
     assert_eq!(m.deliver("app/a/status", Q1), vec![(1, Q1)]);
 }
+
+/// Found by `apps::overlapping_subscriptions_embedded` on a loaded machine: a client subscribing
+/// `app/#` and `app/+/status` in one SUBSCRIBE got both subscribed upstream; until the covered one
+/// was unsubscribed again (once `app/#` was granted), rumqttd sent one copy per filter and the
+/// client received a message twice. Now the covered filter waits for the cover's grant, in either
+/// order, and goes upstream only if the cover is refused.
+#[test]
+fn a_cover_and_what_it_covers_asked_together_go_upstream_once() {
+    for filters in [
+        vec![("app/#".to_owned(), Q1), ("app/+/status".to_owned(), Q1)],
+        vec![("app/+/status".to_owned(), Q1), ("app/#".to_owned(), Q1)],
+    ] {
+        let mut m = Mux::new();
+        m.attach(1);
+        assert_eq!(m.subscribe(1, 3, filters.clone()), vec![up("app/#")]);
+        assert_eq!(m.upstream_filters(), ["app/#"]);
+        // Granted: both codes at once, in the order asked, and nothing else upstream.
+        assert_eq!(
+            m.on_suback(vec![("app/#".into(), Some(Q1))]),
+            vec![Action::SubAck {
+                client: 1,
+                pkid: 3,
+                codes: vec![Some(Q1), Some(Q1)]
+            }]
+        );
+        assert_eq!(m.upstream_filters(), ["app/#"]);
+        assert_eq!(m.deliver("app/x/status", Q1), vec![(1, Q1)]);
+    }
+    // The cover refused: what it covered goes upstream and is answered by its own grant.
+    let mut m = Mux::new();
+    m.attach(1);
+    m.subscribe(
+        1,
+        4,
+        vec![("app/#".to_owned(), Q1), ("app/+/status".to_owned(), Q1)],
+    );
+    assert_eq!(
+        m.on_suback(vec![("app/#".into(), None)]),
+        vec![Action::ForgetUp("app/#".into()), up("app/+/status")]
+    );
+    assert_eq!(
+        m.on_suback(vec![("app/+/status".into(), Some(Q1))]),
+        vec![Action::SubAck {
+            client: 1,
+            pkid: 4,
+            codes: vec![None, Some(Q1)]
+        }]
+    );
+    // A second client asking for the covered filter while the cover waits for Dom0 waits too.
+    let mut m = Mux::new();
+    m.attach(1);
+    m.attach(2);
+    assert_eq!(m.subscribe(1, 5, sub("app/#")), vec![up("app/#")]);
+    assert_eq!(m.subscribe(2, 6, sub("app/x/status")), vec![]);
+    assert_eq!(
+        m.on_suback(vec![("app/#".into(), Some(Q1))]),
+        vec![
+            Action::SubAck {
+                client: 1,
+                pkid: 5,
+                codes: vec![Some(Q1)]
+            },
+            Action::SubAck {
+                client: 2,
+                pkid: 6,
+                codes: vec![Some(Q1)]
+            }
+        ]
+    );
+    assert_eq!(m.upstream_filters(), ["app/#"]);
+}
