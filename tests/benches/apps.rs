@@ -13,7 +13,9 @@
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use system_tests::bench::{Report, STEP_DEADLINE, interleaved, p50_p99, ratios, tcp, throughput};
+use system_tests::bench::{
+    Report, STEP_DEADLINE, beyond_channels, interleaved, p50_p99, ratios, tcp, throughput,
+};
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
