@@ -208,6 +208,40 @@ pub fn round_trip_samples(dir: &Path, n: usize) -> Vec<Duration> {
     samples
 }
 
+/// A bare pty's bulk throughput in MB/s (raw mode, no relay thread, nothing else): `bytes` written
+/// in 64 KiB chunks by one thread into the slave (`up`, as a guest writes its hvc) or the master,
+/// read from the other end by this one. The ceiling of any channel built on a pty.
+pub fn pty_bulk(bytes: usize, up: bool) -> f64 {
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let mut t = termios::tcgetattr(pty.slave.as_fd()).expect("tcgetattr");
+    termios::cfmakeraw(&mut t);
+    termios::tcsetattr(pty.slave.as_fd(), SetArg::TCSANOW, &t).expect("tcsetattr");
+    let (master, slave) = (File::from(pty.master), File::from(pty.slave));
+    let (mut to, from) = if up { (slave, master) } else { (master, slave) };
+    let t0 = Instant::now();
+    let writer = thread::spawn(move || {
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            to.write_all(&chunk[..n]).expect("pty write");
+            left -= n;
+        }
+        to
+    });
+    let mut from = crate::bench::TimedTty(from);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < bytes {
+        let n = from.read(&mut buf).expect("pty read");
+        assert!(n > 0, "the pty closed");
+        got += n;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    drop(writer.join().expect("writer"));
+    bytes as f64 / secs / 1e6
+}
+
 /// The simulated channel's own round trip, one at a time (benchmarks interleave it with the
 /// round trips they compare it with): 40 bytes from the guest's tty to the Dom0 side of the
 /// socket and back. Its channel must be in a directory Dom0 does not watch.
