@@ -231,15 +231,19 @@ fn run(kind: BrokerKind, report: &mut Report) {
     let mut bulk = SimRoundTrip::new(&bulk_dir.path);
     let ch4 = Channel::new(&dir.path, "vm-four");
     dom0.proc.wait_log("link{vm=vm-four}: attached to channel");
-    // The raw channel's best of three (the most flattering baseline for it), and a bare pty's.
+    // The raw channel's and a bare pty's best (the most flattering baselines for them): writes of
+    // 4, 16 and 64 KiB, twice each.
+    const CHUNKS: [usize; 6] = [4096, 16384, 65536, 4096, 16384, 65536];
     let best = |bulk: &mut SimRoundTrip, up| {
-        (0..3)
-            .map(|_| bulk.bulk(BULK_BYTES, up))
+        CHUNKS
+            .iter()
+            .map(|c| bulk.bulk(BULK_BYTES, *c, up))
             .fold(0.0, f64::max)
     };
     let best_pty = |up| {
-        (0..3)
-            .map(|_| system_tests::channel::pty_bulk(BULK_BYTES, up))
+        CHUNKS
+            .iter()
+            .map(|c| system_tests::channel::pty_bulk(BULK_BYTES, *c, up))
             .fold(0.0, f64::max)
     };
     let direct4 = throughput_of(

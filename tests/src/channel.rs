@@ -209,9 +209,10 @@ pub fn round_trip_samples(dir: &Path, n: usize) -> Vec<Duration> {
 }
 
 /// A bare pty's bulk throughput in MB/s (raw mode, no relay thread, nothing else): `bytes` written
-/// in 64 KiB chunks by one thread into the slave (`up`, as a guest writes its hvc) or the master,
-/// read from the other end by this one. The ceiling of any channel built on a pty.
-pub fn pty_bulk(bytes: usize, up: bool) -> f64 {
+/// in `chunk`-byte writes by one thread into the slave (`up`, as a guest writes its hvc) or the
+/// master, read from the other end by this one. The ceiling of any channel built on a pty (it
+/// depends on the write size: large writes make writer and reader take turns on a full buffer).
+pub fn pty_bulk(bytes: usize, chunk: usize, up: bool) -> f64 {
     let pty = nix::pty::openpty(None, None).expect("openpty");
     let mut t = termios::tcgetattr(pty.slave.as_fd()).expect("tcgetattr");
     termios::cfmakeraw(&mut t);
@@ -220,7 +221,7 @@ pub fn pty_bulk(bytes: usize, up: bool) -> f64 {
     let (mut to, from) = if up { (slave, master) } else { (master, slave) };
     let t0 = Instant::now();
     let writer = thread::spawn(move || {
-        let chunk = vec![0x5au8; 64 * 1024];
+        let chunk = vec![0x5au8; chunk];
         let mut left = bytes;
         while left > 0 {
             let n = left.min(chunk.len());
@@ -274,8 +275,8 @@ impl SimRoundTrip {
     }
 
     /// The channel's bulk throughput in MB/s, from the guest's tty to Dom0's side (`up`) or the
-    /// other way: `bytes` written in 64 KiB chunks by one thread, read by this one.
-    pub fn bulk(&mut self, bytes: usize, up: bool) -> f64 {
+    /// other way: `bytes` written in `chunk`-byte writes by one thread, read by this one.
+    pub fn bulk(&mut self, bytes: usize, chunk: usize, up: bool) -> f64 {
         let mut to: Box<dyn Write + Send> = if up {
             Box::new(self.guest.0.try_clone().expect("clone the tty"))
         } else {
@@ -283,7 +284,7 @@ impl SimRoundTrip {
         };
         let t0 = Instant::now();
         let writer = thread::spawn(move || {
-            let chunk = vec![0x5au8; 64 * 1024];
+            let chunk = vec![0x5au8; chunk];
             let mut left = bytes;
             while left > 0 {
                 let n = left.min(chunk.len());
