@@ -218,24 +218,35 @@ pub fn pty_bulk(bytes: usize, chunk: usize, up: bool) -> f64 {
     termios::cfmakeraw(&mut t);
     termios::tcsetattr(pty.slave.as_fd(), SetArg::TCSANOW, &t).expect("tcsetattr");
     let (master, slave) = (File::from(pty.master), File::from(pty.slave));
-    let (mut to, from) = if up { (slave, master) } else { (master, slave) };
+    let (to, from) = if up { (slave, master) } else { (master, slave) };
+    pump(
+        Box::new(to),
+        &mut crate::bench::TimedTty(from),
+        bytes,
+        chunk,
+    )
+}
+
+/// MB/s of `bytes` written to `to` in `chunk`-byte writes by one thread and read from `from` by
+/// this one. `to` stays open until everything was read (a pty's master must not see its slave
+/// closed with bytes still in flight).
+fn pump(mut to: Box<dyn Write + Send>, from: &mut dyn Read, bytes: usize, chunk: usize) -> f64 {
     let t0 = Instant::now();
     let writer = thread::spawn(move || {
         let chunk = vec![0x5au8; chunk];
         let mut left = bytes;
         while left > 0 {
             let n = left.min(chunk.len());
-            to.write_all(&chunk[..n]).expect("pty write");
+            to.write_all(&chunk[..n]).expect("bulk write");
             left -= n;
         }
         to
     });
-    let mut from = crate::bench::TimedTty(from);
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0;
     while got < bytes {
-        let n = from.read(&mut buf).expect("pty read");
-        assert!(n > 0, "the pty closed");
+        let n = from.read(&mut buf).expect("bulk read");
+        assert!(n > 0, "the channel closed");
         got += n;
     }
     let secs = t0.elapsed().as_secs_f64();
@@ -277,32 +288,13 @@ impl SimRoundTrip {
     /// The channel's bulk throughput in MB/s, from the guest's tty to Dom0's side (`up`) or the
     /// other way: `bytes` written in `chunk`-byte writes by one thread, read by this one.
     pub fn bulk(&mut self, bytes: usize, chunk: usize, up: bool) -> f64 {
-        let mut to: Box<dyn Write + Send> = if up {
+        let to: Box<dyn Write + Send> = if up {
             Box::new(self.guest.0.try_clone().expect("clone the tty"))
         } else {
             Box::new(self.dom0.try_clone().expect("clone the socket"))
         };
-        let t0 = Instant::now();
-        let writer = thread::spawn(move || {
-            let chunk = vec![0x5au8; chunk];
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(chunk.len());
-                to.write_all(&chunk[..n]).expect("bulk write");
-                left -= n;
-            }
-        });
         let from: &mut dyn Read = if up { &mut self.dom0 } else { &mut self.guest };
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut got = 0;
-        while got < bytes {
-            let n = from.read(&mut buf).expect("bulk read");
-            assert!(n > 0, "the simulated channel closed");
-            got += n;
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        writer.join().expect("writer");
-        bytes as f64 / secs / 1e6
+        pump(to, from, bytes, chunk)
     }
 
     /// One round trip.
