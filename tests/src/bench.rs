@@ -139,10 +139,13 @@ where
     subscriber.subscribe(topic);
     let received = Arc::new(AtomicU64::new(0));
     let r = received.clone();
+    // The subscriber leaves once it has every message: a subscriber left behind would make the
+    // broker deliver the next run's messages twice (to it as well), halving that run's figure.
     std::thread::spawn(move || {
-        while subscriber.try_next_publish().is_some() {
+        while r.load(Ordering::Relaxed) < messages && subscriber.try_next_publish().is_some() {
             r.fetch_add(1, Ordering::Relaxed);
         }
+        subscriber.try_disconnect();
     });
     let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
     let batch: Vec<u8> = (0..batch_len)

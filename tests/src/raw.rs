@@ -261,6 +261,11 @@ impl<S: std::io::Read + std::io::Write> RawClient<S> {
             .is_ok()
     }
 
+    /// Says goodbye (DISCONNECT) unless the stream is gone; false when it is.
+    pub fn try_disconnect(&mut self) -> bool {
+        self.stream.write_all(&DISCONNECT).is_ok()
+    }
+
     /// Publishes unless the stream is gone; false when it is.
     pub fn try_publish(&mut self, topic: &str, payload: &[u8]) -> bool {
         self.stream.write_all(&publish(topic, payload)).is_ok()
