@@ -319,13 +319,29 @@ pub fn write_atomic<T>(
             } else {
                 link(name).map_err(|e| io(e.into()))?;
             }
-            let _ = rustix::fs::fsync(parent);
+            sync_dir(parent).map_err(io)?;
             Ok(out)
         }
         Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL) => {
             write_via_part_file(parent, name, rel, overwrite, fill)
         }
         Err(e) => Err(io(e.into())),
+    }
+}
+
+/// Makes a directory's entries durable (after a link or a rename into it). A [`Dir`] holds an
+/// `O_PATH` descriptor, on which `fsync` fails (EBADF): the directory is opened for reading here.
+/// Filesystems that cannot sync a directory (EINVAL) have nothing more to make durable.
+fn sync_dir(dir: &Dir) -> io::Result<()> {
+    let fd = rustix::fs::openat(
+        dir,
+        ".",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    match rustix::fs::fsync(&fd) {
+        Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -357,7 +373,7 @@ fn write_via_part_file<T>(
     })();
     match result {
         Ok(out) => {
-            let _ = rustix::fs::fsync(parent);
+            sync_dir(parent).map_err(io)?;
             Ok(out)
         }
         Err(e) => {

@@ -173,3 +173,21 @@ fn copy_verifies_and_lists() {
         ErrorCode::InvalidArgument
     );
 }
+
+#[test]
+fn a_disk_directory_can_be_synced() {
+    // The disk's `Dir` is an O_PATH descriptor: fsync on it fails (EBADF), so a write's new name
+    // was never made durable. `sync_dir` must sync the directory itself.
+    let t = Tmp::new("sync-dir");
+    let d = t.disk();
+    assert_eq!(
+        rustix::fs::fsync(&d)
+            .map_err(io::Error::from)
+            .map_err(|e| e.raw_os_error()),
+        Err(Some(rustix::io::Errno::BADF.raw_os_error())),
+        "cap-std's Dir is expected to be O_PATH"
+    );
+    sync_dir(&d).unwrap();
+    let docs = d.open_dir("docs").unwrap();
+    sync_dir(&docs).unwrap();
+}
