@@ -72,8 +72,9 @@ pub fn start_embedded(
             max_connections: 10_000,
             max_outgoing_packet_count: 200,
             // Published bytes stay in per-filter logs. A consumer that falls further behind than
-            // the log skips ahead (messages lost), so the log must hold a burst; memory per filter
-            // is at most (count + 1) × (segment + one packet). See docs/performance.md.
+            // the log skips ahead (messages lost), so the log must hold a burst: it keeps at least
+            // (count - 1) segments, at most count × (segment + one packet) of packet bytes per
+            // filter (rumqttd's `CommitLog::apply_retention`). See docs/performance.md.
             max_segment_size: 1024 * 1024,
             max_segment_count: 2,
             custom_segment: None,
