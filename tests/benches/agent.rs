@@ -54,7 +54,15 @@ fn run(kind: BrokerKind, report: &mut Report) {
     dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
     dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
     let d = disks.display().to_string();
-    let usb = Agent::start(&dir, &usb_ch, "sys-usb", &["--disks", &d]);
+    let repo = dir.join("repository");
+    std::fs::create_dir_all(&repo).unwrap();
+    let r = repo.display().to_string();
+    let usb = Agent::start(
+        &dir,
+        &usb_ch,
+        "sys-usb",
+        &["--disks", &d, "--repository", &r],
+    );
     dom0.proc.wait_log("link{vm=sys-usb}: session up");
     let broker_port = system_tests::bench::broker_port(&dom0, kind);
 
@@ -190,6 +198,48 @@ fn run(kind: BrokerKind, report: &mut Report) {
         "sys-usb agent RSS before / after hashing 1 GiB",
         format!("{} / {} KiB", rss_before, usb.proc.rss_kb()),
     );
+
+    eprintln!("read_file (copy into the repository) vs dd conv=fsync, 1 GiB file");
+    let t0 = Instant::now();
+    let ok = Command::new("dd")
+        .arg(format!("if={}", big.display()))
+        .arg(format!("of={}", dir.join("dd-copy.bin").display()))
+        .args(["bs=1M", "conv=fsync", "status=none"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "dd failed");
+    let t_dd = t0.elapsed();
+    let _ = std::fs::remove_file(dir.join("dd-copy.bin"));
+    let t0 = Instant::now();
+    let v = ask(
+        &mut gui,
+        "system/disks/read_file/request",
+        &json!({"sender": "vm-gui", "request_id": "rf", "source_disk": "usb0", "filepath": "big.bin"}),
+        "rf",
+    );
+    let t_read = t0.elapsed();
+    assert_eq!(v["status"], "ok", "{v}");
+    assert_eq!(v["footprint"], expected);
+    report.row(
+        "`dd conv=fsync` 1 GiB (page cache warm)",
+        format!(
+            "{:.0} ms ({:.0} MB/s)",
+            t_dd.as_secs_f64() * 1e3,
+            1073.741824 / t_dd.as_secs_f64()
+        ),
+    );
+    report.row(
+        "`read_file` 1 GiB into the repository (copy, fsync, read back and compared) asked by vm-gui (**ratio to `dd`**)",
+        format!(
+            "{:.0} ms ({:.0} MB/s): {:.2}×; agent RSS {} KiB",
+            t_read.as_secs_f64() * 1e3,
+            1073.741824 / t_read.as_secs_f64(),
+            t_dd.as_secs_f64() / t_read.as_secs_f64(),
+            usb.proc.rss_kb()
+        ),
+    );
+    let _ = std::fs::remove_file(repo.join("usb0/big.bin"));
 
     eprintln!("create_file through the channel, 16 × 1 MiB (Base64: 1.33 MiB per request)");
     let data = topics::binary::encode(&vec![0x5au8; 1024 * 1024]);

@@ -191,3 +191,39 @@ fn a_disk_directory_can_be_synced() {
     let docs = d.open_dir("docs").unwrap();
     sync_dir(&docs).unwrap();
 }
+
+#[test]
+fn a_copy_is_read_back_chunk_by_chunk_as_it_is_written() {
+    let t = Tmp::new("read-back");
+    let data: Vec<u8> = (0..CHUNK * 2 + 123).map(|i| (i % 251) as u8).collect();
+    let path = t.0.join("copy.bin");
+    let mut dst = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    let (hash, size, back) = copy_hashing_read_back(&data[..], &mut dst).unwrap();
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(hash, sha256(&data[..]).unwrap().0);
+    assert_eq!(back, hash);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+}
+
+#[test]
+fn a_copy_that_does_not_land_where_written_reads_back_differently() {
+    // Appending after old content: what is read back at each chunk's offset is not what was
+    // written, and the hashes differ (copy_verified then refuses the copy).
+    let t = Tmp::new("read-back-differs");
+    let path = t.0.join("copy.bin");
+    std::fs::write(&path, vec![7u8; 1000]).unwrap();
+    let mut dst = std::fs::File::options()
+        .read(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    let data = vec![1u8; 5000];
+    let (hash, _, back) = copy_hashing_read_back(&data[..], &mut dst).unwrap();
+    assert_eq!(hash, sha256(&data[..]).unwrap().0);
+    assert_ne!(back, hash);
+}
