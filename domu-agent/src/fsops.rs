@@ -430,7 +430,7 @@ pub fn copy_verified(
 /// The two hashes run at once (on two CPUs, twice as fast as hashing the copy after it is done);
 /// memory stays a few chunks whatever the size.
 pub fn copy_hashing_read_back<R: Read>(
-    mut src: R,
+    src: R,
     dst: &mut std::fs::File,
 ) -> io::Result<(String, u64, String)> {
     use std::os::unix::fs::FileExt;
@@ -448,35 +448,39 @@ pub fn copy_hashing_read_back<R: Read>(
             }
             Ok(hex(&h.finalize()))
         });
-        let written = (|| {
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; CHUNK];
-            let mut total = 0u64;
-            loop {
-                let n = match src.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                };
-                let chunk = buf.get(..n).unwrap_or_default();
-                h.update(chunk);
-                dst.write_all(chunk)?;
-                if tx.send((total, n)).is_err() {
-                    // The reader stopped: its error says why.
-                    break;
-                }
-                total += n as u64;
-            }
-            Ok((hex(&h.finalize()), total))
-        })();
-        drop(tx);
+        // The writer is dropped at the end of this statement, which ends the reader's loop.
+        let written = copy_hashing(src, &mut ReadBack { dst, tx, at: 0 });
         let back = reader
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("read-back thread panicked")));
-        let (hash, total) = written?;
-        Ok((hash, total, back?))
+        match (written, back) {
+            (Ok((hash, size)), Ok(back)) => Ok((hash, size, back)),
+            // The reader's error first: it is why a write found the reader gone.
+            (_, Err(e)) | (Err(e), _) => Err(e),
+        }
     })
+}
+
+/// A writer to a file that tells the read-back thread where each write landed.
+struct ReadBack<'a> {
+    dst: &'a mut std::fs::File,
+    tx: std::sync::mpsc::SyncSender<(u64, usize)>,
+    at: u64,
+}
+
+impl Write for ReadBack<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.dst.write(buf)?;
+        self.tx
+            .send((self.at, n))
+            .map_err(|_| io::Error::other("the read-back thread stopped"))?;
+        self.at += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.dst.flush()
+    }
 }
 
 /// Removes the agent's leftover transfer files under `dir` (after a kill on a filesystem without
