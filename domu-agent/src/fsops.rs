@@ -247,8 +247,10 @@ fn part_name(name: &OsStr) -> String {
 
 /// Writes a file atomically at `rel` on a disk: missing parent folders (inside the disk) are
 /// created; `fill` writes the content to a file that has no name yet; the file is fsynced, then
-/// linked in. An existing target is refused unless `overwrite`. On any error, nothing is left.
-/// Returns what `fill` returned.
+/// linked in, and the directory is fsynced. An existing target is refused unless `overwrite`. On
+/// any error before the link, nothing is left; if only the final directory sync fails, the file
+/// is in place but its name may not survive a crash, and the error says so. Returns what `fill`
+/// returned.
 pub fn write_atomic<T>(
     dir: &Dir,
     rel: &Path,
@@ -429,7 +431,7 @@ pub fn copy_verified(
 /// is written, on a second thread, hashing what it reads: (source hash, size, read-back hash).
 /// The two hashes run at once (on two CPUs, twice as fast as hashing the copy after it is done);
 /// memory stays a few chunks whatever the size.
-pub fn copy_hashing_read_back<R: Read>(
+fn copy_hashing_read_back<R: Read>(
     src: R,
     dst: &mut std::fs::File,
 ) -> io::Result<(String, u64, String)> {
