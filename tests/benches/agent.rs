@@ -63,11 +63,12 @@ fn run(kind: BrokerKind, report: &mut Report) {
     let repo = dir.join("repository");
     std::fs::create_dir_all(&repo).unwrap();
     let r = repo.display().to_string();
-    let usb = Agent::start(
+    let usb = Agent::start_logging(
         &dir,
         &usb_ch,
         "sys-usb",
         &["--disks", &d, "--repository", &r],
+        "info",
     );
     dom0.proc.wait_log("link{vm=sys-usb}: session up");
     let broker_port = system_tests::bench::broker_port(&dom0, kind);

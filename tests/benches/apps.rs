@@ -101,8 +101,8 @@ fn run(kind: BrokerKind, report: &mut Report) {
     let gui_ch = Channel::new(&dir.path, "vm-gui");
     dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
     dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
-    let usb = Agent::start(&dir, &usb_ch, "sys-usb", &[]);
-    let gui = Agent::start(&dir, &gui_ch, "vm-gui", &[]);
+    let usb = Agent::start_logging(&dir, &usb_ch, "sys-usb", &[], "info");
+    let gui = Agent::start_logging(&dir, &gui_ch, "vm-gui", &[], "info");
     dom0.proc.wait_log("link{vm=sys-usb}: session up");
     dom0.proc.wait_log("link{vm=vm-gui}: session up");
     let broker_port = system_tests::bench::broker_port(&dom0, kind);

@@ -443,7 +443,20 @@ pub struct Agent {
 
 impl Agent {
     /// Starts `domu-agent run --vm VM --device <tty>` with `extra` flags and waits for its session.
+    /// It logs at debug level (tests read its log).
     pub fn start(dir: &TestDir, ch: &channel::Channel, vm: &str, extra: &[&str]) -> Agent {
+        Agent::start_logging(dir, ch, vm, extra, "debug")
+    }
+
+    /// Like [`Agent::start`], with `RUST_LOG` set to `log` (benchmarks use the default level,
+    /// `info`, as deployed: a debug line per request is a cost the product does not pay).
+    pub fn start_logging(
+        dir: &TestDir,
+        ch: &channel::Channel,
+        vm: &str,
+        extra: &[&str],
+        log: &str,
+    ) -> Agent {
         let socket = dir.join(&format!("{vm}-agent.sock"));
         let mqtt = dir.join(&format!("{vm}-mqtt.sock"));
         let legacy = dir.join(&format!("{vm}-legacy.sock"));
@@ -457,7 +470,7 @@ impl Agent {
             .arg("--legacy-socket")
             .arg(&legacy)
             .args(extra)
-            .env("RUST_LOG", "debug");
+            .env("RUST_LOG", log);
         let proc = Proc::spawn(&format!("domu-agent-{vm}"), dir, &mut cmd);
         proc.wait_log("session up");
         Agent {
