@@ -237,7 +237,8 @@ fn run(kind: BrokerKind, report: &mut Report) {
     let files = system_tests::bench::flag_numbers::<usize>("--create-files")
         .first()
         .copied()
-        .unwrap_or(16);
+        .unwrap_or(16)
+        .max(1);
     let create = |i: usize| json!({"sender": "vm-gui", "request_id": format!("cf{i}"), "disk": "usb1", "filepath": format!("c/{i}.bin"), "data": data});
     let t0 = Instant::now();
     for i in 0..files {
