@@ -39,10 +39,26 @@ fn ask<S: std::io::Read + std::io::Write>(
     }
 }
 
+/// Runs `f` and says how long it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t0 = Instant::now();
+    let r = f();
+    (r, t0.elapsed())
+}
+
 /// How long 1 GiB took, and the rate: "N ms (M MB/s)".
 fn one_gib(d: Duration) -> String {
     let secs = d.as_secs_f64();
     format!("{:.0} ms ({:.0} MB/s)", secs * 1e3, 1073.741824 / secs)
+}
+
+/// How long 1 GiB took through the agent, and its speed against a baseline's: "N ms (M MB/s): R×".
+fn one_gib_against(d: Duration, baseline: Duration) -> String {
+    format!(
+        "{}: {:.2}×",
+        one_gib(d),
+        baseline.as_secs_f64() / d.as_secs_f64()
+    )
 }
 
 fn main() {
@@ -166,32 +182,26 @@ fn run(kind: BrokerKind, report: &mut Report) {
         .arg(&big)
         .stdout(std::process::Stdio::null())
         .status();
-    let t0 = Instant::now();
-    let out = Command::new("sha256sum").arg(&big).output().unwrap();
-    let t_sum = t0.elapsed();
+    let (out, t_sum) = timed(|| Command::new("sha256sum").arg(&big).output().unwrap());
     let expected = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()
         .unwrap()
         .to_owned();
     let rss_before = usb.proc.rss_kb();
-    let t0 = Instant::now();
-    let v = ask(
-        &mut gui,
-        "system/disks/get_file_footprint/request",
-        &json!({"sender": "vm-gui", "request_id": "fp", "disk": "usb0", "filepath": "big.bin"}),
-        "fp",
-    );
-    let t_agent = t0.elapsed();
+    let (v, t_agent) = timed(|| {
+        ask(
+            &mut gui,
+            "system/disks/get_file_footprint/request",
+            &json!({"sender": "vm-gui", "request_id": "fp", "disk": "usb0", "filepath": "big.bin"}),
+            "fp",
+        )
+    });
     assert_eq!(v["footprint"], expected);
     report.row("`sha256sum` 1 GiB (page cache warm)", one_gib(t_sum));
     report.row(
         "`get_file_footprint` 1 GiB asked by vm-gui (**ratio to `sha256sum`**, target ≥ 3×)",
-        format!(
-            "{}: {:.2}×",
-            one_gib(t_agent),
-            t_sum.as_secs_f64() / t_agent.as_secs_f64()
-        ),
+        one_gib_against(t_agent, t_sum),
     );
     report.row(
         "sys-usb agent RSS before / after hashing 1 GiB",
@@ -199,34 +209,33 @@ fn run(kind: BrokerKind, report: &mut Report) {
     );
 
     eprintln!("read_file (copy into the repository) vs dd conv=fsync, 1 GiB file");
-    let t0 = Instant::now();
-    let ok = Command::new("dd")
-        .arg(format!("if={}", big.display()))
-        .arg(format!("of={}", dir.join("dd-copy.bin").display()))
-        .args(["bs=1M", "conv=fsync", "status=none"])
-        .status()
-        .unwrap()
-        .success();
+    let (ok, t_dd) = timed(|| {
+        Command::new("dd")
+            .arg(format!("if={}", big.display()))
+            .arg(format!("of={}", dir.join("dd-copy.bin").display()))
+            .args(["bs=1M", "conv=fsync", "status=none"])
+            .status()
+            .unwrap()
+            .success()
+    });
     assert!(ok, "dd failed");
-    let t_dd = t0.elapsed();
     let _ = std::fs::remove_file(dir.join("dd-copy.bin"));
-    let t0 = Instant::now();
-    let v = ask(
-        &mut gui,
-        "system/disks/read_file/request",
-        &json!({"sender": "vm-gui", "request_id": "rf", "source_disk": "usb0", "filepath": "big.bin"}),
-        "rf",
-    );
-    let t_read = t0.elapsed();
+    let (v, t_read) = timed(|| {
+        ask(
+            &mut gui,
+            "system/disks/read_file/request",
+            &json!({"sender": "vm-gui", "request_id": "rf", "source_disk": "usb0", "filepath": "big.bin"}),
+            "rf",
+        )
+    });
     assert_eq!(v["status"], "ok", "{v}");
     assert_eq!(v["footprint"], expected);
     report.row("`dd conv=fsync` 1 GiB (page cache warm)", one_gib(t_dd));
     report.row(
         "`read_file` 1 GiB into the repository (copy, fsync, read back and compared) asked by vm-gui (**ratio to `dd`**)",
         format!(
-            "{}: {:.2}×; agent RSS {} KiB",
-            one_gib(t_read),
-            t_dd.as_secs_f64() / t_read.as_secs_f64(),
+            "{}; agent RSS {} KiB",
+            one_gib_against(t_read, t_dd),
             usb.proc.rss_kb()
         ),
     );
