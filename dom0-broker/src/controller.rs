@@ -19,6 +19,7 @@ use topics::vm::VmId;
 use crate::bench::{self, Bench, BenchRequest, Reply};
 use crate::config::BrokerAddr;
 use crate::supervision::{Event, Supervision};
+use crate::throttle::Reports;
 
 /// The commands the controller serves.
 const SERVED: [Command; 2] = [Command::Discover, Command::SupervisionCounters];
@@ -35,8 +36,17 @@ pub fn answer(topic: &str, payload: &[u8], supervision: &Supervision) -> Option<
     let request = match payload::decode_request::<NoArgs>(payload) {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(topic, error = %e, "request without a valid envelope; cannot answer");
-            return None;
+            // Every VM's request carries the `sender` its link checked or filled in: this one
+            // comes from a Dom0 client, which hears why on Dom0's own response topic.
+            tracing::debug!(topic, error = %e, "request without a valid envelope");
+            let request_id = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v.get("request_id")?.as_str().map(str::to_owned))
+                .and_then(|id| topics::RequestId::parse(&id).ok());
+            return Some(Reply {
+                topic: command.response_topic(&VmId::dom0()),
+                body: Response::<NoArgs>::error(request_id, ErrorBody::from(e)).to_json(),
+            });
         }
     };
     let reply_topic = command.response_topic(&request.sender);
@@ -148,6 +158,8 @@ pub async fn run(
     eventloop.set_network_options(net);
     let mut connected = false;
     let mut running: Option<Bench> = None;
+    // Replies the client could not queue (a flood of requests): said once a second at most.
+    let mut dropped_reports = Reports::new(1.0, "replies dropped", std::time::Instant::now());
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -192,7 +204,9 @@ pub async fn run(
                     for Reply { topic, body } in replies {
                         let body = payload::with_responder(&body, topics::vm::DOM0);
                         if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, body) {
-                            tracing::warn!(error = %e, "controller reply dropped");
+                            if let Some(unreported) = dropped_reports.may_report(std::time::Instant::now()) {
+                                tracing::warn!(error = %e, "controller reply dropped{unreported}");
+                            }
                         }
                     }
                 }
@@ -274,8 +288,26 @@ mod tests {
             )
             .is_none()
         );
-        assert!(answer("system/components/discover/request", b"{}", &sup).is_none());
         assert!(answer("system/components/discover/response/vm-gui", b"{}", &sup).is_none());
+    }
+
+    /// The note's `{}` from a Dom0 client (a VM's link fills `sender` in): answered
+    /// `invalid_argument` on Dom0's own response topic, never dropped in silence.
+    #[test]
+    fn a_dom0_request_without_sender_is_told_why() {
+        let (sup, _rx) = Supervision::new();
+        let Reply { topic, body } = answer(
+            "system/components/discover/request",
+            br#"{"request_id":"r1"}"#,
+            &sup,
+        )
+        .unwrap();
+        assert_eq!(topic, "system/components/discover/response/dom0");
+        let r: Response<NoArgs> = payload::decode_response(&body).unwrap();
+        assert_eq!(r.request_id.unwrap().as_str(), "r1");
+        let e = r.result.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.message.contains("sender"), "{}", e.message);
     }
 
     #[test]

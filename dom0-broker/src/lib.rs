@@ -20,3 +20,4 @@ pub mod probe;
 pub mod session;
 pub mod status;
 pub mod supervision;
+pub mod throttle;

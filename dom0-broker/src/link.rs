@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+use tokio::time::{sleep, sleep_until, timeout};
 use topics::backoff::Backoff;
 use topics::payload::LinkState;
 use topics::vm::VmId;
@@ -122,7 +124,7 @@ async fn write_broker(w: Option<&mut BrokerWrite>, buf: &[u8]) -> std::io::Resul
 
 async fn sleep_until_opt(t: Option<Instant>) {
     match t {
-        Some(t) => sleep_until(t).await,
+        Some(t) => sleep_until(t.into()).await,
         None => std::future::pending().await,
     }
 }
@@ -152,6 +154,7 @@ async fn attached(
             r = gr.read_buf(&mut guest_buf), if want_guest => match r {
                 Ok(0) => return "channel socket closed by the backend".to_owned(),
                 Ok(_) => {
+                    s.set_parties(ctx.supervision.parties());
                     let effects = s.on_guest_input(&guest_buf, Instant::now());
                     guest_buf.clear();
                     effects

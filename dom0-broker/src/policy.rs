@@ -10,8 +10,9 @@
 //!
 //! A subscription with wildcards is allowed only if every topic it can match is readable: it must be
 //! covered by one allowed filter and intersect no deny filter. It is refused, never narrowed.
-//! Publishing to a topic whose last level is `request` also needs a JSON payload whose `sender` is
-//! the VM itself.
+//! Publishing to a topic whose last level is `request`, `response/<vm>` or `notification` also
+//! needs a JSON object payload whose identity field (`sender`, `responder`, `origin`) is the VM
+//! itself or absent (then filled in with the VM).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,8 +34,8 @@ pub enum Denial {
     NotAllowed,
     /// A deny rule matches.
     Denied(String),
-    /// A request whose `sender` is missing, malformed or another VM, or a response whose
-    /// `responder` is another VM.
+    /// A request, response or notification whose identity field (`sender`, `responder`,
+    /// `origin`) names another party or is malformed, or whose payload is not a JSON object.
     Sender(String),
 }
 
@@ -363,49 +364,96 @@ pub fn is_request_topic(topic: &str) -> bool {
     topic.rsplit('/').next() == Some(topics::topic::REQUEST)
 }
 
-/// The `sender` check of a request payload.
-pub fn check_sender(vm: &VmId, payload: &[u8]) -> Result<(), Denial> {
-    match topics::payload::decode_envelope(payload) {
-        Ok(env) if &env.sender == vm => Ok(()),
-        Ok(env) => Err(Denial::Sender(format!(
-            "sender is {:?}, not the channel's VM",
-            env.sender.as_str()
-        ))),
-        Err(e) => Err(Denial::Sender(e.to_string())),
-    }
+/// True for topics `.../notification`, whose `origin` is the publisher.
+pub fn is_notification_topic(topic: &str) -> bool {
+    topic.rsplit('/').next() == Some(topics::topic::NOTIFICATION)
 }
 
-/// True for topics `.../response/<requester>`, whose `responder` (when given) is checked.
+/// True for topics `.../response/<requester>`, whose `responder` is the publisher.
 pub fn is_response_topic(topic: &str) -> bool {
     let mut levels = topic.rsplit('/');
     levels.next();
     levels.next() == Some(topics::topic::RESPONSE)
 }
 
-/// The `responder` check of a response payload: absent is fine (PSEC services do not send it);
-/// present, it must be the VM itself.
-pub fn check_responder(vm: &VmId, payload: &[u8]) -> Result<(), Denial> {
-    match topics::payload::claimed_responder(payload) {
-        Ok(None) => Ok(()),
-        Ok(Some(r)) if r == vm.as_str() => Ok(()),
-        Ok(Some(r)) => Err(Denial::Sender(format!(
-            "responder is {:?}, not the channel's VM",
-            r.chars().take(64).collect::<String>()
-        ))),
-        Err(e) => Err(Denial::Sender(e.to_string())),
+/// The identity field of a publication on `topic`: `sender` of a request, `responder` of a
+/// response, `origin` of a notification; None for other topics.
+pub fn identity_field(topic: &str) -> Option<&'static str> {
+    if is_request_topic(topic) {
+        Some("sender")
+    } else if is_response_topic(topic) {
+        Some("responder")
+    } else if is_notification_topic(topic) {
+        Some("origin")
+    } else {
+        None
     }
 }
 
-/// The whole publish decision: topic rules, then the sender of requests and the responder of
-/// responses.
-pub fn check_publish(rules: &Rules, vm: &VmId, topic: &str, payload: &[u8]) -> Result<(), Denial> {
-    rules.check_publish_topic(topic)?;
-    if is_request_topic(topic) {
-        check_sender(vm, payload)?;
-    } else if is_response_topic(topic) {
-        check_responder(vm, payload)?;
+/// Checks the identity field of a payload against the channel's VM: absent, it is filled in (the
+/// payload to send instead is returned; the note writes `{}` and the channel says who it is);
+/// naming anyone else, refused. A request's `request_id`, when present, must be a valid one.
+pub fn stamp_identity(vm: &VmId, field: &str, payload: &[u8]) -> Result<Option<Vec<u8>>, Denial> {
+    let mut m = match serde_json::from_slice::<serde_json::Value>(payload) {
+        Ok(serde_json::Value::Object(m)) => m,
+        Ok(_) => return Err(Denial::Sender("payload must be a JSON object".into())),
+        Err(e) => return Err(Denial::Sender(format!("payload is not JSON: {e}"))),
+    };
+    if field == "sender" {
+        match m.get("request_id") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::String(id)) => {
+                topics::RequestId::parse(id)
+                    .map_err(|e| Denial::Sender(format!("request_id: {e}")))?;
+            }
+            Some(_) => return Err(Denial::Sender("request_id must be a string".into())),
+        }
     }
-    Ok(())
+    match m.get(field) {
+        None | Some(serde_json::Value::Null) => {
+            m.insert(field.to_owned(), serde_json::Value::String(vm.to_string()));
+            Ok(Some(serde_json::Value::Object(m).to_string().into_bytes()))
+        }
+        Some(serde_json::Value::String(r)) if r == vm.as_str() => Ok(None),
+        Some(serde_json::Value::String(r)) => Err(Denial::Sender(format!(
+            "{field} is {:?}, not the channel's VM",
+            r.chars().take(64).collect::<String>()
+        ))),
+        Some(_) => Err(Denial::Sender(format!("{field} must be a string"))),
+    }
+}
+
+/// The whole publish decision: topic rules, then the identity field of requests, responses and
+/// notifications (see [`stamp_identity`]). Ok(Some(payload)): publish that payload instead.
+pub fn check_publish(
+    rules: &Rules,
+    vm: &VmId,
+    topic: &str,
+    payload: &[u8],
+) -> Result<Option<Vec<u8>>, Denial> {
+    rules.check_publish_topic(topic)?;
+    match identity_field(topic) {
+        Some(field) => stamp_identity(vm, field, payload),
+        None => Ok(None),
+    }
+}
+
+/// True when a request reaches every party (`discover` or `benchmark` with no destination, or
+/// `tous`): what it costs its sender is the number of answers it causes.
+pub fn is_broadcast(topic: &str, payload: &[u8]) -> bool {
+    let Ok(topics::topic::Topic::Request(c)) = topics::topic::Topic::parse(topic) else {
+        return false;
+    };
+    if !matches!(c, Command::Discover | Command::Benchmark) {
+        return false;
+    }
+    match serde_json::from_slice::<serde_json::Value>(payload) {
+        Ok(v) => match v.get("destination").and_then(serde_json::Value::as_str) {
+            None => true,
+            Some(d) => d == topics::legacy_line::ALL,
+        },
+        Err(_) => false,
+    }
 }
 
 #[cfg(test)]

@@ -12,35 +12,23 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::time::Instant;
+use topics::legacy_translator::{Out as LegacyOut, Translator};
 use topics::payload::{self, ErrorBody, ErrorCode, LinkState, NoArgs};
 use topics::topic::Topic;
 use topics::vm::VmId;
 use topics::{RequestId, Response};
 
-use crate::legacy_mode::{LegacyMode, Out as LegacyOut, looks_legacy};
+use crate::legacy_mode::{self, Dialect};
 use crate::mqtt::{self, FixedHeader, PacketError, connack};
 use crate::policy::{self, Rules};
 use crate::supervision::LinkStats;
+use crate::throttle::{Bucket, Reports, Unreported};
 
 /// Refusals of one VM logged and reported on the error topic per second, at most.
 pub const REPORTS_PER_SEC: f64 = 10.0;
-
-/// What was not reported since the last report, as the suffix of the next one.
-#[derive(Debug, Clone, Copy)]
-struct Unreported(u64);
-
-impl std::fmt::Display for Unreported {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            0 => Ok(()),
-            n => write!(f, " (and {n} more refusals not reported)"),
-        }
-    }
-}
 
 /// CONNECTs (new broker sessions) one VM may start: a burst, then this many a second. An agent
 /// reconnects with a growing backoff and never comes near; a guest starting sessions in a loop
@@ -48,45 +36,38 @@ impl std::fmt::Display for Unreported {
 pub const CONNECT_BURST: f64 = 10.0;
 pub const CONNECTS_PER_SEC: f64 = 5.0;
 
-/// A token bucket: `cap` tokens at most, refilled at `rate` a second.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    cap: f64,
-    rate: f64,
-    at: Instant,
+/// Broadcast requests (`discover`, `benchmark` to everyone) one VM may send: a burst, then this
+/// many a second, whatever its publish budget (each also costs one token per party that answers).
+pub const BROADCAST_BURST: f64 = 20.0;
+pub const BROADCASTS_PER_SEC: f64 = 10.0;
+
+/// Requests delivered to a guest whose answers ride on them (beyond, answers pay like any
+/// publication). A benchmark is answered twice (`started`, then the figures).
+pub const MAX_OWED: usize = 4096;
+
+/// Why a publication of the guest is refused, and whether it counts against the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    code: ErrorCode,
+    reason: String,
+    /// Counts towards the VM's violation limit (its own behaviour).
+    violation: bool,
 }
 
-impl Bucket {
-    fn full(cap: f64, rate: f64, now: Instant) -> Bucket {
-        Bucket {
-            tokens: cap,
-            cap,
-            rate,
-            at: now,
+impl Refusal {
+    fn busy(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            code: ErrorCode::Busy,
+            reason: reason.into(),
+            violation: true,
         }
     }
 
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.at = self.at.max(now);
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.cap);
-    }
-
-    /// When the next token will be there.
-    fn next_token(&mut self, now: Instant) -> Instant {
-        self.refill(now);
-        now + Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0))
-    }
-
-    /// Takes a token if there is one.
-    fn take(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+    fn forbidden(reason: String) -> Refusal {
+        Refusal {
+            code: ErrorCode::Forbidden,
+            reason,
+            violation: true,
         }
     }
 }
@@ -188,21 +169,31 @@ pub struct Session {
     publishes: Bucket,
     /// The guest's new sessions.
     connects: Bucket,
+    /// The guest's broadcast requests.
+    broadcasts: Bucket,
     /// Set when a CONNECT went beyond the budget: the guest is not read until then (it blocks on
     /// its full channel instead of spinning through refusals).
     hold_until: Option<Instant>,
     violations: u32,
     /// When the guest was last told to start over because it sent something other than CONNECT.
     last_nudge: Option<Instant>,
-    /// Refusal reports allowed now (token bucket) and when it was last refilled.
-    reports: Bucket,
-    /// Refusals not reported since the last report.
-    suppressed: u64,
+    /// Refusal reports allowed now, and what was held back since the last one.
+    reports: Reports,
     effects: Vec<Effect>,
-    /// The translation of a guest in legacy mode.
-    legacy: Option<LegacyMode>,
+    /// What the channel speaks: decided on the first byte of its life.
+    dialect: Dialect,
+    /// The translation of a guest in legacy mode (`Phase::Legacy`, and `Connecting` towards it).
+    legacy: Option<Translator>,
+    /// Parties that answer a broadcast (every VM Dom0 knows, and Dom0): what one costs.
+    parties: usize,
+    /// Requests delivered to the guest and not answered yet: its answers ride on them, not on its
+    /// own rate (a broadcast is charged to whoever asked it).
+    owed: usize,
     /// Filters of this session forwarded to the broker (checked again when the policy changes).
     subscribed: BTreeSet<String>,
+    /// A legacy guest's bytes that may have been a CONNECT were waited for long enough: they are
+    /// a line.
+    legacy_connect_waited: bool,
     /// Packet ids of the publishes the link makes for a legacy guest.
     legacy_pkid: u16,
 }
@@ -241,14 +232,18 @@ impl Session {
             awaiting: HashMap::new(),
             publishes,
             connects: Bucket::full(CONNECT_BURST, CONNECTS_PER_SEC, now),
+            broadcasts: Bucket::full(BROADCAST_BURST, BROADCASTS_PER_SEC, now),
             hold_until: None,
             violations: 0,
             last_nudge: None,
-            reports: Bucket::full(REPORTS_PER_SEC, REPORTS_PER_SEC, now),
-            suppressed: 0,
+            reports: Reports::new(REPORTS_PER_SEC, "refusals", now),
             effects: Vec::new(),
+            dialect: Dialect::Undecided,
             legacy: None,
+            parties: 1,
+            owed: 0,
             legacy_pkid: 0,
+            legacy_connect_waited: false,
             subscribed: BTreeSet::new(),
         }
     }
@@ -300,6 +295,12 @@ impl Session {
         self.stats.linked.store(true, Relaxed);
         self.last_nudge = Some(now);
         self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
+    }
+
+    /// How many parties answer a broadcast now (the VMs Dom0 knows, and Dom0 itself): what a
+    /// broadcast request of this VM costs it.
+    pub fn set_parties(&mut self, n: usize) {
+        self.parties = n.max(1);
     }
 
     /// Called when the link leaves the channel (socket closed, service stopping).
@@ -357,8 +358,8 @@ impl Session {
                 break;
             }
         }
-        let nothing_partial =
-            self.guest_in.is_empty() && self.legacy.as_ref().is_none_or(|l| l.partial().is_empty());
+        // A legacy guest's unfinished line is the translation's to time (progress, not age).
+        let nothing_partial = self.guest_in.is_empty();
         self.partial_since = match (
             nothing_partial || self.phase == Phase::Connecting,
             self.partial_since,
@@ -369,11 +370,27 @@ impl Session {
         };
     }
 
-    /// Looks for a CONNECT in `guest_in`. Returns true if it consumed something worth looping on.
+    /// Looks for a CONNECT in `guest_in` (or, on a legacy channel, starts a legacy session).
+    /// Returns true if it consumed something worth looping on.
     fn scan(&mut self, now: Instant) -> bool {
-        if looks_legacy(&self.guest_in) {
-            self.enter_legacy(now);
-            return false;
+        if self.dialect == Dialect::Undecided {
+            match legacy_mode::dialect_of(&self.guest_in) {
+                None => return false,
+                Some(d) => self.dialect = d,
+            }
+        }
+        if self.dialect == Dialect::Legacy {
+            let starts_connect = self.guest_in.first() == Some(&(mqtt::CONNECT << 4));
+            match candidate(&self.guest_in) {
+                Candidate::Connect(..) | Candidate::Level(..) => {
+                    tracing::info!("legacy guest switches to MQTT");
+                    self.dialect = Dialect::Mqtt;
+                }
+                // It may be a CONNECT: wait (the partial-frame timer bounds the wait).
+                Candidate::Incomplete if starts_connect => return false,
+                _ if self.guest_in.iter().all(u8::is_ascii_whitespace) => return false,
+                _ => return self.enter_legacy(now),
+            }
         }
         let start = self.guest_in.iter().position(|b| *b == mqtt::CONNECT << 4);
         let skipped = start.unwrap_or(self.guest_in.len());
@@ -415,11 +432,16 @@ impl Session {
     }
 
     /// The guest speaks the MVP's JSON lines: open a broker session on its behalf and translate.
-    fn enter_legacy(&mut self, now: Instant) {
+    /// A legacy session costs the same budget as an MQTT one; beyond it the guest is not read until
+    /// a token is there (its bytes wait). Returns true if it consumed something worth looping on.
+    fn enter_legacy(&mut self, now: Instant) -> bool {
+        if !self.take_session_token(now) {
+            return false;
+        }
         tracing::info!("guest speaks the MVP's JSON lines: legacy mode");
         // Ends, on the guest's side, the line our attach signal started.
         self.to_guest.extend_from_slice(b"\n");
-        self.legacy = Some(LegacyMode::new(self.vm.clone()));
+        self.legacy = Some(legacy_mode::translator(&self.vm, self.limits.max_packet));
         let max = self.limits.max_keepalive;
         let c = mqtt::Connect {
             clean_session: true,
@@ -436,6 +458,7 @@ impl Session {
         self.reset_session_state(now);
         self.phase = Phase::Connecting;
         self.effects.push(Effect::OpenBroker);
+        false
     }
 
     /// Feeds the guest's bytes to the legacy translation, a line at a time; a CONNECT at a line
@@ -446,10 +469,20 @@ impl Session {
                 return true;
             };
             if l.partial().is_empty() && self.guest_in.first() == Some(&(mqtt::CONNECT << 4)) {
-                tracing::info!("legacy guest switches to MQTT");
-                self.leave_legacy("guest switched to MQTT");
-                return true;
+                match candidate(&self.guest_in) {
+                    Candidate::Connect(..) | Candidate::Level(..) => {
+                        tracing::info!("legacy guest switches to MQTT");
+                        self.dialect = Dialect::Mqtt;
+                        self.leave_legacy("guest switched to MQTT");
+                        return true;
+                    }
+                    // It may be a CONNECT: wait (the partial-frame timer bounds the wait).
+                    Candidate::Incomplete if !self.legacy_connect_waited => return false,
+                    // Not a CONNECT: a line like any other.
+                    Candidate::Incomplete | Candidate::NotConnect => {}
+                }
             }
+            self.legacy_connect_waited = false;
             if self.guest_in.is_empty() {
                 return false;
             }
@@ -460,7 +493,7 @@ impl Session {
                 .map_or(self.guest_in.len(), |i| i + 1);
             let chunk = self.guest_in.split_to(n);
             self.stats.bytes_in.fetch_add(n as u64, Relaxed);
-            let outs = l.on_guest(&chunk, now);
+            let outs = l.on_bytes(&chunk, now, &mut random_request_id);
             self.legacy_outs(outs, now);
         }
     }
@@ -480,46 +513,40 @@ impl Session {
     /// same bounds and policy as an MQTT guest's.
     fn legacy_outs(&mut self, outs: Vec<LegacyOut>, now: Instant) {
         for o in outs {
-            match o {
-                LegacyOut::Line(line) => self.relay_to_guest(&line),
-                LegacyOut::Publish { topic, payload } => {
-                    self.stats.packets_in.fetch_add(1, Relaxed);
-                    let verdict = if self.publishes.take(now) {
-                        policy::check_publish(&self.rules, &self.vm, &topic, &payload)
-                            .map_err(|d| d.to_string())
-                    } else {
-                        Err(format!(
-                            "rate limit ({} msg/s) exceeded",
-                            self.limits.rate_per_sec
-                        ))
-                    };
-                    match verdict {
-                        Ok(()) => {
-                            self.legacy_pkid = self.legacy_pkid.checked_add(1).unwrap_or(1);
-                            mqtt::encode_publish(
-                                &mqtt::Publish {
-                                    topic: &topic,
-                                    qos: 1,
-                                    retain: false,
-                                    dup: false,
-                                    pkid: Some(self.legacy_pkid),
-                                    payload: &payload,
-                                },
-                                &mut self.to_broker,
-                            );
-                            self.last_to_broker = now;
-                        }
-                        Err(reason) => {
-                            let shown: String = topic.chars().take(128).collect();
-                            self.refused(&shown, &reason, now);
-                            let line = self
-                                .legacy
-                                .as_mut()
-                                .map(|l| l.refused(&topic, &payload, &reason));
-                            if let Some(line) = line {
-                                self.relay_to_guest(&line);
-                            }
-                        }
+            let (topic, payload) = match o {
+                LegacyOut::Line(line) => {
+                    self.relay_to_guest(&line);
+                    continue;
+                }
+                LegacyOut::Request { topic, payload, .. }
+                | LegacyOut::Publish { topic, payload } => (topic, payload),
+            };
+            self.stats.packets_in.fetch_add(1, Relaxed);
+            match self.admit(&topic, &payload, now) {
+                Ok(stamped) => {
+                    self.legacy_pkid = self.legacy_pkid.checked_add(1).unwrap_or(1);
+                    mqtt::encode_publish(
+                        &mqtt::Publish {
+                            topic: &topic,
+                            qos: 1,
+                            retain: false,
+                            dup: false,
+                            pkid: Some(self.legacy_pkid),
+                            payload: stamped.as_deref().unwrap_or(&payload),
+                        },
+                        &mut self.to_broker,
+                    );
+                    self.last_to_broker = now;
+                }
+                Err(r) => {
+                    let shown: String = topic.chars().take(128).collect();
+                    self.refused_as(&shown, &r.reason, r.violation, now);
+                    let line = self
+                        .legacy
+                        .as_mut()
+                        .map(|l| l.refused(&topic, &payload, &r.reason));
+                    if let Some(line) = line {
+                        self.relay_to_guest(&line);
                     }
                 }
             }
@@ -559,8 +586,9 @@ impl Session {
                     let line = self
                         .legacy
                         .as_mut()
-                        .and_then(|l| l.on_broker(p.topic, p.payload));
+                        .and_then(|l| l.on_message(p.topic, p.payload, now));
                     if let Some(line) = line {
+                        self.owe_answers(p.topic);
                         self.relay_to_guest(&line);
                     }
                 }
@@ -616,17 +644,24 @@ impl Session {
 
     /// Takes a token of the CONNECT budget; without one, the CONNECT is answered `CONNACK 3`.
     fn connect_within_budget(&mut self, now: Instant) -> bool {
+        if self.take_session_token(now) {
+            return true;
+        }
+        mqtt::encode_connack(false, connack::SERVER_UNAVAILABLE, &mut self.to_guest);
+        false
+    }
+
+    /// Takes a token of the budget of new sessions (MQTT or legacy); without one, the guest is
+    /// not read until the next token.
+    fn take_session_token(&mut self, now: Instant) -> bool {
         if self.connects.take(now) {
             return true;
         }
         self.stats.dropped.fetch_add(1, Relaxed);
         self.hold_until = Some(self.connects.next_token(now));
         if let Some(unreported) = self.may_report(now) {
-            tracing::warn!(
-                "CONNECT beyond {CONNECTS_PER_SEC} new sessions a second refused{unreported}"
-            );
+            tracing::warn!("new session beyond {CONNECTS_PER_SEC} a second refused{unreported}");
         }
-        mqtt::encode_connack(false, connack::SERVER_UNAVAILABLE, &mut self.to_guest);
         false
     }
 
@@ -648,12 +683,16 @@ impl Session {
             );
             return true;
         }
-        if let Some(w) = &c.will {
-            if let Err(d) = policy::check_publish(&self.rules, &self.vm, &w.topic, &w.payload) {
-                let topic: String = w.topic.chars().take(128).collect();
-                self.refused(&topic, &format!("will message refused: {d}"), now);
-                mqtt::encode_connack(false, connack::NOT_AUTHORIZED, &mut self.to_guest);
-                return true;
+        if let Some(w) = c.will.as_mut() {
+            match policy::check_publish(&self.rules, &self.vm, &w.topic, &w.payload) {
+                Ok(None) => {}
+                Ok(Some(stamped)) => w.payload = stamped.into(),
+                Err(d) => {
+                    let topic: String = w.topic.chars().take(128).collect();
+                    self.refused(&topic, &format!("will message refused: {d}"), now);
+                    mqtt::encode_connack(false, connack::NOT_AUTHORIZED, &mut self.to_guest);
+                    return true;
+                }
             }
         }
         let max = self.limits.max_keepalive;
@@ -694,6 +733,7 @@ impl Session {
         self.inflight.clear();
         self.awaiting.clear();
         self.violations = 0;
+        self.owed = 0;
         self.publishes = Bucket::full(
             f64::from(self.limits.burst),
             f64::from(self.limits.rate_per_sec),
@@ -709,7 +749,7 @@ impl Session {
         self.last_to_broker = now;
         if self.legacy.is_some() {
             let filters: Vec<(&str, u8)> = Vec::new();
-            let subs = LegacyMode::subscriptions(&self.vm, &self.rules);
+            let subs = legacy_mode::subscriptions(&self.vm, &self.rules);
             self.subscribed.extend(subs.iter().cloned());
             let mut filters = filters;
             filters.extend(subs.iter().map(|f| (f.as_str(), 1u8)));
@@ -785,11 +825,20 @@ impl Session {
         self.violations += 1;
     }
 
-    /// A refused packet: counted always; logged and reported at most [`REPORTS_PER_SEC`] a second
-    /// (a flooding guest must not flood the log or the error topic), the rest summed up in the next
-    /// report.
+    /// A refused packet that counts as a violation (see [`Session::refused_as`]).
     fn refused(&mut self, topic: &str, reason: &str, now: Instant) -> bool {
-        self.refusal();
+        self.refused_as(topic, reason, true, now)
+    }
+
+    /// A refused packet: counted always, as a violation of the VM's own when `violation`;
+    /// logged and reported at most [`REPORTS_PER_SEC`] a second (a flooding guest must not flood
+    /// the log or the error topic), the rest summed up in the next report.
+    fn refused_as(&mut self, topic: &str, reason: &str, violation: bool, now: Instant) -> bool {
+        if violation {
+            self.refusal();
+        } else {
+            self.stats.refused.fetch_add(1, Relaxed);
+        }
         let Some(unreported) = self.may_report(now) else {
             return false;
         };
@@ -806,12 +855,7 @@ impl Session {
     /// [`REPORTS_PER_SEC`] a second, shared by every kind of guest misbehaviour, so no guest floods
     /// the log. `Some` carries the suffix counting what was not reported since the last report.
     fn may_report(&mut self, now: Instant) -> Option<Unreported> {
-        if self.reports.take(now) {
-            Some(Unreported(std::mem::take(&mut self.suppressed)))
-        } else {
-            self.suppressed += 1;
-            None
-        }
+        self.reports.may_report(now)
     }
 
     /// An acknowledgement from the guest for nothing the broker sent it (or out of order): dropped.
@@ -935,39 +979,44 @@ impl Session {
         let body = frame.get(h.header_len..).unwrap_or_default();
         let p = mqtt::parse_publish(h, body)?;
         let verdict = if p.pkid.is_some_and(|id| self.inflight.contains(&id)) && !p.dup {
-            Err((ErrorCode::Busy, "packet id already in flight".to_owned()))
-        } else if !self.publishes.take(now) {
-            Err((
-                ErrorCode::Busy,
-                format!("rate limit ({} msg/s) exceeded", self.limits.rate_per_sec),
-            ))
+            Err(Refusal::busy("packet id already in flight"))
         } else if p.qos > 0 && self.inflight.len() >= self.limits.max_inflight {
-            Err((
-                ErrorCode::Busy,
-                format!("more than {} messages in flight", self.limits.max_inflight),
-            ))
+            Err(Refusal::busy(format!(
+                "more than {} messages in flight",
+                self.limits.max_inflight
+            )))
         } else {
-            policy::check_publish(&self.rules, &self.vm, p.topic, p.payload)
-                .map_err(|d| (ErrorCode::Forbidden, d.to_string()))
+            self.admit(p.topic, p.payload, now)
         };
         match verdict {
-            Ok(()) => {
+            Ok(stamped) => {
                 if let Some(id) = p.pkid {
                     self.inflight.insert(id);
                 }
-                self.forward(frame, now);
+                match stamped {
+                    None => self.forward(frame, now),
+                    Some(payload) => {
+                        let mut out = BytesMut::new();
+                        mqtt::encode_publish(
+                            &mqtt::Publish {
+                                payload: &payload,
+                                ..p
+                            },
+                            &mut out,
+                        );
+                        self.forward(&out, now);
+                    }
+                }
             }
-            Err((code, reason)) => {
+            Err(r) => {
                 let topic: String = p.topic.chars().take(128).collect();
-                let pkid = p.pkid;
-                let qos = p.qos;
-                if self.refused(&topic, &reason, now) {
+                if self.refused_as(&topic, &r.reason, r.violation, now) {
                     // A refused request is answered, so its caller fails at once (rate-limited
                     // with the refusal reports).
-                    self.answer_refused_request(p.topic, p.payload, code, &reason);
+                    self.answer_refused_request(p.topic, p.payload, r.code, &r.reason);
                 }
                 // Acknowledge so the guest's session stays sound; the message goes nowhere.
-                match (qos, pkid) {
+                match (p.qos, p.pkid) {
                     (1, Some(id)) => mqtt::encode_ack(mqtt::PUBACK, id, &mut self.to_guest),
                     (2, Some(id)) => {
                         self.refused_qos2.insert(id);
@@ -978,6 +1027,55 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// The one admission of a publication from the guest (MQTT or legacy): its rate, then the
+    /// policy and the identity fields. An answer to a request delivered to the guest rides on that
+    /// request (a broadcast is charged to whoever asked it, never to those who answer); a
+    /// broadcast costs its sender one token per party that answers, and its own tight budget.
+    /// Ok(Some(payload)): publish that payload instead (the identity filled in).
+    fn admit(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: Instant,
+    ) -> Result<Option<Vec<u8>>, Refusal> {
+        let answer = policy::is_response_topic(topic);
+        if answer && self.owed > 0 {
+            self.owed -= 1;
+        } else {
+            let broadcast = policy::is_broadcast(topic, payload);
+            let cost = if broadcast { self.parties } else { 1 };
+            if broadcast && !self.broadcasts.take(now) {
+                return Err(Refusal::busy(format!(
+                    "broadcast requests beyond {BROADCASTS_PER_SEC} a second"
+                )));
+            }
+            if !self.publishes.take_n(cost, now) {
+                return Err(Refusal::busy(format!(
+                    "rate limit ({} msg/s) exceeded{}",
+                    self.limits.rate_per_sec,
+                    if broadcast {
+                        format!(" (a broadcast costs {cost}: one per party that answers)")
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+        }
+        let stamped = policy::check_publish(&self.rules, &self.vm, topic, payload)
+            .map_err(|d| Refusal::forbidden(d.to_string()))?;
+        let size = topic.len() + stamped.as_ref().map_or(payload.len(), Vec::len) + 9;
+        if size > self.limits.max_packet {
+            return Err(Refusal {
+                code: ErrorCode::TooLarge,
+                reason: format!(
+                    "{size} bytes once its identity is filled in: over the packet limit"
+                ),
+                violation: false,
+            });
+        }
+        Ok(stamped)
     }
 
     /// Answers a refused request on the VM's own response topic of its command (when the VM may
@@ -1092,6 +1190,17 @@ impl Session {
         std::mem::take(&mut self.effects)
     }
 
+    /// A request reaches the guest: its answers will ride on it.
+    fn owe_answers(&mut self, topic: &str) {
+        let n = match Topic::parse(topic) {
+            Ok(Topic::Request(topics::Command::Benchmark)) => 2,
+            Ok(Topic::Request(_)) => 1,
+            _ if policy::is_request_topic(topic) => 1,
+            _ => 0,
+        };
+        self.owed = (self.owed + n).min(MAX_OWED);
+    }
+
     fn relay_to_guest(&mut self, frame: &[u8]) {
         self.stats.packets_out.fetch_add(1, Relaxed);
         self.stats.bytes_out.fetch_add(frame.len() as u64, Relaxed);
@@ -1131,6 +1240,7 @@ impl Session {
                             (2, Some(id)) => self.awaiting.insert(id, mqtt::PUBREC),
                             _ => None,
                         };
+                        self.owe_answers(p.topic);
                         self.relay_to_guest(frame)
                     }
                     Err(d) => {
@@ -1220,7 +1330,7 @@ impl Session {
                 consider(self.last_to_broker + k);
             }
         }
-        if let Some(t) = self.legacy.as_ref().and_then(LegacyMode::next_deadline) {
+        if let Some(t) = self.legacy.as_ref().and_then(Translator::next_deadline) {
             consider(t);
         }
         next
@@ -1241,12 +1351,8 @@ impl Session {
                     self.process_guest(now);
                 }
                 Phase::Legacy { .. } if now >= since + SCAN_TIMEOUT => {
-                    // A line that never ended (the guest restarted mid-line): dropped, so what
-                    // follows starts at a line boundary (a CONNECT switches to MQTT there).
-                    if let Some(l) = self.legacy.as_mut() {
-                        let dropped = l.take_partial();
-                        tracing::debug!(bytes = dropped.len(), "unfinished legacy line dropped");
-                    }
+                    // What looked like the start of a CONNECT never completed: it is a line.
+                    self.legacy_connect_waited = true;
                     self.partial_since = None;
                     self.process_guest(now);
                 }
@@ -1325,6 +1431,17 @@ fn candidate(buf: &[u8]) -> Candidate {
         }
         Err(_) => Candidate::NotConnect,
     }
+}
+
+/// A request id nobody can guess, for the commands of a legacy guest.
+pub fn random_request_id() -> RequestId {
+    let mut bits = [0u8; 16];
+    if let Err(e) = getrandom::getrandom(&mut bits) {
+        // The kernel's generator does not fail on a running Linux; if it ever did, the ids of
+        // this link would be guessable: say so.
+        tracing::error!(error = %e, "no randomness for request ids");
+    }
+    RequestId::random(bits)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -82,6 +82,8 @@ pub enum Event {
 #[derive(Debug, Clone)]
 pub struct Supervision {
     links: Arc<Mutex<BTreeMap<VmId, Arc<LinkStats>>>>,
+    /// The number of known VMs plus Dom0, read by every link on every read (no lock).
+    parties: Arc<AtomicUsize>,
     events: mpsc::Sender<Event>,
 }
 
@@ -94,6 +96,7 @@ impl Supervision {
         (
             Supervision {
                 links: Arc::default(),
+                parties: Arc::new(AtomicUsize::new(1)),
                 events: tx,
             },
             rx,
@@ -107,12 +110,22 @@ impl Supervision {
 
     /// Registers a VM (its socket appeared) and returns its counters.
     pub fn register(&self, vm: &VmId) -> Arc<LinkStats> {
-        self.links().entry(vm.clone()).or_default().clone()
+        let mut links = self.links();
+        let stats = links.entry(vm.clone()).or_default().clone();
+        self.parties.store(links.len() + 1, Relaxed);
+        stats
     }
 
     /// Forgets a VM (its socket went away).
     pub fn forget(&self, vm: &VmId) {
-        self.links().remove(vm);
+        let mut links = self.links();
+        links.remove(vm);
+        self.parties.store(links.len() + 1, Relaxed);
+    }
+
+    /// Parties that answer a broadcast: every VM Dom0 knows, and Dom0 itself.
+    pub fn parties(&self) -> usize {
+        self.parties.load(Relaxed)
     }
 
     /// The known VMs, sorted.

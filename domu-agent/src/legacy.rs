@@ -1,40 +1,60 @@
 //! The legacy endpoint: applications written for the MVP speak its JSON lines on a local UNIX
 //! socket (`/run/domu-agent/legacy.sock`), and the agent maps them onto the topics through its hub,
-//! so they run unchanged. The line format and its translation are `topics::legacy_line`'s.
+//! so they run unchanged. The translation is the one Dom0's legacy mode uses
+//! (`topics::legacy_translator`): this module is its driver for each connection.
 //!
-//! Per connection: one line is one command (answered by one `reponse` line per responder, an
-//! error `reponse` on failure or timeout), or a response or notification the client publishes (an
-//! MVP service). Every notification the VM may read reaches every connected client. A client's
-//! `source` is replaced by the VM's id. A bad line gets an `erreur` line back and affects nothing
-//! else; a line over `legacy_line::MAX_LINE` is skipped up to its newline (`LineReader`).
+//! Per connection: a command line is answered by one `reponse` line per responder (an error
+//! `reponse` on failure or timeout), taken only under the one answer rule (its command, its random
+//! request id, an acceptable responder); a response or notification line is published as the VM.
+//! Every notification the VM may read reaches every connected client, its `source` the origin
+//! Dom0 stamped. A bad line gets an `erreur` line back and affects nothing else.
+//!
+//! Bounds: a connection must send a line (an empty one will do) within
+//! [`FIRST_PACKET_TIMEOUT`]; at most `max_clients` connections that did, and a few that did not
+//! yet (the oldest of those is closed to make room); one line at most the channel's packet size,
+//! an unfinished line dropped when no byte of it came for `LINE_IDLE`, and the unfinished lines of
+//! all connections together at most `max_held` bytes (the connection that would go beyond is
+//! closed); a client that does not read its answers is closed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, watch};
-use topics::legacy_line::{self, Destination, LegacyError, LegacyLine, LineItem, LineReader};
-use topics::topic::{Command, Topic};
+use topics::legacy_line::{self, LegacyError};
+use topics::legacy_translator::{Out, Translator, notification_source};
+use topics::topic::Topic;
 use topics::vm::VmId;
-use topics::{ErrorCode, filter};
+use topics::{RequestId, filter};
 
 use crate::channel::{Client, ToClient};
-use crate::local::LocalRequests;
+use crate::endpoint::{AcceptBackoff, Admitted, FIRST_PACKET_TIMEOUT, Gate, Pending};
+use crate::local::{Delivery, LocalRequests, random_request_id};
 
-/// How long a command to one responder waits for its answer.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Notification lines buffered for a slow client before it misses some.
 const NOTES_BUFFER: usize = 256;
+
+/// Bounds of the endpoint.
+#[derive(Debug, Clone)]
+pub struct LegacyLimits {
+    /// Largest line (and message): the channel's packet limit.
+    pub max_packet: usize,
+    /// Connections that sent their first line.
+    pub max_clients: usize,
+    /// Bytes of unfinished lines held for all connections together.
+    pub max_held: usize,
+}
 
 /// What every legacy connection shares.
 #[derive(Debug)]
 pub struct Legacy {
     pub vm: VmId,
-    /// Routes responses on `.../response/<vm>` to the waiting command.
+    /// Routes responses on `.../response/<vm>` to the connection that asked.
     pub local: Arc<LocalRequests>,
     /// The agent's client of the hub (requests, and what an MVP service publishes).
     pub out: Arc<Client>,
@@ -42,18 +62,31 @@ pub struct Legacy {
     pub notes: broadcast::Sender<Bytes>,
     /// Clients connected now: notifications are subscribed to only while there is one.
     connected: watch::Sender<usize>,
+    limits: LegacyLimits,
+    gate: Arc<Gate>,
+    /// Bytes of unfinished lines held now, all connections together.
+    held: AtomicUsize,
 }
 
 impl Legacy {
-    pub fn new(vm: VmId, local: Arc<LocalRequests>, out: Arc<Client>) -> Arc<Legacy> {
+    pub fn new(
+        vm: VmId,
+        local: Arc<LocalRequests>,
+        out: Arc<Client>,
+        limits: LegacyLimits,
+    ) -> Arc<Legacy> {
         let (notes, _) = broadcast::channel(NOTES_BUFFER);
         let (connected, _) = watch::channel(0);
+        let gate = Gate::new("legacy", limits.max_clients, limits.max_clients);
         Arc::new(Legacy {
             vm,
             local,
             out,
             notes,
             connected,
+            limits,
+            gate,
+            held: AtomicUsize::new(0),
         })
     }
 }
@@ -107,22 +140,6 @@ pub async fn notifications(
     }
 }
 
-/// Who a notification comes from, as far as its payload tells (else the router, Dom0).
-fn notification_source(n: topics::Notification, payload: &[u8]) -> String {
-    let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
-    let from = match n {
-        topics::Notification::LinkState => v.get("vm").and_then(|x| x.as_str()),
-        topics::Notification::Error => v
-            .get("module")
-            .and_then(|x| x.as_str())
-            .and_then(|m| m.split('/').next()),
-        topics::Notification::NewFile => None,
-    };
-    from.filter(|f| VmId::parse(f).is_ok())
-        .unwrap_or("Dom0")
-        .to_owned()
-}
-
 /// Serves the socket until `stop`; removes it.
 pub async fn serve(
     listener: UnixListener,
@@ -131,15 +148,16 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
+    let mut backoff = AcceptBackoff::new("legacy");
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             a = listener.accept() => match a {
-                Ok((conn, _)) => { tasks.spawn(connection(conn, legacy.clone(), stop.clone())); }
-                Err(e) => {
-                    tracing::warn!(error = %e, "legacy socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok((conn, _)) => {
+                    let pending = legacy.gate.arrive();
+                    tasks.spawn(connection(conn, pending, legacy.clone(), stop.clone()));
                 }
+                Err(e) => backoff.failed(&e).await,
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
@@ -164,24 +182,154 @@ impl Drop for Connected {
     }
 }
 
-async fn connection(conn: UnixStream, legacy: Arc<Legacy>, mut stop: watch::Receiver<bool>) {
-    let _counted = Connected::new(legacy.clone());
+/// Where a connection stands.
+enum Admission {
+    Pending(Pending, tokio::time::Instant),
+    Client(#[allow(dead_code)] Admitted, #[allow(dead_code)] Connected),
+}
+
+/// One connection's state: its translation, the ids it asked, its output.
+struct Conn {
+    legacy: Arc<Legacy>,
+    t: Translator,
+    /// The request ids of its commands (their routes are removed when it ends).
+    mine: Vec<RequestId>,
+    routes: mpsc::Sender<Delivery>,
+    /// Bytes for the client, written as it reads.
+    out: BytesMut,
+    /// Bytes of unfinished lines this connection counts in `Legacy::held`.
+    held: usize,
+}
+
+impl Conn {
+    /// What the translation asks: lines for the client, publications as the VM.
+    async fn carry_out(&mut self, outs: Vec<Out>) {
+        for o in outs {
+            match o {
+                Out::Line(l) => self.out.extend_from_slice(&l),
+                Out::Request {
+                    topic,
+                    payload,
+                    request_id,
+                } => {
+                    self.legacy
+                        .local
+                        .route(request_id.clone(), self.routes.clone());
+                    self.mine.push(request_id);
+                    self.publish(topic, payload).await;
+                }
+                Out::Publish { topic, payload } => self.publish(topic, payload).await,
+            }
+        }
+    }
+
+    async fn publish(&mut self, topic: String, payload: Vec<u8>) {
+        let out = &self.legacy.out;
+        if !out
+            .publish(topic, Bytes::from(payload), QoS::AtLeastOnce, false, None)
+            .await
+        {
+            tracing::debug!("the agent is stopping; a legacy line is not sent");
+        }
+    }
+
+    /// Forgets the routes of commands that wait no more.
+    fn prune(&mut self) {
+        let (t, local) = (&self.t, &self.legacy.local);
+        self.mine.retain(|id| {
+            let keep = t.asks(id);
+            if !keep {
+                local.unregister(id);
+            }
+            keep
+        });
+    }
+
+    /// Counts this connection's unfinished line in the endpoint's total; false when the total
+    /// would go beyond the bound.
+    fn hold(&mut self) -> bool {
+        let now = self.t.partial().len();
+        let total = &self.legacy.held;
+        if now > self.held {
+            let more = now - self.held;
+            if total.fetch_add(more, Ordering::Relaxed) + more > self.legacy.limits.max_held {
+                total.fetch_sub(more, Ordering::Relaxed);
+                return false;
+            }
+        } else {
+            total.fetch_sub(self.held - now, Ordering::Relaxed);
+        }
+        self.held = now;
+        true
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.legacy.held.fetch_sub(self.held, Ordering::Relaxed);
+        for id in &self.mine {
+            self.legacy.local.unregister(id);
+        }
+    }
+}
+
+async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn evicted(a: &mut Admission) {
+    match a {
+        Admission::Pending(p, _) => {
+            let _ = (&mut p.evicted).await;
+        }
+        Admission::Client(..) => std::future::pending().await,
+    }
+}
+
+async fn connection(
+    conn: UnixStream,
+    pending: Pending,
+    legacy: Arc<Legacy>,
+    mut stop: watch::Receiver<bool>,
+) {
     let (mut r, mut w) = conn.into_split();
-    // Every writer (commands in flight, notifications) goes through one queue: lines never mix.
-    let (tx, mut lines_out) = mpsc::channel::<Bytes>(64);
+    let (routes, mut responses) = mpsc::channel::<Delivery>(256);
+    let me = legacy.vm.clone();
+    let mut c = Conn {
+        t: Translator::new(me.clone(), me.as_str(), None, legacy.limits.max_packet),
+        legacy: legacy.clone(),
+        mine: Vec::new(),
+        routes,
+        out: BytesMut::new(),
+        held: 0,
+    };
+    let max_out = legacy.limits.max_packet.saturating_mul(2).max(1 << 20);
+    let mut admission =
+        Admission::Pending(pending, tokio::time::Instant::now() + FIRST_PACKET_TIMEOUT);
     let mut notes = legacy.notes.subscribe();
-    let mut input = LineReader::default();
     let mut buf = vec![0u8; 64 * 1024];
-    let me = legacy.vm.to_string();
-    let mut tasks = tokio::task::JoinSet::new();
     // After the client's end of input (`echo ... | socat`), its commands are still answered.
     let mut reading = true;
     loop {
-        if !reading && tasks.is_empty() && lines_out.is_empty() {
+        if !reading && c.t.asked() == 0 && c.out.is_empty() {
             break;
         }
+        if c.out.len() > max_out {
+            tracing::debug!("a legacy client does not read its answers; closed");
+            break;
+        }
+        let first_line_by = match admission {
+            Admission::Pending(_, t) => Some(t),
+            Admission::Client(..) => None,
+        };
+        let next_tick = c.t.next_deadline().map(tokio::time::Instant::from_std);
         tokio::select! {
             _ = stop.changed() => break,
+            _ = evicted(&mut admission) => break,
+            _ = sleep_until_opt(first_line_by) => break,
             n = r.read(&mut buf), if reading => {
                 let n = match n {
                     Ok(n) if n > 0 => n,
@@ -190,143 +338,53 @@ async fn connection(conn: UnixStream, legacy: Arc<Legacy>, mut stop: watch::Rece
                         continue;
                     }
                 };
-                input.push(buf.get(..n).unwrap_or_default());
-                while let Some(item) = input.next_line() {
-                    let reply = match item {
-                        LineItem::TooLong => Some(legacy_line::error_line(
-                            &me,
-                            "application",
-                            &LegacyError::TooLong(legacy_line::MAX_LINE + 1),
-                        )),
-                        LineItem::Line(line) => one_line(&legacy, &line, &tx, &mut tasks).await,
-                    };
-                    if let Some(reply) = reply {
-                        let _ = tx.send(Bytes::from(reply)).await;
+                let bytes = buf.get(..n).unwrap_or_default();
+                if let Admission::Pending(..) = admission {
+                    if bytes.contains(&b'\n') {
+                        let Admission::Pending(p, _) = admission else { break };
+                        let Some(admitted) = p.admit() else {
+                            let e = LegacyError::Invalid(format!(
+                                "{} legacy clients already connected",
+                                legacy.limits.max_clients
+                            ));
+                            let _ = w.write_all(&legacy_line::error_line(me.as_str(), "application", &e)).await;
+                            break;
+                        };
+                        admission = Admission::Client(admitted, Connected::new(legacy.clone()));
                     }
                 }
-            }
-            Some(line) = lines_out.recv() => {
-                if w.write_all(&line).await.is_err() {
+                let outs = c.t.on_bytes(bytes, Instant::now(), &mut random_request_id);
+                c.carry_out(outs).await;
+                if !c.hold() {
+                    let e = LegacyError::Invalid("the agent holds too many unfinished lines".into());
+                    let _ = w.write_all(&legacy_line::error_line(me.as_str(), "application", &e)).await;
                     break;
                 }
             }
-            n = notes.recv() => match n {
-                Ok(line) => {
-                    if w.write_all(&line).await.is_err() {
-                        break;
-                    }
+            Some((topic, payload)) = responses.recv() => {
+                if let Some(line) = c.t.on_message(&topic, &payload, Instant::now()) {
+                    c.out.extend_from_slice(&line);
                 }
+                c.prune();
+            }
+            _ = sleep_until_opt(next_tick) => {
+                for line in c.t.on_tick(Instant::now()) {
+                    c.out.extend_from_slice(&line);
+                }
+                c.prune();
+                let _ = c.hold();
+            }
+            n = w.write(&c.out), if !c.out.is_empty() => match n {
+                Ok(n) if n > 0 => c.out.advance(n),
+                _ => break,
+            },
+            n = notes.recv(), if matches!(admission, Admission::Client(..)) => match n {
+                Ok(line) => c.out.extend_from_slice(&line),
                 Err(broadcast::error::RecvError::Lagged(k)) => {
-                    tracing::warn!(missed = k, "a legacy client reads too slowly; notifications skipped");
+                    tracing::debug!(missed = k, "a legacy client reads too slowly; notifications skipped");
                 }
                 Err(broadcast::error::RecvError::Closed) => {}
             },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
-    }
-    tasks.shutdown().await;
-}
-
-/// Serves one line; returns what to answer at once (errors), commands answer from their task.
-async fn one_line(
-    legacy: &Arc<Legacy>,
-    line: &[u8],
-    tx: &mpsc::Sender<Bytes>,
-    tasks: &mut tokio::task::JoinSet<()>,
-) -> Option<Vec<u8>> {
-    let me = legacy.vm.as_str();
-    let client = legacy_line::claimed_source(line).unwrap_or_else(|| "application".into());
-    let parsed = match legacy_line::parse(line) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::debug!(error = %e, "bad legacy line");
-            return Some(legacy_line::error_line(me, &client, &e));
-        }
-    };
-    match parsed {
-        LegacyLine::Command {
-            command,
-            destination,
-            arguments,
-        } => {
-            let (id, rx) = legacy.local.register(&legacy.vm);
-            let (topic, payload) =
-                legacy_line::request(command, &destination, &arguments, &legacy.vm, &id);
-            if !legacy
-                .out
-                .publish(topic, Bytes::from(payload), QoS::AtLeastOnce, false, None)
-                .await
-            {
-                legacy.local.unregister(&id);
-                return Some(legacy_line::command_error_line(
-                    command,
-                    me,
-                    &client,
-                    ErrorCode::Internal,
-                    "the agent is stopping",
-                ));
-            }
-            let (legacy, tx) = (legacy.clone(), tx.clone());
-            tasks.spawn(
-                async move { answers(&legacy, command, destination, id, rx, client, tx).await },
-            );
-            None
-        }
-        other => {
-            // An MVP service's response or notification: published as the VM, under Dom0's policy.
-            let (topic, payload) = legacy_line::publication(&other)?;
-            legacy
-                .out
-                .publish(topic, Bytes::from(payload), QoS::AtLeastOnce, false, None)
-                .await;
-            None
-        }
-    }
-}
-
-/// Forwards the answers to one command: the first (or `started` then the last) from one
-/// responder, all of them within the window for `tous`; a timeout error if none came.
-async fn answers(
-    legacy: &Legacy,
-    command: Command,
-    destination: Destination,
-    id: String,
-    mut rx: mpsc::Receiver<Bytes>,
-    client: String,
-    tx: mpsc::Sender<Bytes>,
-) {
-    let me = legacy.vm.as_str();
-    let all = destination == Destination::All;
-    let window = if all {
-        Duration::from_millis(legacy_line::ALL_WINDOW_MS)
-    } else {
-        ANSWER_TIMEOUT
-    };
-    let deadline = tokio::time::Instant::now() + window;
-    let fallback = destination.as_line().to_owned();
-    let mut answered = 0;
-    while let Ok(Some(resp)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-        answered += 1;
-        let line = legacy_line::response_line(command, &resp, &client, &fallback);
-        if tx.send(Bytes::from(line)).await.is_err() {
-            break;
-        }
-        let started = serde_json::from_slice::<serde_json::Value>(&resp)
-            .ok()
-            .and_then(|v| {
-                v.get("status")
-                    .and_then(|s| s.as_str())
-                    .map(|s| s == "started")
-            })
-            .unwrap_or(false);
-        if !all && !started {
-            break;
-        }
-    }
-    legacy.local.unregister(&id);
-    if answered == 0 {
-        let msg = format!("no answer within {} ms", window.as_millis());
-        let line = legacy_line::command_error_line(command, me, &client, ErrorCode::Timeout, &msg);
-        let _ = tx.send(Bytes::from(line)).await;
     }
 }

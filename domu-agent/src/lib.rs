@@ -9,6 +9,7 @@ pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod disks;
+pub mod endpoint;
 pub mod fsops;
 pub mod legacy;
 pub mod local;

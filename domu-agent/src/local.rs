@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,60 +17,81 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
-use topics::topic::Command;
+use topics::answers::{Question, Responders};
+use topics::topic::{Command, Topic};
 use topics::vm::VmId;
-use topics::{ErrorBody, ErrorCode, Response};
+use topics::{ErrorBody, ErrorCode, RequestId, Response};
 
 use crate::channel::Client;
+use crate::endpoint::{AcceptBackoff, FIRST_PACKET_TIMEOUT, Gate, Pending};
 
 /// Largest request line (create_file carries Base64 data).
 const MAX_LINE: u64 = 16 * 1024 * 1024;
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long `discover` collects answers by default.
-const DISCOVER_WINDOW: Duration = Duration::from_secs(2);
 
-/// Waiters for responses, by request id.
+/// A response on the VM's response topic: its topic and payload.
+pub type Delivery = (String, Bytes);
+
+/// Where the responses to the requests of this VM's local requesters go, by request id. It only
+/// routes: each requester takes or refuses what it gets under the one answer rule
+/// (`topics::answers`).
 #[derive(Debug, Default)]
 pub struct LocalRequests {
-    waiters: Mutex<HashMap<String, mpsc::Sender<Bytes>>>,
-    next: AtomicU64,
+    routes: Mutex<HashMap<RequestId, mpsc::Sender<Delivery>>>,
+}
+
+/// A request id nobody can guess: 128 bits from the kernel's generator.
+pub fn random_request_id() -> RequestId {
+    let mut bits = [0u8; 16];
+    if let Err(e) = getrandom::getrandom(&mut bits) {
+        // The kernel's generator does not fail on a running Linux; if it ever did, the ids
+        // would be guessable: say so.
+        tracing::error!(error = %e, "no randomness for request ids");
+    }
+    RequestId::random(bits)
 }
 
 impl LocalRequests {
-    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Bytes>>> {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, mpsc::Sender<Delivery>>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Routes a response on our response topic to whoever asked.
-    pub fn deliver(&self, payload: &[u8]) {
-        let id = serde_json::from_slice::<Value>(payload).ok().and_then(|v| {
-            v.get("request_id")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        });
+    /// Routes a response on our response topic to whoever asked (by its `request_id`; a requester
+    /// that is gone loses its route).
+    pub fn deliver(&self, topic: String, payload: Bytes) {
+        let id = serde_json::from_slice::<Value>(&payload)
+            .ok()
+            .and_then(|v| {
+                v.get("request_id")
+                    .and_then(Value::as_str)
+                    .and_then(|s| RequestId::parse(s).ok())
+            });
         let Some(id) = id else {
             tracing::debug!("response without request_id; nobody waits for it");
             return;
         };
-        if let Some(tx) = self.waiters().get(&id) {
-            let _ = tx.try_send(Bytes::copy_from_slice(payload));
+        let mut routes = self.routes();
+        if let Some(tx) = routes.get(&id) {
+            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send((topic, payload)) {
+                routes.remove(&id);
+            }
         }
     }
 
-    /// A waiter for the responses to a new request id.
-    pub fn register(&self, vm: &VmId) -> (String, mpsc::Receiver<Bytes>) {
-        let id = format!(
-            "{vm}-{}-{}",
-            std::process::id(),
-            self.next.fetch_add(1, Ordering::Relaxed)
-        );
+    /// A new random request id whose responses come to a new receiver.
+    pub fn register(&self) -> (RequestId, mpsc::Receiver<Delivery>) {
         let (tx, rx) = mpsc::channel(64);
-        self.waiters().insert(id.clone(), tx);
+        let id = random_request_id();
+        self.route(id.clone(), tx);
         (id, rx)
     }
 
-    pub fn unregister(&self, id: &str) {
-        self.waiters().remove(id);
+    /// Responses to `id` go to `tx` (a requester with several questions in flight).
+    pub fn route(&self, id: RequestId, tx: mpsc::Sender<Delivery>) {
+        self.routes().insert(id, tx);
+    }
+
+    pub fn unregister(&self, id: &RequestId) {
+        self.routes().remove(id);
     }
 }
 
@@ -115,30 +135,36 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Serves local requests until `stop`; removes the socket.
+/// Serves local requests until `stop`; removes the socket. At most `max_clients` requests at once
+/// and as many connections that have not sent their request line yet (the oldest is closed to make
+/// room), each for at most [`FIRST_PACKET_TIMEOUT`].
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     vm: VmId,
     local: std::sync::Arc<LocalRequests>,
     out: std::sync::Arc<Client>,
+    max_clients: usize,
     mut stop: watch::Receiver<bool>,
 ) {
+    let gate = Gate::new("call", max_clients, max_clients);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut backoff = AcceptBackoff::new("call");
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             a = listener.accept() => match a {
                 Ok((conn, _)) => {
-                    tokio::spawn(one(conn, vm.clone(), local.clone(), out.clone()));
+                    let pending = gate.arrive();
+                    tasks.spawn(one(conn, pending, vm.clone(), local.clone(), out.clone()));
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "local socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
+                Err(e) => backoff.failed(&e).await,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
     let _ = std::fs::remove_file(&path);
+    tasks.shutdown().await;
 }
 
 fn error_line(code: ErrorCode, message: String) -> Vec<u8> {
@@ -149,19 +175,31 @@ fn error_line(code: ErrorCode, message: String) -> Vec<u8> {
 
 async fn one(
     conn: UnixStream,
+    mut pending: Pending,
     vm: VmId,
     local: std::sync::Arc<LocalRequests>,
     out: std::sync::Arc<Client>,
 ) {
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
-    if BufReader::new(r.take(MAX_LINE))
-        .read_line(&mut line)
-        .await
-        .is_err()
-    {
-        return;
+    let mut reader = BufReader::new(r.take(MAX_LINE));
+    tokio::select! {
+        read = tokio::time::timeout(FIRST_PACKET_TIMEOUT, reader.read_line(&mut line)) => {
+            if !matches!(read, Ok(Ok(n)) if n > 0) {
+                return;
+            }
+        }
+        _ = &mut pending.evicted => return,
     }
+    let Some(_admitted) = pending.admit() else {
+        let _ = w
+            .write_all(&error_line(
+                ErrorCode::Busy,
+                "too many requests at once on the agent's socket".into(),
+            ))
+            .await;
+        return;
+    };
     let req: LocalRequest = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
@@ -183,10 +221,16 @@ async fn one(
             .await;
         return;
     };
-    let (id, mut rx) = local.register(&vm);
+    let (id, rx) = local.register();
+    let destination = req
+        .args
+        .get("destination")
+        .and_then(Value::as_str)
+        .filter(|d| *d != topics::legacy_line::ALL)
+        .map(str::to_owned);
     let mut payload = req.args;
     payload.insert("sender".into(), Value::String(vm.to_string()));
-    payload.insert("request_id".into(), Value::String(id.clone()));
+    payload.insert("request_id".into(), Value::String(id.to_string()));
     let body = Value::Object(payload).to_string();
     let sent = out
         .publish(
@@ -201,46 +245,75 @@ async fn one(
         local.unregister(&id);
         return;
     }
-    let window = req
-        .timeout_ms
-        .map(Duration::from_millis)
-        .unwrap_or(match command {
-            Command::Discover => DISCOVER_WINDOW,
-            _ => DEFAULT_TIMEOUT,
-        });
-    let deadline = tokio::time::Instant::now() + window;
-    let mut answers = 0;
-    loop {
-        let got = tokio::time::timeout_at(deadline, rx.recv()).await;
-        let Ok(Some(resp)) = got else { break };
-        answers += 1;
-        let mut line = resp.to_vec();
-        line.push(b'\n');
-        if w.write_all(&line).await.is_err() {
-            break;
-        }
-        let status = serde_json::from_slice::<Value>(&resp)
-            .ok()
-            .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_owned));
-        let done = match command {
-            Command::Discover => false,
-            Command::Benchmark => status.as_deref() != Some("started"),
-            _ => true,
-        };
-        if done {
-            break;
-        }
-    }
+    let question = Question::new(
+        command,
+        id.clone(),
+        Responders::for_request(command, destination.as_deref()),
+        req.timeout_ms.map(Duration::from_millis),
+        std::time::Instant::now(),
+    );
+    let lines = answers(question, rx, &mut w).await;
     local.unregister(&id);
-    if answers == 0 {
-        let _ = w
-            .write_all(&error_line(
-                ErrorCode::Timeout,
-                format!("no answer within {} ms", window.as_millis()),
-            ))
-            .await;
+    for l in lines {
+        let _ = w.write_all(&l).await;
     }
     let _ = w.shutdown().await;
+}
+
+/// Writes every answer the question takes as it comes (one JSON line each); returns the lines
+/// that end it: a timeout for nobody answering, one for each party that started and never
+/// finished.
+async fn answers(
+    mut question: Question,
+    mut rx: mpsc::Receiver<Delivery>,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) -> Vec<Vec<u8>> {
+    let asked_at = std::time::Instant::now();
+    loop {
+        let now = std::time::Instant::now();
+        if question.is_done(now) {
+            break;
+        }
+        let until = tokio::time::Instant::from_std(question.next_deadline());
+        let Ok(Some((topic, payload))) = tokio::time::timeout_at(until, rx.recv()).await else {
+            continue;
+        };
+        let Ok(Topic::Response { command, .. }) = Topic::parse(&topic) else {
+            continue;
+        };
+        match question.accept(command, &payload, std::time::Instant::now()) {
+            Ok(_) => {
+                let mut line = payload.to_vec();
+                line.push(b'\n');
+                if w.write_all(&line).await.is_err() {
+                    return Vec::new();
+                }
+            }
+            Err(why) => tracing::debug!(%why, "response not taken"),
+        }
+    }
+    let waited = asked_at.elapsed().as_millis();
+    let mut lines = Vec::new();
+    if question.answered() == 0 {
+        lines.push(error_line(
+            ErrorCode::Timeout,
+            format!("no answer within {waited} ms"),
+        ));
+    }
+    for party in question.pending() {
+        let mut v = Response::<()>::error(
+            Some(question.request_id().clone()),
+            ErrorBody::new(
+                ErrorCode::Timeout,
+                format!("no final answer within {waited} ms"),
+            ),
+        )
+        .to_json();
+        v = topics::payload::with_responder(&v, party);
+        v.push(b'\n');
+        lines.push(v);
+    }
+    lines
 }
 
 #[cfg(test)]
@@ -262,13 +335,22 @@ mod tests {
     }
 
     #[test]
-    fn responses_reach_their_waiter() {
+    fn responses_reach_their_waiter_by_a_random_id() {
         let l = LocalRequests::default();
-        let vm = VmId::parse("vm-gui").unwrap();
-        let (id, mut rx) = l.register(&vm);
-        l.deliver(format!(r#"{{"status":"ok","request_id":"{id}"}}"#).as_bytes());
-        l.deliver(br#"{"status":"ok","request_id":"someone-else"}"#);
-        l.deliver(b"not json");
+        let (id, mut rx) = l.register();
+        let (other, _) = l.register();
+        assert_ne!(id, other);
+        assert_eq!(id.as_str().len(), 32);
+        let t = "system/disks/list_disks/response/vm-gui".to_owned();
+        l.deliver(
+            t.clone(),
+            Bytes::from(format!(r#"{{"status":"ok","request_id":"{id}"}}"#)),
+        );
+        l.deliver(
+            t.clone(),
+            Bytes::from_static(br#"{"status":"ok","request_id":"someone-else"}"#),
+        );
+        l.deliver(t, Bytes::from_static(b"not json"));
         assert!(rx.try_recv().is_ok());
         assert!(rx.try_recv().is_err());
     }

@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -17,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
 use crate::channel::{Client, Hub, ToClient};
+use crate::endpoint::{AcceptBackoff, Admitted, Gate, Pending};
 use crate::local_session::{Closed, LocalEvent, LocalLimits, LocalSession};
 
 /// Settings of the endpoint.
@@ -34,7 +34,8 @@ pub struct EndpointConfig {
 struct Shared {
     hub: Hub,
     cfg: EndpointConfig,
-    connected: AtomicUsize,
+    /// Clients counted once their CONNECT arrived; as many waiting for it (oldest closed first).
+    gate: Arc<Gate>,
 }
 
 /// Binds a UNIX socket: a stale one is replaced, a live one (another agent) refused; the parent
@@ -84,11 +85,9 @@ pub async fn serve(
     cfg: EndpointConfig,
     mut stop: watch::Receiver<bool>,
 ) {
-    let shared = Arc::new(Shared {
-        hub,
-        cfg,
-        connected: AtomicUsize::new(0),
-    });
+    let gate = Gate::new("mqtt", cfg.max_clients, cfg.max_clients);
+    let shared = Arc::new(Shared { hub, cfg, gate });
+    let mut backoff = AcceptBackoff::new("mqtt");
     let (unix, path) = match listeners.unix {
         Some((l, p)) => (Some(l), Some(p)),
         None => (None, None),
@@ -99,15 +98,19 @@ pub async fn serve(
         tokio::select! {
             _ = stop.changed() => break,
             a = accept_unix(unix.as_ref()) => match a {
-                Ok(s) => { tasks.spawn(connection(s, "unix".to_owned(), shared.clone(), stop.clone())); }
-                Err(e) => accept_failed(e).await,
+                Ok(s) => {
+                    let pending = shared.gate.arrive();
+                    tasks.spawn(connection(s, "unix".to_owned(), pending, shared.clone(), stop.clone()));
+                }
+                Err(e) => backoff.failed(&e).await,
             },
             a = accept_tcp(tcp.as_ref()) => match a {
                 Ok((s, peer)) => {
                     let _ = s.set_nodelay(true);
-                    tasks.spawn(connection(s, peer.to_string(), shared.clone(), stop.clone()));
+                    let pending = shared.gate.arrive();
+                    tasks.spawn(connection(s, peer.to_string(), pending, shared.clone(), stop.clone()));
                 }
-                Err(e) => accept_failed(e).await,
+                Err(e) => backoff.failed(&e).await,
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
@@ -116,11 +119,6 @@ pub async fn serve(
         let _ = std::fs::remove_file(p);
     }
     tasks.shutdown().await;
-}
-
-async fn accept_failed(e: std::io::Error) {
-    tracing::warn!(error = %e, "local MQTT accept failed");
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
 async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<UnixStream> {
@@ -153,28 +151,22 @@ async fn recv_opt(rx: Option<&mut mpsc::Receiver<ToClient>>) -> Option<ToClient>
     }
 }
 
-/// Decrements the connection count when the connection ends, however it ends.
-struct Slot(Arc<Shared>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.connected.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// One local client's connection, until it ends or the agent stops.
-async fn connection<S>(stream: S, peer: String, shared: Arc<Shared>, stop: watch::Receiver<bool>)
-where
+async fn connection<S>(
+    stream: S,
+    peer: String,
+    pending: Pending,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let over = shared.connected.fetch_add(1, Ordering::Relaxed) >= shared.cfg.max_clients;
-    let _slot = Slot(shared.clone());
     let mut c = Conn {
         ls: LocalSession::new(shared.cfg.limits.clone(), Instant::now()),
         client: None,
         rx: None,
         name: peer,
-        over,
+        admission: Admission::Pending(pending),
     };
     let closed = c.run(stream, &shared, stop).await;
     if let Some(closed) = closed {
@@ -200,8 +192,26 @@ struct Conn {
     rx: Option<mpsc::Receiver<ToClient>>,
     /// The peer, then the client id once known (logs).
     name: String,
-    /// Over the maximum number of clients: refused at its CONNECT.
-    over: bool,
+    /// Waiting for its CONNECT, or a client counted against the maximum.
+    admission: Admission,
+}
+
+/// Where a connection stands with the endpoint's gate.
+#[derive(Debug)]
+enum Admission {
+    Pending(Pending),
+    Client(#[allow(dead_code)] Admitted),
+    /// Between the two (its CONNECT is being decided).
+    Deciding,
+}
+
+async fn evicted(a: &mut Admission) {
+    match a {
+        Admission::Pending(p) => {
+            let _ = (&mut p.evicted).await;
+        }
+        _ => std::future::pending().await,
+    }
 }
 
 impl Conn {
@@ -231,6 +241,10 @@ impl Conn {
                 let deadline = self.ls.next_deadline();
                 tokio::select! {
                     _ = stop.changed() => return None,
+                    _ = evicted(&mut self.admission) => Err(Closed {
+                        reason: "closed to make room: no CONNECT yet".into(),
+                        will: None,
+                    }),
                     n = r.read(&mut buf) => match n {
                         Ok(0) | Err(_) => Err(self.ls.lost()),
                         Ok(n) => match self.ls.on_input(buf.get(..n).unwrap_or_default(), Instant::now()) {
@@ -280,9 +294,15 @@ impl Conn {
         while let Some(ev) = queue.pop_front() {
             match ev {
                 LocalEvent::Connect { client_id } => {
-                    if self.over {
+                    let admitted = match std::mem::replace(&mut self.admission, Admission::Deciding)
+                    {
+                        Admission::Pending(p) => p.admit(),
+                        _ => None,
+                    };
+                    let Some(admitted) = admitted else {
                         return Err(self.ls.refuse());
-                    }
+                    };
+                    self.admission = Admission::Client(admitted);
                     if !client_id.is_empty() {
                         self.name = client_id;
                     }
@@ -321,7 +341,11 @@ impl Conn {
                 }
             }
         }
-        Ok(())
+        // The client's end, when it came in the same read as these events.
+        match self.ls.take_closed() {
+            Some(c) => Err(c),
+            None => Ok(()),
+        }
     }
 
     fn on_hub(&mut self, m: Option<ToClient>) -> Result<(), Closed> {

@@ -106,6 +106,9 @@ pub struct LocalSession {
     /// QoS 2 publishes from the client not yet released (PUBREL): a DUP of one is not sent again.
     qos2: HashSet<u16>,
     events: Vec<LocalEvent>,
+    /// The connection ends, after the events parsed before its end are carried out (a client's
+    /// last PUBLISH and its DISCONNECT arrive in one read: every `mosquitto_pub` does it).
+    closing: Option<Closed>,
 }
 
 impl LocalSession {
@@ -123,6 +126,7 @@ impl LocalSession {
             next_pkid: 0,
             qos2: HashSet::new(),
             events: Vec::new(),
+            closing: None,
         }
     }
 
@@ -143,15 +147,35 @@ impl LocalSession {
         }
     }
 
-    /// Bytes read from the client.
+    /// Bytes read from the client. The events come first: when the client's input ends the
+    /// connection after some packets (PUBLISH then DISCONNECT), they are returned, and the end is
+    /// taken with [`LocalSession::take_closed`] once they are carried out.
     pub fn on_input(&mut self, bytes: &[u8], now: Instant) -> Result<Vec<LocalEvent>, Closed> {
+        if let Some(c) = self.closing.take() {
+            return Err(c);
+        }
         self.input.extend_from_slice(bytes);
         self.last_input = now;
         self.process()?;
         Ok(std::mem::take(&mut self.events))
     }
 
+    /// The end of the connection that followed the events last returned, if any.
+    pub fn take_closed(&mut self) -> Option<Closed> {
+        self.closing.take()
+    }
+
     fn process(&mut self) -> Result<(), Closed> {
+        match self.process_packets() {
+            Err(c) if !self.events.is_empty() => {
+                self.closing = Some(c);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn process_packets(&mut self) -> Result<(), Closed> {
         while matches!(self.phase, Phase::New { .. } | Phase::Live) {
             if matches!(self.phase, Phase::New { .. }) {
                 match mqttbytes::check(self.input.iter(), self.limits.max_packet) {
@@ -247,7 +271,8 @@ impl LocalSession {
         Ok(())
     }
 
-    /// The driver accepts the connection: CONNACK, then what the client sent after its CONNECT.
+    /// The driver accepts the connection: CONNACK, then what the client sent after its CONNECT
+    /// (its end, if it came with it, through [`LocalSession::take_closed`]).
     pub fn accept(&mut self, now: Instant) -> Result<Vec<LocalEvent>, Closed> {
         self.encode(&Packet::ConnAck(ConnAck::new(
             ConnectReturnCode::Success,

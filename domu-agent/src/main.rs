@@ -10,7 +10,7 @@ use domu_agent::cli::{CallArgs, Cli, Cmd, RunArgs};
 use domu_agent::config::{self, ConfigError, Settings};
 use domu_agent::disks::Disks;
 use domu_agent::fsops;
-use domu_agent::legacy::Legacy;
+use domu_agent::legacy::{Legacy, LegacyLimits};
 use domu_agent::local::{self, LocalRequests};
 use domu_agent::local_mqtt::{self, EndpointConfig, Listeners};
 use domu_agent::local_session::LocalLimits;
@@ -120,6 +120,7 @@ fn run(a: RunArgs) -> ExitCode {
 }
 
 async fn serve(s: Settings) -> ExitCode {
+    domu_agent::endpoint::raise_open_file_limit();
     // Transfer files left by a killed agent (on filesystems without O_TMPFILE) go first.
     for root in s
         .disks
@@ -193,6 +194,7 @@ async fn serve(s: Settings) -> ExitCode {
                     s.vm.clone(),
                     local.clone(),
                     out.clone(),
+                    s.local.max_clients,
                     stop_rx.clone(),
                 ));
             }
@@ -217,7 +219,12 @@ async fn serve(s: Settings) -> ExitCode {
             Err(e) => return fail(EX_UNAVAILABLE, &format!("legacy socket: {e}")),
         };
         tracing::info!(path = %path.display(), "legacy endpoint listening");
-        let legacy = Legacy::new(s.vm.clone(), local.clone(), out.clone());
+        let limits = LegacyLimits {
+            max_packet: s.limits.max_packet,
+            max_clients: s.local.max_clients,
+            max_held: s.limits.max_packet.saturating_mul(4),
+        };
+        let legacy = Legacy::new(s.vm.clone(), local.clone(), out.clone(), limits);
         let Some((client, rx)) = hub.attach("legacy-notifications", 1024, true).await else {
             return fail(EX_SOFTWARE, "the channel task ended at start");
         };
@@ -260,8 +267,9 @@ async fn serve(s: Settings) -> ExitCode {
             .clone()
             .map(|r| (service::REPOSITORY.to_owned(), r));
         let (disks, out, stop) = (s.disks.clone(), out.clone(), stop_rx.clone());
+        let vm = s.vm.clone();
         tasks.spawn(async move {
-            if let Err(e) = announce::run(disks, repo, notes, out, stop).await {
+            if let Err(e) = announce::run(vm, disks, repo, notes, out, stop).await {
                 tracing::error!(error = %e, "new-file announcements stopped");
             }
         });

@@ -109,16 +109,18 @@ impl Service {
                 tokio::spawn(async move { me.request(c, &topic, payload).await });
             }
             Ok(Topic::Response { requester, .. }) if requester == self.vm => {
-                self.local.deliver(&payload)
+                self.local.deliver(topic, payload)
             }
             _ => tracing::debug!(topic, "message not for this agent"),
         }
     }
 
-    /// Publishes at QoS 1; a response says who answered (`responder`).
+    /// Publishes at QoS 1; a response says who answered (`responder`), a notification who
+    /// it comes from (`origin`): what Dom0 would otherwise fill in on the way.
     async fn publish(&self, topic: String, body: Vec<u8>) {
         let body = match Topic::parse(&topic) {
             Ok(Topic::Response { .. }) => payload::with_responder(&body, self.vm.as_str()),
+            Ok(Topic::Notification(_)) => payload::with_origin(&body, self.vm.as_str()),
             _ => body,
         };
         let sent = self

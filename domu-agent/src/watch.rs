@@ -19,6 +19,7 @@ use rumqttc::mqttbytes::QoS;
 use tokio::sync::{mpsc, watch};
 use topics::payload::NewFileEvent;
 use topics::topic::Notification;
+use topics::vm::VmId;
 
 use crate::channel::Client;
 use crate::paths;
@@ -87,6 +88,8 @@ struct Watcher {
     watched: HashMap<WatchDescriptor, Watched>,
     announced: HashSet<(String, String)>,
     out: Arc<Client>,
+    /// The VM, as the `origin` of its announcements.
+    vm: VmId,
 }
 
 const FOLDER_EVENTS: WatchMask = WatchMask::CLOSE_WRITE
@@ -149,7 +152,8 @@ impl Watcher {
             filepath: path.to_owned(),
             size_in_bytes: size,
         };
-        let payload = Bytes::from(serde_json::to_vec(&ev).unwrap_or_default());
+        let body = serde_json::to_vec(&ev).unwrap_or_default();
+        let payload = Bytes::from(topics::payload::with_origin(&body, self.vm.as_str()));
         self.out
             .publish(
                 Notification::NewFile.topic(),
@@ -216,6 +220,7 @@ fn is_part(name: &OsStr) -> bool {
 
 /// Runs the announcer until `stop`.
 pub async fn run(
+    vm: VmId,
     disks: Option<PathBuf>,
     repository: Option<(String, PathBuf)>,
     mut notes: mpsc::UnboundedReceiver<Note>,
@@ -228,6 +233,7 @@ pub async fn run(
         watched: HashMap::new(),
         announced: HashSet::new(),
         out,
+        vm,
     };
     // What is already there when the agent starts is not new: watch it silently.
     if let Some(root) = &disks {

@@ -1,35 +1,49 @@
 //! The MVP's lines, from a hostile legacy guest (Dom0's legacy mode) or application (the agent's
-//! legacy endpoint). Invariants: no panic; every request Dom0 would publish for the guest carries
-//! the channel's VM as `sender`, whatever the lines claimed.
+//! legacy endpoint): both run `topics::legacy_translator`. Invariants: no panic; every request
+//! published for the speaker carries its VM as `sender`, every response and notification its VM as
+//! `responder` and `origin`, whatever the lines claimed; no message over the way's limit.
 #![no_main]
 
-use dom0_broker::legacy_mode::{LegacyMode, Out};
 use libfuzzer_sys::fuzz_target;
-use tokio::time::Instant;
+use std::time::{Duration, Instant};
+use topics::RequestId;
+use topics::legacy_translator::{Out, Translator};
 use topics::vm::VmId;
+
+const LIMIT: usize = 64 * 1024;
 
 fuzz_target!(|data: &[u8]| {
     let _ = topics::legacy_line::parse(data);
-    let mut l = LegacyMode::new(VmId::parse("vm-old").unwrap());
-    let now = Instant::now();
+    let mut t = Translator::new(VmId::parse("vm-old").unwrap(), "Dom0", None, LIMIT);
+    let mut n = 0u8;
+    let mut ids = || {
+        n = n.wrapping_add(1);
+        RequestId::random([n; 16])
+    };
+    let mut now = Instant::now();
     for chunk in data.chunks(97) {
-        for out in l.on_guest(chunk, now) {
+        now += Duration::from_millis(u64::from(chunk[0]) * 10);
+        for out in t.on_bytes(chunk, now, &mut ids) {
             match out {
+                Out::Request { topic, payload, .. } => {
+                    assert!(topic.len() + payload.len() <= LIMIT, "over the limit");
+                    let env = topics::payload::decode_envelope(&payload)
+                        .expect("a translated request has a valid envelope");
+                    assert_eq!(env.sender.as_str(), "vm-old", "identity taken from the line");
+                }
                 Out::Publish { topic, payload } => {
-                    if topic.ends_with("/request") {
-                        let env = topics::payload::decode_envelope(&payload)
-                            .expect("a translated request has a valid envelope");
-                        assert_eq!(env.sender.as_str(), "vm-old", "identity taken from the line");
-                    }
-                    if let Ok(Some(r)) = topics::payload::claimed_responder(&payload) {
-                        assert_eq!(r, "vm-old", "a response claims another responder");
-                    }
+                    assert!(topic.len() + payload.len() <= LIMIT, "over the limit");
+                    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                    let who = v.get("responder").or_else(|| v.get("origin"));
+                    assert_eq!(who.and_then(|w| w.as_str()), Some("vm-old"), "identity claimed");
                 }
                 Out::Line(line) => assert_eq!(line.last(), Some(&b'\n')),
             }
         }
-        assert!(l.partial().len() <= topics::legacy_line::MAX_LINE + 97);
+        assert!(t.partial().len() <= LIMIT + 97);
+        let _ = t.on_tick(now);
     }
-    let _ = l.on_broker("system/disks/list_disks/request", data);
-    let _ = l.on_broker("system/disk/new_file/notification", data);
+    let _ = t.on_message("system/disks/list_disks/request", data, now);
+    let _ = t.on_message("system/disk/new_file/notification", data, now);
+    let _ = t.on_message("system/disks/list_disks/response/vm-old", data, now);
 });

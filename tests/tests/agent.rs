@@ -225,7 +225,12 @@ fn dictionary_from_vm_gui() {
     };
     let r = call("list_disks", &[]);
     assert_eq!(r[0]["disks"].as_array().unwrap().len(), 2);
-    assert!(r[0]["request_id"].as_str().unwrap().starts_with("vm-gui-"));
+    // Request ids are unguessable: 128 random bits.
+    let id = r[0]["request_id"].as_str().unwrap();
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
     let r = call("list_files", &["disk=usb0"]);
     assert_eq!(r[0]["files"][1]["path"], "docs/report.txt");
     let r = call(
@@ -584,11 +589,15 @@ fn new_files_are_announced_once() {
         &["disk=usb1", "filepath=made/by/agent.txt", "data=aGk="],
     );
     assert!(ok_);
-    sub.wait_log(r#"{"disk":"usb1","filepath":"made/by/agent.txt","size_in_bytes":2}"#);
+    sub.wait_log(
+        r#"{"disk":"usb1","filepath":"made/by/agent.txt","origin":"sys-usb","size_in_bytes":2}"#,
+    );
     // Dropped from outside (a writer that opens, writes twice, closes; then reopens and appends).
     let p = s.disks.join("usb0/dropped.bin");
     std::fs::write(&p, vec![7u8; 1000]).unwrap();
-    sub.wait_log(r#"{"disk":"usb0","filepath":"dropped.bin","size_in_bytes":1000}"#);
+    sub.wait_log(
+        r#"{"disk":"usb0","filepath":"dropped.bin","origin":"sys-usb","size_in_bytes":1000}"#,
+    );
     {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
@@ -604,7 +613,9 @@ fn new_files_are_announced_once() {
         &["source_disk=usb0", "filepath=docs/report.txt"],
     );
     assert!(ok_);
-    sub.wait_log(r#"{"disk":"repository","filepath":"usb0/docs/report.txt","size_in_bytes":17}"#);
+    sub.wait_log(
+        r#"{"disk":"repository","filepath":"usb0/docs/report.txt","origin":"sys-usb","size_in_bytes":17}"#,
+    );
     // Each announced exactly once (the append above announced nothing).
     let out = sub.output();
     for f in [

@@ -27,8 +27,6 @@ use crate::vm::{DOM0, VmId};
 pub const MAX_LINE: usize = 8 * 1024 * 1024;
 /// The MVP's "every domain".
 pub const ALL: &str = "tous";
-/// How long answers to a command sent to `tous` are collected.
-pub const ALL_WINDOW_MS: u64 = 2000;
 
 /// One item of a legacy byte stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,16 +40,44 @@ pub enum LineItem {
 /// Cuts a byte stream into the MVP's lines, as bytes arrive: `\n` or `\r\n`, blank lines
 /// skipped, at most [`MAX_LINE`] bytes buffered (an over-long line is reported once and skipped up
 /// to its newline, so the next line reads as usual).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LineReader {
     buf: Vec<u8>,
     /// Where the unread part of `buf` starts.
     start: usize,
     /// Inside an over-long line.
     skipping: bool,
+    /// Longest line, in bytes.
+    limit: usize,
+}
+
+impl Default for LineReader {
+    fn default() -> LineReader {
+        LineReader::with_limit(MAX_LINE)
+    }
 }
 
 impl LineReader {
+    /// A reader of lines of at most `limit` bytes.
+    pub fn with_limit(limit: usize) -> LineReader {
+        LineReader {
+            buf: Vec::new(),
+            start: 0,
+            skipping: false,
+            limit,
+        }
+    }
+
+    /// The longest line this reader takes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// True while bytes of an unfinished line are held or skipped.
+    pub fn in_line(&self) -> bool {
+        self.skipping || !self.partial().is_empty()
+    }
+
     /// Bytes as they arrived.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.start > 0 && self.start == self.buf.len() {
@@ -80,7 +106,7 @@ impl LineReader {
                     }
                     return Some(LineItem::Line(line));
                 }
-                None if rest.len() > MAX_LINE || (self.skipping && !rest.is_empty()) => {
+                None if rest.len() > self.limit || (self.skipping && !rest.is_empty()) => {
                     self.buf.clear();
                     self.start = 0;
                     if !std::mem::replace(&mut self.skipping, true) {
@@ -98,11 +124,13 @@ impl LineReader {
         self.buf.get(self.start..).unwrap_or_default()
     }
 
-    /// Takes the unfinished line's bytes (they may be the start of something else).
+    /// Takes the unfinished line's bytes (they may be the start of something else); an over-long
+    /// line being skipped is over too: what comes next starts a new line.
     pub fn take_partial(&mut self) -> Vec<u8> {
         let rest = self.partial().to_vec();
         self.buf.clear();
         self.start = 0;
+        self.skipping = false;
         rest
     }
 }
@@ -151,8 +179,12 @@ impl Destination {
 /// Why a line was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LegacyError {
-    #[error("line of {0} bytes is over the limit of {MAX_LINE}")]
+    /// The line is over this limit, in bytes.
+    #[error("line over the limit of {0} bytes")]
     TooLong(usize),
+    /// What the line asks would not fit in one message on the way (the broker's packet limit).
+    #[error("the message this line makes is {0} bytes, over the limit of {1} bytes")]
+    TooLarge(usize, usize),
     #[error("not JSON: {0}")]
     NotJson(String),
     #[error("not a JSON object")]
@@ -221,7 +253,7 @@ pub fn command_named(untrusted: &str) -> Option<Command> {
 /// replaces it with the identity it knows.
 pub fn parse(untrusted: &[u8]) -> Result<LegacyLine, LegacyError> {
     if untrusted.len() > MAX_LINE {
-        return Err(LegacyError::TooLong(untrusted.len()));
+        return Err(LegacyError::TooLong(MAX_LINE));
     }
     let mut m = match serde_json::from_slice::<Value>(untrusted) {
         Ok(Value::Object(m)) => m,
@@ -323,32 +355,29 @@ fn line(kind: &str, source: &str, destination: &str, payload: Value) -> Vec<u8> 
 }
 
 /// The MVP `reponse` line for a response payload of `command` (a JSON object from the topics).
-/// `source` is the responder as far as it is known (the response's `responder`, else `fallback`).
-pub fn response_line(command: Command, payload: &[u8], requester: &str, fallback: &str) -> Vec<u8> {
+/// `source` is the responder as the answer rule established it (`Dom0`, or a VM's id).
+pub fn response_line(command: Command, payload: &[u8], requester: &str, source: &str) -> Vec<u8> {
     let kind = legacy::response_kind(command).unwrap_or_else(|| command.root());
     let mut m = match serde_json::from_slice::<Value>(payload) {
         Ok(Value::Object(m)) => m,
         _ => {
             return command_error_line(
                 command,
-                fallback,
+                source,
                 requester,
                 ErrorCode::Internal,
                 "the responder's answer is not a JSON object",
             );
         }
     };
-    let source = match m.remove("responder") {
-        Some(Value::String(r)) => r,
-        _ => fallback.to_owned(),
-    };
+    m.remove("responder");
     m.remove("request_id");
     let status = m.get("status").and_then(Value::as_str).map(str::to_owned);
     if status.as_deref() == Some("error") && command != Command::Benchmark {
         let err = m.remove("error").unwrap_or(Value::Null);
         return line(
             "reponse",
-            &source,
+            source,
             requester,
             json!({"commande": kind, "erreur": err}),
         );
@@ -363,7 +392,7 @@ pub fn response_line(command: Command, payload: &[u8], requester: &str, fallback
     }
     line(
         "reponse",
-        &source,
+        source,
         requester,
         json!({"commande": kind, "data": Value::Object(m)}),
     )
@@ -424,7 +453,9 @@ pub fn command_line(command: Command, payload: &[u8], destination: &str) -> Opti
         Some(Value::String(s)) => s,
         _ => return None,
     };
+    // The request id stays with Dom0 (the translation gives the answer its id back).
     m.remove("destination");
+    m.remove("request_id");
     let name = legacy::commande(command)?;
     Some(line(
         "commande",

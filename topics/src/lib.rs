@@ -4,11 +4,13 @@
 //! It is the single source of truth for every topic and payload that crosses a channel; the Dom0
 //! service, the guest agent and the documentation (`docs/topics.md`) all come from it.
 
+pub mod answers;
 pub mod backoff;
 pub mod binary;
 pub mod filter;
 pub mod legacy;
 pub mod legacy_line;
+pub mod legacy_translator;
 pub mod payload;
 pub mod reference;
 pub mod topic;

@@ -66,6 +66,11 @@ impl RequestId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// An id this crate built and knows to be valid.
+    pub(crate) fn from_trusted(id: String) -> RequestId {
+        RequestId(id)
+    }
 }
 
 impl fmt::Display for RequestId {
@@ -549,9 +554,19 @@ pub struct BenchmarkReply {
 /// checks it against the channel's identity, as it checks `sender`. A body that is not a JSON
 /// object is returned unchanged.
 pub fn with_responder(body: &[u8], responder: &str) -> Vec<u8> {
+    with_field(body, "responder", responder)
+}
+
+/// A notification body with `"origin": <who>` added: who published it. Dom0 stamps (or checks)
+/// it against the channel's identity on every notification a VM publishes; Dom0's own carry none.
+pub fn with_origin(body: &[u8], origin: &str) -> Vec<u8> {
+    with_field(body, "origin", origin)
+}
+
+fn with_field(body: &[u8], field: &str, value: &str) -> Vec<u8> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(mut m)) => {
-            m.insert("responder".into(), Value::String(responder.to_owned()));
+            m.insert(field.into(), Value::String(value.to_owned()));
             Value::Object(m).to_string().into_bytes()
         }
         _ => body.to_vec(),

@@ -15,7 +15,7 @@ fn decide(policy: &Policy, who: &str, act: Act, topic: &str, payload: &str) -> R
     let v = vm(who);
     let rules = policy.rules_for(&v);
     match act {
-        Act::Pub => check_publish(&rules, &v, topic, payload.as_bytes()),
+        Act::Pub => check_publish(&rules, &v, topic, payload.as_bytes()).map(|_| ()),
         Act::Sub => rules.check_subscribe(topic),
         Act::Deliver => rules.check_deliver(topic),
     }
@@ -60,7 +60,7 @@ fn default_policy_table() {
             GUI_REQ,
             Ok(()),
         ),
-        // ... never as another VM, never without sender, never with garbage.
+        // ... never as another VM, never with garbage; without sender, as itself (filled in).
         (
             "vm-gui",
             Pub,
@@ -73,7 +73,7 @@ fn default_policy_table() {
             Pub,
             "system/disks/list_disks/request",
             "{}",
-            Err(Denial::Sender(String::new())),
+            Ok(()),
         ),
         (
             "vm-gui",
@@ -461,4 +461,112 @@ fn invalid_policies_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("line 3"), "{err}");
+}
+
+/// The identity field of a request, response or notification is filled in when absent, kept when
+/// it names the VM, refused when it names anyone else.
+#[test]
+fn identity_fields_are_stamped_or_refused() {
+    let p = Policy::builtin();
+    let usb = vm("sys-usb");
+    let rules = p.rules_for(&usb);
+    let rows: [(&str, &str, Result<Option<&str>, ()>); 9] = [
+        (
+            "system/disks/list_disks/response/vm-gui",
+            r#"{"status":"ok"}"#,
+            Ok(Some("responder")),
+        ),
+        (
+            "system/disks/list_disks/response/vm-gui",
+            r#"{"status":"ok","responder":"sys-usb"}"#,
+            Ok(None),
+        ),
+        (
+            "system/disks/list_disks/response/vm-gui",
+            r#"{"status":"ok","responder":"dom0"}"#,
+            Err(()),
+        ),
+        (
+            "system/disks/list_disks/response/vm-gui",
+            r#"{"status":"ok","responder":7}"#,
+            Err(()),
+        ),
+        (
+            "system/disk/new_file/notification",
+            r#"{"disk":"usb0"}"#,
+            Ok(Some("origin")),
+        ),
+        (
+            "system/disk/new_file/notification",
+            r#"{"disk":"usb0","origin":"vm-gui"}"#,
+            Err(()),
+        ),
+        ("system/disk/new_file/notification", "ffff", Err(())),
+        (
+            "system/events/error/notification",
+            r#"{"module":"dom0-broker/link"}"#,
+            Ok(Some("origin")),
+        ),
+        (
+            "system/components/discover/request",
+            r#"{"request_id":"bad id"}"#,
+            Err(()),
+        ),
+    ];
+    for (topic, payload, want) in rows {
+        let got = check_publish(&rules, &usb, topic, payload.as_bytes());
+        match (got, want) {
+            (Ok(None), Ok(None)) | (Err(_), Err(())) => {}
+            (Ok(Some(stamped)), Ok(Some(field))) => {
+                let v: serde_json::Value = serde_json::from_slice(&stamped).unwrap();
+                assert_eq!(v[field], "sys-usb", "{topic} {payload}");
+            }
+            (got, want) => panic!("{topic} {payload}: got {got:?}, expected {want:?}"),
+        }
+    }
+    let gui = vm("vm-gui");
+    let stamped = check_publish(
+        &p.rules_for(&gui),
+        &gui,
+        "system/disks/list_disks/request",
+        b"{}",
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(stamped, br#"{"sender":"vm-gui"}"#);
+}
+
+#[test]
+fn broadcasts_are_told_apart() {
+    let rows = [
+        (
+            "system/components/discover/request",
+            r#"{"sender":"x"}"#,
+            true,
+        ),
+        (
+            "system/components/discover/request",
+            r#"{"destination":"tous"}"#,
+            true,
+        ),
+        (
+            "system/components/discover/request",
+            r#"{"destination":"sys-usb"}"#,
+            false,
+        ),
+        (
+            "system/misc/benchmark/request",
+            r#"{"module":"messaging"}"#,
+            true,
+        ),
+        ("system/disks/list_disks/request", r#"{}"#, false),
+        ("system/components/discover/response/vm-gui", r#"{}"#, false),
+    ];
+    for (topic, payload, want) in rows {
+        assert_eq!(
+            is_broadcast(topic, payload.as_bytes()),
+            want,
+            "{topic} {payload}"
+        );
+    }
 }

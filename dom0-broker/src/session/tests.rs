@@ -579,6 +579,8 @@ fn a_legacy_guest_is_translated_and_can_switch_to_mqtt() {
             && !request.contains(r#""sender":"sys-usb""#),
         "{request}"
     );
+    let id_at = request.find(r#""request_id":""#).unwrap() + 14;
+    let id = &request[id_at..id_at + 32];
     s.to_broker.clear();
     let effects = s.on_broker_input(b"\x20\x02\x00\x00", now);
     assert!(
@@ -593,7 +595,8 @@ fn a_legacy_guest_is_translated_and_can_switch_to_mqtt() {
         "system/disks/list_disks/response/vm-gui",
         1,
         9,
-        br#"{"status":"ok","request_id":"legacy-1","responder":"sys-usb","disks":[]}"#,
+        format!(r#"{{"status":"ok","request_id":"{id}","responder":"sys-usb","disks":[]}}"#)
+            .as_bytes(),
     );
     s.on_broker_input(&answer, now);
     let to_guest = String::from_utf8_lossy(&s.to_guest).into_owned();
@@ -758,10 +761,10 @@ fn warnings_a_guest_causes_do_not_flood_the_log() {
     }
     s.on_guest_input(&[], now);
     // 10 reported (the burst), the other 190 counted for the next report.
-    assert_eq!(s.suppressed, 190);
     let later = s.may_report(now + Duration::from_secs(1)).unwrap();
     assert_eq!(later.to_string(), " (and 190 more refusals not reported)");
-    assert_eq!(s.suppressed, 0);
+    let next = s.may_report(now + Duration::from_secs(1)).unwrap();
+    assert_eq!(next.to_string(), "");
 }
 
 /// Found by the hostile suite (class 4): a guest that left a frame half-way kept its link waiting
@@ -796,4 +799,202 @@ fn a_frame_left_half_way_never_lets_the_broker_time_the_session_out() {
     };
     assert!(end - last_to_broker <= Duration::from_secs(5));
     assert_eq!(end, start + Duration::from_millis(7500));
+}
+
+/// Found by the attack corpus: `\x10\n` then a valid line, every 20 ms, re-entered legacy mode
+/// without the budget of new sessions (~197 legacy sessions in 5 s). A byte that only looks like
+/// a CONNECT is a line like any other, and a legacy channel's sessions cost the same budget as
+/// MQTT ones.
+#[test]
+fn legacy_sessions_cost_the_session_budget() {
+    let line = b"{\"type\":\"commande\",\"destination\":\"sys-usb\",\"payload\":{\"commande\":\"liste_disques\"}}\n";
+    let mut opened = [0, 0];
+    for (run, close_each_time) in [false, true].into_iter().enumerate() {
+        let (mut s, t0) = session();
+        for i in 0..250u64 {
+            let now = t0 + Duration::from_millis(20 * i);
+            let _ = s.on_tick(now);
+            let mut bytes = if i == 0 {
+                Vec::new()
+            } else {
+                b"\x10\n".to_vec()
+            };
+            bytes.extend_from_slice(line);
+            for e in s.on_guest_input(&bytes, now) {
+                if e == Effect::OpenBroker {
+                    opened[run] += 1;
+                    s.broker_connected(now);
+                    s.on_broker_input(b"\x20\x02\x00\x00", now);
+                }
+            }
+            if close_each_time && s.has_broker() {
+                s.broker_closed(now);
+                s.broker_released();
+            }
+        }
+    }
+    assert_eq!(opened[0], 1, "one legacy session serves every line");
+    // 5 s: the burst (10) and 5 a second.
+    assert!(opened[1] <= 10 + 5 * 5 + 1, "{} sessions in 5 s", opened[1]);
+    assert!(
+        opened[1] >= 10,
+        "{}: the legacy guest is still served",
+        opened[1]
+    );
+}
+
+/// Found by the attack corpus: after a resync ("too many policy violations"), an agent's link
+/// tested the next bytes for `{` again and ran in legacy mode on MQTT bytes (a publish payload).
+/// The dialect is decided once, on the first byte of the channel's life.
+#[test]
+fn an_mqtt_channel_never_turns_legacy() {
+    let (mut s, now) = live();
+    // The session ends (a malformed packet), and what follows starts with `{`.
+    s.guest_in.extend_from_slice(b"\xf0\x00");
+    let _ = s.on_guest_input(&[], now);
+    assert!(!s.has_broker());
+    let effects = s.on_guest_input(br#"{"sender":"vm-gui"}"#, now);
+    assert!(!effects.contains(&Effect::OpenBroker), "{effects:?}");
+    assert!(s.legacy.is_none());
+    // Its next CONNECT starts a session as usual.
+    assert_eq!(
+        s.on_guest_input(&connect("vm-gui", 5), now + Duration::from_secs(2)),
+        vec![Effect::OpenBroker]
+    );
+}
+
+#[test]
+fn the_first_byte_decides_and_whitespace_waits() {
+    let (mut s, now) = session();
+    assert!(s.on_guest_input(b" \r\n", now).is_empty());
+    assert_eq!(s.dialect, Dialect::Undecided);
+    assert_eq!(
+        s.on_guest_input(&connect("vm-gui", 5), now),
+        vec![Effect::OpenBroker]
+    );
+    assert_eq!(s.dialect, Dialect::Mqtt);
+}
+
+fn forwarded_payloads(buf: &[u8]) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut rest = buf;
+    while let Ok(Some(h)) = mqtt::fixed_header(rest, usize::MAX) {
+        if h.kind() == mqtt::PUBLISH {
+            let p = mqtt::parse_publish(&h, &rest[h.header_len..h.frame_len()]).unwrap();
+            out.push(serde_json::from_slice(p.payload).unwrap());
+        }
+        rest = &rest[h.frame_len()..];
+    }
+    out
+}
+
+/// The note's `{}`: a request without `sender` goes out as the VM's; a response without
+/// `responder` and a notification without `origin` are stamped with the channel's identity.
+#[test]
+fn identity_fields_are_filled_in_on_the_way() {
+    let (mut s, now) = live();
+    s.guest_in
+        .extend_from_slice(&publish("system/disks/list_disks/request", 0, 0, b"{}"));
+    s.guest_in.extend_from_slice(&publish(
+        "system/components/discover/response/sys-usb",
+        1,
+        3,
+        br#"{"status":"ok","components":[]}"#,
+    ));
+    s.guest_in.extend_from_slice(&publish(
+        "system/events/error/notification",
+        0,
+        0,
+        br#"{"module":"sys-usb/disks","origin":"sys-usb"}"#,
+    ));
+    s.guest_in.extend_from_slice(&publish(
+        "system/events/error/notification",
+        0,
+        0,
+        br#"{"module":"x"}"#,
+    ));
+    let effects = s.on_guest_input(&[], now);
+    let sent = forwarded_payloads(&s.to_broker);
+    assert_eq!(sent.len(), 3, "{effects:?}");
+    assert_eq!(sent[0]["sender"], "vm-gui");
+    assert_eq!(sent[1]["responder"], "vm-gui");
+    assert_eq!(sent[2]["origin"], "vm-gui");
+    assert!(
+        matches!(&effects[..], [Effect::Refused { reason, .. }] if reason.contains("origin")),
+        "a notification claiming another origin is refused: {effects:?}"
+    );
+    // The QoS 1 response keeps its packet id.
+    let pubs: Vec<_> = packets(&s.to_broker)
+        .into_iter()
+        .filter(|(k, _)| *k == mqtt::PUBLISH)
+        .collect();
+    let body = &pubs[1].1;
+    let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    assert_eq!(&body[2 + len..4 + len], &[0, 3]);
+}
+
+/// Found by the attack corpus: one VM's `tous` flood, within its own rate, pushed the VMs that
+/// answered over *their* rate, and their refused answers disconnected them. A broadcast costs
+/// its sender one token per party; answers to requests delivered to a VM ride on them.
+#[test]
+fn a_broadcast_costs_whoever_asked_and_answers_ride_on_their_requests() {
+    let mut l = limits();
+    l.rate_per_sec = 100;
+    l.burst = 100;
+    l.violation_limit = 5;
+    let (mut s, now) = session_with(l.clone());
+    s.set_parties(10);
+    s.guest_in.extend_from_slice(&connect("vm-gui", 5));
+    s.on_guest_input(&[], now);
+    broker_connect(&mut s, now);
+    for _ in 0..12 {
+        s.guest_in
+            .extend_from_slice(&publish("system/components/discover/request", 0, 0, b"{}"));
+    }
+    s.on_guest_input(&[], now);
+    assert_eq!(
+        forwarded_payloads(&s.to_broker).len(),
+        10,
+        "100 tokens: 10 broadcasts to 10 parties"
+    );
+
+    // A responder receives 500 requests and answers each: never refused, never disconnected.
+    let (mut r, now) = session_with(l);
+    r.guest_in.extend_from_slice(&connect("vm-gui", 5));
+    r.on_guest_input(&[], now);
+    broker_connect(&mut r, now);
+    r.to_broker.clear();
+    for i in 0..500u16 {
+        r.on_broker_input(
+            &publish(
+                "system/components/discover/request",
+                1,
+                i + 1,
+                br#"{"sender":"vm-evil"}"#,
+            ),
+            now,
+        );
+        r.to_guest.clear();
+        r.guest_in.extend_from_slice(&publish(
+            "system/components/discover/response/vm-evil",
+            0,
+            0,
+            br#"{"status":"ok","components":[]}"#,
+        ));
+        let effects = r.on_guest_input(&[], now);
+        assert!(effects.is_empty(), "answer {i}: {effects:?}");
+    }
+    assert_eq!(r.stats.refused.load(Relaxed), 0);
+    assert!(r.has_broker());
+    // Beyond what it owes, a VM's answers pay like any publication.
+    for _ in 0..150 {
+        r.guest_in.extend_from_slice(&publish(
+            "system/components/discover/response/vm-evil",
+            0,
+            0,
+            br#"{"status":"ok","components":[]}"#,
+        ));
+    }
+    r.on_guest_input(&[], now);
+    assert!(r.stats.refused.load(Relaxed) > 0);
 }

@@ -306,3 +306,56 @@ fn deliveries_carry_their_own_packet_ids() {
         .collect();
     assert_eq!(ids, [(1, true), (0, false), (2, false)]);
 }
+
+/// Found by a new user: `mosquitto_pub` at QoS 0 sends CONNECT, PUBLISH and DISCONNECT at once,
+/// and 5 of 8 publishes were lost (the DISCONNECT ended the connection before the PUBLISH parsed
+/// with it was carried out). Every QoS, in one read, and split at every byte.
+#[test]
+fn a_last_publish_and_its_disconnect_in_one_read_are_both_carried_out() {
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+        let mut p = Publish::new("app/x", qos, "last words");
+        if qos != QoS::AtMostOnce {
+            p.pkid = 1;
+        }
+        let mut input = connect("pub", 60);
+        input.extend(encoded(Packet::Publish(p)));
+        input.extend(encoded(Packet::Disconnect));
+        for split in [None, Some(1)] {
+            let now = Instant::now();
+            let mut s = LocalSession::new(limits(), now);
+            let chunks: Vec<&[u8]> = match split {
+                None => vec![&input[..]],
+                Some(n) => input.chunks(n).collect(),
+            };
+            let mut published = Vec::new();
+            let mut closed = None;
+            for chunk in chunks {
+                let mut events = match s.on_input(chunk, now) {
+                    Ok(ev) => ev,
+                    Err(c) => {
+                        closed = Some(c);
+                        break;
+                    }
+                };
+                while let Some(ev) = events.pop() {
+                    match ev {
+                        LocalEvent::Connect { .. } => match s.accept(now) {
+                            Ok(more) => events.extend(more),
+                            Err(c) => closed = Some(c),
+                        },
+                        LocalEvent::Publish { topic, .. } => published.push(topic),
+                        _ => {}
+                    }
+                }
+                if let Some(c) = s.take_closed() {
+                    closed = Some(c);
+                    break;
+                }
+            }
+            assert_eq!(published, ["app/x"], "{qos:?} split {split:?}");
+            let closed = closed.expect("the DISCONNECT ends the connection");
+            assert_eq!(closed.reason, "client disconnected");
+            assert!(closed.will.is_none());
+        }
+    }
+}

@@ -220,7 +220,7 @@ fn notifications_and_what_a_legacy_service_sends() {
     .unwrap();
     assert_eq!(
         json_of(&c),
-        json!({"type":"commande","source":"vm-gui","destination":"sys-usb","payload":{"commande":"liste_fichiers","arguments":{"request_id":"r","disk":"usb0"}}})
+        json!({"type":"commande","source":"vm-gui","destination":"sys-usb","payload":{"commande":"liste_fichiers","arguments":{"disk":"usb0"}}})
     );
 }
 

@@ -1,0 +1,208 @@
+//! What every local endpoint (MQTT, legacy, `call`) shares: the admission of its connections and
+//! an accept loop that survives running out of file descriptors.
+//!
+//! Admission: a connection is *pending* until its first packet (a CONNECT, a line); at most
+//! `max_pending` are, and the oldest is closed to make room for a new one (so idle connections
+//! cannot keep a live client out), each for at most the first-packet deadline. Then it is a
+//! *client*, counted against `max_clients` (one more is refused with the endpoint's own answer).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+/// How long a new connection may take to send its first packet or line.
+pub const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The admission of one endpoint's connections.
+#[derive(Debug)]
+pub struct Gate {
+    name: &'static str,
+    max_pending: usize,
+    max_clients: usize,
+    /// Connections waiting for their first packet, oldest first, each with its eviction signal.
+    pending: Mutex<VecDeque<(u64, oneshot::Sender<()>)>>,
+    clients: AtomicUsize,
+    next: AtomicU64,
+    /// Pending connections closed to make room (the figure of the hostile tests).
+    evicted: AtomicU64,
+}
+
+/// A connection waiting for its first packet. Dropping it frees its place.
+#[derive(Debug)]
+pub struct Pending {
+    gate: Arc<Gate>,
+    id: u64,
+    /// Fires when the gate closes this connection to make room for a newer one.
+    pub evicted: oneshot::Receiver<()>,
+}
+
+/// An admitted client. Dropping it frees its place.
+#[derive(Debug)]
+pub struct Admitted {
+    gate: Arc<Gate>,
+}
+
+impl Gate {
+    pub fn new(name: &'static str, max_pending: usize, max_clients: usize) -> Arc<Gate> {
+        Arc::new(Gate {
+            name,
+            max_pending: max_pending.max(1),
+            max_clients: max_clients.max(1),
+            pending: Mutex::new(VecDeque::new()),
+            clients: AtomicUsize::new(0),
+            next: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+        })
+    }
+
+    fn pending_list(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, oneshot::Sender<()>)>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new connection: pending, the oldest pending one closed if there is no room.
+    pub fn arrive(self: &Arc<Self>) -> Pending {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let mut pending = self.pending_list();
+        while pending.len() >= self.max_pending {
+            if let Some((_, oldest)) = pending.pop_front() {
+                let _ = oldest.send(());
+                if self.evicted.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        endpoint = self.name,
+                        "connections that send nothing fill the endpoint: the oldest are closed"
+                    );
+                }
+            }
+        }
+        pending.push_back((id, tx));
+        Pending {
+            gate: self.clone(),
+            id,
+            evicted: rx,
+        }
+    }
+
+    /// Clients admitted now.
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Pending connections closed to make room so far.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+}
+
+impl Pending {
+    /// The first packet arrived: a client, if there is room for one (None: refuse it).
+    pub fn admit(self) -> Option<Admitted> {
+        let gate = self.gate.clone();
+        drop(self);
+        let n = gate.clients.fetch_add(1, Ordering::Relaxed);
+        if n >= gate.max_clients {
+            gate.clients.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Admitted { gate })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.gate.pending_list().retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.gate.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits before accepting again after a failed accept (EMFILE: out of file descriptors), saying
+/// so once a second at most, with how many failures were not said.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    name: &'static str,
+    last_said: Option<std::time::Instant>,
+    unsaid: u64,
+}
+
+impl AcceptBackoff {
+    pub fn new(name: &'static str) -> AcceptBackoff {
+        AcceptBackoff {
+            name,
+            last_said: None,
+            unsaid: 0,
+        }
+    }
+
+    pub async fn failed(&mut self, e: &std::io::Error) {
+        let now = std::time::Instant::now();
+        if self
+            .last_said
+            .is_none_or(|t| now >= t + Duration::from_secs(1))
+        {
+            let unsaid = std::mem::take(&mut self.unsaid);
+            tracing::warn!(endpoint = self.name, error = %e, unsaid, "accept failed; backing off");
+            self.last_said = Some(now);
+        } else {
+            self.unsaid += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Raises the soft limit of open files to the hard limit (a default OpenRC service starts with
+/// 1024): every endpoint is bounded, but the agent should not be the first to run short.
+pub fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(error = %e, "open-file limit stays at {soft}");
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_pending_connection_makes_room() {
+        let gate = Gate::new("test", 2, 10);
+        let mut a = gate.arrive();
+        let mut b = gate.arrive();
+        let c = gate.arrive();
+        assert!(a.evicted.try_recv().is_ok(), "the oldest is closed");
+        assert!(b.evicted.try_recv().is_err());
+        assert_eq!(gate.evicted(), 1);
+        drop(a);
+        let admitted = c.admit().unwrap();
+        assert_eq!(gate.clients(), 1);
+        let d = gate.arrive();
+        assert!(
+            b.evicted.try_recv().is_err(),
+            "room was made by the admission"
+        );
+        drop((admitted, d, b));
+        assert_eq!(gate.clients(), 0);
+    }
+
+    #[test]
+    fn clients_beyond_the_maximum_are_refused() {
+        let gate = Gate::new("test", 10, 2);
+        let first = gate.arrive().admit().unwrap();
+        let _second = gate.arrive().admit().unwrap();
+        assert!(gate.arrive().admit().is_none());
+        drop(first);
+        assert!(gate.arrive().admit().is_some());
+    }
+}
