@@ -360,6 +360,19 @@ impl GuestTty {
         }
     }
 
+    /// Reads and discards what is available now; returns how many bytes.
+    pub fn drain(&mut self) -> usize {
+        let mut buf = [0u8; 16384];
+        let mut n = 0;
+        while let Ok(k) = self.f.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        n
+    }
+
     /// Waits until the tty has bytes to read, at most `timeout`.
     pub fn wait_readable(&self, timeout: Duration) {
         let mut fds = [nix::poll::PollFd::new(

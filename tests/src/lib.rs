@@ -12,6 +12,7 @@ pub mod channel;
 pub mod faults;
 pub mod guest;
 pub mod hostile;
+pub mod legacy;
 pub mod local;
 pub mod raw;
 pub mod scene;

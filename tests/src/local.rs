@@ -165,3 +165,30 @@ pub fn mosquitto_pub_unix(path: &Path, topic: &str, message: &str) -> std::proce
         .output()
         .expect("mosquitto_pub (apt-get install mosquitto-clients)")
 }
+
+/// A request on an agent's `call` socket, as `domu-agent call` makes it: one JSON line, then every
+/// line the agent writes back until it closes (or `DEADLINE`), parsed.
+pub fn call_socket(
+    path: &Path,
+    command: &str,
+    args: serde_json::Value,
+    timeout_ms: Option<u64>,
+) -> Vec<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let mut req = serde_json::json!({"command": command, "args": args});
+    if let Some(t) = timeout_ms {
+        req["timeout_ms"] = t.into();
+    }
+    let Ok(mut conn) = std::os::unix::net::UnixStream::connect(path) else {
+        return Vec::new();
+    };
+    let _ = conn.set_read_timeout(Some(DEADLINE));
+    if conn.write_all(format!("{req}\n").as_bytes()).is_err() {
+        return Vec::new();
+    }
+    std::io::BufReader::new(conn)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect()
+}

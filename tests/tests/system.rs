@@ -14,3 +14,4 @@ mod layout;
 mod legacy;
 mod operations;
 mod policy;
+mod security;

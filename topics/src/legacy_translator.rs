@@ -335,12 +335,16 @@ impl Translator {
                     .and_then(|s| RequestId::parse(s).ok())?;
                 let asked = self.asked.get_mut(&id)?;
                 let accepted = asked.question.accept(command, payload, now).ok()?;
-                Some(legacy_line::response_line(
+                let line = legacy_line::response_line(
                     command,
                     payload,
                     &asked.client,
                     &accepted.responder,
-                ))
+                );
+                if asked.question.is_done(now) {
+                    self.asked.remove(&id);
+                }
+                Some(line)
             }
             Topic::Response { .. } => None,
             Topic::Notification(n) => Some(legacy_line::notification_line(

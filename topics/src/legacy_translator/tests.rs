@@ -89,8 +89,8 @@ fn a_command_becomes_a_request_as_the_vm_with_a_random_id() {
     assert_eq!(v["destination"], "vm-old");
     assert_eq!(v["payload"]["commande"], "liste_fichiers");
     assert!(v["payload"]["data"].get("request_id").is_none());
+    assert_eq!(t.asked(), 0, "an answered command waits no more");
     assert!(t.on_tick(now + crate::answers::ANSWER_TIMEOUT).is_empty());
-    assert_eq!(t.asked(), 0);
 }
 
 /// What a forger sends back, and whether the speaker sees it: only the answer bound to the
