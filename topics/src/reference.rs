@@ -346,10 +346,16 @@ pub fn markdown() -> String {
          - Topics: at most 256 bytes, no empty level, no NUL, never starting with `$`; names carry no wildcard.\n\
          - Payloads: compact UTF-8 JSON objects. Unknown extra fields are ignored; a wrong type is refused naming the field.\n\n\
          ## Envelope\n\n\
-         - Every request carries `sender` (the requester's VM id; Dom0 refuses a request whose `sender` is not the channel's VM) \
-         and an optional `request_id` (1 to 64 visible ASCII characters) that the response echoes.\n\
-         - Every response carries `status`: `ok` or `error` (benchmarks: `started`, then `finished`). \
-         An error carries `error: {{\"code\", \"message\"}}`.\n\
+         - Every request carries `sender`, the requester's VM id: Dom0 fills it in when a VM's request has none (the note writes `{{}}`) \
+         and refuses one that names another VM; Dom0's own clients must set it. A request also carries a `request_id` \
+         (1 to 64 visible ASCII characters) that the response echoes: the agents use 128 random bits (32 hex digits), never shown to a party that does not need it.\n\
+         - Every response carries `status`: `ok` or `error` (benchmarks: `started`, then `finished`), \
+         and `responder`, who answered: Dom0 fills it in with the channel's VM and refuses one that names someone else \
+         (Dom0's own answers say `dom0`). An error carries `error: {{\"code\", \"message\"}}`.\n\
+         - Every notification a VM publishes carries `origin`, its VM, filled in or checked by Dom0 the same way (Dom0's own carry none).\n\
+         - A requester takes a response only on its command's response topic, with its `request_id`, from an acceptable `responder` \
+         (the destination when one was named; for `discover`, a benchmark without destination or `tous`, each party once, within 2 s), \
+         as often as the command answers (once; a benchmark `started` then its figures). Unanswered: `timeout` after 10 s by default.\n\
          - Error codes: {}.\n\
          - Binary data is standard Base64 with padding; `footprint` is the lowercase hex SHA-256.\n\n\
          ## Commands\n",
