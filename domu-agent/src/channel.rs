@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::Instrument;
 
+use crate::endpoint::Quiet;
 use crate::mux::{Action, ClientId, Mux};
 use crate::session::{Event, PublishError, Session, SessionConfig};
 use crate::tty::{Device, Tty};
@@ -489,7 +490,10 @@ impl Driver {
             Err(e) => {
                 // Not sendable at all (too large): said once; a QoS 1 publisher is acknowledged
                 // so it does not wait forever.
-                tracing::warn!(client, error = %e, "message not sent");
+                static SAID: Quiet = Quiet::new();
+                if let Some(unsaid) = SAID.may_say() {
+                    tracing::warn!(client, error = %e, unsaid, "message not sent");
+                }
                 if let (Some(local), PublishError::TooLarge { .. }) = (pkid, &e) {
                     if let Some(c) = self.clients.get(&client) {
                         let _ = c.tx.try_send(ToClient::PubAck(local));
@@ -587,7 +591,10 @@ impl Driver {
         };
         match why {
             Some(why) => {
-                tracing::warn!(id = client, client = %c.name, reason = %why, "local client dropped");
+                static SAID: Quiet = Quiet::new();
+                if let Some(unsaid) = SAID.may_say() {
+                    tracing::warn!(id = client, client = %c.name, reason = %why, unsaid, "local client dropped");
+                }
                 let _ = c.tx.try_send(ToClient::Closed(why));
             }
             None => tracing::debug!(id = client, client = %c.name, "local client detached"),

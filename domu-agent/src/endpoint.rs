@@ -123,35 +123,60 @@ impl Drop for Admitted {
     }
 }
 
+/// A log line that something outside the agent (an application, Dom0) can cause: said at most
+/// once a second, with how many were not said since. Usable as a `static`.
+#[derive(Debug)]
+pub struct Quiet {
+    /// When it was last said, and how many times it was not since.
+    state: Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Quiet {
+    pub const fn new() -> Quiet {
+        Quiet {
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(unsaid)` when the line may be said now.
+    pub fn may_say(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.0.is_none_or(|t| now >= t + Duration::from_secs(1)) {
+            st.0 = Some(now);
+            Some(std::mem::take(&mut st.1))
+        } else {
+            st.1 += 1;
+            None
+        }
+    }
+}
+
+impl Default for Quiet {
+    fn default() -> Quiet {
+        Quiet::new()
+    }
+}
+
 /// Waits before accepting again after a failed accept (EMFILE: out of file descriptors), saying
-/// so once a second at most, with how many failures were not said.
+/// so once a second at most.
 #[derive(Debug)]
 pub struct AcceptBackoff {
     name: &'static str,
-    last_said: Option<std::time::Instant>,
-    unsaid: u64,
+    said: Quiet,
 }
 
 impl AcceptBackoff {
     pub fn new(name: &'static str) -> AcceptBackoff {
         AcceptBackoff {
             name,
-            last_said: None,
-            unsaid: 0,
+            said: Quiet::new(),
         }
     }
 
     pub async fn failed(&mut self, e: &std::io::Error) {
-        let now = std::time::Instant::now();
-        if self
-            .last_said
-            .is_none_or(|t| now >= t + Duration::from_secs(1))
-        {
-            let unsaid = std::mem::take(&mut self.unsaid);
+        if let Some(unsaid) = self.said.may_say() {
             tracing::warn!(endpoint = self.name, error = %e, unsaid, "accept failed; backing off");
-            self.last_said = Some(now);
-        } else {
-            self.unsaid += 1;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -194,6 +219,16 @@ mod tests {
         );
         drop((admitted, d, b));
         assert_eq!(gate.clients(), 0);
+    }
+
+    #[test]
+    fn a_quiet_line_is_said_once_a_second_with_the_count() {
+        let q = Quiet::new();
+        assert_eq!(q.may_say(), Some(0));
+        assert_eq!(q.may_say(), None);
+        assert_eq!(q.may_say(), None);
+        q.state.lock().unwrap().0 = Some(std::time::Instant::now() - Duration::from_secs(2));
+        assert_eq!(q.may_say(), Some(2));
     }
 
     #[test]

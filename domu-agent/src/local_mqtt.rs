@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
 use crate::channel::{Client, Hub, ToClient};
-use crate::endpoint::{AcceptBackoff, Admitted, Gate, Pending};
+use crate::endpoint::{AcceptBackoff, Admitted, Gate, Pending, Quiet};
 use crate::local_session::{Closed, LocalEvent, LocalLimits, LocalSession};
 
 /// Settings of the endpoint.
@@ -175,7 +175,12 @@ async fn connection<S>(
                 tracing::debug!(client = %c.name, reason = %closed.reason, "local client left")
             }
             // Bad bytes, a client that does not read, silence: that client's fault, said once.
-            _ => tracing::warn!(client = %c.name, reason = %closed.reason, "local client closed"),
+            _ => {
+                static SAID: Quiet = Quiet::new();
+                if let Some(unsaid) = SAID.may_say() {
+                    tracing::warn!(client = %c.name, reason = %closed.reason, unsaid, "local client closed");
+                }
+            }
         }
         if let (Some(w), Some(client)) = (closed.will, c.client.as_ref()) {
             client
