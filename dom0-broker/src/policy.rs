@@ -96,6 +96,9 @@ impl Role {
                     // Responses addressed to itself: what its agent subscribes to, and where
                     // Dom0 answers a request its policy refuses.
                     filter::responses_to(VM_PLACEHOLDER),
+                    // The dictionary's notifications (the note sends them to everyone): what an
+                    // agent's legacy endpoint gives its MVP applications.
+                    filter::notifications(),
                 ],
             ),
         }

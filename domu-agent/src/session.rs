@@ -549,7 +549,11 @@ impl Session {
                                 _ => None,
                             };
                             if granted.is_none() {
-                                tracing::warn!(filter = %f, "subscription refused by Dom0's policy");
+                                // An application can ask again and again: said once a second.
+                                static SAID: crate::endpoint::Quiet = crate::endpoint::Quiet::new();
+                                if let Some(unsaid) = SAID.may_say() {
+                                    tracing::warn!(filter = %f, unsaid, "subscription refused by Dom0's policy");
+                                }
                             }
                             (f, granted)
                         })

@@ -353,7 +353,9 @@ fn default_policy_table() {
             "{}",
             Ok(()),
         ),
-        ("vm-other", Sub, "system/+/+/notification", "", na()),
+        // Every agent reads the notifications (the MVP sent them to `tous`; its legacy endpoint
+        // gives them to MVP applications).
+        ("vm-other", Sub, "system/+/+/notification", "", Ok(())),
     ];
     assert!(rows.len() >= 50, "{} rows", rows.len());
     for (who, act, topic, payload, expected) in rows {
