@@ -47,7 +47,15 @@ fn check_config(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {
     };
     if let Some(p) = &s.policy {
         if let Err(e) = Policy::load(p) {
-            return fail(EX_USAGE, &format!("invalid policy: {e}"));
+            // The deployed config names the deployed policy (/etc/dom0-broker/policy.toml):
+            // checked elsewhere, say how to give another one.
+            let hint = match &e {
+                dom0_broker::policy::PolicyError::Read { .. } => {
+                    " (the config names this policy file; check another with --policy FILE)"
+                }
+                _ => "",
+            };
+            return fail(EX_USAGE, &format!("invalid policy: {e}{hint}"));
         }
     }
     println!(
@@ -81,7 +89,9 @@ fn status(broker: Option<String>, config: Option<PathBuf>, watch: bool, json: bo
                         println!("{}", serde_json::to_string(l).unwrap_or_default());
                     }
                 } else {
-                    if watch {
+                    // On a terminal the table is redrawn in place; into a file or a pipe the
+                    // tables follow each other, no escape codes.
+                    if watch && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                         print!("\x1b[2J\x1b[H");
                     }
                     print!("{}", dom0_broker::status::table(&links));
@@ -97,7 +107,14 @@ fn status(broker: Option<String>, config: Option<PathBuf>, watch: bool, json: bo
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version print and exit 0; a usage error is a bad flag: 64, as documented.
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.exit_code() == 0 { 0 } else { EX_USAGE });
+        }
+    };
     match cli.command {
         Cmd::Run(args) => run(args),
         Cmd::CheckPolicy { file, vms } => match Policy::load(&file) {

@@ -33,7 +33,7 @@ pub enum Cmd {
     },
     /// Validate a config file (as `run` would read it); exit 64 with the reason if it is bad.
     CheckConfig {
-        /// The config file [default: /etc/domu-agent/domu-agent.toml].
+        /// The config file.
         #[arg(long, default_value = "/etc/domu-agent/domu-agent.toml")]
         config: PathBuf,
     },
@@ -84,7 +84,8 @@ pub struct CallArgs {
     /// The agent's local socket.
     #[arg(long, default_value = DEFAULT_LOCAL_SOCKET)]
     pub socket: PathBuf,
-    /// How long to wait for the answer(s), in milliseconds.
+    /// How long to wait for the answer(s), in milliseconds [default: 10000; `discover`: 2000, the
+    /// time every party takes to answer; a benchmark to everyone: each party's figures, within it].
     #[arg(long)]
     pub timeout_ms: Option<u64>,
     /// Print the answers as the JSON lines they are.

@@ -26,7 +26,22 @@ const EX_UNAVAILABLE: u8 = 69;
 const EX_SOFTWARE: u8 = 70;
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version print and exit 0; a usage error exits 64 (`run` and the other
+        // commands: a bad flag), or 125 for `call` (a local failure, like qrexec-client-vm).
+        Err(e) => {
+            let _ = e.print();
+            let call = std::env::args().nth(1).as_deref() == Some("call");
+            let code = match (e.exit_code(), call) {
+                (0, _) => 0,
+                (_, true) => domu_agent::call_output::LOCAL_FAILURE,
+                (_, false) => EX_USAGE,
+            };
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
         Cmd::Run(a) => run(a),
         Cmd::Call(a) => call(a),
         Cmd::Channel { name } => {
