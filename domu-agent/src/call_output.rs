@@ -59,8 +59,55 @@ pub fn render(command: Command, lines: &[String], json: bool) -> Output {
             worst = code;
         }
     }
+    if command == Command::Discover && !json {
+        out.stdout = components_table(lines);
+    }
     out.code = worst;
     out
+}
+
+/// The answers to `discover` as one table: a row per component, with every party that reported
+/// it (Dom0 lists the VMs it links; each agent lists itself and its disks).
+fn components_table(lines: &[String]) -> String {
+    let mut rows: Vec<(payload::Component, Vec<String>)> = Vec::new();
+    for l in lines {
+        let Ok(Response { result: Ok(r), .. }) =
+            payload::decode_response::<DiscoverReply>(l.as_bytes())
+        else {
+            continue;
+        };
+        let responder = serde_json::from_str::<Value>(l)
+            .ok()
+            .and_then(|v| v.get("responder")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "?".to_owned());
+        for c in r.components {
+            match rows
+                .iter_mut()
+                .find(|(k, _)| k.id == c.id && k.kind == c.kind)
+            {
+                Some((_, by)) => {
+                    if !by.contains(&responder) {
+                        by.push(responder.clone());
+                    }
+                }
+                None => rows.push((c, vec![responder.clone()])),
+            }
+        }
+    }
+    let mut s = format!(
+        "{:<24} {:<6} {:<24} {}\n",
+        "COMPONENT", "TYPE", "LABEL", "REPORTED BY"
+    );
+    for (c, by) in rows {
+        s.push_str(&format!(
+            "{:<24} {:<6} {:<24} {}\n",
+            c.id,
+            c.kind,
+            c.label,
+            by.join(", ")
+        ));
+    }
+    s
 }
 
 /// One response: (text for humans, exit code, text for stderr).
@@ -156,14 +203,8 @@ fn human(command: Command, body: &[u8], responder: &str) -> String {
             )),
             _ => fallback(&mut s),
         },
-        Command::Discover => match payload::decode_response::<DiscoverReply>(body) {
-            Ok(Response { result: Ok(r), .. }) => {
-                for c in r.components {
-                    s.push_str(&format!("{:<24} {:<8} {}\n", c.id, c.kind, c.label));
-                }
-            }
-            _ => fallback(&mut s),
-        },
+        // One table for all the answers: `components_table`.
+        Command::Discover => {}
         Command::Benchmark => match payload::decode_response::<BenchmarkReply>(body) {
             Ok(r) => {
                 let who = if responder.is_empty() { "?" } else { responder };
@@ -242,10 +283,10 @@ mod tests {
             (
                 Command::Discover,
                 &[
-                    r#"{"status":"ok","components":[{"id":"dom0","label":"Dom0","type":"dom0"}]}"#,
-                    r#"{"status":"ok","components":[{"id":"sys-usb","label":"sys-usb","type":"domu"}]}"#,
+                    r#"{"status":"ok","responder":"dom0","components":[{"id":"dom0","label":"Dom0","type":"dom0"},{"id":"sys-usb","label":"sys-usb","type":"domu"}]}"#,
+                    r#"{"status":"ok","responder":"sys-usb","components":[{"id":"sys-usb","label":"sys-usb","type":"domu"}]}"#,
                 ],
-                "sys-usb                  domu     sys-usb\n",
+                "sys-usb                  domu   sys-usb                  dom0, sys-usb\n",
                 OK,
             ),
             (
@@ -294,5 +335,23 @@ mod tests {
             assert_eq!(j.code, code);
         }
         assert_eq!(render(Command::ListDisks, &[], false).code, LOCAL_FAILURE);
+    }
+
+    /// `call discover`: a header, one row per component, and who reported it (Dom0 and each
+    /// agent name the same VM: once, with both).
+    #[test]
+    fn discover_is_one_table_with_who_reported_what() {
+        let input = lines(&[
+            r#"{"status":"ok","responder":"dom0","components":[{"id":"dom0","label":"Dom0","type":"dom0"},{"id":"sys-usb","label":"sys-usb","type":"domu"},{"id":"vm-gui","label":"vm-gui","type":"domu"}]}"#,
+            r#"{"status":"ok","responder":"vm-gui","components":[{"id":"vm-gui","label":"vm-gui","type":"domu"}]}"#,
+            r#"{"status":"ok","responder":"sys-usb","components":[{"id":"sys-usb","label":"sys-usb","type":"domu"},{"id":"usb0","label":"KEY","type":"disk"}]}"#,
+        ]);
+        let o = render(Command::Discover, &input, false);
+        let rows: Vec<&str> = o.stdout.lines().collect();
+        assert!(rows[0].starts_with("COMPONENT") && rows[0].ends_with("REPORTED BY"));
+        assert_eq!(rows.len(), 5, "{}", o.stdout);
+        assert!(rows[2].starts_with("sys-usb") && rows[2].ends_with("dom0, sys-usb"));
+        assert!(rows[3].starts_with("vm-gui") && rows[3].ends_with("dom0, vm-gui"));
+        assert!(rows[4].starts_with("usb0") && rows[4].contains("KEY"));
     }
 }

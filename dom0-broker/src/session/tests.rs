@@ -998,3 +998,31 @@ fn a_broadcast_costs_whoever_asked_and_answers_ride_on_their_requests() {
     r.on_guest_input(&[], now);
     assert!(r.stats.refused.load(Relaxed) > 0);
 }
+
+/// A guest's last PUBLISH and its DISCONNECT in one read (every `mosquitto_pub` does it), at each
+/// QoS, whole and split at every byte: the PUBLISH reaches the broker before the DISCONNECT.
+#[test]
+fn a_last_publish_and_its_disconnect_in_one_read_both_reach_the_broker() {
+    for qos in [0u8, 1, 2] {
+        let mut input = publish("system/events/error/notification", qos, 7, br#"{"m":1}"#).to_vec();
+        input.extend_from_slice(b"\xe0\x00");
+        for split in [input.len(), 1] {
+            let (mut s, now) = live();
+            let mut effects = Vec::new();
+            for chunk in input.chunks(split) {
+                effects.extend(s.on_guest_input(chunk, now));
+            }
+            assert!(
+                effects.contains(&Effect::CloseBroker { flush: true }),
+                "qos {qos}"
+            );
+            let sent = packets(&s.to_broker);
+            let kinds: Vec<u8> = sent.iter().map(|(k, _)| *k).collect();
+            assert_eq!(
+                kinds,
+                [mqtt::PUBLISH, mqtt::DISCONNECT],
+                "qos {qos} split {split}"
+            );
+        }
+    }
+}
