@@ -6,6 +6,7 @@
 
 mod agent;
 mod apps;
+mod demo;
 mod deploy;
 mod dom0;
 mod faults;
