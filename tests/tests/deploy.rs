@@ -7,14 +7,15 @@ use std::process::Command;
 use system_tests::channel::Channel;
 use system_tests::{BrokerKind, DEADLINE, Dom0, Proc, TestDir, wait_for};
 
-/// `target/static/NAME`, built by `scripts/build-static` (scripts/test runs it).
+/// `target/static/NAME`, built by `scripts/build-static` (`.ci/run` builds them, then runs these
+/// tests: `cargo test -p system-tests --test system -- --ignored deploy`).
 fn static_bin(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/static")
         .join(name);
     assert!(
         p.exists(),
-        "{} is missing: run ./scripts/build-static (./scripts/test does)",
+        "{} is missing: run ./scripts/build-static (.ci/run does)",
         p.display()
     );
     p
@@ -44,6 +45,7 @@ fn busybox_root(dir: &TestDir) -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs the static build: .ci/run builds it and runs these"]
 fn static_binaries_are_static() {
     for b in ["dom0-broker", "domu-agent"] {
         let out = Command::new("file").arg(static_bin(b)).output().unwrap();
@@ -58,6 +60,7 @@ fn static_binaries_are_static() {
 /// Both binaries answer `--version` in a busybox-only root, and the static agent there answers a
 /// request from Dom0 through a (simulated) channel.
 #[test]
+#[ignore = "needs the static build: .ci/run builds it and runs these"]
 fn static_binaries_run_in_a_busybox_root() {
     if !is_root() {
         eprintln!(
