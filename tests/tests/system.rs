@@ -16,3 +16,4 @@ mod legacy;
 mod operations;
 mod policy;
 mod security;
+mod vendor;

@@ -1,4 +1,5 @@
 use crate::link::alerts::{self};
+#[cfg(feature = "console")]
 use crate::link::console::ConsoleLink;
 use crate::link::network::{self, Network, N};
 use crate::link::remote::{self, mqtt_connect, RemoteLink};
@@ -28,11 +29,14 @@ use async_tungstenite::tungstenite::http::HeaderValue;
 #[cfg(feature = "websocket")]
 use ws_stream_tungstenite::WsStream;
 
+#[cfg(feature = "prometheus")]
 use metrics::gauge;
+#[cfg(feature = "prometheus")]
 use metrics_exporter_prometheus::PrometheusBuilder;
 use std::time::Duration;
 use std::{io, thread};
 
+#[cfg(feature = "console")]
 use crate::link::console;
 use crate::link::local::{self, LinkRx, LinkTx};
 use crate::router::{Event, Router};
@@ -279,6 +283,13 @@ impl Broker {
             }
         }
 
+        // xen-msg patch: the Prometheus exporter and the console are features (on by default):
+        // an embedding program that uses neither builds without axum, hyper, metrics.
+        #[cfg(not(feature = "prometheus"))]
+        if self.config.prometheus.is_some() {
+            warn!("[prometheus] is set but this build has no \"prometheus\" feature");
+        }
+        #[cfg(feature = "prometheus")]
         if let Some(prometheus_setting) = &self.config.prometheus {
             let timeout = prometheus_setting.interval;
             // If port is specified use it instead of listen.
@@ -322,6 +333,11 @@ impl Broker {
             })?;
         }
 
+        #[cfg(not(feature = "console"))]
+        if self.config.console.is_some() {
+            warn!("[console] is set but this build has no \"console\" feature");
+        }
+        #[cfg(feature = "console")]
         if let Some(console) = self.config.console.clone() {
             let console_link = ConsoleLink::new(console, self.router_tx.clone());
 
