@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::broker::{self, BrokerRead, BrokerWrite};
 use crate::config::BrokerAddr;
 use crate::policy::Policy;
-use crate::session::{Effect, Limits, Session};
+use crate::session::{Effect, Limits, NamesAParty, Session};
 use crate::supervision::{Event, Supervision};
 
 /// Size of the read buffers (guest and broker sides).
@@ -67,13 +67,21 @@ async fn attach_loop(
                 let started = Instant::now();
                 let mut policy = ctx.policy.clone();
                 let rules = policy.borrow_and_update().rules_for(&vm);
+                // A client id names another party when it is Dom0, a VM Dom0 links, or a VM the
+                // policy names.
+                let (known, named) = (ctx.supervision.clone(), ctx.policy.clone());
                 let mut s = Session::new(
                     vm.clone(),
                     ctx.limits.clone(),
                     rules,
                     stats.clone(),
                     Instant::now(),
-                );
+                )
+                .with_parties(NamesAParty(Arc::new(move |id: &str| {
+                    id.eq_ignore_ascii_case(topics::vm::DOM0)
+                        || known.knows(id)
+                        || named.borrow().named_vms().any(|n| n == id)
+                })));
                 let why = attached(&vm, &mut s, stream, &ctx, &mut policy, &mut stop).await;
                 s.detach();
                 tracing::info!(reason = %why, "detached from channel");

@@ -125,6 +125,16 @@ enum Phase {
     },
 }
 
+/// Whether a client id names a party other than the VM (the registry of known VMs, and Dom0).
+#[derive(Clone)]
+pub struct NamesAParty(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for NamesAParty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NamesAParty(..)")
+    }
+}
+
 /// One VM's link state.
 #[derive(Debug)]
 pub struct Session {
@@ -194,6 +204,9 @@ pub struct Session {
     /// A legacy guest's bytes that may have been a CONNECT were waited for long enough: they are
     /// a line.
     legacy_connect_waited: bool,
+    /// Whether a client id names another party (a VM Dom0 knows, or Dom0): such a CONNECT is
+    /// refused; any other id is replaced by the VM's name.
+    names_a_party: NamesAParty,
     /// Packet ids of the publishes the link makes for a legacy guest.
     legacy_pkid: u16,
 }
@@ -244,6 +257,9 @@ impl Session {
             owed: 0,
             legacy_pkid: 0,
             legacy_connect_waited: false,
+            names_a_party: NamesAParty(Arc::new(|id: &str| {
+                id.eq_ignore_ascii_case(topics::vm::DOM0) || VmId::parse(id).is_ok()
+            })),
             subscribed: BTreeSet::new(),
         }
     }
@@ -295,6 +311,13 @@ impl Session {
         self.stats.linked.store(true, Relaxed);
         self.last_nudge = Some(now);
         self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
+    }
+
+    /// How a client id is told to name another party: the driver gives the registry of the VMs
+    /// Dom0 knows (the default, without one: any valid VM id, and Dom0).
+    pub fn with_parties(mut self, names_a_party: NamesAParty) -> Session {
+        self.names_a_party = names_a_party;
+        self
     }
 
     /// How many parties answer a broadcast now (the VMs Dom0 knows, and Dom0 itself): what a
@@ -670,7 +693,7 @@ impl Session {
         if !self.connect_within_budget(now) {
             return true;
         }
-        if !c.client_id.is_empty() && c.client_id != self.vm.as_str() {
+        if c.client_id != self.vm.as_str() && (self.names_a_party.0)(&c.client_id) {
             let claimed: String = c.client_id.chars().take(64).collect();
             if let Some(unreported) = self.may_report(now) {
                 tracing::warn!(claimed = ?claimed, "CONNECT with another VM's client id refused{unreported}");
@@ -713,6 +736,10 @@ impl Session {
         // a frame left half-way); the link's supervision of the guest decides.
         self.own_keepalive = Some(Duration::from_secs(u64::from(c.keep_alive)) / 2);
         // Identity is the channel's: client id and user name are the VM name; no password travels.
+        // A client's own id (PSEC's `Diag`, `notify-disk-added`) is replaced, said at debug.
+        if !c.client_id.is_empty() && c.client_id != self.vm.as_str() {
+            tracing::debug!(client_id = %c.client_id.chars().take(64).collect::<String>(), "client id replaced by the VM's name");
+        }
         c.client_id = self.vm.to_string();
         c.username = Some(self.vm.to_string());
         c.password = None;

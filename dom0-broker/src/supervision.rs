@@ -128,6 +128,11 @@ impl Supervision {
         self.parties.load(Relaxed)
     }
 
+    /// True when `name` is a VM Dom0 knows (its channel socket exists).
+    pub fn knows(&self, name: &str) -> bool {
+        VmId::parse(name).is_ok_and(|vm| self.links().contains_key(&vm))
+    }
+
     /// The known VMs, sorted.
     pub fn vms(&self) -> Vec<VmId> {
         self.links().keys().cloned().collect()

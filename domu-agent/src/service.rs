@@ -149,20 +149,26 @@ impl Service {
     }
 
     async fn request(self: Arc<Self>, command: Command, topic: &str, payload: Bytes) {
-        let env = match payload::decode_envelope(&payload) {
-            Ok(e) => e,
-            Err(e) => {
-                // Without a valid sender there is no response topic to answer on.
-                tracing::warn!(topic, error = %e, "request without a valid envelope; not answered");
-                self.report("requests", format!("request on {topic} not answered: {e}"))
-                    .await;
-                return;
-            }
-        };
         if !legacy_line::addressed_to(&payload, self.vm.as_str()) {
             tracing::debug!(topic, "request addressed to another VM");
             return;
         }
+        let env = match payload::decode_envelope(&payload) {
+            Ok(e) => e,
+            Err(e) => {
+                // Every VM's request carries the `sender` its link checked or filled in: this one
+                // comes from a Dom0 client, which hears why on Dom0's response topic.
+                tracing::debug!(topic, error = %e, "request without a valid envelope");
+                let rid = serde_json::from_slice::<serde_json::Value>(&payload)
+                    .ok()
+                    .and_then(|v| v.get("request_id")?.as_str().map(str::to_owned))
+                    .and_then(|id| RequestId::parse(&id).ok());
+                let body = Response::<NoArgs>::error(rid, ErrorBody::from(e)).to_json();
+                self.publish(command.response_topic(&VmId::dom0()), body)
+                    .await;
+                return;
+            }
+        };
         let reply_topic = command.response_topic(&env.sender);
         let rid = env.request_id.clone();
         tracing::debug!(topic, sender = %env.sender, request_id = ?rid.as_ref().map(RequestId::as_str), "request");

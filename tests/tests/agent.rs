@@ -568,10 +568,14 @@ fn error_codes() {
             "{root}: {r}"
         );
     }
-    // Not JSON at all: no sender, so no response topic; the error is reported, the agent lives on.
+    // Not JSON at all, or the note's `{}` from a Dom0 client (no sender: only Dom0's own clients
+    // reach the broker without a link to fill it in): answered `invalid_argument` on Dom0's
+    // response topic, never dropped in silence; the agent lives on.
     s.dom0
         .publish("system/disks/list_disks/request", "{not json");
-    sub.wait_log("request on system/disks/list_disks/request not answered");
+    sub.wait_log(r#"system/disks/list_disks/response/dom0 {"error":{"code":"invalid_argument","message":"payload is not valid JSON"#);
+    s.dom0.publish("system/disks/list_disks/request", "{}");
+    sub.wait_log(r#"{"error":{"code":"invalid_argument","message":"missing field `sender`"}"#);
     let r = ask_from_dom0(&s, &sub, "system/disks/list_disks", json!({}), "after", 1);
     ok(&r[0]);
 }

@@ -90,7 +90,10 @@ fn the_vendored_broker_is_the_release_plus_its_patch_series() {
         .keys()
         .filter(|k| !expected.contains_key(*k))
         .collect();
-    assert!(missing.is_empty(), "missing from vendor/rumqttd: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "missing from vendor/rumqttd: {missing:?}"
+    );
     assert!(
         extra.is_empty(),
         "in vendor/rumqttd but not in the release and its patches: {extra:?}"
