@@ -195,9 +195,12 @@ fn human(command: Command, body: &[u8], responder: &str) -> String {
             _ => fallback(&mut s),
         },
         Command::ReadFile => match payload::decode_response::<ReadFileReply>(body) {
+            // Like `get_file_footprint`'s `footprint  disk:path`: the copy is a file of the disk
+            // `repository`, usable by every disk command.
             Ok(Response { result: Ok(r), .. }) => s.push_str(&format!(
-                "{}  {}  ({} bytes, in the local repository)\n",
+                "{}  {}:{}  ({} bytes)\n",
                 r.footprint.unwrap_or_default(),
+                r.disk.as_deref().unwrap_or("repository"),
                 r.filepath.unwrap_or_default(),
                 r.size_in_bytes.unwrap_or(0)
             )),

@@ -1,7 +1,8 @@
 //! The disks of `sys-usb`: each subdirectory of the disks directory is a disk (a mounted USB
 //! filesystem). Its id is the directory name; its label is the filesystem label when the directory
 //! is a mount point with a labelled device, else the name. Read anew on every request: disks come
-//! and go.
+//! and go. The local repository, when configured, is a disk like the others under the reserved id
+//! `repository` (a directory of that name under the disks directory is not a disk).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -12,22 +13,47 @@ use topics::payload::Disk;
 use crate::fsops::{self, FsError};
 use crate::paths;
 
-/// The disks directory.
+/// The id of the local repository as a disk.
+pub const REPOSITORY: &str = "repository";
+/// Its label in `list_disks` and `discover`.
+pub const REPOSITORY_LABEL: &str = "Local repository";
+
+/// The disks directory and the local repository (either may be absent, not both).
 #[derive(Debug, Clone)]
 pub struct Disks {
-    pub root: PathBuf,
+    pub root: Option<PathBuf>,
+    pub repository: Option<PathBuf>,
 }
 
 impl Disks {
-    /// The disks present now, sorted by id.
+    /// The disks of `root` and the repository; None when neither is configured.
+    pub fn new(root: Option<PathBuf>, repository: Option<PathBuf>) -> Option<Disks> {
+        (root.is_some() || repository.is_some()).then_some(Disks { root, repository })
+    }
+
+    /// The disks present now, sorted by id, then the repository.
     pub fn list(&self) -> std::io::Result<Vec<Disk>> {
-        let root_dev = std::fs::metadata(&self.root)?.dev();
+        let mut out = match &self.root {
+            Some(root) => self.list_root(root)?,
+            None => Vec::new(),
+        };
+        if self.repository.is_some() {
+            out.push(Disk {
+                label: REPOSITORY_LABEL.to_owned(),
+                id: REPOSITORY.to_owned(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn list_root(&self, root: &Path) -> std::io::Result<Vec<Disk>> {
+        let root_dev = std::fs::metadata(root)?.dev();
         let mut out = Vec::new();
-        for e in std::fs::read_dir(&self.root)?.filter_map(Result::ok) {
+        for e in std::fs::read_dir(root)?.filter_map(Result::ok) {
             let Some(id) = e.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
-            if paths::check_disk_id(&id).is_err() {
+            if paths::check_disk_id(&id).is_err() || id == REPOSITORY {
                 continue;
             }
             // A disk is a real directory (not a symlink to elsewhere).
@@ -54,7 +80,18 @@ impl Disks {
     /// Opens a disk by the id a requester sent.
     pub fn open(&self, untrusted_id: &str) -> Result<Dir, FsError> {
         let id = paths::check_disk_id(untrusted_id)?;
-        let path = self.root.join(id);
+        if id == REPOSITORY {
+            return match &self.repository {
+                Some(repo) => fsops::open_root(repo).map_err(|e| FsError::from_io(repo, e)),
+                None => Err(FsError::NotFound(
+                    "disk `repository` (no local repository)".into(),
+                )),
+            };
+        }
+        let Some(root) = &self.root else {
+            return Err(FsError::NotFound(format!("disk `{id}`")));
+        };
+        let path = root.join(id);
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.is_dir() => {
                 fsops::open_root(&path).map_err(|e| FsError::from_io(Path::new(id), e))
@@ -153,9 +190,14 @@ mod tests {
         std::fs::create_dir_all(root.join("usb1")).unwrap();
         std::fs::write(root.join("not-a-disk"), b"").unwrap();
         std::os::unix::fs::symlink("/etc", root.join("evil")).unwrap();
-        let d = Disks { root: root.clone() };
+        let d = Disks::new(Some(root.clone()), None).unwrap();
         let ids: Vec<String> = d.list().unwrap().into_iter().map(|d| d.id).collect();
         assert_eq!(ids, ["usb0", "usb1"]);
+        assert_eq!(
+            d.open("repository").unwrap_err().code(),
+            topics::ErrorCode::NotFound,
+            "no repository configured"
+        );
         assert!(d.open("usb0").is_ok());
         assert_eq!(
             d.open("evil").unwrap_err().code(),
@@ -170,5 +212,41 @@ mod tests {
             topics::ErrorCode::Forbidden
         );
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// The repository is a disk under its reserved id; a directory of that name under the disks
+    /// directory is not one.
+    #[test]
+    fn the_repository_is_a_disk() {
+        let base = std::env::temp_dir().join(format!("agent-repo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("disks/usb0")).unwrap();
+        std::fs::create_dir_all(base.join("disks/repository")).unwrap();
+        std::fs::create_dir_all(base.join("repo")).unwrap();
+        std::fs::write(base.join("repo/in-repo.txt"), b"x").unwrap();
+        let d = Disks::new(Some(base.join("disks")), Some(base.join("repo"))).unwrap();
+        let listed: Vec<(String, String)> = d
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.id, d.label))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("usb0".to_owned(), "usb0".to_owned()),
+                (REPOSITORY.to_owned(), REPOSITORY_LABEL.to_owned())
+            ]
+        );
+        let repo = d.open("repository").unwrap();
+        assert!(
+            repo.exists("in-repo.txt"),
+            "the configured repository, not disks/repository"
+        );
+        let only_repo = Disks::new(None, Some(base.join("repo"))).unwrap();
+        assert_eq!(only_repo.list().unwrap().len(), 1);
+        assert!(only_repo.open("usb0").is_err());
+        assert!(Disks::new(None, None).is_none());
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -183,7 +183,7 @@ async fn serve(s: Settings) -> ExitCode {
     let local = Arc::new(LocalRequests::default());
     let service = Arc::new(Service::new(
         s.vm.clone(),
-        s.disks.clone().map(|root| Disks { root }),
+        Disks::new(s.disks.clone(), s.repository.clone()),
         s.repository.clone(),
         s.limits.clone(),
         Uplink {

@@ -31,8 +31,8 @@ use crate::local::LocalRequests;
 use crate::paths;
 use crate::watch::Announcer;
 
-/// The name under which the local repository appears in `new_file` notifications.
-pub const REPOSITORY: &str = "repository";
+/// The local repository's disk id (in `list_disks`, commands and `new_file` notifications).
+pub use crate::disks::REPOSITORY;
 
 /// The service's way to Dom0: its client of the hub, and the hub (benchmark round trips).
 #[derive(Debug)]
@@ -90,7 +90,9 @@ impl Service {
             Command::Discover.request_topic(),
             Command::Benchmark.request_topic(),
         ];
-        if self.disks.is_some() {
+        // The disk provider (`--disks`) serves the disk commands; the repository is one of its
+        // disks.
+        if self.disks.as_ref().is_some_and(|d| d.root.is_some()) {
             subs.push(filter::disk_requests());
         }
         if local_requests {
@@ -344,6 +346,12 @@ impl Service {
             let repo = repo.ok_or_else(|| {
                 ErrorBody::new(ErrorCode::Unsupported, "no local repository configured")
             })?;
+            if a.source_disk == REPOSITORY {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidArgument,
+                    "the file is in the repository already (copy_file copies within disks)",
+                ));
+            }
             let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
             let src = d.open(&a.source_disk).map_err(fs_error)?;
             let dst = fsops::open_root(&repo)
@@ -365,6 +373,7 @@ impl Service {
             };
             announcer.announce(REPOSITORY, &target, size);
             Ok(ReadFileReply {
+                disk: Some(REPOSITORY.to_owned()),
                 filepath: Some(target.display().to_string()),
                 size_in_bytes: Some(size),
                 footprint: Some(footprint),

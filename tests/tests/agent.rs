@@ -63,7 +63,11 @@ fn dictionary_from_dom0(kind: BrokerKind) {
     let r = ask_from_dom0(&s, &sub, "system/disks/list_disks", json!({}), "d1", 1);
     assert_eq!(
         ok(&r[0])["disks"],
-        json!([{"label": "usb0", "id": "usb0"}, {"label": "usb1", "id": "usb1"}])
+        json!([
+            {"label": "usb0", "id": "usb0"},
+            {"label": "usb1", "id": "usb1"},
+            {"label": "Local repository", "id": "repository"}
+        ])
     );
 
     let r = ask_from_dom0(
@@ -224,7 +228,9 @@ fn dictionary_from_vm_gui() {
         lines
     };
     let r = call("list_disks", &[]);
-    assert_eq!(r[0]["disks"].as_array().unwrap().len(), 2);
+    // usb0, usb1 and the local repository, a disk like the others.
+    assert_eq!(r[0]["disks"].as_array().unwrap().len(), 3);
+    assert_eq!(r[0]["disks"][2]["id"], "repository");
     // Request ids are unguessable: 128 random bits.
     let id = r[0]["request_id"].as_str().unwrap();
     assert!(

@@ -40,7 +40,7 @@ fn an_mvp_application_runs_unchanged() {
         .iter()
         .map(|d| d["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["usb0", "usb1"], "{r}");
+    assert_eq!(ids, ["usb0", "usb1", "repository"], "{r}");
 
     let r = app.command("LISTE_FICHIERS", "sys-usb", json!({"disk": "usb0"}));
     assert_eq!(r["payload"]["commande"], "liste_fichiers");

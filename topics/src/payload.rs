@@ -516,10 +516,14 @@ pub struct ListFilesReply {
     pub truncated: bool,
 }
 
-/// `read_file`: the note's reply is only `status`; we add where the copy landed.
+/// `read_file`: the note's reply is only `status`; we add where the copy landed: the disk
+/// `repository` and the path in it (`<source_disk>/<filepath>`), usable by every disk command.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadFileReply {
-    /// Path of the copy, relative to the local repository.
+    /// `repository`: the local repository, a disk like the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// Path of the copy, relative to the disk named beside it (the repository).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filepath: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -27,12 +27,14 @@ fn served_by(c: Command) -> &'static str {
 
 fn describe(c: Command) -> &'static str {
     match c {
-        Command::ListDisks => "List the disks connected to the system.",
+        Command::ListDisks => {
+            "List the disks connected to the system, and the local repository (id `repository`) when the agent has one."
+        }
         Command::ListFiles => {
             "List a disk's files, recursively. The listing is capped; `truncated: true` says the cap was hit."
         }
         Command::ReadFile => {
-            "Copy a file into the local repository; the copy's SHA-256 is verified, then announced on `system/disk/new_file/notification`."
+            "Copy a file into the local repository, at `<source_disk>/<filepath>` in the disk `repository` (the reply names both); the copy's SHA-256 is verified, then announced on `system/disk/new_file/notification`."
         }
         Command::CopyFile => {
             "Copy a file from one disk to another (same path, missing folders created). An existing target is refused with `already_exists` unless `overwrite: true`."
@@ -130,6 +132,7 @@ pub fn example(c: Command) -> (Vec<u8>, Vec<u8>) {
             Response::ok(
                 id,
                 ReadFileReply {
+                    disk: Some("repository".into()),
                     filepath: Some("usb0/docs/report.pdf".into()),
                     size_in_bytes: Some(5120),
                     footprint: Some(
@@ -357,7 +360,9 @@ pub fn markdown() -> String {
          (the destination when one was named; for `discover`, a benchmark without destination or `tous`, each party once, within 2 s), \
          as often as the command answers (once; a benchmark `started` then its figures). Unanswered: `timeout` after 10 s by default.\n\
          - Error codes: {}.\n\
-         - Binary data is standard Base64 with padding; `footprint` is the lowercase hex SHA-256.\n\n\
+         - Binary data is standard Base64 with padding; `footprint` is the lowercase hex SHA-256.\n\
+         - Disks: `disk`, `source_disk` and `target_disk` name a disk of `list_disks`; the local repository is the disk `repository` \
+         (where `read_file` copies to), for every command. `filepath` is always relative to the disk named beside it.\n\n\
          ## Commands\n",
         ErrorCode::ALL
             .iter()
