@@ -10,8 +10,8 @@ use rumqttc::{
 use tokio::sync::{mpsc, watch};
 use topics::legacy_line;
 use topics::payload::{
-    self, Component, CountersReply, DiscoverReply, ErrorBody, ErrorCode, ErrorEvent, LinkEvent,
-    NoArgs, Response, level,
+    self, AnnounceEvent, Component, CountersReply, DiscoverReply, ErrorBody, ErrorCode, ErrorEvent,
+    LinkEvent, LinkState, NoArgs, Response, level,
 };
 use topics::topic::{Command, Notification, Topic};
 use topics::vm::VmId;
@@ -51,17 +51,11 @@ pub fn answer(topic: &str, payload: &[u8], supervision: &Supervision) -> Option<
     };
     let reply_topic = command.response_topic(&request.sender);
     let body = match command {
+        // At once, from the registry: itself, and what each VM announced (the VM alone until
+        // it does).
         Command::Discover => {
-            let mut components = vec![Component {
-                id: "dom0".into(),
-                label: "Dom0".into(),
-                kind: "dom0".into(),
-            }];
-            components.extend(supervision.vms().into_iter().map(|vm| Component {
-                id: vm.to_string(),
-                label: vm.to_string(),
-                kind: "domu".into(),
-            }));
+            let mut components = vec![dom0_component()];
+            components.extend(supervision.components());
             Response::ok(request.request_id, DiscoverReply { components }).to_json()
         }
         Command::SupervisionCounters => Response::ok(
@@ -80,6 +74,68 @@ pub fn answer(topic: &str, payload: &[u8], supervision: &Supervision) -> Option<
     Some(Reply {
         topic: reply_topic,
         body,
+    })
+}
+
+fn dom0_component() -> Component {
+    Component {
+        id: "dom0".into(),
+        label: "Dom0".into(),
+        kind: "dom0".into(),
+    }
+}
+
+/// Dom0's own announcement.
+pub fn own_announcement() -> Reply {
+    Reply {
+        topic: Notification::Announce.topic(),
+        body: serde_json::to_vec(&AnnounceEvent {
+            vm: topics::vm::DOM0.into(),
+            components: vec![dom0_component()],
+        })
+        .unwrap_or_default(),
+    }
+}
+
+/// An announcement on the announcement topic: what the VM it comes from offers now, filed under
+/// the `origin` its link stamped (a VM announces only itself; what names another `vm` is filed
+/// under its origin all the same). Dom0's own clients publish without origin: nothing filed.
+pub fn announced(payload: &[u8], supervision: &Supervision) {
+    let Ok(serde_json::Value::Object(mut m)) = serde_json::from_slice(payload) else {
+        return;
+    };
+    let origin = match m.remove("origin") {
+        Some(serde_json::Value::String(o)) => o,
+        _ => return,
+    };
+    let (Ok(vm), Ok(event)) = (
+        VmId::parse(&origin),
+        serde_json::from_value::<AnnounceEvent>(serde_json::Value::Object(m)),
+    ) else {
+        return;
+    };
+    if let Some(stats) = supervision.stats(&vm) {
+        tracing::debug!(vm = %vm, components = event.components.len(), "components announced");
+        stats.set_components(event.components);
+    }
+}
+
+/// A VM's link went: its components are withdrawn, and said so (`components: []`).
+pub fn withdrawn(event: &Event, supervision: &Supervision) -> Option<Reply> {
+    let Event::State { vm, state, .. } = event else {
+        return None;
+    };
+    if matches!(state, LinkState::Linked | LinkState::SessionUp) {
+        return None;
+    }
+    let had = supervision.stats(vm)?.set_components(Vec::new());
+    (!had.is_empty()).then(|| Reply {
+        topic: Notification::Announce.topic(),
+        body: serde_json::to_vec(&AnnounceEvent {
+            vm: vm.to_string(),
+            components: Vec::new(),
+        })
+        .unwrap_or_default(),
     })
 }
 
@@ -168,16 +224,24 @@ pub async fn run(
                     connected = true;
                     tracing::info!(broker = %broker, "controller connected");
                     let topics = SERVED.iter().map(|c| c.request_topic())
-                        .chain([Command::Benchmark.request_topic(), Bench::probe_topic().to_owned()]);
+                        .chain([
+                            Command::Benchmark.request_topic(),
+                            Bench::probe_topic().to_owned(),
+                            Notification::Announce.topic(),
+                        ]);
                     for t in topics {
                         if let Err(e) = client.try_subscribe(t, QoS::AtLeastOnce) {
                             tracing::warn!(error = %e, "controller subscribe failed");
                         }
                     }
+                    let Reply { topic, body } = own_announcement();
+                    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     let mut replies = Vec::new();
-                    if p.topic == Bench::probe_topic() {
+                    if p.topic == Notification::Announce.topic() {
+                        announced(&p.payload, &supervision);
+                    } else if p.topic == Bench::probe_topic() {
                         if let Some(b) = running.as_mut() {
                             if b.probe_back() {
                                 probe(&client);
@@ -236,10 +300,14 @@ pub async fn run(
                 }
             }
             Some(event) = events.recv() => {
+                let withdrawal = withdrawn(&event, &supervision);
                 if connected {
                     let Reply { topic, body } = notification(&event);
                     if let Err(e) = client.try_publish(topic, QoS::AtMostOnce, false, body) {
                         tracing::debug!(error = %e, "supervision notification dropped");
+                    }
+                    if let Some(Reply { topic, body }) = withdrawal {
+                        let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
                     }
                 }
             }

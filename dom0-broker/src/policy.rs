@@ -89,6 +89,8 @@ impl Role {
                     Command::Discover.response_filter("+"),
                     Command::Benchmark.response_filter("+"),
                     Notification::Error.topic(),
+                    // Its components, when its session comes up and when they change.
+                    Notification::Announce.topic(),
                 ],
                 vec![
                     Command::Discover.request_topic(),

@@ -89,8 +89,16 @@ pub fn fetch(broker: &BrokerAddr) -> Result<Vec<LinkCounters>, StatusError> {
 /// The table: one line per VM.
 pub fn table(links: &[LinkCounters]) -> String {
     let mut s = format!(
-        "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7}  {}\n",
-        "VM", "STATE", "SESSION SINCE", "IN", "OUT", "REFUSED", "DROPPED", "LAST ERROR"
+        "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7}  {:<24} {}\n",
+        "VM",
+        "STATE",
+        "SESSION SINCE",
+        "IN",
+        "OUT",
+        "REFUSED",
+        "DROPPED",
+        "COMPONENTS",
+        "LAST ERROR"
     );
     for l in links {
         let state = match (l.linked, l.session) {
@@ -98,8 +106,20 @@ pub fn table(links: &[LinkCounters]) -> String {
             (true, false) => "linked",
             (false, _) => "unlinked",
         };
+        // What it announced beyond itself (its disks).
+        let components: Vec<&str> = l
+            .components
+            .iter()
+            .filter(|c| c.id != l.vm)
+            .map(|c| c.id.as_str())
+            .collect();
+        let components = if components.is_empty() {
+            "-".to_owned()
+        } else {
+            components.join(",")
+        };
         s.push_str(&format!(
-            "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7}  {}\n",
+            "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7}  {:<24} {}\n",
             l.vm,
             state,
             l.session_since.as_deref().unwrap_or("-"),
@@ -107,6 +127,7 @@ pub fn table(links: &[LinkCounters]) -> String {
             l.packets_out,
             l.refused,
             l.dropped,
+            components,
             l.last_error.as_deref().unwrap_or("-"),
         ));
     }
@@ -130,6 +151,18 @@ mod tests {
                 packets_in: 12,
                 packets_out: 10,
                 session_since: Some("2026-12-02T10:00:00Z".into()),
+                components: vec![
+                    topics::payload::Component {
+                        id: "sys-usb".into(),
+                        label: "sys-usb".into(),
+                        kind: "domu".into(),
+                    },
+                    topics::payload::Component {
+                        id: "usb0".into(),
+                        label: "KEY".into(),
+                        kind: "disk".into(),
+                    },
+                ],
                 ..LinkCounters::default()
             },
             LinkCounters {
@@ -145,6 +178,7 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines[1].starts_with("sys-usb") && lines[1].contains("session"));
         assert!(lines[1].contains("2026-12-02T10:00:00Z"));
+        assert!(lines[0].contains("COMPONENTS") && lines[1].contains(" usb0 "));
         assert!(lines[2].contains("linked") && lines[2].contains("refused \"x\""));
         assert!(table(&[]).contains("no VM channel"));
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
-use topics::payload::{LinkCounters, LinkState};
+use topics::payload::{Component, LinkCounters, LinkState};
 use topics::vm::VmId;
 
 /// One link's counters, updated by the link without locks.
@@ -29,6 +29,8 @@ pub struct LinkStats {
     pub session_since: AtomicU64,
     /// The last refusal or session loss, for `dom0-broker status`.
     pub last_error: Mutex<Option<String>>,
+    /// What the VM announced (`system/components/announce/notification`), until its link goes.
+    pub components: Mutex<Vec<Component>>,
 }
 
 impl LinkStats {
@@ -52,7 +54,24 @@ impl LinkStats {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            components: self.components(),
         }
+    }
+
+    /// What the VM announced.
+    pub fn components(&self) -> Vec<Component> {
+        self.components
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces what the VM announced; returns what it had announced.
+    pub fn set_components(&self, components: Vec<Component>) -> Vec<Component> {
+        std::mem::replace(
+            &mut *self.components.lock().unwrap_or_else(|p| p.into_inner()),
+            components,
+        )
     }
 
     fn note(&self, what: String) {
@@ -136,6 +155,35 @@ impl Supervision {
     /// The known VMs, sorted.
     pub fn vms(&self) -> Vec<VmId> {
         self.links().keys().cloned().collect()
+    }
+
+    /// The counters of one VM, if Dom0 knows it.
+    pub fn stats(&self, vm: &VmId) -> Option<Arc<LinkStats>> {
+        self.links().get(vm).cloned()
+    }
+
+    /// Every component known: each VM's announcement (or the VM alone, until it announces).
+    pub fn components(&self) -> Vec<Component> {
+        let mut out = Vec::new();
+        for (vm, stats) in self.links().iter() {
+            let announced = stats.components();
+            if announced.is_empty() {
+                out.push(Component {
+                    id: vm.to_string(),
+                    label: vm.to_string(),
+                    kind: "domu".into(),
+                });
+            }
+            for c in announced {
+                if !out
+                    .iter()
+                    .any(|o: &Component| o.id == c.id && o.kind == c.kind)
+                {
+                    out.push(c);
+                }
+            }
+        }
+        out
     }
 
     pub fn counters(&self) -> Vec<LinkCounters> {

@@ -91,6 +91,9 @@ pub enum ToClient {
     UnsubAck(u16),
     /// The hub dropped the client.
     Closed(String),
+    /// The session with Dom0 is up (again): told to the agent's own (lossless) clients, so the
+    /// service announces its components.
+    SessionUp,
 }
 
 /// The handle clients use to reach the hub.
@@ -357,7 +360,18 @@ impl Driver {
     async fn handle(&mut self, events: Vec<Event>) {
         for ev in events {
             match ev {
-                Event::Up | Event::Down => {}
+                Event::Up => {
+                    let own: Vec<ClientId> = self
+                        .clients
+                        .iter()
+                        .filter(|(_, c)| c.lossless)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in own {
+                        self.send(id, ToClient::SessionUp).await;
+                    }
+                }
+                Event::Down => {}
                 Event::Message {
                     topic,
                     payload,

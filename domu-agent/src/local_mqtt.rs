@@ -374,6 +374,7 @@ impl Conn {
                 Ok(())
             }
             Some(ToClient::Closed(reason)) => Err(Closed { reason, will: None }),
+            Some(ToClient::SessionUp) => Ok(()),
             None => Err(Closed {
                 reason: "agent stopping".into(),
                 will: None,

@@ -276,6 +276,7 @@ async fn serve(s: Settings) -> ExitCode {
         Ok(None) => {}
         Err(e) => return fail(EX_UNAVAILABLE, &e),
     }
+    let (components_changed, mut changes) = tokio::sync::mpsc::unbounded_channel::<()>();
     if let Some(notes) = notes {
         let repo = s
             .repository
@@ -283,8 +284,9 @@ async fn serve(s: Settings) -> ExitCode {
             .map(|r| (service::REPOSITORY.to_owned(), r));
         let (disks, out, stop) = (s.disks.clone(), out.clone(), stop_rx.clone());
         let vm = s.vm.clone();
+        let changed = components_changed.clone();
         tasks.spawn(async move {
-            if let Err(e) = announce::run(vm, disks, repo, notes, out, stop).await {
+            if let Err(e) = announce::run(vm, disks, repo, notes, out, changed, stop).await {
                 tracing::error!(error = %e, "new-file announcements stopped");
             }
         });
@@ -300,9 +302,12 @@ async fn serve(s: Settings) -> ExitCode {
             _ = stop_watch.changed() => break,
             m = service_rx.recv() => match m {
                 Some(ToClient::Message { topic, payload, .. }) => service.on_message(topic, payload),
+                // Its components, each time the session comes up and when a disk comes or goes.
+                Some(ToClient::SessionUp) => service.announce().await,
                 Some(_) => {}
                 None => break,
             },
+            Some(()) = changes.recv() => service.announce().await,
         }
     }
     let _ = stop_tx.send(true);

@@ -14,9 +14,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use topics::payload::{
-    self, BenchmarkArgs, BenchmarkReply, Component, CopyFileArgs, CreateFileArgs, DiscoverReply,
-    ErrorEvent, FootprintArgs, FootprintReply, ListDisksReply, ListFilesArgs, ListFilesReply,
-    NoArgs, ReadFileArgs, ReadFileReply, RemoveFileArgs, StatusOnly, level,
+    self, AnnounceEvent, BenchmarkArgs, BenchmarkReply, Component, CopyFileArgs, CreateFileArgs,
+    DiscoverReply, ErrorEvent, FootprintArgs, FootprintReply, ListDisksReply, ListFilesArgs,
+    ListFilesReply, NoArgs, ReadFileArgs, ReadFileReply, RemoveFileArgs, StatusOnly, level,
 };
 use topics::topic::{Command, Notification, Topic};
 use topics::vm::VmId;
@@ -115,6 +115,41 @@ impl Service {
             }
             _ => tracing::debug!(topic, "message not for this agent"),
         }
+    }
+
+    /// The agent's components: itself and its disks (the repository among them), as `discover`
+    /// answers and the announcements say.
+    fn components(&self) -> Vec<Component> {
+        let mut components = vec![Component {
+            id: self.vm.to_string(),
+            label: self.vm.to_string(),
+            kind: "domu".into(),
+        }];
+        if let Some(d) = &self.disks {
+            if let Ok(disks) = d.list() {
+                components.extend(disks.into_iter().map(|d| Component {
+                    id: d.id,
+                    label: d.label,
+                    kind: "disk".into(),
+                }));
+            }
+        }
+        components
+    }
+
+    /// Announces its components (`system/components/announce/notification`): when the session
+    /// comes up, and whenever they change (a disk appears or goes).
+    pub async fn announce(&self) {
+        let event = AnnounceEvent {
+            vm: self.vm.to_string(),
+            components: self.components(),
+        };
+        tracing::debug!(components = event.components.len(), "announcing components");
+        self.publish(
+            Notification::Announce.topic(),
+            serde_json::to_vec(&event).unwrap_or_default(),
+        )
+        .await;
     }
 
     /// Publishes at QoS 1; a response says who answered (`responder`), a notification who
@@ -383,20 +418,7 @@ impl Service {
     }
 
     async fn discover(&self, rid: Option<RequestId>) -> Vec<u8> {
-        let mut components = vec![Component {
-            id: self.vm.to_string(),
-            label: self.vm.to_string(),
-            kind: "domu".into(),
-        }];
-        if let Some(d) = &self.disks {
-            if let Ok(disks) = d.list() {
-                components.extend(disks.into_iter().map(|d| Component {
-                    id: d.id,
-                    label: d.label,
-                    kind: "disk".into(),
-                }));
-            }
-        }
+        let components = self.components();
         Response::ok(rid, DiscoverReply { components }).to_json()
     }
 

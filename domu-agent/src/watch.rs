@@ -90,6 +90,8 @@ struct Watcher {
     out: Arc<Client>,
     /// The VM, as the `origin` of its announcements.
     vm: VmId,
+    /// Told when a disk appears or goes (the service announces its components).
+    changed: mpsc::UnboundedSender<()>,
 }
 
 const FOLDER_EVENTS: WatchMask = WatchMask::CLOSE_WRITE
@@ -177,13 +179,20 @@ impl Watcher {
         };
         match w {
             Watched::DisksRoot(root) => {
-                if mask.contains(EventMask::ISDIR)
-                    && mask.intersects(EventMask::CREATE | EventMask::MOVED_TO)
-                {
-                    if let Some(id) = name.to_str().filter(|n| paths::check_disk_id(n).is_ok()) {
-                        tracing::info!(disk = id, "disk appeared");
-                        self.add_tree(id, &root.join(id), Path::new(""), true).await;
-                    }
+                let Some(id) = name.to_str().filter(|n| paths::check_disk_id(n).is_ok()) else {
+                    return;
+                };
+                if !mask.contains(EventMask::ISDIR) {
+                    return;
+                }
+                if mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+                    tracing::info!(disk = id, "disk appeared");
+                    let _ = self.changed.send(());
+                    self.add_tree(id, &root.join(id), Path::new(""), true).await;
+                } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
+                    tracing::info!(disk = id, "disk removed");
+                    self.announced.retain(|(disk, _)| disk != id);
+                    let _ = self.changed.send(());
                 }
             }
             Watched::Folder { disk, root, rel } => {
@@ -219,12 +228,14 @@ fn is_part(name: &OsStr) -> bool {
 }
 
 /// Runs the announcer until `stop`.
+#[allow(clippy::too_many_arguments)] // replaced by a struct of settings in the agent's rework
 pub async fn run(
     vm: VmId,
     disks: Option<PathBuf>,
     repository: Option<(String, PathBuf)>,
     mut notes: mpsc::UnboundedReceiver<Note>,
     out: Arc<Client>,
+    changed: mpsc::UnboundedSender<()>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let inotify = Inotify::init()?;
@@ -234,12 +245,17 @@ pub async fn run(
         announced: HashSet::new(),
         out,
         vm,
+        changed,
     };
     // What is already there when the agent starts is not new: watch it silently.
     if let Some(root) = &disks {
         let wd = w.inotify_watches.add(
             root,
-            WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::ONLYDIR,
+            WatchMask::CREATE
+                | WatchMask::MOVED_TO
+                | WatchMask::DELETE
+                | WatchMask::MOVED_FROM
+                | WatchMask::ONLYDIR,
         )?;
         w.watched.insert(wd, Watched::DisksRoot(root.clone()));
         for e in std::fs::read_dir(root)?.filter_map(Result::ok) {

@@ -10,6 +10,7 @@ mod demo;
 mod deploy;
 mod dom0;
 mod faults;
+mod fidelity;
 mod hostile;
 mod layout;
 mod legacy;

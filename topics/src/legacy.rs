@@ -65,9 +65,10 @@ const COMMANDS: [(Command, &str, &str, &str); 9] = [
 ];
 
 /// One row per legacy event: (notification, `TypeEvenement` name, `evenement` string).
-const EVENTS: [(Notification, &str, &str); 2] = [
+const EVENTS: [(Notification, &str, &str); 3] = [
     (Notification::NewFile, "FICHIER", "fichier"),
     (Notification::Error, "ERREUR", "erreur"),
+    (Notification::Announce, "COMPOSANTS", "composants"),
 ];
 
 /// `TypeCommande.LISTE_DISQUES` → `LISTE_DISQUES`. None for Dom0 extensions.

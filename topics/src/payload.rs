@@ -656,6 +656,9 @@ pub struct LinkCounters {
     /// The last thing that went wrong on the link (a refusal, a dropped session), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The components the VM announced (itself, its disks), while its link is up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<Component>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -672,6 +675,16 @@ pub struct NewFileEvent {
     pub disk: String,
     pub filepath: String,
     pub size_in_bytes: u64,
+}
+
+/// A service announcement: the components of `vm` (the note's `discover` answer), published
+/// when its session comes up and whenever they change; Dom0 keeps them (a VM announces only
+/// itself: Dom0 files it under the `origin` it stamped) and withdraws them when the VM's link
+/// goes, announcing `components: []`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnnounceEvent {
+    pub vm: String,
+    pub components: Vec<Component>,
 }
 
 /// Severity levels of [`ErrorEvent::level`], as syslog's (RFC 5424).

@@ -276,6 +276,18 @@ pub fn example(c: Command) -> (Vec<u8>, Vec<u8>) {
                             "2026-11-22T10:05:00Z refused \"system/disks/list_disks/response/vm-gui\": no rule allows it"
                                 .into(),
                         ),
+                        components: vec![
+                            Component {
+                                id: "sys-usb".into(),
+                                label: "sys-usb".into(),
+                                kind: "domu".into(),
+                            },
+                            Component {
+                                id: "usb0".into(),
+                                label: "KINGSTON".into(),
+                                kind: "disk".into(),
+                            },
+                        ],
                     }],
                 },
             )
@@ -307,6 +319,22 @@ pub fn notification_example(n: Notification) -> Vec<u8> {
             detail: None,
         })
         .into_bytes(),
+        Notification::Announce => json(&AnnounceEvent {
+            vm: "sys-usb".into(),
+            components: vec![
+                Component {
+                    id: "sys-usb".into(),
+                    label: "sys-usb".into(),
+                    kind: "domu".into(),
+                },
+                Component {
+                    id: "usb0".into(),
+                    label: "KINGSTON".into(),
+                    kind: "disk".into(),
+                },
+            ],
+        })
+        .into_bytes(),
     }
 }
 
@@ -320,6 +348,9 @@ fn describe_notification(n: Notification) -> &'static str {
         }
         Notification::LinkState => {
             "Dom0 extension: a VM link changed state (`linked`, `unlinked`, `session_up`, `session_down`, `identity_refused`, `overflow`, `violations`). Published by the Dom0 controller."
+        }
+        Notification::Announce => {
+            "Service announcements (the note's third category, which it gives no topic): a party's components, as `discover` answers them, when its session comes up and whenever they change (a disk plugged or removed). Every agent announces itself (Dom0 files each under the `origin` it stamped: a VM announces only itself), Dom0 announces its own and, when a VM's link goes, `components: []` for it. Dom0 answers `discover` from what was announced; `dom0-broker status` shows it."
         }
     }
 }
@@ -363,7 +394,7 @@ pub fn markdown() -> String {
          - Binary data is standard Base64 with padding; `footprint` is the lowercase hex SHA-256.\n\
          - Disks: `disk`, `source_disk` and `target_disk` name a disk of `list_disks`; the local repository is the disk `repository` \
          (where `read_file` copies to), for every command. `filepath` is always relative to the disk named beside it.\n\n\
-         ## Commands\n",
+         ## System commands\n\nThe note's first category: a request, answered on the requester's response topic.\n",
         ErrorCode::ALL
             .iter()
             .map(|c| format!("`{c}`"))
@@ -396,8 +427,32 @@ pub fn markdown() -> String {
             resp = String::from_utf8_lossy(&resp),
         );
     }
-    let _ = writeln!(s, "## Notifications\n");
-    for n in Notification::ALL {
+    for (title, intro, ns) in [
+        (
+            "Supervision",
+            "The note's second category: what happens, for whoever watches (`system/+/+/notification`). \
+             `system/supervision/counters` (above) is its command.",
+            &[
+                Notification::NewFile,
+                Notification::Error,
+                Notification::LinkState,
+            ][..],
+        ),
+        (
+            "Service announcements",
+            "The note's third category (\"Annonces de services\"), which it gives no topic: \
+             who is there and what it offers, pushed instead of asked.",
+            &[Notification::Announce][..],
+        ),
+    ] {
+        let _ = writeln!(s, "## {title}\n\n{intro}\n");
+        notifications(&mut s, ns);
+    }
+    s
+}
+
+fn notifications(s: &mut String, ns: &[Notification]) {
+    for &n in ns {
         let ex = notification_example(n);
         let legacy = match (legacy::type_evenement(n), legacy::evenement(n)) {
             (Some(t), Some(l)) => format!("`TypeEvenement.{t}` / `\"evenement\": \"{l}\"`"),
@@ -417,7 +472,6 @@ pub fn markdown() -> String {
             ex = String::from_utf8_lossy(&ex),
         );
     }
-    s
 }
 
 #[cfg(test)]
@@ -447,6 +501,7 @@ mod tests {
         decode::<NewFileEvent>(&notification_example(Notification::NewFile)).unwrap();
         decode::<ErrorEvent>(&notification_example(Notification::Error)).unwrap();
         decode::<LinkEvent>(&notification_example(Notification::LinkState)).unwrap();
+        decode::<AnnounceEvent>(&notification_example(Notification::Announce)).unwrap();
     }
 
     #[test]

@@ -113,13 +113,17 @@ pub enum Notification {
     Error,
     /// Dom0 extension (not in the note): a VM link changed state.
     LinkState,
+    /// The note's third category, service announcements (it gives them no topic): a party's
+    /// components, when its session comes up and whenever they change.
+    Announce,
 }
 
 impl Notification {
-    pub const ALL: [Notification; 3] = [
+    pub const ALL: [Notification; 4] = [
         Notification::NewFile,
         Notification::Error,
         Notification::LinkState,
+        Notification::Announce,
     ];
 
     /// The topic root, exactly as written in the note (`system/disk/new_file` is singular there).
@@ -128,6 +132,7 @@ impl Notification {
             Notification::NewFile => "system/disk/new_file",
             Notification::Error => "system/events/error",
             Notification::LinkState => "system/supervision/links",
+            Notification::Announce => "system/components/announce",
         }
     }
 
@@ -135,8 +140,10 @@ impl Notification {
         Notification::ALL.into_iter().find(|n| n.root() == root)
     }
 
+    /// True for the notifications of the note's table; the announcements are the note's third
+    /// category, which it gives no topic.
     pub const fn in_note(self) -> bool {
-        !matches!(self, Notification::LinkState)
+        !matches!(self, Notification::LinkState | Notification::Announce)
     }
 
     /// `<root>/notification`.
