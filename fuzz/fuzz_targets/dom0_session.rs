@@ -10,7 +10,7 @@ use dom0_broker::mqtt;
 use dom0_broker::policy::Policy;
 use dom0_broker::session::{Effect, Limits, Session};
 use libfuzzer_sys::fuzz_target;
-use tokio::time::Instant;
+use std::time::Instant;
 use topics::vm::VmId;
 
 const MAX_PACKET: usize = 4096;
