@@ -500,3 +500,13 @@ impl Agent {
         (out.status.success(), lines)
     }
 }
+
+/// `sha256sum FILE`'s hex digest: what a user compares a footprint with.
+pub fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}

@@ -7,22 +7,13 @@ use serde_json::{Value, json};
 
 use system_tests::channel::Channel;
 use system_tests::scene::{Scene, SceneOptions};
-use system_tests::{Agent, BrokerKind, DEADLINE, Proc, TestDir, wait_for};
+use system_tests::{Agent, BrokerKind, DEADLINE, Proc, TestDir, sha256sum, wait_for};
 
 /// The whole system: Dom0, sys-usb (disks usb0 and usb1, a repository) and vm-gui.
 type System = Scene;
 
 fn system(name: &str, kind: BrokerKind) -> System {
     Scene::start(name, kind, SceneOptions::default())
-}
-
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
 }
 
 /// Asks `root` from Dom0 with mosquitto_pub; returns the responses carrying `id` on `.../response/dom0`.
@@ -207,15 +198,7 @@ fn dictionary_from_dom0(kind: BrokerKind) {
     }
 }
 
-#[test]
-fn dictionary_from_dom0_embedded() {
-    dictionary_from_dom0(BrokerKind::Embedded);
-}
-
-#[test]
-fn dictionary_from_dom0_mosquitto() {
-    dictionary_from_dom0(BrokerKind::Mosquitto);
-}
+both_brokers!(dictionary_from_dom0: dictionary_from_dom0_embedded, dictionary_from_dom0_mosquitto);
 
 /// The same commands from vm-gui, through its own agent and channel (`domu-agent call`).
 #[test]

@@ -48,15 +48,7 @@ fn application_topics_between_two_vms(kind: BrokerKind) {
     assert_eq!(sub.output().matches("disk inserted").count(), 1);
 }
 
-#[test]
-fn application_topics_between_two_vms_embedded() {
-    application_topics_between_two_vms(BrokerKind::Embedded);
-}
-
-#[test]
-fn application_topics_between_two_vms_mosquitto() {
-    application_topics_between_two_vms(BrokerKind::Mosquitto);
-}
+both_brokers!(application_topics_between_two_vms: application_topics_between_two_vms_embedded, application_topics_between_two_vms_mosquitto);
 
 /// Under the default policy the subscription is refused, mosquitto_sub says so, nothing arrives.
 fn default_policy_refuses_application_topics(kind: BrokerKind) {
@@ -100,15 +92,7 @@ fn default_policy_refuses_application_topics(kind: BrokerKind) {
     assert!(!seen.iter().any(|t| t == STATUS), "{seen:?}");
 }
 
-#[test]
-fn default_policy_refuses_application_topics_embedded() {
-    default_policy_refuses_application_topics(BrokerKind::Embedded);
-}
-
-#[test]
-fn default_policy_refuses_application_topics_mosquitto() {
-    default_policy_refuses_application_topics(BrokerKind::Mosquitto);
-}
+both_brokers!(default_policy_refuses_application_topics: default_policy_refuses_application_topics_embedded, default_policy_refuses_application_topics_mosquitto);
 
 /// A rumqttc application asks list_disks of sys-usb while `domu-agent call` does the same.
 #[test]
@@ -196,15 +180,7 @@ fn overlapping_subscriptions(kind: BrokerKind) {
     assert_eq!(got, [b"after-disconnect".to_vec()]);
 }
 
-#[test]
-fn overlapping_subscriptions_embedded() {
-    overlapping_subscriptions(BrokerKind::Embedded);
-}
-
-#[test]
-fn overlapping_subscriptions_mosquitto() {
-    overlapping_subscriptions(BrokerKind::Mosquitto);
-}
+both_brokers!(overlapping_subscriptions: overlapping_subscriptions_embedded, overlapping_subscriptions_mosquitto);
 
 /// Dom0 restarts: local clients stay connected and receive again; a QoS 1 message published
 /// during the outage arrives exactly once.
@@ -250,15 +226,7 @@ fn dom0_restart_keeps_local_clients(kind: BrokerKind) {
     }
 }
 
-#[test]
-fn dom0_restart_keeps_local_clients_embedded() {
-    dom0_restart_keeps_local_clients(BrokerKind::Embedded);
-}
-
-#[test]
-fn dom0_restart_keeps_local_clients_mosquitto() {
-    dom0_restart_keeps_local_clients(BrokerKind::Mosquitto);
-}
+both_brokers!(dom0_restart_keeps_local_clients: dom0_restart_keeps_local_clients_embedded, dom0_restart_keeps_local_clients_mosquitto);
 
 /// A local client that stops reading is dropped alone; another client's round trips go on.
 #[test]

@@ -49,15 +49,7 @@ fn guest_and_dom0_exchange(kind: BrokerKind) {
     ));
 }
 
-#[test]
-fn guest_and_dom0_exchange_embedded() {
-    guest_and_dom0_exchange(BrokerKind::Embedded);
-}
-
-#[test]
-fn guest_and_dom0_exchange_mosquitto() {
-    guest_and_dom0_exchange(BrokerKind::Mosquitto);
-}
+both_brokers!(guest_and_dom0_exchange: guest_and_dom0_exchange_embedded, guest_and_dom0_exchange_mosquitto);
 
 /// A CONNECT with another VM's client id is refused (identifier rejected, logged at warn); an
 /// empty one becomes the VM's name (Mosquitto's own log shows the client id and user name).
@@ -142,15 +134,7 @@ fn resync(kind: BrokerKind) {
     assert!(rss_after < 128 * 1024, "Dom0 RSS {rss_after} KiB");
 }
 
-#[test]
-fn resync_embedded() {
-    resync(BrokerKind::Embedded);
-}
-
-#[test]
-fn resync_mosquitto() {
-    resync(BrokerKind::Mosquitto);
-}
+both_brokers!(resync: resync_embedded, resync_mosquitto);
 
 /// A socket created after start is linked; removed and re-created, it is linked again; a backend
 /// that refuses connections is retried with a growing delay, not in a busy loop.
@@ -198,15 +182,7 @@ fn vm_lifecycle(kind: BrokerKind) {
     dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
 }
 
-#[test]
-fn vm_lifecycle_embedded() {
-    vm_lifecycle(BrokerKind::Embedded);
-}
-
-#[test]
-fn vm_lifecycle_mosquitto() {
-    vm_lifecycle(BrokerKind::Mosquitto);
-}
+both_brokers!(vm_lifecycle: vm_lifecycle_embedded, vm_lifecycle_mosquitto);
 
 /// Seconds within the day of a tracing timestamp (`2026-11-22T02:39:08.949404Z ...`).
 fn timestamp_secs(line: &str) -> f64 {
@@ -263,15 +239,7 @@ fn dom0_restart_tells_guests_to_reconnect(kind: BrokerKind) {
     });
 }
 
-#[test]
-fn dom0_restart_tells_guests_to_reconnect_embedded() {
-    dom0_restart_tells_guests_to_reconnect(BrokerKind::Embedded);
-}
-
-#[test]
-fn dom0_restart_tells_guests_to_reconnect_mosquitto() {
-    dom0_restart_tells_guests_to_reconnect(BrokerKind::Mosquitto);
-}
+both_brokers!(dom0_restart_tells_guests_to_reconnect: dom0_restart_tells_guests_to_reconnect_embedded, dom0_restart_tells_guests_to_reconnect_mosquitto);
 
 /// SIGTERM stops the service, leaving no operator socket behind.
 #[test]
@@ -339,15 +307,7 @@ fn discover_lists_linked_vms(kind: BrokerKind) {
     assert!(String::from_utf8_lossy(&got).contains("\"id\":\"sys-usb\""));
 }
 
-#[test]
-fn discover_lists_linked_vms_embedded() {
-    discover_lists_linked_vms(BrokerKind::Embedded);
-}
-
-#[test]
-fn discover_lists_linked_vms_mosquitto() {
-    discover_lists_linked_vms(BrokerKind::Mosquitto);
-}
+both_brokers!(discover_lists_linked_vms: discover_lists_linked_vms_embedded, discover_lists_linked_vms_mosquitto);
 
 /// A guest that never reads while Dom0 floods its topic is dropped alone; another VM's round trip
 /// keeps working during the flood.
@@ -437,15 +397,7 @@ fn a_guest_that_does_not_read_is_dropped_alone(kind: BrokerKind) {
     );
 }
 
-#[test]
-fn a_guest_that_does_not_read_is_dropped_alone_embedded() {
-    a_guest_that_does_not_read_is_dropped_alone(BrokerKind::Embedded);
-}
-
-#[test]
-fn a_guest_that_does_not_read_is_dropped_alone_mosquitto() {
-    a_guest_that_does_not_read_is_dropped_alone(BrokerKind::Mosquitto);
-}
+both_brokers!(a_guest_that_does_not_read_is_dropped_alone: a_guest_that_does_not_read_is_dropped_alone_embedded, a_guest_that_does_not_read_is_dropped_alone_mosquitto);
 
 /// A bad config or an unreachable broker: one line naming the problem, exit 64 / 69.
 #[test]
@@ -507,12 +459,4 @@ fn keepalive_zero(kind: BrokerKind) {
     });
 }
 
-#[test]
-fn keepalive_zero_embedded() {
-    keepalive_zero(BrokerKind::Embedded);
-}
-
-#[test]
-fn keepalive_zero_mosquitto() {
-    keepalive_zero(BrokerKind::Mosquitto);
-}
+both_brokers!(keepalive_zero: keepalive_zero_embedded, keepalive_zero_mosquitto);

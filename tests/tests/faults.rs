@@ -31,12 +31,4 @@ fn every_fault(kind: BrokerKind) {
     }
 }
 
-#[test]
-fn every_fault_embedded() {
-    every_fault(BrokerKind::Embedded);
-}
-
-#[test]
-fn every_fault_mosquitto() {
-    every_fault(BrokerKind::Mosquitto);
-}
+both_brokers!(every_fault: every_fault_embedded, every_fault_mosquitto);

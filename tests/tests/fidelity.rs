@@ -13,16 +13,7 @@ use system_tests::legacy::LegacyClient;
 use system_tests::local::{LocalClient, mosquitto_pub_unix};
 use system_tests::raw;
 use system_tests::scene::{Scene, SceneOptions};
-use system_tests::{BrokerKind, DEADLINE, wait_for};
-
-fn sha256sum(path: &std::path::Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
+use system_tests::{BrokerKind, DEADLINE, sha256sum, wait_for};
 
 /// The default policy, with vm-bare and vm-psec (guests without the agent) asking like vm-gui.
 fn policy() -> String {
@@ -123,15 +114,7 @@ fn repository_is_a_disk(kind: BrokerKind) {
     assert!(!s.repo.join("usb1/mvp.txt").exists());
 }
 
-#[test]
-fn the_repository_is_a_disk_embedded() {
-    repository_is_a_disk(BrokerKind::Embedded);
-}
-
-#[test]
-fn the_repository_is_a_disk_mosquitto() {
-    repository_is_a_disk(BrokerKind::Mosquitto);
-}
+both_brokers!(repository_is_a_disk: the_repository_is_a_disk_embedded, the_repository_is_a_disk_mosquitto);
 
 /// `{}` on `system/disks/list_disks/request`, as the note writes it: from an application on
 /// vm-gui's agent (mosquitto_pub on its local endpoint), and from a guest without agent straight
@@ -183,15 +166,7 @@ fn the_notes_requests(kind: BrokerKind) {
     }
 }
 
-#[test]
-fn the_notes_requests_are_answered_embedded() {
-    the_notes_requests(BrokerKind::Embedded);
-}
-
-#[test]
-fn the_notes_requests_are_answered_mosquitto() {
-    the_notes_requests(BrokerKind::Mosquitto);
-}
+both_brokers!(the_notes_requests: the_notes_requests_are_answered_embedded, the_notes_requests_are_answered_mosquitto);
 
 /// A PSEC-style guest: its own client id (`Diag`), keepalive 0 (paho's default in PSEC's tools),
 /// `{}` payloads, straight on its channel: it connects, asks, gets its answer. A client id naming
@@ -229,15 +204,7 @@ fn psec_guest(kind: BrokerKind) {
     assert!(String::from_utf8_lossy(&g.seen).contains(r#""responder":"sys-usb""#));
 }
 
-#[test]
-fn psec_guests_keep_working_embedded() {
-    psec_guest(BrokerKind::Embedded);
-}
-
-#[test]
-fn psec_guests_keep_working_mosquitto() {
-    psec_guest(BrokerKind::Mosquitto);
-}
+both_brokers!(psec_guest: psec_guests_keep_working_embedded, psec_guests_keep_working_mosquitto);
 
 /// A disk plugged (a directory created under sys-usb's `--disks`) and removed while vm-gui holds a
 /// subscription: an announcement each time, `discover` and `dom0-broker status` show it, then
@@ -323,12 +290,4 @@ fn announcements(kind: BrokerKind) {
     );
 }
 
-#[test]
-fn components_are_announced_and_withdrawn_embedded() {
-    announcements(BrokerKind::Embedded);
-}
-
-#[test]
-fn components_are_announced_and_withdrawn_mosquitto() {
-    announcements(BrokerKind::Mosquitto);
-}
+both_brokers!(announcements: components_are_announced_and_withdrawn_embedded, components_are_announced_and_withdrawn_mosquitto);

@@ -1,7 +1,6 @@
 //! Legacy compatibility: MVP applications on the agent's legacy endpoint, an un-upgraded guest
 //! served by Dom0's legacy mode, and `domu-agent call` in both output modes with its exit codes.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -10,19 +9,10 @@ use serde_json::{Value, json};
 use system_tests::channel::Channel;
 use system_tests::legacy::LegacyClient;
 use system_tests::scene::{Scene, SceneOptions};
-use system_tests::{Agent, BrokerKind, DEADLINE, Dom0, TestDir, wait_for};
+use system_tests::{Agent, BrokerKind, DEADLINE, Dom0, TestDir, sha256sum, wait_for};
 
 fn scene(name: &str) -> Scene {
     Scene::start(name, BrokerKind::Embedded, SceneOptions::default())
-}
-
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
 }
 
 /// An MVP application on vm-gui's legacy socket uses sys-usb's disks, all in MVP format.

@@ -204,15 +204,7 @@ fn policy_reload(kind: BrokerKind) {
     let _ = &s.usb;
 }
 
-#[test]
-fn policy_reload_embedded() {
-    policy_reload(BrokerKind::Embedded);
-}
-
-#[test]
-fn policy_reload_mosquitto() {
-    policy_reload(BrokerKind::Mosquitto);
-}
+both_brokers!(policy_reload: policy_reload_embedded, policy_reload_mosquitto);
 
 /// `dom0-broker status` shows both VMs with live counters; a clear line when the service is down.
 #[test]

@@ -17,7 +17,7 @@ use system_tests::guest::Bridge;
 use system_tests::legacy::LegacyClient;
 use system_tests::local::{LocalClient, call_socket};
 use system_tests::scene::{Scene, SceneOptions};
-use system_tests::{Agent, BrokerKind, DEADLINE, Dom0, TestDir, wait_for};
+use system_tests::{Agent, BrokerKind, DEADLINE, Dom0, TestDir, sha256sum, wait_for};
 
 /// Dom0's peak RSS allowed under the attacks (the bound of docs/reliability.md).
 const PEAK_RSS_KB: u64 = 96 * 1024;
@@ -42,15 +42,6 @@ fn request_id_of(payload: &[u8]) -> Option<String> {
         .get("request_id")?
         .as_str()
         .map(str::to_owned)
-}
-
-fn sha256sum(path: &std::path::Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
 }
 
 /// Samples a process's RSS every 20 ms until `stop`; returns the peak (KiB).
@@ -243,15 +234,7 @@ fn forged_answers(kind: BrokerKind) {
     assert!(!s.dom0.log().contains("link{vm=vm-gui}: too many refusals"));
 }
 
-#[test]
-fn forged_answers_are_never_taken_embedded() {
-    forged_answers(BrokerKind::Embedded);
-}
-
-#[test]
-fn forged_answers_are_never_taken_mosquitto() {
-    forged_answers(BrokerKind::Mosquitto);
-}
+both_brokers!(forged_answers: forged_answers_are_never_taken_embedded, forged_answers_are_never_taken_mosquitto);
 
 /// One VM floods `discover` (MQTT) and another `tous` commands (MVP lines) for 20 s, each as fast
 /// as its channel goes: the answers are charged to them, never to those who answer. No other VM is
@@ -364,15 +347,7 @@ fn broadcast_flood(kind: BrokerKind) {
     assert_eq!(log.matches(" ERROR ").count(), 0, "ERROR in Dom0's log");
 }
 
-#[test]
-fn a_broadcast_flood_costs_only_the_flooder_embedded() {
-    broadcast_flood(BrokerKind::Embedded);
-}
-
-#[test]
-fn a_broadcast_flood_costs_only_the_flooder_mosquitto() {
-    broadcast_flood(BrokerKind::Mosquitto);
-}
+both_brokers!(broadcast_flood: a_broadcast_flood_costs_only_the_flooder_embedded, a_broadcast_flood_costs_only_the_flooder_mosquitto);
 
 /// `\x10\n` and a valid line every 20 ms on a legacy channel: one legacy session serves them all
 /// (it never re-enters legacy mode outside the session budget); and an agent's link that resyncs

@@ -4,6 +4,22 @@
 // Test code: a failed unwrap is a failed test, which is what a test should do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+/// A system test run against both brokers: `both_brokers!(run: name_embedded, name_mosquitto);`
+/// defines the two tests, each calling `run` with its broker.
+macro_rules! both_brokers {
+    ($run:ident: $embedded:ident, $mosquitto:ident) => {
+        #[test]
+        fn $embedded() {
+            $run(system_tests::BrokerKind::Embedded);
+        }
+
+        #[test]
+        fn $mosquitto() {
+            $run(system_tests::BrokerKind::Mosquitto);
+        }
+    };
+}
+
 mod agent;
 mod apps;
 mod demo;
