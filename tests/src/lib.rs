@@ -458,10 +458,29 @@ impl Agent {
         extra: &[&str],
         log: &str,
     ) -> Agent {
+        Agent::start_under(dir, ch, vm, extra, log, &[])
+    }
+
+    /// Like [`Agent::start_logging`], run by `wrapper` (e.g. `prlimit --nofile=1024:1024 --`).
+    pub fn start_under(
+        dir: &TestDir,
+        ch: &channel::Channel,
+        vm: &str,
+        extra: &[&str],
+        log: &str,
+        wrapper: &[&str],
+    ) -> Agent {
         let socket = dir.join(&format!("{vm}-agent.sock"));
         let mqtt = dir.join(&format!("{vm}-mqtt.sock"));
         let legacy = dir.join(&format!("{vm}-legacy.sock"));
-        let mut cmd = Command::new(bin("domu-agent"));
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("domu-agent"));
+                c
+            }
+            None => Command::new(bin("domu-agent")),
+        };
         cmd.args(["run", "--vm", vm, "--device"])
             .arg(&ch.tty)
             .arg("--local-socket")

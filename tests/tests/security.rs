@@ -5,7 +5,6 @@
 //! agent's endpoints still serving under 1,100 idle clients each.
 
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -499,28 +498,18 @@ fn idle_clients_do_not_exhaust_the_agent() {
     );
     // vm-gui's agent under the 1024 open-file limit of a default OpenRC service, which it cannot
     // raise.
-    let (socket, mqtt, legacy) = (
-        dir.join("gui-agent.sock"),
-        dir.join("gui-mqtt.sock"),
-        dir.join("gui-legacy.sock"),
+    let gui = Agent::start_under(
+        &dir,
+        &gui_ch,
+        "vm-gui",
+        &[],
+        "info",
+        &["prlimit", "--nofile=1024:1024", "--"],
     );
-    let mut cmd = Command::new("prlimit");
-    cmd.args(["--nofile=1024:1024", "--"])
-        .arg(system_tests::bin("domu-agent"))
-        .args(["run", "--vm", "vm-gui", "--device"])
-        .arg(&gui_ch.tty)
-        .arg("--local-socket")
-        .arg(&socket)
-        .arg("--mqtt-socket")
-        .arg(&mqtt)
-        .arg("--legacy-socket")
-        .arg(&legacy)
-        .env("RUST_LOG", "info");
-    let agent = system_tests::Proc::spawn("domu-agent-vm-gui", &dir, &mut cmd);
-    agent.wait_log("session up");
+    let (agent, socket, mqtt, legacy) = (&gui.proc, &gui.socket, &gui.mqtt, &gui.legacy);
     let rss_before = agent.rss_kb();
     let mut idle = Vec::new();
-    for path in [&socket, &mqtt, &legacy] {
+    for path in [socket, mqtt, legacy] {
         for _ in 0..1100 {
             if let Ok(c) = UnixStream::connect(path) {
                 idle.push(c);
@@ -529,16 +518,16 @@ fn idle_clients_do_not_exhaust_the_agent() {
     }
     assert!(idle.len() >= 3000, "{} idle connections opened", idle.len());
     let t0 = Instant::now();
-    let answers = call_socket(&socket, "list_disks", json!({}), Some(10_000));
+    let answers = call_socket(socket, "list_disks", json!({}), Some(10_000));
     assert!(
         matches!(&answers[..], [a] if a["status"] == "ok"),
         "call under 3,300 idle clients: {answers:?}"
     );
     assert!(t0.elapsed() < Duration::from_secs(10));
     // An MQTT application and an MVP application still get in.
-    let app = LocalClient::connect(&mqtt, "late-app");
+    let app = LocalClient::connect(mqtt, "late-app");
     drop(app);
-    let mut mvp = LegacyClient::connect(&legacy);
+    let mut mvp = LegacyClient::connect(legacy);
     assert_eq!(
         mvp.command("liste_disques", "sys-usb", json!({}))["source"],
         "sys-usb"

@@ -240,18 +240,7 @@ pub fn example(c: Command) -> (Vec<u8>, Vec<u8>) {
             Response::ok(
                 id,
                 DiscoverReply {
-                    components: vec![
-                        Component {
-                            id: "sys-usb".into(),
-                            label: "sys-usb".into(),
-                            kind: "domu".into(),
-                        },
-                        Component {
-                            id: "usb0".into(),
-                            label: "KINGSTON".into(),
-                            kind: "disk".into(),
-                        },
-                    ],
+                    components: example_components(),
                 },
             )
             .to_json(),
@@ -276,24 +265,29 @@ pub fn example(c: Command) -> (Vec<u8>, Vec<u8>) {
                             "2026-11-22T10:05:00Z refused \"system/disks/list_disks/response/vm-gui\": no rule allows it"
                                 .into(),
                         ),
-                        components: vec![
-                            Component {
-                                id: "sys-usb".into(),
-                                label: "sys-usb".into(),
-                                kind: "domu".into(),
-                            },
-                            Component {
-                                id: "usb0".into(),
-                                label: "KINGSTON".into(),
-                                kind: "disk".into(),
-                            },
-                        ],
+                        components: example_components(),
                     }],
                 },
             )
             .to_json(),
         ),
     }
+}
+
+/// sys-usb and its disk, as `discover`, the counters and the announcements show them.
+fn example_components() -> Vec<Component> {
+    vec![
+        Component {
+            id: "sys-usb".into(),
+            label: "sys-usb".into(),
+            kind: "domu".into(),
+        },
+        Component {
+            id: "usb0".into(),
+            label: "KINGSTON".into(),
+            kind: "disk".into(),
+        },
+    ]
 }
 
 /// An example payload for each notification.
@@ -321,18 +315,7 @@ pub fn notification_example(n: Notification) -> Vec<u8> {
         .into_bytes(),
         Notification::Announce => json(&AnnounceEvent {
             vm: "sys-usb".into(),
-            components: vec![
-                Component {
-                    id: "sys-usb".into(),
-                    label: "sys-usb".into(),
-                    kind: "domu".into(),
-                },
-                Component {
-                    id: "usb0".into(),
-                    label: "KINGSTON".into(),
-                    kind: "disk".into(),
-                },
-            ],
+            components: example_components(),
         })
         .into_bytes(),
     }
