@@ -7,10 +7,12 @@
 //! *client*, counted against `max_clients` (one more is refused with the endpoint's own answer).
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
 /// How long a new connection may take to send its first packet or line.
@@ -180,6 +182,39 @@ impl AcceptBackoff {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Binds a UNIX socket: a stale one is replaced, a live one (another agent) refused; the parent
+/// directory is created if missing; `mode` and `group` applied to the socket.
+pub async fn bind_unix(
+    path: &Path,
+    mode: u32,
+    group: Option<u32>,
+) -> std::io::Result<UnixListener> {
+    let with_path =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(with_path)?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by another agent", path.display()),
+            ));
+        }
+        std::fs::remove_file(path).map_err(with_path)?;
+    }
+    let l = UnixListener::bind(path).map_err(with_path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(with_path)?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| with_path(std::io::Error::from(e)))?;
+    }
+    Ok(l)
 }
 
 /// Raises the soft limit of open files to the hard limit (a default OpenRC service starts with

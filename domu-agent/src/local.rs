@@ -6,7 +6,7 @@
 //! for `discover` (collected until the timeout).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -116,23 +116,6 @@ pub fn command_by_name(name: &str) -> Option<Command> {
         })
         .or_else(|| topics::legacy::from_commande(name))
         .or_else(|| topics::legacy::from_type_commande(name))
-}
-
-/// Binds the local socket (replacing a stale one, never a live one), mode 0660: its owner and group.
-pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is in use by another agent", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let l = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    Ok(l)
 }
 
 /// Serves local requests until `stop`; removes the socket. At most `max_clients` requests at once

@@ -6,7 +6,7 @@
 //! channel.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
@@ -36,39 +36,6 @@ struct Shared {
     cfg: EndpointConfig,
     /// Clients counted once their CONNECT arrived; as many waiting for it (oldest closed first).
     gate: Arc<Gate>,
-}
-
-/// Binds a UNIX socket: a stale one is replaced, a live one (another agent) refused; the parent
-/// directory is created if missing; `mode` and `group` applied to the socket.
-pub async fn bind_unix(
-    path: &Path,
-    mode: u32,
-    group: Option<u32>,
-) -> std::io::Result<UnixListener> {
-    let with_path =
-        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(with_path)?;
-        }
-    }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is in use by another agent", path.display()),
-            ));
-        }
-        std::fs::remove_file(path).map_err(with_path)?;
-    }
-    let l = UnixListener::bind(path).map_err(with_path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(with_path)?;
-    if let Some(gid) = group {
-        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(|e| with_path(std::io::Error::from(e)))?;
-    }
-    Ok(l)
 }
 
 /// The endpoint's listeners.

@@ -5,10 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use domu_agent::channel::{self, ChannelConfig, Hub, ToClient};
+use domu_agent::channel::{self, ChannelConfig, Client, Hub, ToClient};
 use domu_agent::cli::{CallArgs, Cli, Cmd, RunArgs};
 use domu_agent::config::{self, ConfigError, Settings};
 use domu_agent::disks::Disks;
+use domu_agent::endpoint::bind_unix;
 use domu_agent::fsops;
 use domu_agent::legacy::{Legacy, LegacyLimits};
 use domu_agent::local::{self, LocalRequests};
@@ -19,7 +20,7 @@ use domu_agent::session::SessionConfig;
 use domu_agent::watch::{self as announce, Announcer};
 use rumqttc::mqttbytes::QoS;
 use serde_json::{Map, Value};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
@@ -134,30 +135,23 @@ fn run(a: RunArgs) -> ExitCode {
     code
 }
 
+/// Why the agent cannot start: its exit code and one line for the user.
+type Fail = (u8, String);
+
+/// What the endpoints and the watcher are started with.
+struct Parts {
+    hub: Hub,
+    /// The service's client of the hub (requests of `call` and the legacy endpoint go through it).
+    out: Arc<Client>,
+    local: Arc<LocalRequests>,
+    stop: watch::Receiver<bool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
 async fn serve(s: Settings) -> ExitCode {
     domu_agent::endpoint::raise_open_file_limit();
-    // Transfer files left by a killed agent (on filesystems without O_TMPFILE) go first.
-    for root in s
-        .disks
-        .iter()
-        .flat_map(|d| {
-            std::fs::read_dir(d)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-        })
-        .chain(s.repository.clone())
-    {
-        if let Ok(dir) = fsops::open_root(&root) {
-            let n = fsops::remove_part_files(&dir);
-            if n > 0 {
-                tracing::info!(dir = %root.display(), removed = n, "removed interrupted transfer files");
-            }
-        }
-    }
+    remove_interrupted_transfers(&s);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
     // The channel and its hub: the one path to Dom0 for the service, `call` and applications.
     let (hub, hub_rx) = Hub::new(1024);
     let cfg = ChannelConfig {
@@ -170,169 +164,231 @@ async fn serve(s: Settings) -> ExitCode {
     };
     tracing::info!(vm = %s.vm, device = %s.device, disks = s.disks.is_some(), "agent starting");
     let mut channel = tokio::spawn(channel::run(cfg, hub_rx, stop_rx.clone()));
-    let Some((service_client, mut service_rx)) = hub.attach("service", 1024, true).await else {
+    let Some((service_client, service_rx)) = hub.attach("service", 1024, true).await else {
         return fail(EX_SOFTWARE, "the channel task ended at start");
     };
-    let out = Arc::new(service_client);
+    let mut parts = Parts {
+        hub,
+        out: Arc::new(service_client),
+        local: Arc::new(LocalRequests::default()),
+        stop: stop_rx,
+        tasks: tokio::task::JoinSet::new(),
+    };
+    let started = start(&s, &mut parts).await;
+    let (service, changes) = match started {
+        Ok(x) => x,
+        Err((code, message)) => return fail(code, &message),
+    };
+    run_until_stopped(
+        &service,
+        service_rx,
+        changes,
+        &mut channel,
+        parts.stop.clone(),
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(800), async {
+        let _ = (&mut channel).await;
+        while parts.tasks.join_next().await.is_some() {}
+    })
+    .await;
+    ExitCode::SUCCESS
+}
+
+/// Transfer files left by a killed agent (on filesystems without O_TMPFILE) go first.
+fn remove_interrupted_transfers(s: &Settings) {
+    let disks = s.disks.iter().flat_map(|d| {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+    });
+    for root in disks.chain(s.repository.clone()) {
+        if let Ok(dir) = fsops::open_root(&root) {
+            let n = fsops::remove_part_files(&dir);
+            if n > 0 {
+                tracing::info!(dir = %root.display(), removed = n, "removed interrupted transfer files");
+            }
+        }
+    }
+}
+
+/// The service, its subscriptions, the local endpoints and the watcher; returns the service and
+/// where the watcher says the components changed.
+async fn start(
+    s: &Settings,
+    parts: &mut Parts,
+) -> Result<(Arc<Service>, mpsc::UnboundedReceiver<()>), Fail> {
     let (announcer, notes) = if s.disks.is_some() || s.repository.is_some() {
         let (a, n) = Announcer::new();
         (a, Some(n))
     } else {
         (Announcer::default(), None)
     };
-    let local = Arc::new(LocalRequests::default());
     let service = Arc::new(Service::new(
         s.vm.clone(),
         Disks::new(s.disks.clone(), s.repository.clone()),
         s.repository.clone(),
         s.limits.clone(),
         Uplink {
-            client: out.clone(),
-            hub: hub.clone(),
+            client: parts.out.clone(),
+            hub: parts.hub.clone(),
         },
         announcer,
-        local.clone(),
+        parts.local.clone(),
     ));
     let filters = service
         .subscriptions(s.local_socket.is_some() || s.legacy_socket.is_some())
         .into_iter()
         .map(|f| (f, QoS::AtLeastOnce))
         .collect();
-    out.subscribe(0, filters).await;
-    if let Some(path) = s.local_socket.clone() {
-        match local::bind(&path).await {
-            Ok(l) => {
-                tracing::info!(path = %path.display(), "local requests socket listening");
-                tasks.spawn(local::serve(
-                    l,
-                    path,
-                    s.vm.clone(),
-                    local.clone(),
-                    out.clone(),
-                    s.local.max_clients,
-                    stop_rx.clone(),
-                ));
-            }
-            Err(e) => {
-                return fail(
-                    EX_UNAVAILABLE,
-                    &format!("local socket {}: {e}", path.display()),
-                );
-            }
-        }
-    }
-    if let Some(path) = s.legacy_socket.clone() {
-        let group = match &s.local.socket_group {
-            None => None,
-            Some(g) => match group_id(g) {
-                Ok(id) => Some(id),
-                Err(e) => return fail(EX_USAGE, &format!("[local] socket_group {g:?}: {e}")),
-            },
-        };
-        let listener = match local_mqtt::bind_unix(&path, s.local.socket_mode, group).await {
-            Ok(l) => l,
-            Err(e) => return fail(EX_UNAVAILABLE, &format!("legacy socket: {e}")),
-        };
-        tracing::info!(path = %path.display(), "legacy endpoint listening");
-        let limits = LegacyLimits {
-            max_packet: s.limits.max_packet,
-            max_clients: s.local.max_clients,
-            max_held: s.limits.max_packet.saturating_mul(4),
-        };
-        let legacy = Legacy::new(s.vm.clone(), local.clone(), out.clone(), limits);
-        let Some((client, rx)) = hub.attach("legacy-notifications", 1024, true).await else {
-            return fail(EX_SOFTWARE, "the channel task ended at start");
-        };
-        tasks.spawn(domu_agent::legacy::notifications(
-            legacy.clone(),
-            client,
-            rx,
-            stop_rx.clone(),
-        ));
-        tasks.spawn(domu_agent::legacy::serve(
-            listener,
-            path,
-            legacy,
-            stop_rx.clone(),
-        ));
-    }
-    match local_listeners(&s).await {
-        Ok(Some(listeners)) => {
-            let cfg = EndpointConfig {
-                max_clients: s.local.max_clients,
-                queue: s.local.client_queue,
-                limits: LocalLimits {
-                    max_packet: s.limits.max_packet,
-                    max_output: s.limits.max_packet.saturating_mul(2).max(1 << 20),
-                },
-            };
-            tasks.spawn(local_mqtt::serve(
-                listeners,
-                hub.clone(),
-                cfg,
-                stop_rx.clone(),
-            ));
-        }
-        Ok(None) => {}
-        Err(e) => return fail(EX_UNAVAILABLE, &e),
-    }
-    let (components_changed, mut changes) = tokio::sync::mpsc::unbounded_channel::<()>();
+    parts.out.subscribe(0, filters).await;
+    start_call_socket(s, parts).await?;
+    start_legacy(s, parts).await?;
+    start_mqtt_endpoint(s, parts).await?;
+    let (changed, changes) = mpsc::unbounded_channel::<()>();
     if let Some(notes) = notes {
         let repo = s
             .repository
             .clone()
             .map(|r| (service::REPOSITORY.to_owned(), r));
-        let (disks, out, stop) = (s.disks.clone(), out.clone(), stop_rx.clone());
-        let vm = s.vm.clone();
-        let changed = components_changed.clone();
-        tasks.spawn(async move {
+        let (vm, disks, out, stop) = (
+            s.vm.clone(),
+            s.disks.clone(),
+            parts.out.clone(),
+            parts.stop.clone(),
+        );
+        parts.tasks.spawn(async move {
             if let Err(e) = announce::run(vm, disks, repo, notes, out, changed, stop).await {
                 tracing::error!(error = %e, "new-file announcements stopped");
             }
         });
     }
-    let mut stop_watch = stop_rx.clone();
+    Ok((service, changes))
+}
+
+/// Serves the messages of the service's hub client until a signal, the channel's end or `stop`.
+async fn run_until_stopped(
+    service: &Arc<Service>,
+    mut service_rx: mpsc::Receiver<ToClient>,
+    mut changes: mpsc::UnboundedReceiver<()>,
+    channel: &mut tokio::task::JoinHandle<()>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = shutdown_signal() => {
                 tracing::info!("stopping");
-                break;
+                return;
             }
-            _ = &mut channel => break,
-            _ = stop_watch.changed() => break,
+            _ = &mut *channel => return,
+            _ = stop.changed() => return,
             m = service_rx.recv() => match m {
                 Some(ToClient::Message { topic, payload, .. }) => service.on_message(topic, payload),
                 // Its components, each time the session comes up and when a disk comes or goes.
                 Some(ToClient::SessionUp) => service.announce().await,
                 Some(_) => {}
-                None => break,
+                None => return,
             },
             Some(()) = changes.recv() => service.announce().await,
         }
     }
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(800), async {
-        let _ = (&mut channel).await;
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    ExitCode::SUCCESS
 }
 
-/// Binds the local MQTT endpoint's listeners; None when both are off. Err: one line for the user.
-async fn local_listeners(s: &Settings) -> Result<Option<Listeners>, String> {
+/// The group of the local sockets, as configured.
+fn socket_group(s: &Settings) -> Result<Option<u32>, Fail> {
+    match &s.local.socket_group {
+        None => Ok(None),
+        Some(g) => group_id(g)
+            .map(Some)
+            .map_err(|e| (EX_USAGE, format!("[local] socket_group {g:?}: {e}"))),
+    }
+}
+
+/// The `call` socket (local requests), when configured.
+async fn start_call_socket(s: &Settings, parts: &mut Parts) -> Result<(), Fail> {
+    let Some(path) = s.local_socket.clone() else {
+        return Ok(());
+    };
+    let l = bind_unix(&path, s.local.socket_mode, socket_group(s)?)
+        .await
+        .map_err(|e| (EX_UNAVAILABLE, format!("local socket: {e}")))?;
+    tracing::info!(path = %path.display(), "local requests socket listening");
+    parts.tasks.spawn(local::serve(
+        l,
+        path,
+        s.vm.clone(),
+        parts.local.clone(),
+        parts.out.clone(),
+        s.local.max_clients,
+        parts.stop.clone(),
+    ));
+    Ok(())
+}
+
+/// The legacy endpoint (the MVP's JSON lines), when configured.
+async fn start_legacy(s: &Settings, parts: &mut Parts) -> Result<(), Fail> {
+    let Some(path) = s.legacy_socket.clone() else {
+        return Ok(());
+    };
+    let listener = bind_unix(&path, s.local.socket_mode, socket_group(s)?)
+        .await
+        .map_err(|e| (EX_UNAVAILABLE, format!("legacy socket: {e}")))?;
+    tracing::info!(path = %path.display(), "legacy endpoint listening");
+    let limits = LegacyLimits {
+        max_packet: s.limits.max_packet,
+        max_clients: s.local.max_clients,
+        max_held: s.limits.max_packet.saturating_mul(4),
+    };
+    let legacy = Legacy::new(s.vm.clone(), parts.local.clone(), parts.out.clone(), limits);
+    let Some((client, rx)) = parts.hub.attach("legacy-notifications", 1024, true).await else {
+        return Err((EX_SOFTWARE, "the channel task ended at start".into()));
+    };
+    let stop = parts.stop.clone();
+    parts.tasks.spawn(domu_agent::legacy::notifications(
+        legacy.clone(),
+        client,
+        rx,
+        stop.clone(),
+    ));
+    parts
+        .tasks
+        .spawn(domu_agent::legacy::serve(listener, path, legacy, stop));
+    Ok(())
+}
+
+/// The local MQTT endpoint (UNIX socket, optional loopback TCP), when configured.
+async fn start_mqtt_endpoint(s: &Settings, parts: &mut Parts) -> Result<(), Fail> {
+    let Some(listeners) = local_listeners(s).await? else {
+        return Ok(());
+    };
+    let cfg = EndpointConfig {
+        max_clients: s.local.max_clients,
+        queue: s.local.client_queue,
+        limits: LocalLimits {
+            max_packet: s.limits.max_packet,
+            max_output: s.limits.max_packet.saturating_mul(2).max(1 << 20),
+        },
+    };
+    parts.tasks.spawn(local_mqtt::serve(
+        listeners,
+        parts.hub.clone(),
+        cfg,
+        parts.stop.clone(),
+    ));
+    Ok(())
+}
+
+/// Binds the local MQTT endpoint's listeners; None when both are off.
+async fn local_listeners(s: &Settings) -> Result<Option<Listeners>, Fail> {
     let unix = match &s.mqtt_socket {
         None => None,
         Some(path) => {
-            let group = match &s.local.socket_group {
-                None => None,
-                Some(g) => {
-                    Some(group_id(g).map_err(|e| format!("[local] socket_group {g:?}: {e}"))?)
-                }
-            };
-            let l = local_mqtt::bind_unix(path, s.local.socket_mode, group)
+            let l = bind_unix(path, s.local.socket_mode, socket_group(s)?)
                 .await
-                .map_err(|e| format!("local MQTT socket: {e}"))?;
+                .map_err(|e| (EX_UNAVAILABLE, format!("local MQTT socket: {e}")))?;
             tracing::info!(path = %path.display(), "local MQTT endpoint listening");
             Some((l, path.clone()))
         }
@@ -342,7 +398,7 @@ async fn local_listeners(s: &Settings) -> Result<Option<Listeners>, String> {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|e| format!("--mqtt-listen {addr}: {e}"))?;
+                .map_err(|e| (EX_UNAVAILABLE, format!("--mqtt-listen {addr}: {e}")))?;
             tracing::info!(addr = %addr, "local MQTT endpoint listening on TCP");
             Some(l)
         }
