@@ -238,120 +238,17 @@ fn run(args: RunArgs) -> ExitCode {
     code
 }
 
+/// Why the service cannot start: its exit code and one line for the operator.
+type Fail = (u8, String);
+
 async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    let broker_addr = match &settings.broker {
-        BrokerChoice::Embedded(listen) => {
-            // Dom0 clients reach rumqttd through our front door on `listen`, which hands each to
-            // rumqttd's server of its MQTT version (see front_door.rs); rumqttd itself listens on
-            // private loopback ports (the links' connections).
-            let listener = match tokio::net::TcpListener::bind(listen).await {
-                Ok(l) => l,
-                Err(e) => return fail(EX_UNAVAILABLE, &format!("cannot listen on {listen}: {e}")),
-            };
-            let internal =
-                match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        return fail(
-                            EX_UNAVAILABLE,
-                            &format!("no free loopback port for the broker: {e}"),
-                        );
-                    }
-                };
-            let internal_v5 =
-                match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        return fail(
-                            EX_UNAVAILABLE,
-                            &format!("no free loopback port for the broker: {e}"),
-                        );
-                    }
-                };
-            let limits = settings.limits.clone();
-            let backends = match tokio::task::spawn_blocking(move || {
-                broker::start_embedded(internal, internal_v5, &limits)
-            })
-            .await
-            {
-                Ok(Ok(b)) => {
-                    tracing::info!(listen = %listen, internal = %internal, internal_v5 = %internal_v5, "embedded broker listening");
-                    b
-                }
-                Ok(Err(e)) => return fail(EX_UNAVAILABLE, &e.to_string()),
-                Err(e) => return fail(EX_SOFTWARE, &e.to_string()),
-            };
-            tasks.spawn(front_door::run_tcp(
-                listener,
-                backends.clone(),
-                stop_rx.clone(),
-            ));
-            if let Some(path) = settings.operator_socket.clone() {
-                match front_door::bind_unix(&path).await {
-                    Ok(l) => {
-                        tracing::info!(path = %path.display(), "operator socket listening");
-                        tasks.spawn(front_door::run_unix(l, path, backends, stop_rx.clone()));
-                    }
-                    Err(e) => {
-                        return fail(
-                            EX_UNAVAILABLE,
-                            &format!("operator socket {}: {e}", path.display()),
-                        );
-                    }
-                }
-            }
-            BrokerAddr::Tcp(internal.to_string())
-        }
-        BrokerChoice::External(addr) => {
-            if settings.operator_socket.is_some() {
-                return fail(
-                    EX_USAGE,
-                    "operator_socket is for the embedded broker; Mosquitto has its own unix listener",
-                );
-            }
-            if let Err(e) = broker::check_reachable(addr).await {
-                return fail(EX_UNAVAILABLE, &e.to_string());
-            }
-            tracing::info!(broker = %addr, "using external broker");
-            addr.clone()
-        }
+    let started = start(&settings, policy, &mut tasks, &stop_rx).await;
+    let mut discovery = match started {
+        Ok(d) => d,
+        Err((code, message)) => return fail(code, &message),
     };
-
-    let (supervision, events) = Supervision::new();
-    let (policy_tx, policy_rx) = watch::channel(policy);
-    if let Err(e) = acl::install(&settings.mosquitto, &policy_rx.borrow()) {
-        return fail(EX_UNAVAILABLE, &e);
-    }
-    tasks.spawn(reload_on_hangup(
-        settings.policy.clone(),
-        settings.mosquitto.clone(),
-        policy_tx,
-        supervision.clone(),
-        stop_rx.clone(),
-    ));
-    tasks.spawn(controller::run(
-        broker_addr.clone(),
-        settings.limits.max_packet,
-        supervision.clone(),
-        events,
-        stop_rx.clone(),
-    ));
-    let ctx = Arc::new(LinkContext {
-        broker: broker_addr,
-        limits: settings.limits.clone(),
-        policy: policy_rx,
-        supervision,
-        connect_timeout: settings.connect_timeout,
-        broker_quickack: !matches!(settings.broker, BrokerChoice::Embedded(_)),
-    });
-    let dir = settings.socket_dir.clone();
-    let glob = settings.socket_glob.clone();
-    let discovery_stop = stop_rx.clone();
-    let mut discovery =
-        tokio::spawn(async move { discovery::run(dir, glob, ctx, discovery_stop).await });
-
     let code = tokio::select! {
         _ = shutdown_signal() => {
             tracing::info!("stopping");
@@ -370,6 +267,116 @@ async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
     })
     .await;
     code
+}
+
+/// The broker, the policy's reload, the controller, and the discovery of channel sockets (the
+/// task returned: it runs one link per VM).
+async fn start(
+    settings: &Settings,
+    policy: Arc<Policy>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    stop: &watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Fail> {
+    let broker_addr = match &settings.broker {
+        BrokerChoice::Embedded(listen) => start_embedded(*listen, settings, tasks, stop).await?,
+        BrokerChoice::External(addr) => {
+            if settings.operator_socket.is_some() {
+                return Err((
+                    EX_USAGE,
+                    "operator_socket is for the embedded broker; Mosquitto has its own unix listener"
+                        .into(),
+                ));
+            }
+            broker::check_reachable(addr)
+                .await
+                .map_err(|e| (EX_UNAVAILABLE, e.to_string()))?;
+            tracing::info!(broker = %addr, "using external broker");
+            addr.clone()
+        }
+    };
+    let (supervision, events) = Supervision::new();
+    let (policy_tx, policy_rx) = watch::channel(policy);
+    acl::install(&settings.mosquitto, &policy_rx.borrow()).map_err(|e| (EX_UNAVAILABLE, e))?;
+    tasks.spawn(reload_on_hangup(
+        settings.policy.clone(),
+        settings.mosquitto.clone(),
+        policy_tx,
+        supervision.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(controller::run(
+        broker_addr.clone(),
+        settings.limits.max_packet,
+        supervision.clone(),
+        events,
+        stop.clone(),
+    ));
+    let ctx = Arc::new(LinkContext {
+        broker: broker_addr,
+        limits: settings.limits.clone(),
+        policy: policy_rx,
+        supervision,
+        connect_timeout: settings.connect_timeout,
+        broker_quickack: !matches!(settings.broker, BrokerChoice::Embedded(_)),
+    });
+    let (dir, glob, stop) = (
+        settings.socket_dir.clone(),
+        settings.socket_glob.clone(),
+        stop.clone(),
+    );
+    Ok(tokio::spawn(async move {
+        discovery::run(dir, glob, ctx, stop).await
+    }))
+}
+
+/// A free port on loopback, for one of the embedded broker's private listeners.
+fn free_loopback_port() -> Result<std::net::SocketAddr, Fail> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| {
+            (
+                EX_UNAVAILABLE,
+                format!("no free loopback port for the broker: {e}"),
+            )
+        })
+}
+
+/// The embedded broker: Dom0 clients reach rumqttd through our front door on `listen` (and the
+/// operator socket), which hands each to rumqttd's server of its MQTT version (front_door.rs);
+/// rumqttd itself listens on private loopback ports (the links' connections).
+async fn start_embedded(
+    listen: std::net::SocketAddr,
+    settings: &Settings,
+    tasks: &mut tokio::task::JoinSet<()>,
+    stop: &watch::Receiver<bool>,
+) -> Result<BrokerAddr, Fail> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| (EX_UNAVAILABLE, format!("cannot listen on {listen}: {e}")))?;
+    let (internal, internal_v5) = (free_loopback_port()?, free_loopback_port()?);
+    let limits = settings.limits.clone();
+    let backends =
+        tokio::task::spawn_blocking(move || broker::start_embedded(internal, internal_v5, &limits))
+            .await
+            .map_err(|e| (EX_SOFTWARE, e.to_string()))?
+            .map_err(|e| (EX_UNAVAILABLE, e.to_string()))?;
+    tracing::info!(listen = %listen, internal = %internal, internal_v5 = %internal_v5, "embedded broker listening");
+    tasks.spawn(front_door::run_tcp(
+        listener,
+        backends.clone(),
+        stop.clone(),
+    ));
+    if let Some(path) = settings.operator_socket.clone() {
+        let l = front_door::bind_unix(&path).await.map_err(|e| {
+            (
+                EX_UNAVAILABLE,
+                format!("operator socket {}: {e}", path.display()),
+            )
+        })?;
+        tracing::info!(path = %path.display(), "operator socket listening");
+        tasks.spawn(front_door::run_unix(l, path, backends, stop.clone()));
+    }
+    Ok(BrokerAddr::Tcp(internal.to_string()))
 }
 
 /// SIGHUP (`rc-service dom0-broker reload`) rereads the policy file. A valid policy is in force at
