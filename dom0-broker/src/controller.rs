@@ -212,74 +212,30 @@ pub async fn run(
     let mut net = NetworkOptions::new();
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
-    let mut connected = false;
-    let mut running: Option<Bench> = None;
-    // Replies the client could not queue (a flood of requests): said once a second at most.
-    let mut dropped_reports = Reports::new(1.0, "replies dropped", std::time::Instant::now());
+    let mut c = Controller {
+        client,
+        supervision,
+        connected: false,
+        running: None,
+        // Replies the client could not queue (a flood of requests): said once a second at most.
+        dropped: Reports::new(1.0, "replies dropped", std::time::Instant::now()),
+    };
     loop {
+        let bench_deadline = c.running.as_ref().map(Bench::deadline);
         tokio::select! {
             _ = stop.changed() => break,
             ev = eventloop.poll() => match ev {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                    connected = true;
                     tracing::info!(broker = %broker, "controller connected");
-                    let topics = SERVED.iter().map(|c| c.request_topic())
-                        .chain([
-                            Command::Benchmark.request_topic(),
-                            Bench::probe_topic().to_owned(),
-                            Notification::Announce.topic(),
-                        ]);
-                    for t in topics {
-                        if let Err(e) = client.try_subscribe(t, QoS::AtLeastOnce) {
-                            tracing::warn!(error = %e, "controller subscribe failed");
-                        }
-                    }
-                    let Reply { topic, body } = own_announcement();
-                    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
+                    c.connected_again();
                 }
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    let mut replies = Vec::new();
-                    if p.topic == Notification::Announce.topic() {
-                        announced(&p.payload, &supervision);
-                    } else if p.topic == Bench::probe_topic() {
-                        if let Some(b) = running.as_mut() {
-                            if b.probe_back() {
-                                probe(&client);
-                            } else if let Some(done) = running.take() {
-                                replies.push(done.finish());
-                            }
-                        }
-                    } else if p.topic == Command::Benchmark.request_topic()
-                        && legacy_line::addressed_to(&p.payload, topics::vm::DOM0)
-                    {
-                        match (bench::request(&p.payload), running.as_ref()) {
-                            (BenchRequest::Start(b), Some(_)) => replies.push(b.busy()),
-                            (BenchRequest::Start(mut b), None) => {
-                                replies.push(b.started());
-                                probe(&client);
-                                running = Some(b);
-                            }
-                            (BenchRequest::Answer(r), _) => replies.push(r),
-                            (BenchRequest::Ignore, _) => {}
-                        }
-                    } else if let Some(reply) = answer(&p.topic, &p.payload, &supervision) {
-                        replies.push(reply);
-                    }
-                    for Reply { topic, body } in replies {
-                        let body = payload::with_responder(&body, topics::vm::DOM0);
-                        if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, body) {
-                            if let Some(unreported) = dropped_reports.may_report(std::time::Instant::now()) {
-                                tracing::warn!(error = %e, "controller reply dropped{unreported}");
-                            }
-                        }
-                    }
-                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => c.on_publish(&p.topic, &p.payload),
                 Ok(_) => {}
                 Err(e) => {
-                    if connected {
+                    if c.connected {
                         tracing::warn!(error = %e, "controller lost the broker; reconnecting");
                     }
-                    connected = false;
+                    c.connected = false;
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                         _ = stop.changed() => break,
@@ -287,33 +243,118 @@ pub async fn run(
                 }
             },
             _ = async {
-                match &running {
-                    Some(b) => tokio::time::sleep_until(b.deadline().into()).await,
+                match bench_deadline {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
                     None => std::future::pending().await,
                 }
-            } => {
-                // A probe was lost (QoS 0): report instead of hanging the benchmark.
-                if let Some(b) = running.take() {
-                    let Reply { topic, body } = b.timed_out();
-                    let body = payload::with_responder(&body, topics::vm::DOM0);
-                    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
+            } => c.benchmark_timed_out(),
+            Some(event) = events.recv() => c.on_event(&event),
+        }
+    }
+    let _ = c.client.try_disconnect();
+}
+
+/// The controller's state between the broker's events.
+struct Controller {
+    client: AsyncClient,
+    supervision: Supervision,
+    connected: bool,
+    /// Dom0's `messaging` benchmark, while one runs.
+    running: Option<Bench>,
+    /// The budget of "reply dropped" lines.
+    dropped: Reports,
+}
+
+impl Controller {
+    /// Subscribes what it serves and announces itself, on every CONNACK.
+    fn connected_again(&mut self) {
+        self.connected = true;
+        let topics = SERVED.iter().map(|c| c.request_topic()).chain([
+            Command::Benchmark.request_topic(),
+            Bench::probe_topic().to_owned(),
+            Notification::Announce.topic(),
+        ]);
+        for t in topics {
+            if let Err(e) = self.client.try_subscribe(t, QoS::AtLeastOnce) {
+                tracing::warn!(error = %e, "controller subscribe failed");
+            }
+        }
+        let Reply { topic, body } = own_announcement();
+        let _ = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, false, body);
+    }
+
+    fn on_publish(&mut self, topic: &str, payload: &[u8]) {
+        let mut replies = Vec::new();
+        if topic == Notification::Announce.topic() {
+            announced(payload, &self.supervision);
+        } else if topic == Bench::probe_topic() {
+            if let Some(b) = self.running.as_mut() {
+                if b.probe_back() {
+                    probe(&self.client);
+                } else if let Some(done) = self.running.take() {
+                    replies.push(done.finish());
                 }
             }
-            Some(event) = events.recv() => {
-                let withdrawal = withdrawn(&event, &supervision);
-                if connected {
-                    let Reply { topic, body } = notification(&event);
-                    if let Err(e) = client.try_publish(topic, QoS::AtMostOnce, false, body) {
-                        tracing::debug!(error = %e, "supervision notification dropped");
-                    }
-                    if let Some(Reply { topic, body }) = withdrawal {
-                        let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body);
-                    }
+        } else if topic == Command::Benchmark.request_topic()
+            && legacy_line::addressed_to(payload, topics::vm::DOM0)
+        {
+            match (bench::request(payload), self.running.as_ref()) {
+                (BenchRequest::Start(b), Some(_)) => replies.push(b.busy()),
+                (BenchRequest::Start(mut b), None) => {
+                    replies.push(b.started());
+                    probe(&self.client);
+                    self.running = Some(b);
                 }
+                (BenchRequest::Answer(r), _) => replies.push(r),
+                (BenchRequest::Ignore, _) => {}
+            }
+        } else if let Some(reply) = answer(topic, payload, &self.supervision) {
+            replies.push(reply);
+        }
+        for reply in replies {
+            self.reply(reply);
+        }
+    }
+
+    /// Publishes an answer as Dom0 (`responder: dom0`); one it cannot queue is said, within the
+    /// budget of such lines.
+    fn reply(&mut self, Reply { topic, body }: Reply) {
+        let body = payload::with_responder(&body, topics::vm::DOM0);
+        if let Err(e) = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, false, body)
+        {
+            if let Some(unreported) = self.dropped.may_report(std::time::Instant::now()) {
+                tracing::warn!(error = %e, "controller reply dropped{unreported}");
             }
         }
     }
-    let _ = client.try_disconnect();
+
+    /// A probe was lost (QoS 0): report instead of hanging the benchmark.
+    fn benchmark_timed_out(&mut self) {
+        if let Some(b) = self.running.take() {
+            self.reply(b.timed_out());
+        }
+    }
+
+    /// A link's event: its notification, and the withdrawal of its components when it went.
+    fn on_event(&mut self, event: &Event) {
+        let withdrawal = withdrawn(event, &self.supervision);
+        if !self.connected {
+            return;
+        }
+        let Reply { topic, body } = notification(event);
+        if let Err(e) = self.client.try_publish(topic, QoS::AtMostOnce, false, body) {
+            tracing::debug!(error = %e, "supervision notification dropped");
+        }
+        if let Some(Reply { topic, body }) = withdrawal {
+            let _ = self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, body);
+        }
+    }
 }
 
 #[cfg(test)]
