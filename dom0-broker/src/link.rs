@@ -137,6 +137,20 @@ async fn sleep_until_opt(t: Option<Instant>) {
     }
 }
 
+/// The broker connection of the session, while there is one.
+#[derive(Default)]
+struct Broker {
+    read: Option<BrokerRead>,
+    write: Option<BrokerWrite>,
+}
+
+impl Broker {
+    fn close(&mut self) {
+        self.read = None;
+        self.write = None;
+    }
+}
+
 /// Serves one attachment to the channel socket; returns why it ended.
 async fn attached(
     vm: &VmId,
@@ -146,30 +160,44 @@ async fn attached(
     policy: &mut watch::Receiver<Arc<Policy>>,
     stop: &mut watch::Receiver<bool>,
 ) -> String {
+    match serve_attachment(vm, s, stream, ctx, policy, stop).await {
+        Ok(never) => match never {},
+        Err(why) => why,
+    }
+}
+
+/// The loop of [`attached`]: it ends only with the reason the attachment ended.
+async fn serve_attachment(
+    vm: &VmId,
+    s: &mut Session,
+    stream: UnixStream,
+    ctx: &LinkContext,
+    policy: &mut watch::Receiver<Arc<Policy>>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<std::convert::Infallible, String> {
     let (mut gr, mut gw) = stream.into_split();
     s.attach(Instant::now());
-    let mut br: Option<BrokerRead> = None;
-    let mut bw: Option<BrokerWrite> = None;
+    let mut broker = Broker::default();
     let mut guest_buf = BytesMut::with_capacity(READ_BUF);
     let mut broker_buf = BytesMut::with_capacity(READ_BUF);
     let mut pending: VecDeque<Effect> = VecDeque::new();
     loop {
         let deadline = s.next_deadline();
         let want_guest = s.wants_guest_input();
-        let has_broker = br.is_some();
+        let has_broker = broker.read.is_some();
         let effects = tokio::select! {
-            _ = stop.changed() => return "service stopping".to_owned(),
+            _ = stop.changed() => return Err("service stopping".to_owned()),
             r = gr.read_buf(&mut guest_buf), if want_guest => match r {
-                Ok(0) => return "channel socket closed by the backend".to_owned(),
+                Ok(0) => return Err("channel socket closed by the backend".to_owned()),
                 Ok(_) => {
                     s.set_parties(ctx.supervision.parties());
                     let effects = s.on_guest_input(&guest_buf, Instant::now());
                     guest_buf.clear();
                     effects
                 }
-                Err(e) => return format!("channel read error: {e}"),
+                Err(e) => return Err(format!("channel read error: {e}")),
             },
-            r = read_broker(br.as_mut(), &mut broker_buf), if has_broker => match r {
+            r = read_broker(broker.read.as_mut(), &mut broker_buf), if has_broker => match r {
                 Ok(n) if n > 0 => {
                     let effects = s.on_broker_input(&broker_buf, Instant::now());
                     broker_buf.clear();
@@ -179,21 +207,19 @@ async fn attached(
                     if let Err(e) = other {
                         tracing::info!(error = %e, "broker connection error");
                     }
-                    br = None;
-                    bw = None;
+                    broker.close();
                     s.broker_closed(Instant::now())
                 }
             },
             r = gw.write(s.to_guest()), if !s.to_guest().is_empty() => match r {
                 Ok(n) => { s.guest_written(n); Vec::new() }
-                Err(e) => return format!("channel write error: {e}"),
+                Err(e) => return Err(format!("channel write error: {e}")),
             },
-            r = write_broker(bw.as_mut(), s.to_broker()), if has_broker && !s.to_broker().is_empty() => match r {
+            r = write_broker(broker.write.as_mut(), s.to_broker()), if has_broker && !s.to_broker().is_empty() => match r {
                 Ok(n) => { s.broker_written(n); Vec::new() }
                 Err(e) => {
                     tracing::info!(error = %e, "broker write error");
-                    br = None;
-                    bw = None;
+                    broker.close();
                     s.broker_closed(Instant::now())
                 }
             },
@@ -203,50 +229,63 @@ async fn attached(
                     let rules = policy.borrow_and_update().rules_for(vm);
                     s.set_rules(rules, Instant::now())
                 }
-                Err(_) => return "service stopping".to_owned(),
+                Err(_) => return Err("service stopping".to_owned()),
             },
         };
         pending.extend(effects);
-        while let Some(effect) = pending.pop_front() {
-            match effect {
-                Effect::OpenBroker => {
-                    let opened = tokio::select! {
-                        r = timeout(ctx.connect_timeout, broker::connect(&ctx.broker, ctx.broker_quickack)) => r,
-                        _ = stop.changed() => return "service stopping".to_owned(),
-                    };
-                    match opened {
-                        Ok(Ok((r, w))) => {
-                            br = Some(r);
-                            bw = Some(w);
-                            pending.extend(s.broker_connected(Instant::now()));
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(broker = %ctx.broker, error = %e, "broker unreachable; guest told to retry");
-                            s.broker_failed();
-                        }
-                        Err(_) => {
-                            tracing::warn!(broker = %ctx.broker, "broker connection timed out; guest told to retry");
-                            s.broker_failed();
-                        }
+        carry_out(vm, s, ctx, stop, &mut broker, &mut pending).await?;
+    }
+}
+
+/// Carries out the session's effects: opening and closing the broker connection, reporting.
+/// Err: the service stops.
+async fn carry_out(
+    vm: &VmId,
+    s: &mut Session,
+    ctx: &LinkContext,
+    stop: &mut watch::Receiver<bool>,
+    broker: &mut Broker,
+    pending: &mut VecDeque<Effect>,
+) -> Result<(), String> {
+    while let Some(effect) = pending.pop_front() {
+        match effect {
+            Effect::OpenBroker => {
+                let opened = tokio::select! {
+                    r = timeout(ctx.connect_timeout, broker::connect(&ctx.broker, ctx.broker_quickack)) => r,
+                    _ = stop.changed() => return Err("service stopping".to_owned()),
+                };
+                match opened {
+                    Ok(Ok((r, w))) => {
+                        broker.read = Some(r);
+                        broker.write = Some(w);
+                        pending.extend(s.broker_connected(Instant::now()));
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(broker = %ctx.broker, error = %e, "broker unreachable; guest told to retry");
+                        s.broker_failed();
+                    }
+                    Err(_) => {
+                        tracing::warn!(broker = %ctx.broker, "broker connection timed out; guest told to retry");
+                        s.broker_failed();
                     }
                 }
-                Effect::CloseBroker { flush } => {
-                    if let (true, Some(w)) = (flush, bw.as_mut()) {
-                        let _ = timeout(Duration::from_secs(1), w.write_all(s.to_broker())).await;
-                    }
-                    br = None;
-                    bw = None;
-                    s.broker_released();
+            }
+            Effect::CloseBroker { flush } => {
+                if let (true, Some(w)) = (flush, broker.write.as_mut()) {
+                    let _ = timeout(Duration::from_secs(1), w.write_all(s.to_broker())).await;
                 }
-                Effect::State(state, detail) => emit_state(ctx, vm, state, detail),
-                Effect::Refused { topic, reason } => {
-                    ctx.supervision.emit(Event::Refused {
-                        vm: vm.clone(),
-                        topic,
-                        reason,
-                    });
-                }
+                broker.close();
+                s.broker_released();
+            }
+            Effect::State(state, detail) => emit_state(ctx, vm, state, detail),
+            Effect::Refused { topic, reason } => {
+                ctx.supervision.emit(Event::Refused {
+                    vm: vm.clone(),
+                    topic,
+                    reason,
+                });
             }
         }
     }
+    Ok(())
 }
