@@ -169,32 +169,61 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> 
         .or(file.vm)
         .ok_or_else(|| ConfigError::Invalid("--vm NAME is required (this guest's VM id)".into()))?;
     let vm = VmId::parse(&vm).map_err(|e| ConfigError::Invalid(format!("--vm {vm:?}: {e}")))?;
-    let device = match (flags.device, flags.channel) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::Invalid(
-                "give --device or --channel, not both".into(),
-            ));
-        }
-        (Some(p), None) => Device::Path(p),
-        (None, Some(n)) => Device::Name(n),
-        (None, None) => match (file.device, file.channel) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "config: device and channel are exclusive".into(),
-                ));
-            }
-            (Some(p), None) => Device::Path(p),
-            (None, Some(n)) => Device::Name(n),
-            (None, None) => Device::Path(PathBuf::from(DEFAULT_DEVICE)),
-        },
-    };
+    let device = device(flags.device, flags.channel, file.device, file.channel)?;
     let keepalive = flags.keepalive.or(file.keepalive_secs).unwrap_or(5);
     if !(1..=600).contains(&keepalive) {
         return Err(ConfigError::Invalid(format!(
             "keepalive {keepalive} s: must be 1 to 600"
         )));
     }
-    let l = file.limits;
+    let mqtt_socket = socket_path(flags.mqtt_socket.or(file.mqtt_socket), DEFAULT_MQTT_SOCKET);
+    let legacy_socket = socket_path(
+        flags.legacy_socket.or(file.legacy_socket),
+        DEFAULT_LEGACY_SOCKET,
+    );
+    let mqtt_listen = mqtt_listen(flags.mqtt_listen.or(file.mqtt_listen), &file.local)?;
+    Ok(Settings {
+        legacy_socket,
+        mqtt_socket,
+        mqtt_listen,
+        local: local(file.local)?,
+        vm,
+        device,
+        disks: flags.disks.or(file.disks),
+        repository: flags.repository.or(file.repository),
+        local_socket: flags.local_socket.or(file.local_socket),
+        keepalive: Duration::from_secs(keepalive),
+        limits: limits(file.limits)?,
+        log: file.log,
+    })
+}
+
+/// The channel: a path or a name, from the flags or else the file (never both).
+fn device(
+    flag_path: Option<PathBuf>,
+    flag_name: Option<String>,
+    file_path: Option<PathBuf>,
+    file_name: Option<String>,
+) -> Result<Device, ConfigError> {
+    match (flag_path, flag_name) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid(
+            "give --device or --channel, not both".into(),
+        )),
+        (Some(p), None) => Ok(Device::Path(p)),
+        (None, Some(n)) => Ok(Device::Name(n)),
+        (None, None) => match (file_path, file_name) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "config: device and channel are exclusive".into(),
+            )),
+            (Some(p), None) => Ok(Device::Path(p)),
+            (None, Some(n)) => Ok(Device::Name(n)),
+            (None, None) => Ok(Device::Path(PathBuf::from(DEFAULT_DEVICE))),
+        },
+    }
+}
+
+/// `[limits]`, with their defaults; a `create_file` must fit a packet once in Base64.
+fn limits(l: LimitsConfig) -> Result<Limits, ConfigError> {
     let limits = Limits {
         max_packet: l.max_packet_size.unwrap_or(4 * 1024 * 1024),
         max_create_bytes: l.max_create_bytes.unwrap_or(2 * 1024 * 1024),
@@ -213,26 +242,27 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> 
             "[limits] max_list_entries and max_concurrent must be at least 1".into(),
         ));
     }
-    let mqtt_socket = socket_path(flags.mqtt_socket.or(file.mqtt_socket), DEFAULT_MQTT_SOCKET);
-    let legacy_socket = socket_path(
-        flags.legacy_socket.or(file.legacy_socket),
-        DEFAULT_LEGACY_SOCKET,
-    );
-    let lc = file.local;
-    let mqtt_listen = match flags.mqtt_listen.or(file.mqtt_listen) {
-        None => None,
-        Some(a) => {
-            let addr: SocketAddr = a.parse().map_err(|e| {
-                ConfigError::Invalid(format!("--mqtt-listen {a:?}: {e} (give IP:PORT)"))
-            })?;
-            if !addr.ip().is_loopback() && !lc.allow_remote {
-                return Err(ConfigError::Invalid(format!(
-                    "--mqtt-listen {addr} is not loopback; set [local] allow_remote = true to allow it"
-                )));
-            }
-            Some(addr)
-        }
+    Ok(limits)
+}
+
+/// The TCP listener of the local MQTT endpoint: loopback unless `[local] allow_remote`.
+fn mqtt_listen(a: Option<String>, lc: &LocalConfig) -> Result<Option<SocketAddr>, ConfigError> {
+    let Some(a) = a else {
+        return Ok(None);
     };
+    let addr: SocketAddr = a
+        .parse()
+        .map_err(|e| ConfigError::Invalid(format!("--mqtt-listen {a:?}: {e} (give IP:PORT)")))?;
+    if !addr.ip().is_loopback() && !lc.allow_remote {
+        return Err(ConfigError::Invalid(format!(
+            "--mqtt-listen {addr} is not loopback; set [local] allow_remote = true to allow it"
+        )));
+    }
+    Ok(Some(addr))
+}
+
+/// `[local]`, with its defaults.
+fn local(lc: LocalConfig) -> Result<LocalSettings, ConfigError> {
     let socket_mode = match &lc.socket_mode {
         None => 0o660,
         Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
@@ -255,20 +285,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> 
             "[local] max_clients and client_queue must be at least 1".into(),
         ));
     }
-    Ok(Settings {
-        legacy_socket,
-        mqtt_socket,
-        mqtt_listen,
-        local,
-        vm,
-        device,
-        disks: flags.disks.or(file.disks),
-        repository: flags.repository.or(file.repository),
-        local_socket: flags.local_socket.or(file.local_socket),
-        keepalive: Duration::from_secs(keepalive),
-        limits,
-        log: file.log,
-    })
+    Ok(local)
 }
 
 #[cfg(test)]
