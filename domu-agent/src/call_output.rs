@@ -149,103 +149,102 @@ fn one(command: Command, line: &str) -> (String, u8, String) {
     )
 }
 
+/// One answer for humans; its raw JSON when it cannot be read as its command's.
 fn human(command: Command, body: &[u8], responder: &str) -> String {
-    let mut s = String::new();
-    let fallback = |s: &mut String| {
-        s.push_str(&String::from_utf8_lossy(body));
-        s.push('\n');
-    };
-    match command {
-        Command::ListDisks => match payload::decode_response::<ListDisksReply>(body) {
-            Ok(r) => {
-                let disks = r.result.map(|d| d.disks).unwrap_or_default();
-                s.push_str(&format!("{:<24} {}\n", "ID", "LABEL"));
-                for d in disks {
-                    s.push_str(&format!("{:<24} {}\n", d.id, d.label));
-                }
-            }
-            Err(_) => fallback(&mut s),
-        },
-        Command::ListFiles => match payload::decode_response::<ListFilesReply>(body) {
-            Ok(r) => {
-                if let Ok(l) = r.result {
-                    for f in &l.files {
-                        let kind = match f.kind {
-                            payload::FileKind::File => "file",
-                            payload::FileKind::Folder => "folder",
-                        };
-                        s.push_str(&format!("{kind:<7} {:>12}  {}\n", f.size, f.path));
-                    }
-                    if l.truncated {
-                        s.push_str("(listing truncated)\n");
-                    }
-                }
-            }
-            Err(_) => fallback(&mut s),
-        },
-        Command::GetFileFootprint => match payload::decode_response::<FootprintReply>(body) {
-            Ok(Response { result: Ok(f), .. }) => {
-                let path = match (&f.disk, &f.filepath) {
-                    (Some(d), Some(p)) => format!("{d}:{p}"),
-                    (_, Some(p)) => p.clone(),
-                    _ => String::new(),
-                };
-                s.push_str(&format!("{}  {path}\n", f.footprint));
-            }
-            _ => fallback(&mut s),
-        },
-        Command::ReadFile => match payload::decode_response::<ReadFileReply>(body) {
-            // Like `get_file_footprint`'s `footprint  disk:path`: the copy is a file of the disk
-            // `repository`, usable by every disk command.
-            Ok(Response { result: Ok(r), .. }) => s.push_str(&format!(
-                "{}  {}:{}  ({} bytes)\n",
-                r.footprint.unwrap_or_default(),
-                r.disk.as_deref().unwrap_or("repository"),
-                r.filepath.unwrap_or_default(),
-                r.size_in_bytes.unwrap_or(0)
-            )),
-            _ => fallback(&mut s),
-        },
+    let text = match command {
+        Command::ListDisks => decoded(body, disks_table),
+        Command::ListFiles => decoded(body, files_listing),
+        Command::GetFileFootprint => decoded(body, footprint_line),
+        Command::ReadFile => decoded(body, read_file_line),
         // One table for all the answers: `components_table`.
-        Command::Discover => {}
-        Command::Benchmark => match payload::decode_response::<BenchmarkReply>(body) {
-            Ok(r) => {
-                let who = if responder.is_empty() { "?" } else { responder };
-                let status = serde_json::to_value(r.status)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                let b = r.result.unwrap_or_default();
-                s.push_str(&format!("{who}: {} {status}", b.module));
-                for (k, v) in &b.figures {
-                    s.push_str(&format!(" {k}={v}"));
-                }
-                s.push('\n');
-            }
-            Err(_) => fallback(&mut s),
-        },
-        Command::SupervisionCounters => match payload::decode_response::<CountersReply>(body) {
-            Ok(Response { result: Ok(r), .. }) => {
-                s.push_str(&format!(
-                    "{:<20} {:<7} {:<8} {:>10} {:>10} {:>8} {:>8}\n",
-                    "VM", "LINKED", "SESSION", "IN", "OUT", "REFUSED", "DROPPED"
-                ));
-                for l in r.links {
-                    s.push_str(&format!(
-                        "{:<20} {:<7} {:<8} {:>10} {:>10} {:>8} {:>8}\n",
-                        l.vm,
-                        l.linked,
-                        l.session,
-                        l.packets_in,
-                        l.packets_out,
-                        l.refused,
-                        l.dropped
-                    ));
-                }
-            }
-            _ => fallback(&mut s),
-        },
-        Command::CopyFile | Command::RemoveFile | Command::CreateFile => s.push_str("ok\n"),
+        Command::Discover => Some(String::new()),
+        Command::Benchmark => payload::decode_response::<BenchmarkReply>(body)
+            .ok()
+            .map(|r| benchmark_line(r, responder)),
+        Command::SupervisionCounters => decoded(body, counters_table),
+        Command::CopyFile | Command::RemoveFile | Command::CreateFile => Some("ok\n".into()),
+    };
+    text.unwrap_or_else(|| format!("{}\n", String::from_utf8_lossy(body)))
+}
+
+/// The text of an `ok` answer of reply `D`; None when it is not one.
+fn decoded<D: serde::de::DeserializeOwned>(body: &[u8], text: fn(D) -> String) -> Option<String> {
+    match payload::decode_response::<D>(body) {
+        Ok(Response { result: Ok(d), .. }) => Some(text(d)),
+        _ => None,
+    }
+}
+
+fn disks_table(r: ListDisksReply) -> String {
+    let mut s = format!("{:<24} {}\n", "ID", "LABEL");
+    for d in r.disks {
+        s.push_str(&format!("{:<24} {}\n", d.id, d.label));
+    }
+    s
+}
+
+fn files_listing(l: ListFilesReply) -> String {
+    let mut s = String::new();
+    for f in &l.files {
+        let kind = match f.kind {
+            payload::FileKind::File => "file",
+            payload::FileKind::Folder => "folder",
+        };
+        s.push_str(&format!("{kind:<7} {:>12}  {}\n", f.size, f.path));
+    }
+    if l.truncated {
+        s.push_str("(listing truncated)\n");
+    }
+    s
+}
+
+/// Like `sha256sum`: `footprint  disk:path`.
+fn footprint_line(f: FootprintReply) -> String {
+    let path = match (&f.disk, &f.filepath) {
+        (Some(d), Some(p)) => format!("{d}:{p}"),
+        (_, Some(p)) => p.clone(),
+        _ => String::new(),
+    };
+    format!("{}  {path}\n", f.footprint)
+}
+
+/// Like `get_file_footprint`'s `footprint  disk:path`: the copy is a file of the disk
+/// `repository`, usable by every disk command.
+fn read_file_line(r: ReadFileReply) -> String {
+    format!(
+        "{}  {}:{}  ({} bytes)\n",
+        r.footprint.unwrap_or_default(),
+        r.disk.as_deref().unwrap_or("repository"),
+        r.filepath.unwrap_or_default(),
+        r.size_in_bytes.unwrap_or(0)
+    )
+}
+
+fn benchmark_line(r: Response<BenchmarkReply>, responder: &str) -> String {
+    let who = if responder.is_empty() { "?" } else { responder };
+    let status = serde_json::to_value(r.status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let b = r.result.unwrap_or_default();
+    let mut s = format!("{who}: {} {status}", b.module);
+    for (k, v) in &b.figures {
+        s.push_str(&format!(" {k}={v}"));
+    }
+    s.push('\n');
+    s
+}
+
+fn counters_table(r: CountersReply) -> String {
+    let mut s = format!(
+        "{:<20} {:<7} {:<8} {:>10} {:>10} {:>8} {:>8}\n",
+        "VM", "LINKED", "SESSION", "IN", "OUT", "REFUSED", "DROPPED"
+    );
+    for l in r.links {
+        s.push_str(&format!(
+            "{:<20} {:<7} {:<8} {:>10} {:>10} {:>8} {:>8}\n",
+            l.vm, l.linked, l.session, l.packets_in, l.packets_out, l.refused, l.dropped
+        ));
     }
     s
 }
