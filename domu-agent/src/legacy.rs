@@ -233,6 +233,44 @@ impl Conn {
         }
     }
 
+    /// Bytes from the client: its first line admits it; its lines are translated. Err: the
+    /// line to write before closing (no room for another client, too many unfinished lines).
+    async fn read(&mut self, bytes: &[u8], admission: Admission) -> Result<Admission, Vec<u8>> {
+        let me = self.legacy.vm.clone();
+        let refuse = |why: String| {
+            legacy_line::error_line(me.as_str(), "application", &LegacyError::Invalid(why))
+        };
+        let admission = match admission {
+            Admission::Pending(p, _) if bytes.contains(&b'\n') => match p.admit() {
+                Some(admitted) => Admission::Client(admitted, Connected::new(self.legacy.clone())),
+                None => {
+                    return Err(refuse(format!(
+                        "{} legacy clients already connected",
+                        self.legacy.limits.max_clients
+                    )));
+                }
+            },
+            other => other,
+        };
+        let outs = self
+            .t
+            .on_bytes(bytes, Instant::now(), &mut random_request_id);
+        self.carry_out(outs).await;
+        if !self.hold() {
+            return Err(refuse("the agent holds too many unfinished lines".into()));
+        }
+        Ok(admission)
+    }
+
+    /// The translation's timers: unfinished lines without progress, commands whose time is up.
+    fn tick(&mut self) {
+        for line in self.t.on_tick(Instant::now()) {
+            self.out.extend_from_slice(&line);
+        }
+        self.prune();
+        let _ = self.hold();
+    }
+
     /// Forgets the routes of commands that wait no more.
     fn prune(&mut self) {
         let (t, local) = (&self.t, &self.legacy.local);
@@ -331,35 +369,17 @@ async fn connection(
             _ = evicted(&mut admission) => break,
             _ = sleep_until_opt(first_line_by) => break,
             n = r.read(&mut buf), if reading => {
-                let n = match n {
-                    Ok(n) if n > 0 => n,
-                    _ => {
-                        reading = false;
-                        continue;
+                let Some(bytes) = n.ok().filter(|n| *n > 0).and_then(|n| buf.get(..n)) else {
+                    reading = false;
+                    continue;
+                };
+                admission = match c.read(bytes, admission).await {
+                    Ok(a) => a,
+                    Err(last_words) => {
+                        let _ = w.write_all(&last_words).await;
+                        break;
                     }
                 };
-                let bytes = buf.get(..n).unwrap_or_default();
-                if let Admission::Pending(..) = admission {
-                    if bytes.contains(&b'\n') {
-                        let Admission::Pending(p, _) = admission else { break };
-                        let Some(admitted) = p.admit() else {
-                            let e = LegacyError::Invalid(format!(
-                                "{} legacy clients already connected",
-                                legacy.limits.max_clients
-                            ));
-                            let _ = w.write_all(&legacy_line::error_line(me.as_str(), "application", &e)).await;
-                            break;
-                        };
-                        admission = Admission::Client(admitted, Connected::new(legacy.clone()));
-                    }
-                }
-                let outs = c.t.on_bytes(bytes, Instant::now(), &mut random_request_id);
-                c.carry_out(outs).await;
-                if !c.hold() {
-                    let e = LegacyError::Invalid("the agent holds too many unfinished lines".into());
-                    let _ = w.write_all(&legacy_line::error_line(me.as_str(), "application", &e)).await;
-                    break;
-                }
             }
             Some((topic, payload)) = responses.recv() => {
                 if let Some(line) = c.t.on_message(&topic, &payload, Instant::now()) {
@@ -367,13 +387,7 @@ async fn connection(
                 }
                 c.prune();
             }
-            _ = sleep_until_opt(next_tick) => {
-                for line in c.t.on_tick(Instant::now()) {
-                    c.out.extend_from_slice(&line);
-                }
-                c.prune();
-                let _ = c.hold();
-            }
+            _ = sleep_until_opt(next_tick) => c.tick(),
             n = w.write(&c.out), if !c.out.is_empty() => match n {
                 Ok(n) if n > 0 => c.out.advance(n),
                 _ => break,
