@@ -918,45 +918,14 @@ impl Session {
         let body = frame.get(h.header_len..).unwrap_or_default();
         let result = match h.kind() {
             mqtt::CONNECT => {
-                // A new session on a live link: the old broker session ends, a new one starts.
-                return match candidate(&frame) {
-                    Candidate::Connect(_, c) => {
-                        self.phase = Phase::Scanning;
-                        self.effects.push(Effect::CloseBroker { flush: false });
-                        self.state(LinkState::SessionDown, Some("new CONNECT".into()));
-                        self.on_connect(c, now);
-                        true
-                    }
-                    _ => {
-                        self.desync(&PacketError::BadBody, now);
-                        true
-                    }
-                };
+                self.connect_on_a_live_link(&frame, now);
+                return true;
             }
             mqtt::PUBLISH => self.guest_publish(&h, &frame, now),
             kind @ (mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP) => {
-                mqtt::parse_pkid(body).map(|id| {
-                    if self.awaiting.get(&id) == Some(&kind) {
-                        // After a PUBREC, the broker's PUBREL comes and awaits the PUBCOMP.
-                        self.awaiting.remove(&id);
-                        self.forward(&frame, now);
-                    } else {
-                        self.unsolicited(kind, id, now);
-                    }
-                })
+                mqtt::parse_pkid(body).map(|id| self.guest_ack(kind, id, &frame, now))
             }
-            mqtt::PUBREL => mqtt::parse_pkid(body).map(|id| {
-                if self.refused_qos2.remove(&id) {
-                    mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_guest);
-                } else if self.inflight.contains(&id) {
-                    self.forward(&frame, now);
-                } else {
-                    // Nothing of the guest's in flight under this id: completed here (MQTT: a
-                    // PUBREL is always answered by a PUBCOMP), the broker never sees it.
-                    self.unsolicited(mqtt::PUBREL, id, now);
-                    mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_guest);
-                }
-            }),
+            mqtt::PUBREL => mqtt::parse_pkid(body).map(|id| self.guest_pubrel(id, &frame, now)),
             mqtt::SUBSCRIBE => self.guest_subscribe(body, now),
             mqtt::UNSUBSCRIBE => mqtt::parse_unsubscribe(body).map(|(_, filters)| {
                 for f in filters {
@@ -990,6 +959,45 @@ impl Session {
             self.end_session("too many policy violations", false, now);
         }
         true
+    }
+
+    /// A new session on a live link: the old broker session ends, a new one starts.
+    fn connect_on_a_live_link(&mut self, frame: &[u8], now: Instant) {
+        match candidate(frame) {
+            Candidate::Connect(_, c) => {
+                self.phase = Phase::Scanning;
+                self.effects.push(Effect::CloseBroker { flush: false });
+                self.state(LinkState::SessionDown, Some("new CONNECT".into()));
+                self.on_connect(c, now);
+            }
+            _ => self.desync(&PacketError::BadBody, now),
+        }
+    }
+
+    /// The guest's PUBACK, PUBREC or PUBCOMP: forwarded only for what the broker sent it.
+    fn guest_ack(&mut self, kind: u8, id: u16, frame: &[u8], now: Instant) {
+        if self.awaiting.get(&id) == Some(&kind) {
+            // After a PUBREC, the broker's PUBREL comes and awaits the PUBCOMP.
+            self.awaiting.remove(&id);
+            self.forward(frame, now);
+        } else {
+            self.unsolicited(kind, id, now);
+        }
+    }
+
+    /// The guest's PUBREL: completed here for a refused QoS 2 publish (or nothing in flight),
+    /// forwarded for one the broker has.
+    fn guest_pubrel(&mut self, id: u16, frame: &[u8], now: Instant) {
+        if self.refused_qos2.remove(&id) {
+            mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_guest);
+        } else if self.inflight.contains(&id) {
+            self.forward(frame, now);
+        } else {
+            // Nothing of the guest's in flight under this id: completed here (MQTT: a PUBREL is
+            // always answered by a PUBCOMP), the broker never sees it.
+            self.unsolicited(mqtt::PUBREL, id, now);
+            mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_guest);
+        }
     }
 
     fn forward(&mut self, frame: &[u8], now: Instant) {
@@ -1217,6 +1225,82 @@ impl Session {
         std::mem::take(&mut self.effects)
     }
 
+    /// The broker's CONNACK to the guest's CONNECT: the session is up, or the broker refused it.
+    fn broker_connack(&mut self, frame: &[u8], body: &[u8]) {
+        let rc = mqtt::parse_connack(body)
+            .map(|(_, rc)| rc)
+            .unwrap_or(connack::SERVER_UNAVAILABLE);
+        self.relay_to_guest(frame);
+        if rc == connack::ACCEPTED {
+            self.phase = Phase::Live { connack_seen: true };
+            tracing::info!("session up");
+            self.state(LinkState::SessionUp, None);
+        } else {
+            tracing::warn!(rc, "broker refused the session");
+            self.phase = Phase::Scanning;
+            self.effects.push(Effect::CloseBroker { flush: false });
+        }
+    }
+
+    /// A delivery: relayed when the VM may read it (its acknowledgement awaited), else dropped
+    /// and acknowledged to the broker.
+    fn broker_publish(&mut self, h: &FixedHeader, frame: &[u8], body: &[u8], now: Instant) {
+        let Ok(p) = mqtt::parse_publish(h, body) else {
+            self.end_session("bad PUBLISH from broker", false, now);
+            return;
+        };
+        match self.rules.check_deliver(p.topic) {
+            Ok(()) => {
+                match (p.qos, p.pkid) {
+                    (1, Some(id)) => self.awaiting.insert(id, mqtt::PUBACK),
+                    (2, Some(id)) => self.awaiting.insert(id, mqtt::PUBREC),
+                    _ => None,
+                };
+                self.owe_answers(p.topic);
+                self.relay_to_guest(frame)
+            }
+            Err(d) => {
+                if let Some(unreported) = self.may_report(now) {
+                    tracing::warn!(topic = p.topic, reason = %d, "delivery refused{unreported}");
+                }
+                self.stats.refused.fetch_add(1, Relaxed);
+                match (p.qos, p.pkid) {
+                    (1, Some(id)) => mqtt::encode_ack(mqtt::PUBACK, id, &mut self.to_broker),
+                    (2, Some(id)) => {
+                        self.dropped_qos2.insert(id);
+                        mqtt::encode_ack(mqtt::PUBREC, id, &mut self.to_broker);
+                    }
+                    _ => {}
+                }
+                self.last_to_broker = now;
+            }
+        }
+    }
+
+    /// The broker's SUBACK, merged with the link's own refusals when the SUBSCRIBE had some.
+    fn broker_suback(&mut self, frame: &[u8], body: &[u8]) {
+        let Ok((id, codes)) = mqtt::parse_suback(body) else {
+            return self.relay_to_guest(frame);
+        };
+        let Some(refused) = self.pending_subs.remove(&id) else {
+            return self.relay_to_guest(frame);
+        };
+        let mut granted = codes.iter();
+        let merged: Vec<u8> = refused
+            .iter()
+            .map(|r| {
+                if *r {
+                    mqtt::SUBACK_FAILURE
+                } else {
+                    *granted.next().unwrap_or(&mqtt::SUBACK_FAILURE)
+                }
+            })
+            .collect();
+        let mut out = BytesMut::new();
+        mqtt::encode_suback(id, &merged, &mut out);
+        self.relay_to_guest(&out);
+    }
+
     /// A request reaches the guest: its answers will ride on it.
     fn owe_answers(&mut self, topic: &str) {
         let n = match Topic::parse(topic) {
@@ -1240,53 +1324,8 @@ impl Session {
             return;
         }
         match h.kind() {
-            mqtt::CONNACK => {
-                let rc = mqtt::parse_connack(body)
-                    .map(|(_, rc)| rc)
-                    .unwrap_or(connack::SERVER_UNAVAILABLE);
-                self.relay_to_guest(frame);
-                if rc == connack::ACCEPTED {
-                    self.phase = Phase::Live { connack_seen: true };
-                    tracing::info!("session up");
-                    self.state(LinkState::SessionUp, None);
-                } else {
-                    tracing::warn!(rc, "broker refused the session");
-                    self.phase = Phase::Scanning;
-                    self.effects.push(Effect::CloseBroker { flush: false });
-                }
-            }
-            mqtt::PUBLISH => {
-                let Ok(p) = mqtt::parse_publish(h, body) else {
-                    self.end_session("bad PUBLISH from broker", false, now);
-                    return;
-                };
-                match self.rules.check_deliver(p.topic) {
-                    Ok(()) => {
-                        match (p.qos, p.pkid) {
-                            (1, Some(id)) => self.awaiting.insert(id, mqtt::PUBACK),
-                            (2, Some(id)) => self.awaiting.insert(id, mqtt::PUBREC),
-                            _ => None,
-                        };
-                        self.owe_answers(p.topic);
-                        self.relay_to_guest(frame)
-                    }
-                    Err(d) => {
-                        tracing::warn!(topic = p.topic, reason = %d, "delivery refused");
-                        self.stats.refused.fetch_add(1, Relaxed);
-                        match (p.qos, p.pkid) {
-                            (1, Some(id)) => {
-                                mqtt::encode_ack(mqtt::PUBACK, id, &mut self.to_broker)
-                            }
-                            (2, Some(id)) => {
-                                self.dropped_qos2.insert(id);
-                                mqtt::encode_ack(mqtt::PUBREC, id, &mut self.to_broker);
-                            }
-                            _ => {}
-                        }
-                        self.last_to_broker = now;
-                    }
-                }
-            }
+            mqtt::CONNACK => self.broker_connack(frame, body),
+            mqtt::PUBLISH => self.broker_publish(h, frame, body, now),
             mqtt::PUBREL => match mqtt::parse_pkid(body) {
                 Ok(id) if self.dropped_qos2.remove(&id) => {
                     mqtt::encode_ack(mqtt::PUBCOMP, id, &mut self.to_broker);
@@ -1304,26 +1343,7 @@ impl Session {
                 }
                 self.relay_to_guest(frame);
             }
-            mqtt::SUBACK => match mqtt::parse_suback(body) {
-                Ok((id, codes)) if self.pending_subs.contains_key(&id) => {
-                    let refused = self.pending_subs.remove(&id).unwrap_or_default();
-                    let mut granted = codes.iter();
-                    let merged: Vec<u8> = refused
-                        .iter()
-                        .map(|r| {
-                            if *r {
-                                mqtt::SUBACK_FAILURE
-                            } else {
-                                *granted.next().unwrap_or(&mqtt::SUBACK_FAILURE)
-                            }
-                        })
-                        .collect();
-                    let mut out = BytesMut::new();
-                    mqtt::encode_suback(id, &merged, &mut out);
-                    self.relay_to_guest(&out);
-                }
-                _ => self.relay_to_guest(frame),
-            },
+            mqtt::SUBACK => self.broker_suback(frame, body),
             mqtt::PINGRESP => {
                 if self.pings.pop_front() != Some(true) {
                     self.relay_to_guest(frame);
