@@ -269,9 +269,11 @@ async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, mut stop: watc
         probes: HashMap::new(),
         next_probe: 0,
     };
-    let mut tty: Option<Tty> = None;
-    let mut reopen_at = Some(Instant::now());
-    let mut said_waiting = false;
+    let mut ch = TtyState {
+        tty: None,
+        reopen_at: Some(Instant::now()),
+        said_waiting: false,
+    };
     let mut chunk = vec![0u8; 64 * 1024];
     let mut events: Vec<Event> = Vec::new();
     loop {
@@ -279,13 +281,10 @@ async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, mut stop: watc
         d.handle(std::mem::take(&mut events)).await;
         d.drain_held();
         let out = d.session.take_output();
-        if let (Some(t), false) = (&tty, out.is_empty()) {
+        if let (Some(t), false) = (&ch.tty, out.is_empty()) {
             if let Err(e) = t.write_all(&out).await {
                 tracing::info!(error = %e, "channel write failed; reopening");
-                tty = None;
-                let (delay, ev) = d.session.closed();
-                events = ev;
-                reopen_at = Some(Instant::now() + delay);
+                events = ch.lost(&mut d.session);
                 continue;
             }
         }
@@ -294,34 +293,13 @@ async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, mut stop: watc
             _ = stop.changed() => {
                 d.session.stop();
                 let out = d.session.take_output();
-                if let Some(t) = &tty {
+                if let Some(t) = &ch.tty {
                     let _ = timeout(Duration::from_millis(200), t.write_all(&out)).await;
                 }
                 return;
             }
-            _ = sleep_until_opt(reopen_at), if tty.is_none() => {
-                match Tty::open_device(&cfg.device) {
-                    Ok(t) => {
-                        tracing::info!(device = %t.path.display(), "channel opened");
-                        said_waiting = false;
-                        tty = Some(t);
-                        reopen_at = None;
-                        d.session.open(Instant::now())
-                    }
-                    Err(e) => {
-                        if !said_waiting {
-                            tracing::info!(device = %cfg.device, error = %e, "channel not available yet; waiting");
-                            said_waiting = true;
-                        }
-                        if !crate::tty::is_transient(&e) && e.kind() != std::io::ErrorKind::WouldBlock {
-                            tracing::warn!(device = %cfg.device, error = %e, "cannot open the channel; retrying");
-                        }
-                        reopen_at = Some(Instant::now() + REOPEN_EVERY);
-                        Vec::new()
-                    }
-                }
-            }
-            r = read_opt(tty.as_ref(), &mut chunk) => match r {
+            _ = sleep_until_opt(ch.reopen_at), if ch.tty.is_none() => ch.open(&cfg.device, &mut d.session),
+            r = read_opt(ch.tty.as_ref(), &mut chunk) => match r {
                 Ok(n) if n > 0 => {
                     let events = d.session.on_input(chunk.get(..n).unwrap_or_default(), Instant::now());
                     // Let the clients' tasks take what the last batch brought them.
@@ -330,10 +308,7 @@ async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, mut stop: watc
                 }
                 other => {
                     tracing::info!(result = ?other.map(|_| 0), "channel read failed; reopening");
-                    tty = None;
-                    let (delay, ev) = d.session.closed();
-                    reopen_at = Some(Instant::now() + delay);
-                    ev
+                    ch.lost(&mut d.session)
                 }
             },
             m = rx.recv() => match m {
@@ -352,6 +327,49 @@ async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, mut stop: watc
             },
             _ = sleep_until_opt(deadline) => d.session.on_tick(Instant::now()),
         };
+    }
+}
+
+/// The channel tty: open, or waited for.
+struct TtyState {
+    tty: Option<Tty>,
+    /// When to try opening it again.
+    reopen_at: Option<Instant>,
+    /// "Waiting for the channel" was said (once per wait).
+    said_waiting: bool,
+}
+
+impl TtyState {
+    /// Tries to open the channel: the session starts on it, or the next try is scheduled.
+    fn open(&mut self, device: &Device, session: &mut Session) -> Vec<Event> {
+        match Tty::open_device(device) {
+            Ok(t) => {
+                tracing::info!(device = %t.path.display(), "channel opened");
+                self.said_waiting = false;
+                self.tty = Some(t);
+                self.reopen_at = None;
+                session.open(Instant::now())
+            }
+            Err(e) => {
+                if !self.said_waiting {
+                    tracing::info!(device = %device, error = %e, "channel not available yet; waiting");
+                    self.said_waiting = true;
+                }
+                if !crate::tty::is_transient(&e) && e.kind() != std::io::ErrorKind::WouldBlock {
+                    tracing::warn!(device = %device, error = %e, "cannot open the channel; retrying");
+                }
+                self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
+                Vec::new()
+            }
+        }
+    }
+
+    /// The channel failed: closed, the session told, reopened after its delay.
+    fn lost(&mut self, session: &mut Session) -> Vec<Event> {
+        self.tty = None;
+        let (delay, events) = session.closed();
+        self.reopen_at = Some(Instant::now() + delay);
+        events
     }
 }
 
