@@ -175,36 +175,48 @@ async fn one(
         _ = &mut pending.evicted => return,
     }
     let Some(_admitted) = pending.admit() else {
-        let _ = w
-            .write_all(&error_line(
-                ErrorCode::Busy,
-                "too many requests at once on the agent's socket".into(),
-            ))
-            .await;
+        let busy = "too many requests at once on the agent's socket";
+        let _ = w.write_all(&error_line(ErrorCode::Busy, busy.into())).await;
         return;
     };
-    let req: LocalRequest = match serde_json::from_str(&line) {
+    let (command, req) = match parse_request(&line) {
         Ok(r) => r,
-        Err(e) => {
+        Err(message) => {
             let _ = w
-                .write_all(&error_line(
-                    ErrorCode::InvalidArgument,
-                    format!("bad request line: {e}"),
-                ))
+                .write_all(&error_line(ErrorCode::InvalidArgument, message))
                 .await;
             return;
         }
     };
-    let Some(command) = command_by_name(&req.command) else {
-        let _ = w
-            .write_all(&error_line(
-                ErrorCode::InvalidArgument,
-                format!("unknown command {:?}", req.command),
-            ))
-            .await;
-        return;
-    };
     let (id, rx) = local.register();
+    let question = ask(command, req, &vm, id.clone(), &out).await;
+    if let Some(question) = question {
+        for l in answers(question, rx, &mut w).await {
+            let _ = w.write_all(&l).await;
+        }
+    }
+    local.unregister(&id);
+    let _ = w.shutdown().await;
+}
+
+/// A request line and the command it names; Err: why not, for the client.
+fn parse_request(line: &str) -> Result<(Command, LocalRequest), String> {
+    let req: LocalRequest =
+        serde_json::from_str(line).map_err(|e| format!("bad request line: {e}"))?;
+    let command = command_by_name(&req.command)
+        .ok_or_else(|| format!("unknown command {:?}", req.command))?;
+    Ok((command, req))
+}
+
+/// Publishes the request as the VM with its random id; the question its answers are taken
+/// under (None: the agent is stopping).
+async fn ask(
+    command: Command,
+    req: LocalRequest,
+    vm: &VmId,
+    id: RequestId,
+    out: &Client,
+) -> Option<Question> {
     let destination = req
         .args
         .get("destination")
@@ -214,33 +226,21 @@ async fn one(
     let mut payload = req.args;
     payload.insert("sender".into(), Value::String(vm.to_string()));
     payload.insert("request_id".into(), Value::String(id.to_string()));
-    let body = Value::Object(payload).to_string();
-    let sent = out
-        .publish(
-            command.request_topic(),
-            Bytes::from(body),
-            QoS::AtLeastOnce,
-            false,
-            None,
-        )
-        .await;
-    if !sent {
-        local.unregister(&id);
-        return;
+    let body = Bytes::from(Value::Object(payload).to_string());
+    let topic = command.request_topic();
+    if !out
+        .publish(topic, body, QoS::AtLeastOnce, false, None)
+        .await
+    {
+        return None;
     }
-    let question = Question::new(
+    Some(Question::new(
         command,
-        id.clone(),
+        id,
         Responders::for_request(command, destination.as_deref()),
         req.timeout_ms.map(Duration::from_millis),
         std::time::Instant::now(),
-    );
-    let lines = answers(question, rx, &mut w).await;
-    local.unregister(&id);
-    for l in lines {
-        let _ = w.write_all(&l).await;
-    }
-    let _ = w.shutdown().await;
+    ))
 }
 
 /// Writes every answer the question takes as it comes (one JSON line each); returns the lines
