@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,111 +70,130 @@ pub async fn run(
             | WatchMask::DELETE_SELF,
     )?;
     let mut events = inotify.into_event_stream(vec![0u8; 4096])?;
-    let mut running: HashMap<VmId, Running> = HashMap::new();
-    let mut tasks: JoinSet<(VmId, u64)> = JoinSet::new();
-    let mut generation = 0u64;
-
-    let mut entries = tokio::fs::read_dir(&dir).await?;
+    let mut links = Links {
+        dir,
+        glob,
+        ctx,
+        running: HashMap::new(),
+        tasks: JoinSet::new(),
+        generation: 0,
+    };
+    let mut entries = tokio::fs::read_dir(&links.dir).await?;
     while let Some(entry) = entries.next_entry().await? {
-        appeared(
-            &entry.file_name(),
-            &dir,
-            &glob,
-            &ctx,
-            &mut running,
-            &mut tasks,
-            &mut generation,
-        );
+        links.appeared(&entry.file_name());
     }
-    tracing::info!(dir = %dir.display(), vms = running.len(), "watching for channel sockets");
-
+    tracing::info!(dir = %links.dir.display(), vms = links.running.len(), "watching for channel sockets");
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             ev = events.next() => match ev {
-                Some(Ok(ev)) => {
-                    let Some(name) = ev.name else {
-                        if ev.mask.contains(EventMask::DELETE_SELF) {
-                            tracing::error!(dir = %dir.display(), "socket directory removed; no new VM can be linked");
-                        }
-                        continue;
-                    };
-                    if ev.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
-                        appeared(&name, &dir, &glob, &ctx, &mut running, &mut tasks, &mut generation);
-                    } else if ev.mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
-                        if let NameVerdict::Vm(vm) = classify(&name, &glob) {
-                            if let Some(r) = running.remove(&vm) {
-                                tracing::info!(vm = %vm, "channel socket removed; link stopped");
-                                let _ = r.stop.send(true);
-                                ctx.supervision.forget(&vm);
-                            }
-                        }
-                    }
-                }
+                Some(Ok(ev)) => links.on_event(ev.mask, ev.name.as_deref()),
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "inotify error");
                     break;
                 }
                 None => break,
             },
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+            Some(done) = links.tasks.join_next(), if !links.tasks.is_empty() => {
                 if let Ok((vm, generation)) = done {
-                    if running.get(&vm).is_some_and(|r| r.generation == generation) {
-                        running.remove(&vm);
-                    }
+                    links.ended(&vm, generation);
                 }
             }
         }
     }
-    for r in running.values() {
-        let _ = r.stop.send(true);
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    tasks.abort_all();
+    links.stop_all().await;
     Ok(())
 }
 
-fn appeared(
-    name: &OsStr,
-    dir: &Path,
-    glob: &SocketGlob,
-    ctx: &Arc<LinkContext>,
-    running: &mut HashMap<VmId, Running>,
-    tasks: &mut JoinSet<(VmId, u64)>,
-    generation: &mut u64,
-) {
-    match classify(name, glob) {
-        NameVerdict::NotMatching => {}
-        NameVerdict::Invalid(why) => {
-            tracing::warn!(socket = ?name, reason = %why, "channel socket name is not a valid VM id; not bridged");
-        }
-        NameVerdict::Vm(vm) => {
-            if let Some(old) = running.remove(&vm) {
-                // Re-created socket: the old link belongs to a dead backend.
-                let _ = old.stop.send(true);
+/// The links of the socket directory: one task per VM.
+struct Links {
+    dir: PathBuf,
+    glob: SocketGlob,
+    ctx: Arc<LinkContext>,
+    running: HashMap<VmId, Running>,
+    tasks: JoinSet<(VmId, u64)>,
+    generation: u64,
+}
+
+impl Links {
+    fn on_event(&mut self, mask: EventMask, name: Option<&OsStr>) {
+        let Some(name) = name else {
+            if mask.contains(EventMask::DELETE_SELF) {
+                tracing::error!(dir = %self.dir.display(), "socket directory removed; no new VM can be linked");
             }
-            *generation += 1;
-            let (tx, rx) = watch::channel(false);
-            let path = dir.join(name);
-            tracing::info!(vm = %vm, path = %path.display(), "channel socket found");
-            let ctx = ctx.clone();
-            let gen_ = *generation;
-            let v = vm.clone();
-            tasks.spawn(async move {
-                link::run(v.clone(), path, ctx, rx).await;
-                (v, gen_)
-            });
-            running.insert(
-                vm,
-                Running {
-                    stop: tx,
-                    generation: *generation,
-                },
-            );
+            return;
+        };
+        if mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+            self.appeared(name);
+        } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
+            self.removed(name);
         }
+    }
+
+    /// A socket appeared: a link for its VM (a re-created socket gets a fresh one).
+    fn appeared(&mut self, name: &OsStr) {
+        let vm = match classify(name, &self.glob) {
+            NameVerdict::NotMatching => return,
+            NameVerdict::Invalid(why) => {
+                tracing::warn!(socket = ?name, reason = %why, "channel socket name is not a valid VM id; not bridged");
+                return;
+            }
+            NameVerdict::Vm(vm) => vm,
+        };
+        if let Some(old) = self.running.remove(&vm) {
+            // Re-created socket: the old link belongs to a dead backend.
+            let _ = old.stop.send(true);
+        }
+        self.generation += 1;
+        let (tx, rx) = watch::channel(false);
+        let path = self.dir.join(name);
+        tracing::info!(vm = %vm, path = %path.display(), "channel socket found");
+        let (ctx, generation, v) = (self.ctx.clone(), self.generation, vm.clone());
+        self.tasks.spawn(async move {
+            link::run(v.clone(), path, ctx, rx).await;
+            (v, generation)
+        });
+        self.running.insert(
+            vm,
+            Running {
+                stop: tx,
+                generation,
+            },
+        );
+    }
+
+    /// A socket went: its link stops, Dom0 forgets the VM.
+    fn removed(&mut self, name: &OsStr) {
+        if let NameVerdict::Vm(vm) = classify(name, &self.glob) {
+            if let Some(r) = self.running.remove(&vm) {
+                tracing::info!(vm = %vm, "channel socket removed; link stopped");
+                let _ = r.stop.send(true);
+                self.ctx.supervision.forget(&vm);
+            }
+        }
+    }
+
+    /// A link task ended: forgotten, unless a later link of the VM runs.
+    fn ended(&mut self, vm: &VmId, generation: u64) {
+        if self
+            .running
+            .get(vm)
+            .is_some_and(|r| r.generation == generation)
+        {
+            self.running.remove(vm);
+        }
+    }
+
+    /// Stops every link; waits a second for them.
+    async fn stop_all(&mut self) {
+        for r in self.running.values() {
+            let _ = r.stop.send(true);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.tasks.abort_all();
     }
 }
 
