@@ -384,6 +384,33 @@ pub fn markdown() -> String {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    commands(&mut s);
+    for (title, intro, ns) in [
+        (
+            "Supervision",
+            "The note's second category: what happens, for whoever watches (`system/+/+/notification`). \
+             `system/supervision/counters` (above) is its command.",
+            &[
+                Notification::NewFile,
+                Notification::Error,
+                Notification::LinkState,
+            ][..],
+        ),
+        (
+            "Service announcements",
+            "The note's third category (\"Annonces de services\"), which it gives no topic: \
+             who is there and what it offers, pushed instead of asked.",
+            &[Notification::Announce][..],
+        ),
+    ] {
+        let _ = writeln!(s, "## {title}\n\n{intro}\n");
+        notifications(&mut s, ns);
+    }
+    s
+}
+
+/// The section of every command: its topics, who serves it, its fields and an example.
+fn commands(s: &mut String) {
     for c in Command::ALL {
         let (req, resp) = example(c);
         let legacy = match (legacy::type_commande(c), legacy::commande(c)) {
@@ -410,28 +437,6 @@ pub fn markdown() -> String {
             resp = String::from_utf8_lossy(&resp),
         );
     }
-    for (title, intro, ns) in [
-        (
-            "Supervision",
-            "The note's second category: what happens, for whoever watches (`system/+/+/notification`). \
-             `system/supervision/counters` (above) is its command.",
-            &[
-                Notification::NewFile,
-                Notification::Error,
-                Notification::LinkState,
-            ][..],
-        ),
-        (
-            "Service announcements",
-            "The note's third category (\"Annonces de services\"), which it gives no topic: \
-             who is there and what it offers, pushed instead of asked.",
-            &[Notification::Announce][..],
-        ),
-    ] {
-        let _ = writeln!(s, "## {title}\n\n{intro}\n");
-        notifications(&mut s, ns);
-    }
-    s
 }
 
 fn notifications(s: &mut String, ns: &[Notification]) {
