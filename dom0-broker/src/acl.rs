@@ -99,30 +99,52 @@ pub fn render_mosquitto(policy: &Policy) -> String {
     out
 }
 
+/// Why the ACL could not be installed: one line naming the file or the process.
+#[derive(Debug, thiserror::Error)]
+pub enum AclError {
+    #[error("Mosquitto ACL {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("Mosquitto pid file {path}: {source}")]
+    PidFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("Mosquitto pid file {0}: not a pid")]
+    NotAPid(String),
+    #[error("SIGHUP to Mosquitto (pid {pid}): {source}")]
+    Signal { pid: i32, source: nix::errno::Errno },
+}
+
 /// Writes the policy as Mosquitto's ACL file (atomically: a temporary file renamed over it), then
 /// tells Mosquitto to reread it (SIGHUP to the pid in its pid file). Nothing to do when no ACL file
-/// is configured. Err: one line naming the file.
-pub fn install(cfg: &MosquittoConfig, policy: &Policy) -> Result<(), String> {
+/// is configured.
+pub fn install(cfg: &MosquittoConfig, policy: &Policy) -> Result<(), AclError> {
     let Some(path) = &cfg.acl_file else {
         return Ok(());
     };
     let tmp = path.with_extension("acl.tmp");
     std::fs::write(&tmp, render_mosquitto(policy))
         .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("Mosquitto ACL {}: {e}", path.display()))?;
+        .map_err(|source| AclError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
     tracing::info!(path = %path.display(), "Mosquitto ACL written");
     if let Some(pid_file) = &cfg.pid_file {
-        let pid = std::fs::read_to_string(pid_file)
-            .map_err(|e| format!("Mosquitto pid file {}: {e}", pid_file.display()))?;
-        let pid: i32 = pid
-            .trim()
-            .parse()
-            .map_err(|_| format!("Mosquitto pid file {}: not a pid", pid_file.display()))?;
+        let shown = || pid_file.display().to_string();
+        let pid = std::fs::read_to_string(pid_file).map_err(|source| AclError::PidFile {
+            path: shown(),
+            source,
+        })?;
+        let pid: i32 = pid.trim().parse().map_err(|_| AclError::NotAPid(shown()))?;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGHUP,
         )
-        .map_err(|e| format!("SIGHUP to Mosquitto (pid {pid}): {e}"))?;
+        .map_err(|source| AclError::Signal { pid, source })?;
         tracing::info!(pid, "Mosquitto told to reload its ACL");
     }
     Ok(())

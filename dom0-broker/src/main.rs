@@ -296,7 +296,8 @@ async fn start(
     };
     let (supervision, events) = Supervision::new();
     let (policy_tx, policy_rx) = watch::channel(policy);
-    acl::install(&settings.mosquitto, &policy_rx.borrow()).map_err(|e| (EX_UNAVAILABLE, e))?;
+    acl::install(&settings.mosquitto, &policy_rx.borrow())
+        .map_err(|e| (EX_UNAVAILABLE, e.to_string()))?;
     tasks.spawn(reload_on_hangup(
         settings.policy.clone(),
         settings.mosquitto.clone(),

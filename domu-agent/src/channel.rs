@@ -217,6 +217,14 @@ pub async fn run(cfg: ChannelConfig, rx: mpsc::Receiver<ToHub>, stop: watch::Rec
     drive(cfg, rx, stop).instrument(span).await
 }
 
+/// Why a message did not reach a client.
+enum Unsent {
+    /// Its queue is full: it does not take its messages.
+    Full,
+    /// It is gone.
+    Gone,
+}
+
 /// An attached client, as the hub sees it.
 #[derive(Debug)]
 struct Attached {
@@ -596,23 +604,23 @@ impl Driver {
             return;
         };
         let result = if c.lossless {
-            c.tx.send(msg).await.map_err(|_| "gone")
+            c.tx.send(msg).await.map_err(|_| Unsent::Gone)
         } else {
             c.tx.try_send(msg).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => "full",
-                mpsc::error::TrySendError::Closed(_) => "gone",
+                mpsc::error::TrySendError::Full(_) => Unsent::Full,
+                mpsc::error::TrySendError::Closed(_) => Unsent::Gone,
             })
         };
         match result {
             Ok(()) => {}
-            Err("full") => {
+            Err(Unsent::Full) => {
                 Box::pin(self.detach(
                     client,
                     Some("client does not take its messages; dropped".into()),
                 ))
                 .await
             }
-            Err(_) => Box::pin(self.detach(client, None)).await,
+            Err(Unsent::Gone) => Box::pin(self.detach(client, None)).await,
         }
     }
 

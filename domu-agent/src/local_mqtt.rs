@@ -17,7 +17,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::channel::{Client, Hub, ToClient};
 use crate::endpoint::{AcceptBackoff, Admitted, Gate, Pending, Quiet};
-use crate::local_session::{Closed, LocalEvent, LocalLimits, LocalSession};
+use crate::local_session::{CloseReason, Closed, LocalEvent, LocalLimits, LocalSession};
 
 /// Settings of the endpoint.
 #[derive(Debug, Clone)]
@@ -137,16 +137,14 @@ async fn connection<S>(
     };
     let closed = c.run(stream, &shared, stop).await;
     if let Some(closed) = closed {
-        match closed.reason.as_str() {
-            "client disconnected" | "connection lost" => {
-                tracing::debug!(client = %c.name, reason = %closed.reason, "local client left")
-            }
-            // Bad bytes, a client that does not read, silence: that client's fault, said once.
-            _ => {
-                static SAID: Quiet = Quiet::new();
-                if let Some(unsaid) = SAID.may_say() {
-                    tracing::warn!(client = %c.name, reason = %closed.reason, unsaid, "local client closed");
-                }
+        if closed.reason.is_routine() {
+            tracing::debug!(client = %c.name, reason = %closed.reason, "local client left");
+        } else {
+            // Bad bytes, a client that does not read, silence: that client's fault, said once a
+            // second at most.
+            static SAID: Quiet = Quiet::new();
+            if let Some(unsaid) = SAID.may_say() {
+                tracing::warn!(client = %c.name, reason = %closed.reason, unsaid, "local client closed");
             }
         }
         if let (Some(w), Some(client)) = (closed.will, c.client.as_ref()) {
@@ -206,7 +204,7 @@ impl Conn {
             out.extend_from_slice(&self.ls.take_output());
             let step = if out.len() > shared.cfg.limits.max_output {
                 Err(Closed {
-                    reason: "client does not read".into(),
+                    reason: CloseReason::NotReading,
                     will: None,
                 })
             } else {
@@ -214,7 +212,7 @@ impl Conn {
                 tokio::select! {
                     _ = stop.changed() => return None,
                     _ = evicted(&mut self.admission) => Err(Closed {
-                        reason: "closed to make room: no CONNECT yet".into(),
+                        reason: CloseReason::Evicted,
                         will: None,
                     }),
                     n = r.read(&mut buf) => match n {
@@ -248,7 +246,7 @@ impl Conn {
             if let Err(closed) = step {
                 // What the session said last (a CONNACK refusal) goes out before closing.
                 out.extend_from_slice(&self.ls.take_output());
-                if !out.is_empty() && closed.reason != "client does not read" {
+                if !out.is_empty() && closed.reason != CloseReason::NotReading {
                     let _ = tokio::time::timeout(
                         std::time::Duration::from_millis(200),
                         w.write_all(&out),
@@ -282,7 +280,7 @@ impl Conn {
                         shared.hub.attach(&self.name, shared.cfg.queue, false).await
                     else {
                         return Err(Closed {
-                            reason: "agent stopping".into(),
+                            reason: CloseReason::Stopping,
                             will: None,
                         });
                     };
@@ -340,10 +338,13 @@ impl Conn {
                 self.ls.unsuback(pkid);
                 Ok(())
             }
-            Some(ToClient::Closed(reason)) => Err(Closed { reason, will: None }),
+            Some(ToClient::Closed(why)) => Err(Closed {
+                reason: CloseReason::Dropped(why),
+                will: None,
+            }),
             Some(ToClient::SessionUp) => Ok(()),
             None => Err(Closed {
-                reason: "agent stopping".into(),
+                reason: CloseReason::Stopping,
                 will: None,
             }),
         }

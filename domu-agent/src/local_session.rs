@@ -73,8 +73,56 @@ pub enum LocalEvent {
 /// Why the connection ended, and the will to publish (none after a clean DISCONNECT).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Closed {
-    pub reason: String,
+    pub reason: CloseReason,
     pub will: Option<Will>,
+}
+
+/// Why a local client's connection ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloseReason {
+    #[error("client disconnected")]
+    Disconnected,
+    #[error("connection lost")]
+    Lost,
+    #[error("agent stopping")]
+    Stopping,
+    #[error("unreadable packet: {0}")]
+    Unreadable(String),
+    #[error("first packet is not a CONNECT")]
+    NotConnect,
+    #[error("unsupported MQTT protocol level")]
+    ProtocolLevel,
+    #[error("SUBSCRIBE without a filter")]
+    EmptySubscribe,
+    #[error("second CONNECT")]
+    SecondConnect,
+    #[error("a client may not send {0:?}")]
+    ServerPacket(&'static str),
+    #[error("empty client id without clean session")]
+    EmptyClientId,
+    #[error("too many local clients")]
+    TooManyClients,
+    #[error("client does not read")]
+    NotReading,
+    #[error("no CONNECT in time")]
+    NoConnect,
+    #[error("client silent beyond 1.5 × its keepalive")]
+    Silent,
+    #[error("closed to make room: no CONNECT yet")]
+    Evicted,
+    /// The hub dropped the client, for this reason.
+    #[error("{0}")]
+    Dropped(String),
+}
+
+impl CloseReason {
+    /// A client's own departure (or the agent's): nothing to warn about.
+    pub fn is_routine(&self) -> bool {
+        matches!(
+            self,
+            CloseReason::Disconnected | CloseReason::Lost | CloseReason::Stopping
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,9 +188,9 @@ impl LocalSession {
         self.output.len()
     }
 
-    fn closed(&mut self, reason: impl Into<String>) -> Closed {
+    fn closed(&mut self, reason: CloseReason) -> Closed {
         Closed {
-            reason: reason.into(),
+            reason,
             will: self.will.take(),
         }
     }
@@ -180,27 +228,27 @@ impl LocalSession {
             if matches!(self.phase, Phase::New { .. }) {
                 match mqttbytes::check(self.input.iter(), self.limits.max_packet) {
                     Ok(_) | Err(mqttbytes::Error::InsufficientBytes(_)) => {}
-                    Err(e) => return Err(self.closed(format!("unreadable packet: {e}"))),
+                    Err(e) => return Err(self.closed(CloseReason::Unreadable(e.to_string()))),
                 }
                 // The protocol level is checked before parsing: rumqttc's v4 codec would read an
                 // MQTT 5 CONNECT's properties as a client id.
                 match connect_level(&self.input) {
                     None => return Ok(()),
-                    Some(Err(())) => return Err(self.closed("first packet is not a CONNECT")),
+                    Some(Err(())) => return Err(self.closed(CloseReason::NotConnect)),
                     Some(Ok(4)) => {}
                     Some(Ok(_)) => {
                         self.encode(&Packet::ConnAck(ConnAck::new(
                             ConnectReturnCode::RefusedProtocolVersion,
                             false,
                         )));
-                        return Err(self.closed("unsupported MQTT protocol level"));
+                        return Err(self.closed(CloseReason::ProtocolLevel));
                     }
                 }
             }
             let packet = match Packet::read(&mut self.input, self.limits.max_packet) {
                 Ok(p) => p,
                 Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(()),
-                Err(e) => return Err(self.closed(format!("unreadable packet: {e}"))),
+                Err(e) => return Err(self.closed(CloseReason::Unreadable(e.to_string()))),
             };
             self.packet(packet)?;
         }
@@ -210,7 +258,7 @@ impl LocalSession {
     fn packet(&mut self, p: Packet) -> Result<(), Closed> {
         if matches!(self.phase, Phase::New { .. }) {
             let Packet::Connect(c) = p else {
-                return Err(self.closed("first packet is not a CONNECT"));
+                return Err(self.closed(CloseReason::NotConnect));
             };
             return self.connect(c);
         }
@@ -224,7 +272,7 @@ impl LocalSession {
             Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {}
             Packet::Subscribe(s) => {
                 if s.filters.is_empty() {
-                    return Err(self.closed("SUBSCRIBE without a filter"));
+                    return Err(self.closed(CloseReason::EmptySubscribe));
                 }
                 self.events.push(LocalEvent::Subscribe {
                     pkid: s.pkid,
@@ -238,11 +286,11 @@ impl LocalSession {
             Packet::PingReq => self.encode(&Packet::PingResp),
             Packet::Disconnect => {
                 self.will = None;
-                return Err(self.closed("client disconnected"));
+                return Err(self.closed(CloseReason::Disconnected));
             }
-            Packet::Connect(_) => return Err(self.closed("second CONNECT")),
+            Packet::Connect(_) => return Err(self.closed(CloseReason::SecondConnect)),
             other => {
-                return Err(self.closed(format!("a client may not send {:?}", packet_name(&other))));
+                return Err(self.closed(CloseReason::ServerPacket(packet_name(&other))));
             }
         }
         Ok(())
@@ -254,7 +302,7 @@ impl LocalSession {
                 ConnectReturnCode::BadClientId,
                 false,
             )));
-            return Err(self.closed("empty client id without clean session"));
+            return Err(self.closed(CloseReason::EmptyClientId));
         }
         self.window =
             (c.keep_alive > 0).then(|| Duration::from_secs(u64::from(c.keep_alive)) * 3 / 2);
@@ -286,7 +334,7 @@ impl LocalSession {
 
     /// The connection was lost without DISCONNECT: the will goes out.
     pub fn lost(&mut self) -> Closed {
-        self.closed("connection lost")
+        self.closed(CloseReason::Lost)
     }
 
     /// The driver refuses the connection (too many clients): CONNACK "server unavailable".
@@ -296,7 +344,7 @@ impl LocalSession {
             false,
         )));
         self.will = None;
-        self.closed("too many local clients")
+        self.closed(CloseReason::TooManyClients)
     }
 
     fn publish(&mut self, p: Publish) {
@@ -369,7 +417,7 @@ impl LocalSession {
         self.encode(&Packet::Publish(p));
         if self.output.len() > self.limits.max_output {
             self.output.clear();
-            return Err(self.closed("client does not read"));
+            return Err(self.closed(CloseReason::NotReading));
         }
         Ok(())
     }
@@ -386,11 +434,9 @@ impl LocalSession {
     /// Checks the CONNECT deadline and the client's keepalive.
     pub fn on_tick(&mut self, now: Instant) -> Result<(), Closed> {
         match self.phase {
-            Phase::New { deadline } if now >= deadline => Err(self.closed("no CONNECT in time")),
+            Phase::New { deadline } if now >= deadline => Err(self.closed(CloseReason::NoConnect)),
             Phase::Live => match self.window {
-                Some(w) if now >= self.last_input + w => {
-                    Err(self.closed("client silent beyond 1.5 × its keepalive"))
-                }
+                Some(w) if now >= self.last_input + w => Err(self.closed(CloseReason::Silent)),
                 _ => Ok(()),
             },
             _ => Ok(()),
