@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use topics::vm::VmId;
 
-use crate::tty::Device;
+use crate::uplink::tty::Device;
 
 /// A config or flag error: one line, exit code 64.
 #[derive(Debug, thiserror::Error)]

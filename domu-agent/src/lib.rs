@@ -1,23 +1,15 @@
-//! The guest agent: the MQTT session over the channel tty, the disk service of `sys-usb`, new-file
-//! announcements, and the local request socket behind the `call` CLI.
+//! The guest agent, in four parts:
+//! - `uplink`: the MQTT session with Dom0 over the channel tty (the session is pure);
+//! - `hub`: the one path from every local client to that session (the multiplexer is pure; its
+//!   driver owns the tty);
+//! - `endpoints`: the guest's applications' ways in (MQTT, the MVP's lines, `call`);
+//! - `disk`: the disk service of `sys-usb` and its announcements.
 //!
-//! Pure logic (`paths`, `config`, CONNACK resync in `session`, mount tables in `disks`) is kept
-//! apart from I/O (`tty`, `fsops`, `watch`, `local`).
+//! `config` and `cli` are the command line and the config file.
 
-pub mod call_output;
-pub mod channel;
 pub mod cli;
 pub mod config;
-pub mod disks;
-pub mod endpoint;
-pub mod fsops;
-pub mod legacy;
-pub mod local;
-pub mod local_mqtt;
-pub mod local_session;
-pub mod mux;
-pub mod paths;
-pub mod service;
-pub mod session;
-pub mod tty;
-pub mod watch;
+pub mod disk;
+pub mod endpoints;
+pub mod hub;
+pub mod uplink;

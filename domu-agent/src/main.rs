@@ -5,22 +5,23 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use domu_agent::channel::{self, ChannelConfig, Client, Hub, ToClient};
 use domu_agent::cli::{CallArgs, Cli, Cmd, RunArgs};
 use domu_agent::config::{self, ConfigError, Settings};
-use domu_agent::disks::Disks;
-use domu_agent::endpoint::bind_unix;
-use domu_agent::fsops;
-use domu_agent::legacy::{Legacy, LegacyLimits};
-use domu_agent::local::{self, LocalRequests};
-use domu_agent::local_mqtt::{self, EndpointConfig, Listeners};
-use domu_agent::local_session::LocalLimits;
-use domu_agent::service::{self, Service, Uplink};
-use domu_agent::session::SessionConfig;
-use domu_agent::watch::{self as announce, Announcer};
+use domu_agent::disk::announce::{self, Announcer};
+use domu_agent::disk::disks::Disks;
+use domu_agent::disk::fsops;
+use domu_agent::disk::service::{self, Service, Uplink};
+use domu_agent::endpoints::admission::bind_unix;
+use domu_agent::endpoints::call::{self as local, LocalRequests};
+use domu_agent::endpoints::legacy::{Legacy, LegacyLimits};
+use domu_agent::endpoints::mqtt::{self as local_mqtt, EndpointConfig, Listeners};
+use domu_agent::endpoints::mqtt_session::LocalLimits;
+use domu_agent::hub::{self, ChannelConfig, Client, Hub, ToClient};
+use domu_agent::uplink::session::SessionConfig;
 use rumqttc::mqttbytes::QoS;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
+use topics::filter;
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
@@ -36,7 +37,7 @@ fn main() -> ExitCode {
             let call = std::env::args().nth(1).as_deref() == Some("call");
             let code = match (e.exit_code(), call) {
                 (0, _) => 0,
-                (_, true) => domu_agent::call_output::LOCAL_FAILURE,
+                (_, true) => domu_agent::endpoints::call_output::LOCAL_FAILURE,
                 (_, false) => EX_USAGE,
             };
             return ExitCode::from(code);
@@ -46,7 +47,9 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(a),
         Cmd::Call(a) => call(a),
         Cmd::Channel { name } => {
-            match domu_agent::tty::resolve(&domu_agent::tty::Device::Name(name.clone())) {
+            match domu_agent::uplink::tty::resolve(&domu_agent::uplink::tty::Device::Name(
+                name.clone(),
+            )) {
                 Some(p) => {
                     println!("{}", p.display());
                     ExitCode::SUCCESS
@@ -141,15 +144,18 @@ type Fail = (u8, String);
 /// What the endpoints and the watcher are started with.
 struct Parts {
     hub: Hub,
-    /// The service's client of the hub (requests of `call` and the legacy endpoint go through it).
+    /// The service's client of the hub.
     out: Arc<Client>,
+    /// The client of the hub of the local requests (`call` and the legacy endpoint): it publishes
+    /// them, and takes the responses on the VM's response topic to [`Parts::local`].
+    requests: Arc<Client>,
     local: Arc<LocalRequests>,
     stop: watch::Receiver<bool>,
     tasks: tokio::task::JoinSet<()>,
 }
 
 async fn serve(s: Settings) -> ExitCode {
-    domu_agent::endpoint::raise_open_file_limit();
+    domu_agent::endpoints::admission::raise_open_file_limit();
     remove_interrupted_transfers(&s);
     let (stop_tx, stop_rx) = watch::channel(false);
     // The channel and its hub: the one path to Dom0 for the service, `call` and applications.
@@ -163,17 +169,26 @@ async fn serve(s: Settings) -> ExitCode {
         },
     };
     tracing::info!(vm = %s.vm, device = %s.device, disks = s.disks.is_some(), "agent starting");
-    let mut channel = tokio::spawn(channel::run(cfg, hub_rx, stop_rx.clone()));
+    let mut channel = tokio::spawn(hub::run(cfg, hub_rx, stop_rx.clone()));
     let Some((service_client, service_rx)) = hub.attach("service", 1024, true).await else {
+        return fail(EX_SOFTWARE, "the channel task ended at start");
+    };
+    let Some((requests, responses)) = hub.attach("requests", 1024, true).await else {
         return fail(EX_SOFTWARE, "the channel task ended at start");
     };
     let mut parts = Parts {
         hub,
         out: Arc::new(service_client),
+        requests: Arc::new(requests),
         local: Arc::new(LocalRequests::default()),
         stop: stop_rx,
         tasks: tokio::task::JoinSet::new(),
     };
+    parts.tasks.spawn(route_responses(
+        parts.local.clone(),
+        responses,
+        parts.stop.clone(),
+    ));
     let started = start(&s, &mut parts).await;
     let (service, changes) = match started {
         Ok(x) => x,
@@ -194,6 +209,25 @@ async fn serve(s: Settings) -> ExitCode {
     })
     .await;
     ExitCode::SUCCESS
+}
+
+/// The responses on the VM's response topic go to the local requester that asked, by id (each
+/// takes or refuses them under the one answer rule).
+async fn route_responses(
+    local: Arc<LocalRequests>,
+    mut rx: mpsc::Receiver<ToClient>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            m = rx.recv() => match m {
+                Some(ToClient::Message { topic, payload, .. }) => local.deliver(topic, payload),
+                Some(_) => {}
+                None => return,
+            },
+        }
+    }
 }
 
 /// Transfer files left by a killed agent (on filesystems without O_TMPFILE) go first.
@@ -237,14 +271,17 @@ async fn start(
             hub: parts.hub.clone(),
         },
         announcer,
-        parts.local.clone(),
     ));
     let filters = service
-        .subscriptions(s.local_socket.is_some() || s.legacy_socket.is_some())
+        .subscriptions()
         .into_iter()
         .map(|f| (f, QoS::AtLeastOnce))
         .collect();
     parts.out.subscribe(0, filters).await;
+    if s.local_socket.is_some() || s.legacy_socket.is_some() {
+        let responses = vec![(filter::responses_to(s.vm.as_str()), QoS::AtLeastOnce)];
+        parts.requests.subscribe(0, responses).await;
+    }
     start_call_socket(s, parts).await?;
     start_legacy(s, parts).await?;
     start_mqtt_endpoint(s, parts).await?;
@@ -321,7 +358,7 @@ async fn start_call_socket(s: &Settings, parts: &mut Parts) -> Result<(), Fail> 
         path,
         s.vm.clone(),
         parts.local.clone(),
-        parts.out.clone(),
+        parts.requests.clone(),
         s.local.max_clients,
         parts.stop.clone(),
     ));
@@ -342,20 +379,27 @@ async fn start_legacy(s: &Settings, parts: &mut Parts) -> Result<(), Fail> {
         max_clients: s.local.max_clients,
         max_held: s.limits.max_packet.saturating_mul(4),
     };
-    let legacy = Legacy::new(s.vm.clone(), parts.local.clone(), parts.out.clone(), limits);
+    let legacy = Legacy::new(
+        s.vm.clone(),
+        parts.local.clone(),
+        parts.requests.clone(),
+        limits,
+    );
     let Some((client, rx)) = parts.hub.attach("legacy-notifications", 1024, true).await else {
         return Err((EX_SOFTWARE, "the channel task ended at start".into()));
     };
     let stop = parts.stop.clone();
-    parts.tasks.spawn(domu_agent::legacy::notifications(
-        legacy.clone(),
-        client,
-        rx,
-        stop.clone(),
-    ));
     parts
         .tasks
-        .spawn(domu_agent::legacy::serve(listener, path, legacy, stop));
+        .spawn(domu_agent::endpoints::legacy::notifications(
+            legacy.clone(),
+            client,
+            rx,
+            stop.clone(),
+        ));
+    parts.tasks.spawn(domu_agent::endpoints::legacy::serve(
+        listener, path, legacy, stop,
+    ));
     Ok(())
 }
 
@@ -453,7 +497,7 @@ fn call_args(words: &[String]) -> Result<Map<String, Value>, String> {
 }
 
 fn call(a: CallArgs) -> ExitCode {
-    use domu_agent::call_output::{self, LOCAL_FAILURE};
+    use domu_agent::endpoints::call_output::{self, LOCAL_FAILURE};
     let args = match call_args(&a.args) {
         Ok(x) => x,
         Err(e) => return fail(LOCAL_FAILURE, &e),

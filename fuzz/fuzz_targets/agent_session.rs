@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use domu_agent::session::{MAX_INFLIGHT, Session, SessionConfig};
+use domu_agent::uplink::session::{MAX_INFLIGHT, Session, SessionConfig};
 use libfuzzer_sys::fuzz_target;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::Packet;

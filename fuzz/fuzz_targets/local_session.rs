@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use domu_agent::local_session::{LocalEvent, LocalLimits, LocalSession};
+use domu_agent::endpoints::mqtt_session::{LocalEvent, LocalLimits, LocalSession};
 use libfuzzer_sys::fuzz_target;
 use tokio::time::Instant;
 

@@ -15,9 +15,9 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
-use crate::channel::{Client, Hub, ToClient};
-use crate::endpoint::{AcceptBackoff, Admitted, Gate, Pending, Quiet};
-use crate::local_session::{CloseReason, Closed, LocalEvent, LocalLimits, LocalSession};
+use crate::endpoints::admission::{AcceptBackoff, Admitted, Gate, Pending, Quiet};
+use crate::endpoints::mqtt_session::{CloseReason, Closed, LocalEvent, LocalLimits, LocalSession};
+use crate::hub::{Client, Hub, ToClient};
 
 /// Settings of the endpoint.
 #[derive(Debug, Clone)]

@@ -22,8 +22,8 @@ use topics::topic::{Command, Topic};
 use topics::vm::VmId;
 use topics::{ErrorBody, ErrorCode, RequestId, Response};
 
-use crate::channel::Client;
-use crate::endpoint::{AcceptBackoff, FIRST_PACKET_TIMEOUT, Gate, Pending};
+use crate::endpoints::admission::{AcceptBackoff, FIRST_PACKET_TIMEOUT, Gate, Pending};
+use crate::hub::Client;
 
 /// Largest request line (create_file carries Base64 data).
 const MAX_LINE: u64 = 16 * 1024 * 1024;

@@ -32,9 +32,9 @@ use topics::topic::Topic;
 use topics::vm::VmId;
 use topics::{RequestId, filter};
 
-use crate::channel::{Client, ToClient};
-use crate::endpoint::{AcceptBackoff, Admitted, FIRST_PACKET_TIMEOUT, Gate, Pending};
-use crate::local::{Delivery, LocalRequests, random_request_id};
+use crate::endpoints::admission::{AcceptBackoff, Admitted, FIRST_PACKET_TIMEOUT, Gate, Pending};
+use crate::endpoints::call::{Delivery, LocalRequests, random_request_id};
+use crate::hub::{Client, ToClient};
 
 /// Notification lines buffered for a slow client before it misses some.
 const NOTES_BUFFER: usize = 256;

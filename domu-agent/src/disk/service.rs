@@ -23,16 +23,15 @@ use topics::vm::VmId;
 use topics::{ErrorBody, ErrorCode, RequestId, Response, Status};
 use topics::{filter, legacy_line};
 
-use crate::channel::{Client, Hub};
 use crate::config::Limits;
-use crate::disks::Disks;
-use crate::fsops::{self, FsError};
-use crate::local::LocalRequests;
-use crate::paths;
-use crate::watch::Announcer;
+use crate::disk::announce::Announcer;
+use crate::disk::disks::Disks;
+use crate::disk::fsops::{self, FsError};
+use crate::disk::paths;
+use crate::hub::{Client, Hub};
 
 /// The local repository's disk id (in `list_disks`, commands and `new_file` notifications).
-pub use crate::disks::REPOSITORY;
+pub use crate::disk::disks::REPOSITORY;
 
 /// The service's way to Dom0: its client of the hub, and the hub (benchmark round trips).
 #[derive(Debug)]
@@ -50,7 +49,6 @@ pub struct Service {
     pub limits: Limits,
     pub uplink: Uplink,
     pub announcer: Announcer,
-    pub local: Arc<LocalRequests>,
     /// Disk operations running at once.
     permits: Semaphore,
     benchmark_running: AtomicBool,
@@ -68,7 +66,6 @@ impl Service {
         limits: Limits,
         uplink: Uplink,
         announcer: Announcer,
-        local: Arc<LocalRequests>,
     ) -> Service {
         let permits = Semaphore::new(limits.max_concurrent);
         Service {
@@ -78,14 +75,13 @@ impl Service {
             limits,
             uplink,
             announcer,
-            local,
             permits,
             benchmark_running: AtomicBool::new(false),
         }
     }
 
-    /// The filters this agent subscribes to on every CONNACK.
-    pub fn subscriptions(&self, local_requests: bool) -> Vec<String> {
+    /// The filters the service subscribes to (the hub renews them on every CONNACK).
+    pub fn subscriptions(&self) -> Vec<String> {
         let mut subs = vec![
             Command::Discover.request_topic(),
             Command::Benchmark.request_topic(),
@@ -95,23 +91,16 @@ impl Service {
         if self.disks.as_ref().is_some_and(|d| d.root.is_some()) {
             subs.push(filter::disk_requests());
         }
-        if local_requests {
-            subs.push(filter::responses_to(self.vm.as_str()));
-        }
         subs
     }
 
-    /// Dispatches one message from the session. Responses to our local requests are delivered
-    /// here, in arrival order (a benchmark's `started` before its `finished`); each request is
-    /// served in its own task so a long copy never delays a `list_disks`.
+    /// Dispatches one message from the session: each request is served in its own task so a long
+    /// copy never delays a `list_disks`.
     pub fn on_message(self: &Arc<Self>, topic: String, payload: Bytes) {
         match Topic::parse(&topic) {
             Ok(Topic::Request(c)) => {
                 let me = self.clone();
                 tokio::spawn(async move { me.request(c, &topic, payload).await });
-            }
-            Ok(Topic::Response { requester, .. }) if requester == self.vm => {
-                self.local.deliver(topic, payload)
             }
             _ => tracing::debug!(topic, "message not for this agent"),
         }

@@ -1,15 +1,9 @@
-//! The I/O driver of the agent's one session with Dom0, and the hub of its local clients: owns the
-//! channel tty (opened, waited for, reopened) and the timers, moves bytes between the tty and the
-//! [`Session`], and carries out what the [`Mux`] decides for the clients attached through a
-//! [`Hub`]: the guest's MQTT applications (`local_mqtt.rs`), the agent's own service, and the
-//! local requests of `domu-agent call`. There is no other path to the channel.
-//!
-//! A client that does not take its messages (its queue is full) is dropped alone; the agent's own
-//! clients are `lossless`: the hub waits for them (they hand work off at once).
+//! The I/O driver of the agent's one session with Dom0 and of the hub: owns the channel tty
+//! (opened, waited for, reopened) and the timers, moves bytes between the tty and the
+//! [`Session`], and carries out what the [`Mux`] decides for the clients attached through the
+//! [`Hub`](super::Hub). There is no other path to the channel.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,10 +12,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::Instrument;
 
-use crate::endpoint::Quiet;
-use crate::mux::{Action, ClientId, Mux};
-use crate::session::{Event, PublishError, Session, SessionConfig};
-use crate::tty::{Device, Tty};
+use super::mux::{Action, ClientId, Mux};
+use super::{ChannelConfig, ToClient, ToHub};
+use crate::endpoints::admission::Quiet;
+use crate::uplink::session::{Event, PublishError, Session};
+use crate::uplink::tty::{Device, Tty};
 
 /// Messages held by the hub while the session cannot take them (no session, in-flight window
 /// full); beyond, a local client's publish closes it, the agent's own is dropped with a warning.
@@ -30,186 +25,6 @@ pub const MAX_HELD: usize = 1024;
 const BATCH: usize = 256;
 /// How often an absent channel is looked for.
 const REOPEN_EVERY: Duration = Duration::from_millis(500);
-
-/// Settings of the channel: where the tty is, and the session.
-#[derive(Debug, Clone)]
-pub struct ChannelConfig {
-    pub device: Device,
-    pub session: SessionConfig,
-}
-
-/// What a client asks of the hub.
-#[derive(Debug)]
-pub enum ToHub {
-    Attach {
-        client: ClientId,
-        /// Its name in logs (a local MQTT client id, or `service`).
-        name: String,
-        to_client: mpsc::Sender<ToClient>,
-        /// Never dropped for a full queue: the hub waits.
-        lossless: bool,
-    },
-    Detach(ClientId),
-    Publish {
-        client: ClientId,
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        retain: bool,
-        /// The client's packet id, to acknowledge once Dom0 did (QoS > 0).
-        pkid: Option<u16>,
-    },
-    Subscribe {
-        client: ClientId,
-        pkid: u16,
-        filters: Vec<(String, QoS)>,
-    },
-    Unsubscribe {
-        client: ClientId,
-        pkid: u16,
-        filters: Vec<String>,
-    },
-    /// A PINGREQ whose round trip is reported (the messaging benchmark).
-    Ping(oneshot::Sender<Duration>),
-}
-
-/// What the hub tells a client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ToClient {
-    Message {
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        retain: bool,
-    },
-    /// Dom0 acknowledged the client's publish with this packet id.
-    PubAck(u16),
-    SubAck {
-        pkid: u16,
-        codes: Vec<Option<QoS>>,
-    },
-    UnsubAck(u16),
-    /// The hub dropped the client.
-    Closed(String),
-    /// The session with Dom0 is up (again): told to the agent's own (lossless) clients, so the
-    /// service announces its components.
-    SessionUp,
-}
-
-/// The handle clients use to reach the hub.
-#[derive(Debug, Clone)]
-pub struct Hub {
-    tx: mpsc::Sender<ToHub>,
-    next: Arc<AtomicU64>,
-}
-
-/// One attached client. Detached when dropped.
-#[derive(Debug)]
-pub struct Client {
-    id: ClientId,
-    tx: mpsc::Sender<ToHub>,
-}
-
-impl Hub {
-    /// A hub handle and the receiver the driver ([`run`]) serves.
-    pub fn new(capacity: usize) -> (Hub, mpsc::Receiver<ToHub>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let hub = Hub {
-            tx,
-            next: Arc::new(AtomicU64::new(1)),
-        };
-        (hub, rx)
-    }
-
-    /// Attaches a client with a queue of `queue` messages. None when the hub is gone.
-    pub async fn attach(
-        &self,
-        name: &str,
-        queue: usize,
-        lossless: bool,
-    ) -> Option<(Client, mpsc::Receiver<ToClient>)> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (to_client, rx) = mpsc::channel(queue.max(1));
-        self.tx
-            .send(ToHub::Attach {
-                client: id,
-                name: name.to_owned(),
-                to_client,
-                lossless,
-            })
-            .await
-            .ok()?;
-        Some((
-            Client {
-                id,
-                tx: self.tx.clone(),
-            },
-            rx,
-        ))
-    }
-
-    /// A round trip to Dom0 and back (PINGREQ → PINGRESP). None without a session.
-    pub async fn ping(&self) -> Option<Duration> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(ToHub::Ping(tx)).await.ok()?;
-        rx.await.ok()
-    }
-}
-
-impl Client {
-    pub fn id(&self) -> ClientId {
-        self.id
-    }
-
-    /// Publishes; false when the hub is gone.
-    pub async fn publish(
-        &self,
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        retain: bool,
-        pkid: Option<u16>,
-    ) -> bool {
-        self.send(ToHub::Publish {
-            client: self.id,
-            topic,
-            payload,
-            qos,
-            retain,
-            pkid,
-        })
-        .await
-    }
-
-    pub async fn subscribe(&self, pkid: u16, filters: Vec<(String, QoS)>) -> bool {
-        self.send(ToHub::Subscribe {
-            client: self.id,
-            pkid,
-            filters,
-        })
-        .await
-    }
-
-    pub async fn unsubscribe(&self, pkid: u16, filters: Vec<String>) -> bool {
-        self.send(ToHub::Unsubscribe {
-            client: self.id,
-            pkid,
-            filters,
-        })
-        .await
-    }
-
-    async fn send(&self, m: ToHub) -> bool {
-        self.tx.send(m).await.is_ok()
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        // If the hub's queue is full, the hub notices the client is gone at its next delivery.
-        let _ = self.tx.try_send(ToHub::Detach(self.id));
-    }
-}
 
 /// Runs the channel and the hub until `stop`.
 pub async fn run(cfg: ChannelConfig, rx: mpsc::Receiver<ToHub>, stop: watch::Receiver<bool>) {
@@ -363,7 +178,9 @@ impl TtyState {
                     tracing::info!(device = %device, error = %e, "channel not available yet; waiting");
                     self.said_waiting = true;
                 }
-                if !crate::tty::is_transient(&e) && e.kind() != std::io::ErrorKind::WouldBlock {
+                if !crate::uplink::tty::is_transient(&e)
+                    && e.kind() != std::io::ErrorKind::WouldBlock
+                {
                     tracing::warn!(device = %device, error = %e, "cannot open the channel; retrying");
                 }
                 self.reopen_at = Some(Instant::now() + REOPEN_EVERY);
@@ -511,7 +328,7 @@ impl Driver {
     fn try_publish(&mut self, h: Held) -> Option<Held> {
         let can = match h.qos {
             QoS::AtMostOnce => self.session.is_live(),
-            _ => self.session.inflight() < crate::session::MAX_INFLIGHT,
+            _ => self.session.inflight() < crate::uplink::session::MAX_INFLIGHT,
         };
         if !can {
             return Some(h);
@@ -648,6 +465,8 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Hub;
+    use crate::uplink::session::SessionConfig;
     use topics::vm::VmId;
 
     /// Plays Dom0 on the master side of a pty: QoS 1 publishes not acknowledged when Dom0 says

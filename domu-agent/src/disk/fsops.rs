@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use topics::ErrorCode;
 use topics::payload::{FileEntry, FileKind};
 
-use crate::paths::{self, PathError};
+use crate::disk::paths::{self, PathError};
 
 /// Read/write buffer of streaming operations: memory does not grow with file size.
 pub const CHUNK: usize = 256 * 1024;

@@ -21,8 +21,8 @@ use topics::payload::NewFileEvent;
 use topics::topic::Notification;
 use topics::vm::VmId;
 
-use crate::channel::Client;
-use crate::paths;
+use crate::disk::paths;
+use crate::hub::Client;
 
 /// What commands tell the announcer.
 #[derive(Debug, Clone, PartialEq, Eq)]

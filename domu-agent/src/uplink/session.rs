@@ -550,7 +550,7 @@ impl Session {
                             };
                             if granted.is_none() {
                                 // An application can ask again and again: said once a second.
-                                static SAID: crate::endpoint::Quiet = crate::endpoint::Quiet::new();
+                                static SAID: crate::endpoints::admission::Quiet = crate::endpoints::admission::Quiet::new();
                                 if let Some(unsaid) = SAID.may_say() {
                                     tracing::warn!(filter = %f, unsaid, "subscription refused by Dom0's policy");
                                 }

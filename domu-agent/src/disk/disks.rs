@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use cap_std::fs::Dir;
 use topics::payload::Disk;
 
-use crate::fsops::{self, FsError};
-use crate::paths;
+use crate::disk::fsops::{self, FsError};
+use crate::disk::paths;
 
 /// The id of the local repository as a disk.
 pub const REPOSITORY: &str = "repository";

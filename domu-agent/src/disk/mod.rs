@@ -1,0 +1,10 @@
+//! The disk service of `sys-usb`: the dictionary's commands (`service`), the disks and the local
+//! repository (`disks`), the checks of a path a requester sent (`paths`, pure), every file
+//! operation beneath a disk's directory handle (`fsops`), and the announcements of new files and
+//! of the disks that come and go (`announce`).
+
+pub mod announce;
+pub mod disks;
+pub mod fsops;
+pub mod paths;
+pub mod service;
