@@ -12,7 +12,6 @@ pub mod config;
 pub mod controller;
 pub mod discovery;
 pub mod front_door;
-pub mod legacy_mode;
 pub mod link;
 pub mod mqtt;
 pub mod policy;

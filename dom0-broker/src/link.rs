@@ -23,7 +23,7 @@ use crate::broker::{self, BrokerRead, BrokerWrite};
 use crate::config::BrokerAddr;
 use crate::policy::Policy;
 use crate::session::{Effect, Limits, NamesAParty, Session};
-use crate::supervision::{Event, Supervision};
+use crate::supervision::{Event, LinkStats, Supervision};
 
 /// Size of the read buffers (guest and broker sides).
 const READ_BUF: usize = 64 * 1024;
@@ -70,20 +70,13 @@ async fn attach_loop(
                 // A client id names another party when it is Dom0, a VM Dom0 links, or a VM the
                 // policy names.
                 let (known, named) = (ctx.supervision.clone(), ctx.policy.clone());
-                let mut s = Session::new(
-                    vm.clone(),
-                    ctx.limits.clone(),
-                    rules,
-                    stats.clone(),
-                    Instant::now(),
-                )
-                .with_parties(NamesAParty(Arc::new(move |id: &str| {
-                    id.eq_ignore_ascii_case(topics::vm::DOM0)
-                        || known.knows(id)
-                        || named.borrow().named_vms().any(|n| n == id)
-                })));
-                let why = attached(&vm, &mut s, stream, &ctx, &mut policy, &mut stop).await;
-                s.detach();
+                let mut s = Session::new(vm.clone(), ctx.limits.clone(), rules, Instant::now())
+                    .with_parties(NamesAParty(Arc::new(move |id: &str| {
+                        id.eq_ignore_ascii_case(topics::vm::DOM0)
+                            || known.knows(id)
+                            || named.borrow().named_vms().any(|n| n == id)
+                    })));
+                let why = attached(&vm, &stats, &mut s, stream, &ctx, &mut policy, &mut stop).await;
                 tracing::info!(reason = %why, "detached from channel");
                 emit_state(&ctx, &vm, LinkState::Unlinked, Some(why));
                 if started.elapsed() > Duration::from_secs(1) {
@@ -154,13 +147,16 @@ impl Broker {
 /// Serves one attachment to the channel socket; returns why it ended.
 async fn attached(
     vm: &VmId,
+    stats: &LinkStats,
     s: &mut Session,
     stream: UnixStream,
     ctx: &LinkContext,
     policy: &mut watch::Receiver<Arc<Policy>>,
     stop: &mut watch::Receiver<bool>,
 ) -> String {
-    match serve_attachment(vm, s, stream, ctx, policy, stop).await {
+    let ended = serve_attachment(vm, stats, s, stream, ctx, policy, stop).await;
+    stats.add(&s.take_counters());
+    match ended {
         Ok(never) => match never {},
         Err(why) => why,
     }
@@ -169,6 +165,7 @@ async fn attached(
 /// The loop of [`attached`]: it ends only with the reason the attachment ended.
 async fn serve_attachment(
     vm: &VmId,
+    stats: &LinkStats,
     s: &mut Session,
     stream: UnixStream,
     ctx: &LinkContext,
@@ -233,6 +230,7 @@ async fn serve_attachment(
             },
         };
         pending.extend(effects);
+        stats.add(&s.take_counters());
         carry_out(vm, s, ctx, stop, &mut broker, &mut pending).await?;
     }
 }

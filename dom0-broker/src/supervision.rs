@@ -10,7 +10,9 @@ use tokio::sync::mpsc;
 use topics::payload::{Component, LinkCounters, LinkState};
 use topics::vm::VmId;
 
-/// One link's counters, updated by the link without locks.
+use crate::session::Counters;
+
+/// One link's counters, updated by the link without locks (it adds its session's [`Counters`]).
 #[derive(Debug, Default)]
 pub struct LinkStats {
     /// Dom0 is attached to the channel socket.
@@ -72,6 +74,39 @@ impl LinkStats {
             &mut *self.components.lock().unwrap_or_else(|p| p.into_inner()),
             components,
         )
+    }
+
+    /// Adds what a link's session counted.
+    pub fn add(&self, c: &Counters) {
+        for (counter, n) in [
+            (&self.packets_in, c.packets_in),
+            (&self.packets_out, c.packets_out),
+            (&self.bytes_in, c.bytes_in),
+            (&self.bytes_out, c.bytes_out),
+            (&self.refused, c.refused),
+            (&self.dropped, c.dropped),
+            (&self.garbage_bytes, c.garbage_bytes),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Relaxed);
+            }
+        }
+    }
+
+    /// Keeps `linked` and `session` true to a state the link reports.
+    fn on_state(&self, state: &LinkState) {
+        match state {
+            LinkState::Linked => self.linked.store(true, Relaxed),
+            LinkState::Unlinked => {
+                self.linked.store(false, Relaxed);
+                self.session.store(false, Relaxed);
+            }
+            LinkState::SessionUp => self.session.store(true, Relaxed),
+            LinkState::SessionDown | LinkState::Overflow | LinkState::Violations => {
+                self.session.store(false, Relaxed)
+            }
+            _ => {}
+        }
     }
 
     fn note(&self, what: String) {
@@ -201,6 +236,7 @@ impl Supervision {
         match &event {
             Event::State { vm, state, detail } => {
                 if let Some(stats) = self.links().get(vm) {
+                    stats.on_state(state);
                     match state {
                         LinkState::SessionUp => stats.session_since.store(now(), Relaxed),
                         LinkState::Linked => {}

@@ -3,7 +3,6 @@
 //! refuses reaches the broker; the buffers stay within the configured bounds.
 #![no_main]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use dom0_broker::mqtt;
@@ -66,7 +65,7 @@ fuzz_target!(|data: &[u8]| {
         .get_or_init(|| Policy::builtin().rules_for(&vm))
         .clone();
     let mut now = Instant::now();
-    let mut s = Session::new(vm, limits, rules.clone(), Arc::default(), now);
+    let mut s = Session::new(vm, limits, rules.clone(), now);
     s.attach(now);
     // The input: a sequence of (op, len, bytes).
     let mut rest = data;
