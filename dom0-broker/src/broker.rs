@@ -8,16 +8,20 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream, tcp, unix};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::BrokerAddr;
+use crate::front_door;
 use crate::session::Limits;
 
-/// Why the broker cannot be used: exit code 69.
+/// Why the broker cannot be used (exit code: [`BrokerError::exit_code`]).
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot listen on {addr}: {source}")]
@@ -28,6 +32,81 @@ pub enum BrokerError {
     Unreachable { addr: String, source: io::Error },
     #[error("cannot start the embedded broker: {0}")]
     Thread(io::Error),
+    #[error("no free loopback port for the broker: {0}")]
+    NoLoopbackPort(io::Error),
+    #[error("operator socket {}: {source}", path.display())]
+    OperatorSocket { path: PathBuf, source: io::Error },
+    #[error("the embedded broker's start was interrupted: {0}")]
+    Interrupted(String),
+}
+
+impl BrokerError {
+    /// The service's exit code for this failure (sysexits: 69 unavailable, 70 software).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BrokerError::Interrupted(_) => 70,
+            _ => 69,
+        }
+    }
+}
+
+/// The embedded broker: Dom0 clients reach rumqttd through the front door on `listen` (and the
+/// operator socket), which hands each to rumqttd's server of its MQTT version (`front_door.rs`);
+/// rumqttd itself listens on private loopback ports (the links' connections: the address
+/// returned). The front door's tasks run on `tasks` until `stop`.
+pub async fn start_embedded_service(
+    listen: SocketAddr,
+    operator_socket: Option<PathBuf>,
+    limits: &Limits,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<BrokerAddr, BrokerError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| BrokerError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let (internal, internal_v5) = (free_loopback_port()?, free_loopback_port()?);
+    let limits = limits.clone();
+    let backends =
+        tokio::task::spawn_blocking(move || start_embedded(internal, internal_v5, &limits))
+            .await
+            .map_err(|e| BrokerError::Interrupted(e.to_string()))??;
+    tracing::info!(listen = %listen, internal = %internal, internal_v5 = %internal_v5, "embedded broker listening");
+    let door = front_door::run(
+        listener,
+        None,
+        backends.clone(),
+        tasks.clone(),
+        stop.clone(),
+    );
+    tasks.spawn(door);
+    if let Some(path) = operator_socket {
+        let l =
+            front_door::bind_unix(&path)
+                .await
+                .map_err(|source| BrokerError::OperatorSocket {
+                    path: path.clone(),
+                    source,
+                })?;
+        tracing::info!(path = %path.display(), "operator socket listening");
+        tasks.spawn(front_door::run(
+            l,
+            Some(path),
+            backends,
+            tasks.clone(),
+            stop.clone(),
+        ));
+    }
+    Ok(BrokerAddr::Tcp(internal.to_string()))
+}
+
+/// A free port on loopback, for one of the embedded broker's private listeners.
+fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(BrokerError::NoLoopbackPort)
 }
 
 /// Starts rumqttd on `listen` (MQTT 3.1.1) and `listen_v5` (MQTT 5) in its own threads and waits
@@ -36,7 +115,7 @@ pub fn start_embedded(
     listen: SocketAddr,
     listen_v5: SocketAddr,
     limits: &Limits,
-) -> Result<crate::front_door::Backends, BrokerError> {
+) -> Result<front_door::Backends, BrokerError> {
     // rumqttd logs a bind failure from its own thread and carries on; find out first.
     for addr in [listen, listen_v5] {
         drop(

@@ -7,7 +7,8 @@ use std::time::Duration;
 use rumqttc::{
     AsyncClient, Event as MqttEvent, MqttOptions, NetworkOptions, Packet, QoS, Transport,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use topics::legacy_line;
 use topics::payload::{
     self, AnnounceEvent, Component, CountersReply, DiscoverReply, ErrorBody, ErrorCode, ErrorEvent,
@@ -206,7 +207,7 @@ pub async fn run(
     max_packet: usize,
     supervision: Supervision,
     mut events: mpsc::Receiver<Event>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let (client, mut eventloop) = AsyncClient::new(options(&broker, max_packet), 256);
     let mut net = NetworkOptions::new();
@@ -223,7 +224,7 @@ pub async fn run(
     loop {
         let bench_deadline = c.running.as_ref().map(Bench::deadline);
         tokio::select! {
-            _ = stop.changed() => break,
+            _ = stop.cancelled() => break,
             ev = eventloop.poll() => match ev {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     tracing::info!(broker = %broker, "controller connected");
@@ -238,7 +239,7 @@ pub async fn run(
                     c.connected = false;
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = stop.changed() => break,
+                        _ = stop.cancelled() => break,
                     }
                 }
             },

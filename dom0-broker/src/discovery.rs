@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchMask};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use topics::vm::VmId;
 
 use crate::config::SocketGlob;
@@ -46,7 +46,7 @@ pub fn classify(file_name: &OsStr, glob: &SocketGlob) -> NameVerdict {
 
 #[derive(Debug)]
 struct Running {
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     /// Distinguishes this link from a later one for the same VM (re-created socket).
     generation: u64,
 }
@@ -57,7 +57,7 @@ pub async fn run(
     dir: PathBuf,
     glob: SocketGlob,
     ctx: Arc<LinkContext>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> std::io::Result<()> {
     // Watch first, then list: a socket created in between is seen by one or the other.
     let inotify = Inotify::init()?;
@@ -77,6 +77,7 @@ pub async fn run(
         running: HashMap::new(),
         tasks: JoinSet::new(),
         generation: 0,
+        stop: stop.clone(),
     };
     let mut entries = tokio::fs::read_dir(&links.dir).await?;
     while let Some(entry) = entries.next_entry().await? {
@@ -85,7 +86,7 @@ pub async fn run(
     tracing::info!(dir = %links.dir.display(), vms = links.running.len(), "watching for channel sockets");
     loop {
         tokio::select! {
-            _ = stop.changed() => break,
+            _ = stop.cancelled() => break,
             ev = events.next() => match ev {
                 Some(Ok(ev)) => links.on_event(ev.mask, ev.name.as_deref()),
                 Some(Err(e)) => {
@@ -113,6 +114,8 @@ struct Links {
     running: HashMap<VmId, Running>,
     tasks: JoinSet<(VmId, u64)>,
     generation: u64,
+    /// The service's stop: each link's own stop is a child of it.
+    stop: CancellationToken,
 }
 
 impl Links {
@@ -142,24 +145,19 @@ impl Links {
         };
         if let Some(old) = self.running.remove(&vm) {
             // Re-created socket: the old link belongs to a dead backend.
-            let _ = old.stop.send(true);
+            old.stop.cancel();
         }
         self.generation += 1;
-        let (tx, rx) = watch::channel(false);
+        let stop = self.stop.child_token();
         let path = self.dir.join(name);
         tracing::info!(vm = %vm, path = %path.display(), "channel socket found");
-        let (ctx, generation, v) = (self.ctx.clone(), self.generation, vm.clone());
+        let (ctx, generation, v, link_stop) =
+            (self.ctx.clone(), self.generation, vm.clone(), stop.clone());
         self.tasks.spawn(async move {
-            link::run(v.clone(), path, ctx, rx).await;
+            link::run(v.clone(), path, ctx, link_stop).await;
             (v, generation)
         });
-        self.running.insert(
-            vm,
-            Running {
-                stop: tx,
-                generation,
-            },
-        );
+        self.running.insert(vm, Running { stop, generation });
     }
 
     /// A socket went: its link stops, Dom0 forgets the VM.
@@ -167,7 +165,7 @@ impl Links {
         if let NameVerdict::Vm(vm) = classify(name, &self.glob) {
             if let Some(r) = self.running.remove(&vm) {
                 tracing::info!(vm = %vm, "channel socket removed; link stopped");
-                let _ = r.stop.send(true);
+                r.stop.cancel();
                 self.ctx.supervision.forget(&vm);
             }
         }
@@ -186,9 +184,7 @@ impl Links {
 
     /// Stops every link; waits a second for them.
     async fn stop_all(&mut self) {
-        for r in self.running.values() {
-            let _ = r.stop.send(true);
-        }
+        self.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while self.tasks.join_next().await.is_some() {}
         })

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Binds the operator socket, replacing a stale one but never a live one.
 pub async fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
@@ -65,7 +66,7 @@ fn protocol_level(buf: &[u8]) -> Option<u8> {
 /// left, said nothing in time, or `stop`).
 async fn first_bytes<R: AsyncRead + Unpin>(
     client: &mut R,
-    stop: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
 ) -> Option<(u8, Vec<u8>)> {
     let mut first = Vec::with_capacity(64);
     loop {
@@ -78,7 +79,7 @@ async fn first_bytes<R: AsyncRead + Unpin>(
                 Ok(Ok(n)) if n > 0 => n,
                 _ => return None,
             },
-            _ = stop.changed() => return None,
+            _ = stop.cancelled() => return None,
         };
         first.extend_from_slice(buf.get(..n).unwrap_or_default());
     }
@@ -97,7 +98,7 @@ async fn hand_over(handoff: rumqttd::Handoff, level: u8, backends: &Backends) {
 }
 
 /// A client the front door can hand over: its stream, and how it becomes a `Handoff`.
-trait Client: AsyncRead + Unpin {
+pub trait Client: AsyncRead + Unpin {
     fn into_handoff(self, first: Vec<u8>) -> std::io::Result<rumqttd::Handoff>;
 }
 
@@ -114,12 +115,8 @@ impl Client for UnixStream {
 }
 
 /// Reads a new client's CONNECT far enough, then hands it over.
-async fn serve_client<C: Client>(
-    mut client: C,
-    backends: Backends,
-    mut stop: watch::Receiver<bool>,
-) {
-    let Some((level, first)) = first_bytes(&mut client, &mut stop).await else {
+async fn serve_client<C: Client>(mut client: C, backends: Backends, stop: CancellationToken) {
+    let Some((level, first)) = first_bytes(&mut client, &stop).await else {
         return;
     };
     match client.into_handoff(first) {
@@ -128,16 +125,43 @@ async fn serve_client<C: Client>(
     }
 }
 
-/// Serves Dom0 clients on TCP until `stop`.
-pub async fn run_tcp(listener: TcpListener, backends: Backends, stop: watch::Receiver<bool>) {
-    let mut stop_accept = stop.clone();
+/// A listener of the front door: the TCP address or the operator socket.
+pub trait Listener: Send + 'static {
+    type Conn: Client + Send + 'static;
+    fn accept_client(&self) -> impl Future<Output = std::io::Result<Self::Conn>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Conn = TcpStream;
+    async fn accept_client(&self) -> std::io::Result<TcpStream> {
+        let (client, _) = self.accept().await?;
+        let _ = client.set_nodelay(true);
+        Ok(client)
+    }
+}
+
+impl Listener for UnixListener {
+    type Conn = UnixStream;
+    async fn accept_client(&self) -> std::io::Result<UnixStream> {
+        self.accept().await.map(|(client, _)| client)
+    }
+}
+
+/// Serves Dom0 clients on `listener` until `stop`, each new client in a task of `tasks` (it lives
+/// until handed over, at most [`CONNECT_WAIT`]); then removes the `socket` file, if any.
+pub async fn run<L: Listener>(
+    listener: L,
+    socket: Option<PathBuf>,
+    backends: Backends,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
-            _ = stop_accept.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((client, _)) => {
-                    let _ = client.set_nodelay(true);
-                    tokio::spawn(serve_client(client, backends.clone(), stop.clone()));
+            _ = stop.cancelled() => break,
+            accepted = listener.accept_client() => match accepted {
+                Ok(client) => {
+                    tasks.spawn(serve_client(client, backends.clone(), stop.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "front door: accept failed");
@@ -146,31 +170,9 @@ pub async fn run_tcp(listener: TcpListener, backends: Backends, stop: watch::Rec
             }
         }
     }
-}
-
-/// Serves Dom0 operators on a UNIX socket until `stop`, then removes the socket.
-pub async fn run_unix(
-    listener: UnixListener,
-    path: PathBuf,
-    backends: Backends,
-    stop: watch::Receiver<bool>,
-) {
-    let mut stop_accept = stop.clone();
-    loop {
-        tokio::select! {
-            _ = stop_accept.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((client, _)) => {
-                    tokio::spawn(serve_client(client, backends.clone(), stop.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "operator socket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(&path);
     }
-    let _ = std::fs::remove_file(&path);
 }
 
 #[cfg(test)]

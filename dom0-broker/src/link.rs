@@ -14,6 +14,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use tokio::time::{sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
 use topics::backoff::Backoff;
 use topics::payload::LinkState;
 use topics::vm::VmId;
@@ -44,21 +45,16 @@ pub struct LinkContext {
 }
 
 /// Runs a VM's link until `stop` turns true. Its log lines carry the VM in a `link` span.
-pub async fn run(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, stop: watch::Receiver<bool>) {
+pub async fn run(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, stop: CancellationToken) {
     let span = tracing::info_span!("link", vm = %vm);
     attach_loop(vm, path, ctx, stop).instrument(span).await
 }
 
-async fn attach_loop(
-    vm: VmId,
-    path: PathBuf,
-    ctx: Arc<LinkContext>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn attach_loop(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, stop: CancellationToken) {
     let stats = ctx.supervision.register(&vm);
     let mut backoff = Backoff::new();
     let mut attempts = 0u64;
-    while !*stop.borrow() {
+    while !stop.is_cancelled() {
         match UnixStream::connect(&path).await {
             Ok(stream) => {
                 attempts = 0;
@@ -76,7 +72,7 @@ async fn attach_loop(
                             || known.knows(id)
                             || named.borrow().named_vms().any(|n| n == id)
                     })));
-                let why = attached(&vm, &stats, &mut s, stream, &ctx, &mut policy, &mut stop).await;
+                let why = attached(&vm, &stats, &mut s, stream, &ctx, &mut policy, &stop).await;
                 tracing::info!(reason = %why, "detached from channel");
                 emit_state(&ctx, &vm, LinkState::Unlinked, Some(why));
                 if started.elapsed() > Duration::from_secs(1) {
@@ -96,7 +92,7 @@ async fn attach_loop(
         let delay = backoff.next_delay();
         tokio::select! {
             _ = sleep(delay) => {}
-            _ = stop.changed() => {}
+            _ = stop.cancelled() => {}
         }
     }
 }
@@ -152,7 +148,7 @@ async fn attached(
     stream: UnixStream,
     ctx: &LinkContext,
     policy: &mut watch::Receiver<Arc<Policy>>,
-    stop: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
 ) -> String {
     let ended = serve_attachment(vm, stats, s, stream, ctx, policy, stop).await;
     stats.add(&s.take_counters());
@@ -170,7 +166,7 @@ async fn serve_attachment(
     stream: UnixStream,
     ctx: &LinkContext,
     policy: &mut watch::Receiver<Arc<Policy>>,
-    stop: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
 ) -> Result<std::convert::Infallible, String> {
     let (mut gr, mut gw) = stream.into_split();
     s.attach(Instant::now());
@@ -183,7 +179,7 @@ async fn serve_attachment(
         let want_guest = s.wants_guest_input();
         let has_broker = broker.read.is_some();
         let effects = tokio::select! {
-            _ = stop.changed() => return Err("service stopping".to_owned()),
+            _ = stop.cancelled() => return Err("service stopping".to_owned()),
             r = gr.read_buf(&mut guest_buf), if want_guest => match r {
                 Ok(0) => return Err("channel socket closed by the backend".to_owned()),
                 Ok(_) => {
@@ -241,7 +237,7 @@ async fn carry_out(
     vm: &VmId,
     s: &mut Session,
     ctx: &LinkContext,
-    stop: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
     broker: &mut Broker,
     pending: &mut VecDeque<Effect>,
 ) -> Result<(), String> {
@@ -250,7 +246,7 @@ async fn carry_out(
             Effect::OpenBroker => {
                 let opened = tokio::select! {
                     r = timeout(ctx.connect_timeout, broker::connect(&ctx.broker, ctx.broker_quickack)) => r,
-                    _ = stop.changed() => return Err("service stopping".to_owned()),
+                    _ = stop.cancelled() => return Err("service stopping".to_owned()),
                 };
                 match opened {
                     Ok(Ok((r, w))) => {

@@ -10,8 +10,10 @@ use dom0_broker::config::{self, BrokerAddr, BrokerChoice, ConfigError, Mosquitto
 use dom0_broker::link::LinkContext;
 use dom0_broker::policy::Policy;
 use dom0_broker::supervision::{Event, Supervision};
-use dom0_broker::{acl, broker, controller, discovery, front_door};
+use dom0_broker::{acl, broker, controller, discovery};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Exit codes (sysexits.h).
 const EX_USAGE: u8 = 64;
@@ -242,9 +244,10 @@ fn run(args: RunArgs) -> ExitCode {
 type Fail = (u8, String);
 
 async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    let started = start(&settings, policy, &mut tasks, &stop_rx).await;
+    // The one stop every task holds, and the tracker every task is spawned on.
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let started = start(&settings, policy, &tasks, &stop).await;
     let mut discovery = match started {
         Ok(d) => d,
         Err((code, message)) => return fail(code, &message),
@@ -260,12 +263,9 @@ async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
             Err(e) => fail(EX_SOFTWARE, &e.to_string()),
         },
     };
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(900), async {
-        let _ = (&mut discovery).await;
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    stop.cancel();
+    tasks.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(900), tasks.wait()).await;
     code
 }
 
@@ -274,11 +274,19 @@ async fn serve(settings: Settings, policy: Arc<Policy>) -> ExitCode {
 async fn start(
     settings: &Settings,
     policy: Arc<Policy>,
-    tasks: &mut tokio::task::JoinSet<()>,
-    stop: &watch::Receiver<bool>,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Fail> {
     let broker_addr = match &settings.broker {
-        BrokerChoice::Embedded(listen) => start_embedded(*listen, settings, tasks, stop).await?,
+        BrokerChoice::Embedded(listen) => broker::start_embedded_service(
+            *listen,
+            settings.operator_socket.clone(),
+            &settings.limits,
+            tasks,
+            stop,
+        )
+        .await
+        .map_err(|e| (e.exit_code(), e.to_string()))?,
         BrokerChoice::External(addr) => {
             if settings.operator_socket.is_some() {
                 return Err((
@@ -325,59 +333,7 @@ async fn start(
         settings.socket_glob.clone(),
         stop.clone(),
     );
-    Ok(tokio::spawn(async move {
-        discovery::run(dir, glob, ctx, stop).await
-    }))
-}
-
-/// A free port on loopback, for one of the embedded broker's private listeners.
-fn free_loopback_port() -> Result<std::net::SocketAddr, Fail> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| {
-            (
-                EX_UNAVAILABLE,
-                format!("no free loopback port for the broker: {e}"),
-            )
-        })
-}
-
-/// The embedded broker: Dom0 clients reach rumqttd through our front door on `listen` (and the
-/// operator socket), which hands each to rumqttd's server of its MQTT version (front_door.rs);
-/// rumqttd itself listens on private loopback ports (the links' connections).
-async fn start_embedded(
-    listen: std::net::SocketAddr,
-    settings: &Settings,
-    tasks: &mut tokio::task::JoinSet<()>,
-    stop: &watch::Receiver<bool>,
-) -> Result<BrokerAddr, Fail> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| (EX_UNAVAILABLE, format!("cannot listen on {listen}: {e}")))?;
-    let (internal, internal_v5) = (free_loopback_port()?, free_loopback_port()?);
-    let limits = settings.limits.clone();
-    let backends =
-        tokio::task::spawn_blocking(move || broker::start_embedded(internal, internal_v5, &limits))
-            .await
-            .map_err(|e| (EX_SOFTWARE, e.to_string()))?
-            .map_err(|e| (EX_UNAVAILABLE, e.to_string()))?;
-    tracing::info!(listen = %listen, internal = %internal, internal_v5 = %internal_v5, "embedded broker listening");
-    tasks.spawn(front_door::run_tcp(
-        listener,
-        backends.clone(),
-        stop.clone(),
-    ));
-    if let Some(path) = settings.operator_socket.clone() {
-        let l = front_door::bind_unix(&path).await.map_err(|e| {
-            (
-                EX_UNAVAILABLE,
-                format!("operator socket {}: {e}", path.display()),
-            )
-        })?;
-        tracing::info!(path = %path.display(), "operator socket listening");
-        tasks.spawn(front_door::run_unix(l, path, backends, stop.clone()));
-    }
-    Ok(BrokerAddr::Tcp(internal.to_string()))
+    Ok(tasks.spawn(async move { discovery::run(dir, glob, ctx, stop).await }))
 }
 
 /// SIGHUP (`rc-service dom0-broker reload`) rereads the policy file. A valid policy is in force at
@@ -389,7 +345,7 @@ async fn reload_on_hangup(
     mosquitto: MosquittoConfig,
     policy: watch::Sender<Arc<Policy>>,
     supervision: Supervision,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
@@ -400,7 +356,7 @@ async fn reload_on_hangup(
     };
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.cancelled() => return,
             h = hup.recv() => if h.is_none() { return },
         }
         let Some(p) = &path else {

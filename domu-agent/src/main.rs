@@ -20,7 +20,9 @@ use domu_agent::hub::{self, ChannelConfig, Client, Hub, ToClient};
 use domu_agent::uplink::session::SessionConfig;
 use rumqttc::mqttbytes::QoS;
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use topics::filter;
 
 const EX_USAGE: u8 = 64;
@@ -150,14 +152,17 @@ struct Parts {
     /// them, and takes the responses on the VM's response topic to [`Parts::local`].
     requests: Arc<Client>,
     local: Arc<LocalRequests>,
-    stop: watch::Receiver<bool>,
-    tasks: tokio::task::JoinSet<()>,
+    /// The one stop every task holds.
+    stop: CancellationToken,
+    /// Every task of the agent is spawned on it.
+    tasks: TaskTracker,
 }
 
 async fn serve(s: Settings) -> ExitCode {
     domu_agent::endpoints::admission::raise_open_file_limit();
     remove_interrupted_transfers(&s);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
     // The channel and its hub: the one path to Dom0 for the service, `call` and applications.
     let (hub, hub_rx) = Hub::new(1024);
     let cfg = ChannelConfig {
@@ -169,7 +174,7 @@ async fn serve(s: Settings) -> ExitCode {
         },
     };
     tracing::info!(vm = %s.vm, device = %s.device, disks = s.disks.is_some(), "agent starting");
-    let mut channel = tokio::spawn(hub::run(cfg, hub_rx, stop_rx.clone()));
+    let mut channel = tasks.spawn(hub::run(cfg, hub_rx, stop.clone()));
     let Some((service_client, service_rx)) = hub.attach("service", 1024, true).await else {
         return fail(EX_SOFTWARE, "the channel task ended at start");
     };
@@ -181,8 +186,8 @@ async fn serve(s: Settings) -> ExitCode {
         out: Arc::new(service_client),
         requests: Arc::new(requests),
         local: Arc::new(LocalRequests::default()),
-        stop: stop_rx,
-        tasks: tokio::task::JoinSet::new(),
+        stop,
+        tasks,
     };
     parts.tasks.spawn(route_responses(
         parts.local.clone(),
@@ -194,20 +199,10 @@ async fn serve(s: Settings) -> ExitCode {
         Ok(x) => x,
         Err((code, message)) => return fail(code, &message),
     };
-    run_until_stopped(
-        &service,
-        service_rx,
-        changes,
-        &mut channel,
-        parts.stop.clone(),
-    )
-    .await;
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(800), async {
-        let _ = (&mut channel).await;
-        while parts.tasks.join_next().await.is_some() {}
-    })
-    .await;
+    run_until_stopped(&service, service_rx, changes, &mut channel, &parts).await;
+    parts.stop.cancel();
+    parts.tasks.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(800), parts.tasks.wait()).await;
     ExitCode::SUCCESS
 }
 
@@ -216,11 +211,11 @@ async fn serve(s: Settings) -> ExitCode {
 async fn route_responses(
     local: Arc<LocalRequests>,
     mut rx: mpsc::Receiver<ToClient>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.cancelled() => return,
             m = rx.recv() => match m {
                 Some(ToClient::Message { topic, payload, .. }) => local.deliver(topic, payload),
                 Some(_) => {}
@@ -312,7 +307,7 @@ async fn run_until_stopped(
     mut service_rx: mpsc::Receiver<ToClient>,
     mut changes: mpsc::UnboundedReceiver<()>,
     channel: &mut tokio::task::JoinHandle<()>,
-    mut stop: watch::Receiver<bool>,
+    parts: &Parts,
 ) {
     loop {
         tokio::select! {
@@ -321,9 +316,11 @@ async fn run_until_stopped(
                 return;
             }
             _ = &mut *channel => return,
-            _ = stop.changed() => return,
+            _ = parts.stop.cancelled() => return,
             m = service_rx.recv() => match m {
-                Some(ToClient::Message { topic, payload, .. }) => service.on_message(topic, payload),
+                Some(ToClient::Message { topic, payload, .. }) => {
+                    service.on_message(topic, payload, &parts.tasks)
+                }
                 // Its components, each time the session comes up and when a disk comes or goes.
                 Some(ToClient::SessionUp) => service.announce().await,
                 Some(_) => {}

@@ -16,7 +16,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 use rumqttc::mqttbytes::QoS;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use topics::payload::NewFileEvent;
 use topics::topic::Notification;
 use topics::vm::VmId;
@@ -236,7 +237,7 @@ pub async fn run(
     mut notes: mpsc::UnboundedReceiver<Note>,
     out: Arc<Client>,
     changed: mpsc::UnboundedSender<()>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> std::io::Result<()> {
     let inotify = Inotify::init()?;
     let mut w = Watcher {
@@ -271,7 +272,7 @@ pub async fn run(
     let mut events = inotify.into_event_stream(vec![0u8; 16384])?;
     loop {
         tokio::select! {
-            _ = stop.changed() => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
             ev = events.next() => match ev {
                 Some(Ok(ev)) => {
                     if ev.mask.contains(EventMask::Q_OVERFLOW) {

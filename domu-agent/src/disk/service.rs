@@ -13,6 +13,7 @@ use rumqttc::mqttbytes::QoS;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 use topics::payload::{
     self, AnnounceEvent, BenchmarkArgs, BenchmarkReply, Component, CopyFileArgs, CreateFileArgs,
     DiscoverReply, ErrorEvent, FootprintArgs, FootprintReply, ListDisksReply, ListFilesArgs,
@@ -94,13 +95,13 @@ impl Service {
         subs
     }
 
-    /// Dispatches one message from the session: each request is served in its own task so a long
-    /// copy never delays a `list_disks`.
-    pub fn on_message(self: &Arc<Self>, topic: String, payload: Bytes) {
+    /// Dispatches one message from the session: each request is served in its own task of
+    /// `tasks` so a long copy never delays a `list_disks`.
+    pub fn on_message(self: &Arc<Self>, topic: String, payload: Bytes, tasks: &TaskTracker) {
         match Topic::parse(&topic) {
             Ok(Topic::Request(c)) => {
                 let me = self.clone();
-                tokio::spawn(async move { me.request(c, &topic, payload).await });
+                tasks.spawn(async move { me.request(c, &topic, payload).await });
             }
             _ => tracing::debug!(topic, "message not for this agent"),
         }

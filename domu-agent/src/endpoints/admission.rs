@@ -7,13 +7,16 @@
 //! *client*, counted against `max_clients` (one more is refused with the endpoint's own answer).
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// How long a new connection may take to send its first packet or line.
 pub const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(10);
@@ -163,25 +166,86 @@ impl Default for Quiet {
 /// Waits before accepting again after a failed accept (EMFILE: out of file descriptors), saying
 /// so once a second at most.
 #[derive(Debug)]
-pub struct AcceptBackoff {
+struct AcceptBackoff {
     name: &'static str,
     said: Quiet,
 }
 
 impl AcceptBackoff {
-    pub fn new(name: &'static str) -> AcceptBackoff {
+    fn new(name: &'static str) -> AcceptBackoff {
         AcceptBackoff {
             name,
             said: Quiet::new(),
         }
     }
 
-    pub async fn failed(&mut self, e: &std::io::Error) {
+    async fn failed(&mut self, e: &std::io::Error) {
         if let Some(unsaid) = self.said.may_say() {
             tracing::warn!(endpoint = self.name, error = %e, unsaid, "accept failed; backing off");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What an endpoint accepts connections on.
+pub trait Listener: Send + 'static {
+    type Conn: Send + 'static;
+    fn accept_conn(&self) -> impl Future<Output = std::io::Result<Self::Conn>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Conn = UnixStream;
+    async fn accept_conn(&self) -> std::io::Result<UnixStream> {
+        self.accept().await.map(|(conn, _)| conn)
+    }
+}
+
+/// A TCP connection (Nagle off: local clients send small packets) and its peer.
+impl Listener for TcpListener {
+    type Conn = (TcpStream, SocketAddr);
+    async fn accept_conn(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        let (conn, peer) = self.accept().await?;
+        let _ = conn.set_nodelay(true);
+        Ok((conn, peer))
+    }
+}
+
+/// The one accept loop of the local endpoints: accepts until `stop`, gives each connection its
+/// place at the `gate` and a task of its own (`serve`), reaps the tasks that ended, backs off
+/// when accepting fails (no file descriptors left). On `stop` it removes the `socket` file, if
+/// any, and ends every connection (they have seen `stop` too; those that have not finished within
+/// the agent's shutdown are aborted).
+pub async fn accept_loop<L, F, Fut>(
+    name: &'static str,
+    listener: L,
+    socket: Option<PathBuf>,
+    gate: Arc<Gate>,
+    stop: CancellationToken,
+    mut serve: F,
+) where
+    L: Listener,
+    F: FnMut(L::Conn, Pending) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = JoinSet::new();
+    let mut backoff = AcceptBackoff::new(name);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept_conn() => match a {
+                Ok(conn) => {
+                    let pending = gate.arrive();
+                    tasks.spawn(serve(conn, pending));
+                }
+                Err(e) => backoff.failed(&e).await,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
+    }
+    tasks.shutdown().await;
 }
 
 /// Binds a UNIX socket: a stale one is replaced, a live one (another agent) refused; the parent

@@ -16,13 +16,14 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use topics::answers::{Question, Responders};
 use topics::topic::{Command, Topic};
 use topics::vm::VmId;
 use topics::{ErrorBody, ErrorCode, RequestId, Response};
 
-use crate::endpoints::admission::{AcceptBackoff, FIRST_PACKET_TIMEOUT, Gate, Pending};
+use crate::endpoints::admission::{FIRST_PACKET_TIMEOUT, Gate, Pending, accept_loop};
 use crate::hub::Client;
 
 /// Largest request line (create_file carries Base64 data).
@@ -128,26 +129,13 @@ pub async fn serve(
     local: std::sync::Arc<LocalRequests>,
     out: std::sync::Arc<Client>,
     max_clients: usize,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let gate = Gate::new("call", max_clients, max_clients);
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut backoff = AcceptBackoff::new("call");
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            a = listener.accept() => match a {
-                Ok((conn, _)) => {
-                    let pending = gate.arrive();
-                    tasks.spawn(one(conn, pending, vm.clone(), local.clone(), out.clone()));
-                }
-                Err(e) => backoff.failed(&e).await,
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
-    }
-    let _ = std::fs::remove_file(&path);
-    tasks.shutdown().await;
+    accept_loop("call", listener, Some(path), gate, stop, |conn, pending| {
+        one(conn, pending, vm.clone(), local.clone(), out.clone())
+    })
+    .await;
 }
 
 fn error_line(code: ErrorCode, message: String) -> Vec<u8> {

@@ -26,13 +26,14 @@ use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use topics::legacy_line::{self, LegacyError};
 use topics::legacy_translator::{Out, Translator, notification_source};
 use topics::topic::Topic;
 use topics::vm::VmId;
 use topics::{RequestId, filter};
 
-use crate::endpoints::admission::{AcceptBackoff, Admitted, FIRST_PACKET_TIMEOUT, Gate, Pending};
+use crate::endpoints::admission::{Admitted, FIRST_PACKET_TIMEOUT, Gate, Pending, accept_loop};
 use crate::endpoints::call::{Delivery, LocalRequests, random_request_id};
 use crate::hub::{Client, ToClient};
 
@@ -98,13 +99,13 @@ pub async fn notifications(
     legacy: Arc<Legacy>,
     client: Client,
     mut rx: mpsc::Receiver<ToClient>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut connected = legacy.connected.subscribe();
     let mut subscribed = false;
     loop {
         let m = tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.cancelled() => return,
             c = connected.changed() => {
                 if c.is_err() {
                     return;
@@ -145,25 +146,18 @@ pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     legacy: Arc<Legacy>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut backoff = AcceptBackoff::new("legacy");
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            a = listener.accept() => match a {
-                Ok((conn, _)) => {
-                    let pending = legacy.gate.arrive();
-                    tasks.spawn(connection(conn, pending, legacy.clone(), stop.clone()));
-                }
-                Err(e) => backoff.failed(&e).await,
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
-    }
-    let _ = std::fs::remove_file(&path);
-    tasks.shutdown().await;
+    let gate = legacy.gate.clone();
+    accept_loop(
+        "legacy",
+        listener,
+        Some(path),
+        gate,
+        stop.clone(),
+        |conn, pending| connection(conn, pending, legacy.clone(), stop.clone()),
+    )
+    .await;
 }
 
 /// Counts a connected client while it lives.
@@ -331,7 +325,7 @@ async fn connection(
     conn: UnixStream,
     pending: Pending,
     legacy: Arc<Legacy>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let (mut r, mut w) = conn.into_split();
     let (routes, mut responses) = mpsc::channel::<Delivery>(256);
@@ -365,7 +359,7 @@ async fn connection(
         };
         let next_tick = c.t.next_deadline().map(tokio::time::Instant::from_std);
         tokio::select! {
-            _ = stop.changed() => break,
+            _ = stop.cancelled() => break,
             _ = evicted(&mut admission) => break,
             _ = sleep_until_opt(first_line_by) => break,
             n = r.read(&mut buf), if reading => {

@@ -5,17 +5,17 @@
 //! clients, a queue per client (one that does not read is dropped alone), the packet size of the
 //! channel.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
 
-use crate::endpoints::admission::{AcceptBackoff, Admitted, Gate, Pending, Quiet};
+use crate::endpoints::admission::{Admitted, Gate, Pending, Quiet, accept_loop};
 use crate::endpoints::mqtt_session::{CloseReason, Closed, LocalEvent, LocalLimits, LocalSession};
 use crate::hub::{Client, Hub, ToClient};
 
@@ -46,62 +46,43 @@ pub struct Listeners {
 }
 
 /// Serves the listeners until `stop`; removes the UNIX socket.
-pub async fn serve(
-    listeners: Listeners,
-    hub: Hub,
-    cfg: EndpointConfig,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn serve(listeners: Listeners, hub: Hub, cfg: EndpointConfig, stop: CancellationToken) {
     let gate = Gate::new("mqtt", cfg.max_clients, cfg.max_clients);
     let shared = Arc::new(Shared { hub, cfg, gate });
-    let mut backoff = AcceptBackoff::new("mqtt");
-    let (unix, path) = match listeners.unix {
-        Some((l, p)) => (Some(l), Some(p)),
-        None => (None, None),
-    };
-    let tcp = listeners.tcp;
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            a = accept_unix(unix.as_ref()) => match a {
-                Ok(s) => {
-                    let pending = shared.gate.arrive();
-                    tasks.spawn(connection(s, "unix".to_owned(), pending, shared.clone(), stop.clone()));
-                }
-                Err(e) => backoff.failed(&e).await,
-            },
-            a = accept_tcp(tcp.as_ref()) => match a {
-                Ok((s, peer)) => {
-                    let _ = s.set_nodelay(true);
-                    let pending = shared.gate.arrive();
-                    tasks.spawn(connection(s, peer.to_string(), pending, shared.clone(), stop.clone()));
-                }
-                Err(e) => backoff.failed(&e).await,
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+    let (unix, tcp) = (listeners.unix, listeners.tcp);
+    let on_unix = async {
+        if let Some((l, path)) = unix {
+            let (shared, stop) = (shared.clone(), stop.clone());
+            accept_loop(
+                "mqtt",
+                l,
+                Some(path),
+                shared.gate.clone(),
+                stop.clone(),
+                |s, pending| {
+                    connection(s, "unix".to_owned(), pending, shared.clone(), stop.clone())
+                },
+            )
+            .await;
         }
-    }
-    if let Some(p) = path {
-        let _ = std::fs::remove_file(p);
-    }
-    tasks.shutdown().await;
-}
-
-async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<UnixStream> {
-    match l {
-        Some(l) => l.accept().await.map(|(s, _)| s),
-        None => std::future::pending().await,
-    }
-}
-
-async fn accept_tcp(
-    l: Option<&TcpListener>,
-) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
-    match l {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
-    }
+    };
+    let on_tcp = async {
+        if let Some(l) = tcp {
+            let (shared, stop) = (shared.clone(), stop.clone());
+            accept_loop(
+                "mqtt",
+                l,
+                None,
+                shared.gate.clone(),
+                stop.clone(),
+                |(s, peer), pending| {
+                    connection(s, peer.to_string(), pending, shared.clone(), stop.clone())
+                },
+            )
+            .await;
+        }
+    };
+    tokio::join!(on_unix, on_tcp);
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {
@@ -124,7 +105,7 @@ async fn connection<S>(
     peer: String,
     pending: Pending,
     shared: Arc<Shared>,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -190,7 +171,7 @@ impl Conn {
         &mut self,
         stream: S,
         shared: &Shared,
-        mut stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) -> Option<Closed>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -210,7 +191,7 @@ impl Conn {
             } else {
                 let deadline = self.ls.next_deadline();
                 tokio::select! {
-                    _ = stop.changed() => return None,
+                    _ = stop.cancelled() => return None,
                     _ = evicted(&mut self.admission) => Err(Closed {
                         reason: CloseReason::Evicted,
                         will: None,

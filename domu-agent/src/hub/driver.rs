@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::mux::{Action, ClientId, Mux};
@@ -27,7 +28,7 @@ const BATCH: usize = 256;
 const REOPEN_EVERY: Duration = Duration::from_millis(500);
 
 /// Runs the channel and the hub until `stop`.
-pub async fn run(cfg: ChannelConfig, rx: mpsc::Receiver<ToHub>, stop: watch::Receiver<bool>) {
+pub async fn run(cfg: ChannelConfig, rx: mpsc::Receiver<ToHub>, stop: CancellationToken) {
     let span = tracing::info_span!("session", vm = %cfg.session.vm);
     drive(cfg, rx, stop).instrument(span).await
 }
@@ -83,7 +84,7 @@ async fn read_opt(tty: Option<&Tty>, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
-async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, mut stop: watch::Receiver<bool>) {
+async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, stop: CancellationToken) {
     let mut d = Driver {
         session: Session::new(cfg.session, Instant::now()),
         mux: Mux::new(),
@@ -113,7 +114,7 @@ async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, mut stop: watc
         }
         let deadline = d.session.next_deadline();
         events = tokio::select! {
-            _ = stop.changed() => {
+            _ = stop.cancelled() => {
                 d.session.stop();
                 let out = d.session.take_output();
                 if let Some(t) = &ch.tty {
@@ -487,8 +488,7 @@ mod tests {
             },
         };
         let (hub, rx) = Hub::new(8);
-        let (_stop_tx, stop_rx) = watch::channel(false);
-        tokio::spawn(run(cfg, rx, stop_rx));
+        tokio::spawn(run(cfg, rx, CancellationToken::new()));
         let (client, _from_hub) = hub.attach("test", 8, true).await.unwrap();
         client
             .subscribe(
