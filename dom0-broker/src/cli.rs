@@ -73,22 +73,6 @@ pub struct RunArgs {
     /// TOML config file; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Directory of the channel sockets [default: /var/run].
-    #[arg(long)]
-    pub socket_dir: Option<PathBuf>,
-    /// Channel socket names; `*` is the VM name [default: *-msg.sock].
-    #[arg(long)]
-    pub socket_glob: Option<String>,
-    /// Embedded broker's MQTT 3.1.1 listener [default: 127.0.0.1:1883]; loopback only unless the config allows.
-    #[arg(long)]
-    pub listen: Option<String>,
-    /// Use this broker instead of the embedded one: mqtt://HOST:PORT or unix:///PATH.
-    #[arg(long)]
-    pub broker: Option<String>,
-    /// Policy file [default: the built-in policy, deploy/alpine/policy.toml].
-    #[arg(long)]
-    pub policy: Option<PathBuf>,
-    /// UNIX socket for Dom0 operators, served by the embedded broker (mosquitto_pub --unix).
-    #[arg(long)]
-    pub operator_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub flags: crate::config::Flags,
 }

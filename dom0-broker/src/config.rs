@@ -9,19 +9,7 @@ use serde::Deserialize;
 
 use crate::session::Limits;
 
-/// A config or flag error: printed as one line, exit code 64.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: String, message: String },
-    #[error("{0}")]
-    Invalid(String),
-}
+pub use topics::config_file::ConfigError;
 
 /// The config file (`/etc/dom0-broker/dom0-broker.toml`). Every key is optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -72,14 +60,27 @@ pub struct LimitsConfig {
     pub broker_connect_timeout_ms: Option<u64>,
 }
 
-/// Flags of `dom0-broker run` (they override the file).
-#[derive(Debug, Clone, Default)]
+/// Flags of `dom0-broker run` (they override the file): defined once, flattened into the command
+/// line by `cli.rs`.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Flags {
+    /// Directory of the channel sockets [default: /var/run].
+    #[arg(long)]
     pub socket_dir: Option<PathBuf>,
+    /// Channel socket names; `*` is the VM name [default: *-msg.sock].
+    #[arg(long)]
     pub socket_glob: Option<String>,
+    /// Embedded broker's MQTT 3.1.1 listener [default: 127.0.0.1:1883]; loopback only unless the config allows.
+    #[arg(long)]
     pub listen: Option<String>,
+    /// Use this broker instead of the embedded one: mqtt://HOST:PORT or unix:///PATH.
+    #[arg(long)]
     pub broker: Option<String>,
+    /// Policy file [default: the built-in policy, deploy/alpine/policy.toml].
+    #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// UNIX socket for Dom0 operators, served by the embedded broker (mosquitto_pub --unix).
+    #[arg(long)]
     pub operator_socket: Option<PathBuf>,
 }
 
@@ -158,19 +159,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
 
 /// Reads a config file.
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: p.clone(),
-        source,
-    })?;
-    parse_file(&text, &p)
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::read(path, e))?;
+    parse_file(&text, &path.display().to_string())
 }
 
 pub fn parse_file(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: origin.to_owned(),
-        message: e.to_string().replace('\n', " ").trim().to_owned(),
-    })
+    topics::config_file::parse(text, origin)
 }
 
 /// Parses `mqtt://HOST:PORT` or `unix:///PATH`.

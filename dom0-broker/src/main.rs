@@ -173,15 +173,7 @@ fn settings(args: RunArgs) -> Result<Settings, ConfigError> {
         Some(p) => config::load_file(p)?,
         None => config::FileConfig::default(),
     };
-    let flags = config::Flags {
-        socket_dir: args.socket_dir,
-        socket_glob: args.socket_glob,
-        listen: args.listen,
-        broker: args.broker,
-        policy: args.policy,
-        operator_socket: args.operator_socket,
-    };
-    config::resolve(file, flags)
+    config::resolve(file, args.flags)
 }
 
 fn init_logging(configured: Option<&str>) {

@@ -44,39 +44,8 @@ pub struct RunArgs {
     /// TOML config file; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// This guest's VM id (used as `sender`; Dom0 enforces it anyway).
-    #[arg(long)]
-    pub vm: Option<String>,
-    /// The channel tty [default: /dev/hvc2].
-    #[arg(long)]
-    pub device: Option<PathBuf>,
-    /// Find the channel by name (/dev/xen-channel/NAME, /dev/virtio-ports/NAME, or xenstore).
-    #[arg(long)]
-    pub channel: Option<String>,
-    /// Serve the disk commands: each subdirectory of DIR is a disk.
-    #[arg(long)]
-    pub disks: Option<PathBuf>,
-    /// The local repository that read_file copies into.
-    #[arg(long)]
-    pub repository: Option<PathBuf>,
-    /// UNIX socket for local requests (`domu-agent call`).
-    #[arg(long)]
-    pub local_socket: Option<PathBuf>,
-    /// UNIX socket of the local MQTT endpoint for the guest's applications
-    /// [default: /run/domu-agent/mqtt.sock; `none`: off].
-    #[arg(long, value_name = "PATH")]
-    pub mqtt_socket: Option<PathBuf>,
-    /// Also listen for local MQTT clients on TCP (IP:PORT, loopback unless the config allows
-    /// another address) [default: off].
-    #[arg(long, value_name = "ADDR")]
-    pub mqtt_listen: Option<String>,
-    /// UNIX socket of the legacy endpoint for MVP applications (JSON lines)
-    /// [default: /run/domu-agent/legacy.sock; `none`: off].
-    #[arg(long, value_name = "PATH")]
-    pub legacy_socket: Option<PathBuf>,
-    /// MQTT keepalive in seconds [default: 5].
-    #[arg(long)]
-    pub keepalive: Option<u64>,
+    #[command(flatten)]
+    pub flags: crate::config::Flags,
 }
 
 #[derive(Debug, clap::Args)]

@@ -9,19 +9,7 @@ use topics::vm::VmId;
 
 use crate::uplink::tty::Device;
 
-/// A config or flag error: one line, exit code 64.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: String, message: String },
-    #[error("{0}")]
-    Invalid(String),
-}
+pub use topics::config_file::ConfigError;
 
 /// The config file (`/etc/domu-agent/domu-agent.toml`); every key optional.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -78,18 +66,42 @@ pub struct LimitsConfig {
     pub max_concurrent: Option<usize>,
 }
 
-/// Flags of `domu-agent run`.
-#[derive(Debug, Clone, Default)]
+/// Flags of `domu-agent run` (they override the file): defined once, flattened into the command
+/// line by `cli.rs`.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Flags {
+    /// This guest's VM id (used as `sender`; Dom0 enforces it anyway).
+    #[arg(long)]
     pub vm: Option<String>,
+    /// The channel tty [default: /dev/hvc2].
+    #[arg(long)]
     pub device: Option<PathBuf>,
+    /// Find the channel by name (/dev/xen-channel/NAME, /dev/virtio-ports/NAME, or xenstore).
+    #[arg(long)]
     pub channel: Option<String>,
+    /// Serve the disk commands: each subdirectory of DIR is a disk.
+    #[arg(long)]
     pub disks: Option<PathBuf>,
+    /// The local repository that read_file copies into.
+    #[arg(long)]
     pub repository: Option<PathBuf>,
+    /// UNIX socket for local requests (`domu-agent call`).
+    #[arg(long)]
     pub local_socket: Option<PathBuf>,
+    /// UNIX socket of the local MQTT endpoint for the guest's applications
+    /// [default: /run/domu-agent/mqtt.sock; `none`: off].
+    #[arg(long, value_name = "PATH")]
     pub mqtt_socket: Option<PathBuf>,
+    /// Also listen for local MQTT clients on TCP (IP:PORT, loopback unless the config allows
+    /// another address) [default: off].
+    #[arg(long, value_name = "ADDR")]
     pub mqtt_listen: Option<String>,
+    /// UNIX socket of the legacy endpoint for MVP applications (JSON lines)
+    /// [default: /run/domu-agent/legacy.sock; `none`: off].
+    #[arg(long, value_name = "PATH")]
     pub legacy_socket: Option<PathBuf>,
+    /// MQTT keepalive in seconds [default: 5].
+    #[arg(long)]
     pub keepalive: Option<u64>,
 }
 
@@ -148,19 +160,12 @@ fn socket_path(given: Option<PathBuf>, default: &str) -> Option<PathBuf> {
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: p.clone(),
-        source,
-    })?;
-    parse_file(&text, &p)
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::read(path, e))?;
+    parse_file(&text, &path.display().to_string())
 }
 
 pub fn parse_file(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: origin.to_owned(),
-        message: e.to_string().replace('\n', " ").trim().to_owned(),
-    })
+    topics::config_file::parse(text, origin)
 }
 
 pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> {

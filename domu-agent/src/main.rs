@@ -83,19 +83,7 @@ fn settings(a: RunArgs) -> Result<Settings, ConfigError> {
         Some(p) => config::load_file(p)?,
         None => config::FileConfig::default(),
     };
-    let flags = config::Flags {
-        vm: a.vm,
-        device: a.device,
-        channel: a.channel,
-        disks: a.disks,
-        repository: a.repository,
-        local_socket: a.local_socket,
-        mqtt_socket: a.mqtt_socket,
-        mqtt_listen: a.mqtt_listen,
-        legacy_socket: a.legacy_socket,
-        keepalive: a.keepalive,
-    };
-    config::resolve(file, flags)
+    config::resolve(file, a.flags)
 }
 
 fn run(a: RunArgs) -> ExitCode {

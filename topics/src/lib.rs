@@ -7,6 +7,7 @@
 pub mod answers;
 pub mod backoff;
 pub mod binary;
+pub mod config_file;
 pub mod filter;
 pub mod legacy;
 pub mod legacy_line;
