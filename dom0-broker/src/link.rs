@@ -72,7 +72,13 @@ async fn attach_loop(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, stop: Cance
                             || known.knows(id)
                             || named.borrow().named_vms().any(|n| n == id)
                     })));
-                let why = attached(&vm, &stats, &mut s, stream, &ctx, &mut policy, &stop).await;
+                let ended =
+                    serve_attachment(&vm, &stats, &mut s, stream, &ctx, &mut policy, &stop).await;
+                stats.add(&s.take_counters());
+                let why = match ended {
+                    Ok(never) => match never {},
+                    Err(why) => why,
+                };
                 tracing::info!(reason = %why, "detached from channel");
                 emit_state(&ctx, &vm, LinkState::Unlinked, Some(why));
                 if started.elapsed() > Duration::from_secs(1) {
@@ -105,23 +111,10 @@ fn emit_state(ctx: &LinkContext, vm: &VmId, state: LinkState, detail: Option<Str
     });
 }
 
-async fn read_broker(r: Option<&mut BrokerRead>, buf: &mut BytesMut) -> std::io::Result<usize> {
-    match r {
-        Some(r) => r.read_buf(buf).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn write_broker(w: Option<&mut BrokerWrite>, buf: &[u8]) -> std::io::Result<usize> {
-    match w {
-        Some(w) => w.write(buf).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_opt(t: Option<Instant>) {
-    match t {
-        Some(t) => sleep_until(t.into()).await,
+/// `f`'s output when there is one (a broker connection, a deadline); never ready otherwise.
+async fn or_never<F: Future>(f: Option<F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
         None => std::future::pending().await,
     }
 }
@@ -140,25 +133,7 @@ impl Broker {
     }
 }
 
-/// Serves one attachment to the channel socket; returns why it ended.
-async fn attached(
-    vm: &VmId,
-    stats: &LinkStats,
-    s: &mut Session,
-    stream: UnixStream,
-    ctx: &LinkContext,
-    policy: &mut watch::Receiver<Arc<Policy>>,
-    stop: &CancellationToken,
-) -> String {
-    let ended = serve_attachment(vm, stats, s, stream, ctx, policy, stop).await;
-    stats.add(&s.take_counters());
-    match ended {
-        Ok(never) => match never {},
-        Err(why) => why,
-    }
-}
-
-/// The loop of [`attached`]: it ends only with the reason the attachment ended.
+/// Serves one attachment to the channel socket: it ends only with the reason it ended.
 async fn serve_attachment(
     vm: &VmId,
     stats: &LinkStats,
@@ -190,7 +165,7 @@ async fn serve_attachment(
                 }
                 Err(e) => return Err(format!("channel read error: {e}")),
             },
-            r = read_broker(broker.read.as_mut(), &mut broker_buf), if has_broker => match r {
+            r = or_never(broker.read.as_mut().map(|r| r.read_buf(&mut broker_buf))), if has_broker => match r {
                 Ok(n) if n > 0 => {
                     let effects = s.on_broker_input(&broker_buf, Instant::now());
                     broker_buf.clear();
@@ -208,7 +183,7 @@ async fn serve_attachment(
                 Ok(n) => { s.guest_written(n); Vec::new() }
                 Err(e) => return Err(format!("channel write error: {e}")),
             },
-            r = write_broker(broker.write.as_mut(), s.to_broker()), if has_broker && !s.to_broker().is_empty() => match r {
+            r = or_never(broker.write.as_mut().map(|w| w.write(s.to_broker()))), if has_broker && !s.to_broker().is_empty() => match r {
                 Ok(n) => { s.broker_written(n); Vec::new() }
                 Err(e) => {
                     tracing::info!(error = %e, "broker write error");
@@ -216,7 +191,7 @@ async fn serve_attachment(
                     s.broker_closed(Instant::now())
                 }
             },
-            _ = sleep_until_opt(deadline) => s.on_tick(Instant::now()),
+            _ = or_never(deadline.map(|t| sleep_until(t.into()))) => s.on_tick(Instant::now()),
             r = policy.changed() => match r {
                 Ok(()) => {
                     let rules = policy.borrow_and_update().rules_for(vm);

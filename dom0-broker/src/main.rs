@@ -52,7 +52,7 @@ fn check_config(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {
             // The deployed config names the deployed policy (/etc/dom0-broker/policy.toml):
             // checked elsewhere, say how to give another one.
             let hint = match &e {
-                dom0_broker::policy::PolicyError::Read { .. } => {
+                dom0_broker::policy::PolicyError::File(ConfigError::Read { .. }) => {
                     " (the config names this policy file; check another with --policy FILE)"
                 }
                 _ => "",

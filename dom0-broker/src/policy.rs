@@ -19,6 +19,7 @@ use std::fmt;
 use std::path::Path;
 
 use serde::Deserialize;
+use topics::config_file::ConfigError;
 use topics::filter::{self, filter_covers, filter_matches, filters_intersect};
 use topics::topic::{Command, Notification, validate_filter};
 use topics::vm::VmId;
@@ -150,13 +151,9 @@ pub struct Policy {
 /// Why a policy cannot be used. `run` refuses to start on any of these.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: String, message: String },
+    /// Not read, or not TOML of the policy's keys (the one reading of config files).
+    #[error(transparent)]
+    File(#[from] ConfigError),
     #[error("{path}:{line}: [vm.{section:?}]: {message}")]
     Invalid {
         path: String,
@@ -173,10 +170,7 @@ pub const DEFAULT_POLICY: &str = include_str!("../../deploy/alpine/policy.toml")
 impl Policy {
     /// Parses and validates a policy; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
-        let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Parse {
-            path: origin.to_owned(),
-            message: e.to_string().replace('\n', " ").trim().to_owned(),
-        })?;
+        let file: PolicyFile = topics::config_file::parse(text, origin)?;
         for (name, section) in &file.vm {
             // The line of the section header, and of an entry within the section.
             let header = line_of(text, 0, &[format!("vm.{name}]"), format!("vm.\"{name}\"]")]);
@@ -223,12 +217,8 @@ impl Policy {
 
     /// Loads a policy file.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-        let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-            path: origin.clone(),
-            source,
-        })?;
-        Policy::parse(&text, &origin)
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::read(path, e))?;
+        Policy::parse(&text, &path.display().to_string())
     }
 
     /// The built-in default policy.

@@ -12,4 +12,5 @@ pub mod config;
 pub mod disk;
 pub mod endpoints;
 pub mod hub;
+pub mod optional;
 pub mod uplink;

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use domu_agent::uplink::session::{MAX_INFLIGHT, Session, SessionConfig};
+use domu_agent::uplink::session::{MAX_INFLIGHT, Publication, Session, SessionConfig};
 use libfuzzer_sys::fuzz_target;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::Packet;
@@ -37,13 +37,7 @@ fuzz_target!(|data: &[u8]| {
                 s.on_tick(now);
             }
             3 => {
-                let _ = s.publish(
-                    "app/x".into(),
-                    Bytes::copy_from_slice(chunk),
-                    if len % 2 == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
-                    false,
-                    now,
-                );
+                let _ = s.publish(Publication { topic: "app/x".into(), payload: Bytes::copy_from_slice(chunk), qos: if len % 2 == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce }, retain: false }, now);
             }
             _ => {
                 s.ping(u64::from(*len), now);

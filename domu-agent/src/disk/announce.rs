@@ -15,7 +15,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
-use rumqttc::mqttbytes::QoS;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use topics::payload::NewFileEvent;
@@ -24,6 +23,7 @@ use topics::vm::VmId;
 
 use crate::disk::paths;
 use crate::hub::Client;
+use crate::hub::Publication;
 
 /// What commands tell the announcer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,15 +157,8 @@ impl Watcher {
         };
         let body = serde_json::to_vec(&ev).unwrap_or_default();
         let payload = Bytes::from(topics::payload::with_origin(&body, self.vm.as_str()));
-        self.out
-            .publish(
-                Notification::NewFile.topic(),
-                payload,
-                QoS::AtLeastOnce,
-                false,
-                None,
-            )
-            .await;
+        let p = Publication::at_least_once(Notification::NewFile.topic(), payload);
+        self.out.publish(p, None).await;
     }
 
     async fn on_event(&mut self, wd: &WatchDescriptor, mask: EventMask, name: Option<&OsStr>) {

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::mqttbytes::QoS;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
@@ -29,7 +28,7 @@ use crate::disk::announce::Announcer;
 use crate::disk::disks::Disks;
 use crate::disk::fsops::{self, FsError};
 use crate::disk::paths;
-use crate::hub::{Client, Hub};
+use crate::hub::{Client, Hub, Publication};
 
 /// The local repository's disk id (in `list_disks`, commands and `new_file` notifications).
 pub use crate::disk::disks::REPOSITORY;
@@ -153,7 +152,7 @@ impl Service {
         let sent = self
             .uplink
             .client
-            .publish(topic, Bytes::from(body), QoS::AtLeastOnce, false, None)
+            .publish(Publication::at_least_once(topic, Bytes::from(body)), None)
             .await;
         if !sent {
             tracing::debug!("session gone; message dropped");

@@ -11,7 +11,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::mqttbytes::QoS;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -25,6 +24,7 @@ use topics::{ErrorBody, ErrorCode, RequestId, Response};
 
 use crate::endpoints::admission::{FIRST_PACKET_TIMEOUT, Gate, Pending, accept_loop};
 use crate::hub::Client;
+use crate::hub::Publication;
 
 /// Largest request line (create_file carries Base64 data).
 const MAX_LINE: u64 = 16 * 1024 * 1024;
@@ -217,7 +217,7 @@ async fn ask(
     let body = Bytes::from(Value::Object(payload).to_string());
     let topic = command.request_topic();
     if !out
-        .publish(topic, body, QoS::AtLeastOnce, false, None)
+        .publish(Publication::at_least_once(topic, body), None)
         .await
     {
         return None;

@@ -35,7 +35,8 @@ use topics::{RequestId, filter};
 
 use crate::endpoints::admission::{Admitted, FIRST_PACKET_TIMEOUT, Gate, Pending, accept_loop};
 use crate::endpoints::call::{Delivery, LocalRequests, random_request_id};
-use crate::hub::{Client, ToClient};
+use crate::hub::{Client, Publication, ToClient};
+use crate::optional::or_never;
 
 /// Notification lines buffered for a slow client before it misses some.
 const NOTES_BUFFER: usize = 256;
@@ -220,7 +221,10 @@ impl Conn {
     async fn publish(&mut self, topic: String, payload: Vec<u8>) {
         let out = &self.legacy.out;
         if !out
-            .publish(topic, Bytes::from(payload), QoS::AtLeastOnce, false, None)
+            .publish(
+                Publication::at_least_once(topic, Bytes::from(payload)),
+                None,
+            )
             .await
         {
             tracing::debug!("the agent is stopping; a legacy line is not sent");
@@ -305,13 +309,6 @@ impl Drop for Conn {
     }
 }
 
-async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
 async fn evicted(a: &mut Admission) {
     match a {
         Admission::Pending(p, _) => {
@@ -361,7 +358,7 @@ async fn connection(
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = evicted(&mut admission) => break,
-            _ = sleep_until_opt(first_line_by) => break,
+            _ = or_never(first_line_by.map(tokio::time::sleep_until)) => break,
             n = r.read(&mut buf), if reading => {
                 let Some(bytes) = n.ok().filter(|n| *n > 0).and_then(|n| buf.get(..n)) else {
                     reading = false;
@@ -381,7 +378,7 @@ async fn connection(
                 }
                 c.prune();
             }
-            _ = sleep_until_opt(next_tick) => c.tick(),
+            _ = or_never(next_tick.map(tokio::time::sleep_until)) => c.tick(),
             n = w.write(&c.out), if !c.out.is_empty() => match n {
                 Ok(n) if n > 0 => c.out.advance(n),
                 _ => break,

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::endpoints::admission::{Admitted, Gate, Pending, Quiet, accept_loop};
 use crate::endpoints::mqtt_session::{CloseReason, Closed, LocalEvent, LocalLimits, LocalSession};
 use crate::hub::{Client, Hub, ToClient};
+use crate::optional::or_never;
 
 /// Settings of the endpoint.
 #[derive(Debug, Clone)]
@@ -85,20 +86,6 @@ pub async fn serve(listeners: Listeners, hub: Hub, cfg: EndpointConfig, stop: Ca
     tokio::join!(on_unix, on_tcp);
 }
 
-async fn sleep_until_opt(t: Option<Instant>) {
-    match t {
-        Some(t) => sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn recv_opt(rx: Option<&mut mpsc::Receiver<ToClient>>) -> Option<ToClient> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// One local client's connection, until it ends or the agent stops.
 async fn connection<S>(
     stream: S,
@@ -129,9 +116,7 @@ async fn connection<S>(
             }
         }
         if let (Some(w), Some(client)) = (closed.will, c.client.as_ref()) {
-            client
-                .publish(w.topic, w.payload, w.qos, w.retain, None)
-                .await;
+            client.publish(w, None).await;
         }
     }
     // Dropping the client detaches it from the hub.
@@ -210,7 +195,7 @@ impl Conn {
                         }
                         _ => Err(self.ls.lost()),
                     },
-                    m = recv_opt(self.rx.as_mut()) => {
+                    m = or_never(self.rx.as_mut().map(|rx| rx.recv())) => {
                         // Everything already queued goes into the same write.
                         let mut r = self.on_hub(m);
                         while r.is_ok() {
@@ -221,7 +206,7 @@ impl Conn {
                         }
                         r
                     }
-                    _ = sleep_until_opt(deadline) => self.ls.on_tick(Instant::now()),
+                    _ = or_never(deadline.map(sleep_until)) => self.ls.on_tick(Instant::now()),
                 }
             };
             if let Err(closed) = step {
@@ -269,15 +254,9 @@ impl Conn {
                     self.rx = Some(rx);
                     queue.extend(self.ls.accept(Instant::now())?);
                 }
-                LocalEvent::Publish {
-                    topic,
-                    payload,
-                    qos,
-                    retain,
-                    pkid,
-                } => {
+                LocalEvent::Publish { publication, pkid } => {
                     if let Some(c) = &self.client {
-                        c.publish(topic, payload, qos, retain, pkid).await;
+                        c.publish(publication, pkid).await;
                     }
                 }
                 LocalEvent::Subscribe { pkid, filters } => {

@@ -15,6 +15,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use crate::hub::Publication;
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
@@ -37,13 +38,7 @@ pub struct LocalLimits {
 }
 
 /// A will to publish when the connection ends without DISCONNECT.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Will {
-    pub topic: String,
-    pub payload: Bytes,
-    pub qos: QoS,
-    pub retain: bool,
-}
+pub type Will = Publication;
 
 /// What the client asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,10 +49,7 @@ pub enum LocalEvent {
     },
     /// A PUBLISH to send upstream; `pkid` to acknowledge with [`LocalSession::acked`] (QoS > 0).
     Publish {
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        retain: bool,
+        publication: Publication,
         pkid: Option<u16>,
     },
     Subscribe {
@@ -367,10 +359,12 @@ impl LocalSession {
             return;
         }
         self.events.push(LocalEvent::Publish {
-            topic: p.topic,
-            payload: p.payload,
-            qos: p.qos,
-            retain: p.retain,
+            publication: Publication {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+            },
             pkid,
         });
     }

@@ -6,7 +6,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
@@ -16,6 +15,8 @@ use tracing::Instrument;
 use super::mux::{Action, ClientId, Mux};
 use super::{ChannelConfig, ToClient, ToHub};
 use crate::endpoints::admission::Quiet;
+use crate::hub::Publication;
+use crate::optional::or_never;
 use crate::uplink::session::{Event, PublishError, Session};
 use crate::uplink::tty::{Device, Tty};
 
@@ -53,10 +54,7 @@ struct Attached {
 #[derive(Debug)]
 struct Held {
     client: ClientId,
-    topic: String,
-    payload: Bytes,
-    qos: QoS,
-    retain: bool,
+    publication: Publication,
     pkid: Option<u16>,
 }
 
@@ -68,20 +66,6 @@ struct Driver {
     /// Benchmark probes waiting for their PINGRESP.
     probes: HashMap<u64, oneshot::Sender<Duration>>,
     next_probe: u64,
-}
-
-async fn sleep_until_opt(t: Option<Instant>) {
-    match t {
-        Some(t) => sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn read_opt(tty: Option<&Tty>, buf: &mut [u8]) -> std::io::Result<usize> {
-    match tty {
-        Some(t) => t.read(buf).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, stop: CancellationToken) {
@@ -122,8 +106,8 @@ async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, stop: Cancella
                 }
                 return;
             }
-            _ = sleep_until_opt(ch.reopen_at), if ch.tty.is_none() => ch.open(&cfg.device, &mut d.session),
-            r = read_opt(ch.tty.as_ref(), &mut chunk) => match r {
+            _ = or_never(ch.reopen_at.map(sleep_until)), if ch.tty.is_none() => ch.open(&cfg.device, &mut d.session),
+            r = or_never(ch.tty.as_ref().map(|t| t.read(&mut chunk))) => match r {
                 Ok(n) if n > 0 => {
                     let events = d.session.on_input(chunk.get(..n).unwrap_or_default(), Instant::now());
                     // Let the clients' tasks take what the last batch brought them.
@@ -149,7 +133,7 @@ async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, stop: Cancella
                 }
                 None => return,
             },
-            _ = sleep_until_opt(deadline) => d.session.on_tick(Instant::now()),
+            _ = or_never(deadline.map(sleep_until)) => d.session.on_tick(Instant::now()),
         };
     }
 }
@@ -277,18 +261,12 @@ impl Driver {
             ToHub::Detach(client) => self.detach(client, None).await,
             ToHub::Publish {
                 client,
-                topic,
-                payload,
-                qos,
-                retain,
+                publication,
                 pkid,
             } => {
                 let held = Held {
                     client,
-                    topic,
-                    payload,
-                    qos,
-                    retain,
+                    publication,
                     pkid,
                 };
                 if self.held.is_empty() {
@@ -327,7 +305,7 @@ impl Driver {
 
     /// Hands a publish to the session; gives it back if the session cannot take it now.
     fn try_publish(&mut self, h: Held) -> Option<Held> {
-        let can = match h.qos {
+        let can = match h.publication.qos {
             QoS::AtMostOnce => self.session.is_live(),
             _ => self.session.inflight() < crate::uplink::session::MAX_INFLIGHT,
         };
@@ -335,10 +313,7 @@ impl Driver {
             return Some(h);
         }
         let (client, pkid) = (h.client, h.pkid);
-        match self
-            .session
-            .publish(h.topic, h.payload, h.qos, h.retain, Instant::now())
-        {
+        match self.session.publish(h.publication, Instant::now()) {
             Ok(Some(upstream)) => {
                 if let Some(local) = pkid {
                     self.mux.published(client, local, upstream);
@@ -363,7 +338,7 @@ impl Driver {
     }
 
     async fn hold(&mut self, h: Held) {
-        if h.qos == QoS::AtMostOnce && !self.session.is_live() {
+        if h.publication.qos == QoS::AtMostOnce && !self.session.is_live() {
             // At most once: nothing waits for a session that is not there.
             tracing::debug!(
                 client = h.client,
@@ -468,6 +443,7 @@ mod tests {
     use super::*;
     use crate::hub::Hub;
     use crate::uplink::session::SessionConfig;
+    use bytes::Bytes;
     use topics::vm::VmId;
 
     /// Plays Dom0 on the master side of a pty: QoS 1 publishes not acknowledged when Dom0 says
@@ -524,10 +500,12 @@ mod tests {
             .unwrap();
         client
             .publish(
-                "system/disks/list_disks/request".into(),
-                Bytes::from_static(b"request-1"),
-                QoS::AtLeastOnce,
-                false,
+                Publication {
+                    topic: "system/disks/list_disks/request".into(),
+                    payload: Bytes::from_static(b"request-1"),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                },
                 None,
             )
             .await;

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use driver::{MAX_HELD, run};
 use mux::ClientId;
 
+pub use crate::uplink::session::Publication;
 use crate::uplink::session::SessionConfig;
 use crate::uplink::tty::Device;
 
@@ -45,10 +46,7 @@ pub enum ToHub {
     Detach(ClientId),
     Publish {
         client: ClientId,
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        retain: bool,
+        publication: Publication,
         /// The client's packet id, to acknowledge once Dom0 did (QoS > 0).
         pkid: Option<u16>,
     },
@@ -155,20 +153,10 @@ impl Client {
     }
 
     /// Publishes; false when the hub is gone.
-    pub async fn publish(
-        &self,
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        retain: bool,
-        pkid: Option<u16>,
-    ) -> bool {
+    pub async fn publish(&self, publication: Publication, pkid: Option<u16>) -> bool {
         self.send(ToHub::Publish {
             client: self.id,
-            topic,
-            payload,
-            qos,
-            retain,
+            publication,
             pkid,
         })
         .await

@@ -1,6 +1,6 @@
 //! The agent's MQTT 3.1.1 session over the channel, as a state machine without I/O: bytes from the
 //! channel and the time in, bytes for the channel and [`Event`]s out. It has no clock of its own;
-//! the driver (`channel.rs`) owns the tty and the timers. The codec is rumqttc's (`mqttbytes`); the
+//! the driver (`hub/driver.rs`) owns the tty and the timers. The codec is rumqttc's (`mqttbytes`); the
 //! session logic is ours because the tty is no socket: no hangup, no EOF, stale bytes, lost bytes.
 //!
 //! - After each CONNECT, bytes are discarded until a well-formed CONNACK (stale bytes from an old
@@ -33,6 +33,28 @@ use topics::backoff::Backoff;
 
 /// QoS 1 publishes waiting for Dom0's PUBACK at most; beyond, [`Session::publish`] refuses.
 pub const MAX_INFLIGHT: usize = 64;
+
+/// A publication, as every layer of the agent passes it: a local client's session, the hub, the
+/// held queue, this session (and a local client's will).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+}
+
+impl Publication {
+    /// What the agent's own services publish: QoS 1, not retained.
+    pub fn at_least_once(topic: String, payload: Bytes) -> Publication {
+        Publication {
+            topic,
+            payload,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        }
+    }
+}
 /// How long a CONNECT waits for its CONNACK before it is sent again.
 pub const CONNACK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -235,12 +257,15 @@ impl Session {
     /// PUBACK ([`Event::Acked`]); taken while no session is up, it goes out after the next CONNACK.
     pub fn publish(
         &mut self,
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        retain: bool,
+        publication: Publication,
         now: Instant,
     ) -> Result<Option<u16>, PublishError> {
+        let Publication {
+            topic,
+            payload,
+            qos,
+            retain,
+        } = publication;
         let qos = if qos == QoS::AtMostOnce {
             qos
         } else {

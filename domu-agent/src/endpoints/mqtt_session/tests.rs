@@ -70,10 +70,12 @@ fn what_a_client_asks_is_reported() {
         s.on_input(&input, now).unwrap(),
         vec![
             LocalEvent::Publish {
-                topic: "app/x".into(),
-                payload: Bytes::from_static(b"hi"),
-                qos: QoS::AtLeastOnce,
-                retain: true,
+                publication: Publication {
+                    topic: "app/x".into(),
+                    payload: Bytes::from_static(b"hi"),
+                    qos: QoS::AtLeastOnce,
+                    retain: true,
+                },
                 pkid: Some(5)
             },
             LocalEvent::Subscribe {
@@ -116,7 +118,9 @@ fn packets_after_the_connect_wait_for_the_decision() {
     ))));
     assert_eq!(s.on_input(&input, now).unwrap().len(), 1);
     let ev = s.accept(now).unwrap();
-    assert!(matches!(&ev[..], [LocalEvent::Publish { topic, .. }] if topic == "app/x"));
+    assert!(
+        matches!(&ev[..], [LocalEvent::Publish { publication, .. }] if publication.topic == "app/x")
+    );
 }
 
 #[test]
@@ -356,7 +360,9 @@ fn a_last_publish_and_its_disconnect_in_one_read_are_both_carried_out() {
                             Ok(more) => events.extend(more),
                             Err(c) => closed = Some(c),
                         },
-                        LocalEvent::Publish { topic, .. } => published.push(topic),
+                        LocalEvent::Publish { publication, .. } => {
+                            published.push(publication.topic)
+                        }
                         _ => {}
                     }
                 }

@@ -197,10 +197,12 @@ fn traffic_postpones_the_keepalive_ping() {
     let (mut s, t0) = live(&[]);
     let t1 = t0 + Duration::from_secs(3);
     s.publish(
-        "a/b".into(),
-        Bytes::from_static(b"x"),
-        QoS::AtMostOnce,
-        false,
+        Publication {
+            topic: "a/b".into(),
+            payload: Bytes::from_static(b"x"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+        },
         t1,
     )
     .unwrap();
@@ -213,10 +215,12 @@ fn qos1_is_resent_with_dup_after_a_reconnect_and_subscriptions_renewed() {
     let (mut s, t0) = live(&["system/+/+/response/vm-gui", "app/#"]);
     let id = s
         .publish(
-            "system/disks/list_disks/request".into(),
-            Bytes::from_static(b"request-1"),
-            QoS::AtLeastOnce,
-            false,
+            Publication {
+                topic: "system/disks/list_disks/request".into(),
+                payload: Bytes::from_static(b"request-1"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+            },
             t0,
         )
         .unwrap()
@@ -260,15 +264,25 @@ fn qos1_taken_while_down_goes_out_after_the_connack_without_dup() {
     s.open(t0);
     let _ = sent(&mut s);
     assert_eq!(
-        s.publish("a/b".into(), Bytes::new(), QoS::AtMostOnce, false, t0),
+        s.publish(
+            Publication {
+                topic: "a/b".into(),
+                payload: Bytes::new(),
+                qos: QoS::AtMostOnce,
+                retain: false
+            },
+            t0
+        ),
         Err(PublishError::NotConnected)
     );
     let id = s
         .publish(
-            "a/b".into(),
-            Bytes::from_static(b"q"),
-            QoS::AtLeastOnce,
-            true,
+            Publication {
+                topic: "a/b".into(),
+                payload: Bytes::from_static(b"q"),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+            },
             t0,
         )
         .unwrap()
@@ -353,18 +367,42 @@ fn probes_report_their_round_trip() {
 fn the_in_flight_window_is_bounded() {
     let (mut s, t0) = live(&[]);
     for _ in 0..MAX_INFLIGHT {
-        s.publish("a/b".into(), Bytes::new(), QoS::AtLeastOnce, false, t0)
-            .unwrap();
+        s.publish(
+            Publication {
+                topic: "a/b".into(),
+                payload: Bytes::new(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+            },
+            t0,
+        )
+        .unwrap();
     }
     assert!(!s.accepts_publish());
     assert_eq!(
-        s.publish("a/b".into(), Bytes::new(), QoS::AtLeastOnce, false, t0),
+        s.publish(
+            Publication {
+                topic: "a/b".into(),
+                payload: Bytes::new(),
+                qos: QoS::AtLeastOnce,
+                retain: false
+            },
+            t0
+        ),
         Err(PublishError::Full)
     );
     let big = Bytes::from(vec![0u8; 65 * 1024]);
     let (mut s, t0) = live(&[]);
     assert!(matches!(
-        s.publish("a/b".into(), big, QoS::AtMostOnce, false, t0),
+        s.publish(
+            Publication {
+                topic: "a/b".into(),
+                payload: big,
+                qos: QoS::AtMostOnce,
+                retain: false
+            },
+            t0
+        ),
         Err(PublishError::TooLarge { .. })
     ));
 }
@@ -373,10 +411,12 @@ fn the_in_flight_window_is_bounded() {
 fn a_closed_tty_waits_and_keeps_what_is_in_flight() {
     let (mut s, t0) = live(&[]);
     s.publish(
-        "a/b".into(),
-        Bytes::from_static(b"m"),
-        QoS::AtLeastOnce,
-        false,
+        Publication {
+            topic: "a/b".into(),
+            payload: Bytes::from_static(b"m"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        },
         t0,
     )
     .unwrap();
