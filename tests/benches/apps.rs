@@ -18,21 +18,11 @@ use system_tests::bench::{
 };
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
+use system_tests::scene::policy_opening;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
 
 const ROUND_TRIPS: usize = 1000;
 const MESSAGES: u64 = 100_000;
-
-const POLICY: &str = r#"
-[vm."*"]
-roles = ["agent"]
-subscribe = ["app/#"]
-publish = ["app/{vm}/#"]
-[vm.vm-gui]
-roles = ["client"]
-[vm.sys-usb]
-roles = ["disk-provider"]
-"#;
 
 fn local(path: &std::path::Path, id: &str) -> RawClient<UnixStream> {
     let s = UnixStream::connect(path).unwrap();
@@ -83,7 +73,7 @@ fn main() {
 fn run(kind: BrokerKind, report: &mut Report) {
     let dir = TestDir::new("bench-apps");
     let policy = dir.join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
+    std::fs::write(&policy, policy_opening("app/#", "app/{vm}/#")).unwrap();
     let conf = dir.join("dom0.toml");
     std::fs::write(
         &conf,

@@ -17,6 +17,7 @@ use system_tests::bench::{
 };
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
+use system_tests::scene::policy_opening;
 use system_tests::{BrokerKind, Dom0, TestDir};
 
 /// Each path has its own command so that a responder of one path never answers another's requests.
@@ -27,17 +28,6 @@ const OPERATOR: &str = "system/disks/create_file";
 const OWN_PLAIN: &str = "system/disks/remove_file";
 const NOTIFY: &str = "system/disk/new_file/notification";
 const ERRORS: &str = "system/events/error/notification";
-/// The default policy, plus topics of the bulk runs every VM may use.
-const POLICY: &str = r#"
-[vm."*"]
-roles = ["agent"]
-subscribe = ["bench/all/#"]
-publish = ["bench/{vm}/#"]
-[vm.vm-gui]
-roles = ["client"]
-[vm.sys-usb]
-roles = ["disk-provider"]
-"#;
 const ROUND_TRIPS: usize = 2000;
 const WARMUP: usize = 200;
 const MESSAGES: u64 = 200_000;
@@ -93,7 +83,7 @@ fn run(kind: BrokerKind, report: &mut Report) {
     .unwrap();
     let conf_arg = conf.display().to_string();
     let policy = dir.join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
+    std::fs::write(&policy, policy_opening("bench/all/#", "bench/{vm}/#")).unwrap();
     let policy_arg = policy.display().to_string();
     let operator = dir.join("operator.sock");
     let operator_arg = operator.display().to_string();

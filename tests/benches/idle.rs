@@ -15,14 +15,7 @@ use system_tests::{BrokerKind, DEADLINE, Dom0, TestDir, raw, wait_for};
 const VMS: usize = 200;
 const IDLE: Duration = Duration::from_secs(10);
 
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
+use system_tests::procfs::cpu_ticks;
 
 fn main() {
     system_tests::bench::run_all(&format!("{VMS} idle links (`tests/benches/idle.rs`)"), run);

@@ -246,14 +246,9 @@ fn kill_and_restart_usb(s: &mut Scene) {
 /// True while `pid` has a file open for writing under a disk (an unnamed O_TMPFILE or a named
 /// one): the agent is in the middle of a write.
 fn writing(pid: i32) -> bool {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten().any(|fd| {
-        std::fs::read_link(fd.path())
-            .map(|t| t.to_string_lossy().contains("/disks/usb1"))
-            .unwrap_or(false)
-    })
+    crate::procfs::open_files(pid)
+        .iter()
+        .any(|t| t.to_string_lossy().contains("/disks/usb1"))
 }
 
 /// Writes the [`BIG`] file the copy reads (once per scene).

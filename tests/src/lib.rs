@@ -14,6 +14,7 @@ pub mod guest;
 pub mod hostile;
 pub mod legacy;
 pub mod local;
+pub mod procfs;
 pub mod raw;
 pub mod scene;
 
@@ -174,14 +175,7 @@ impl Proc {
 
     /// Resident memory in KiB, from /proc.
     pub fn rss_kb(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        procfs::rss_kb(self.pid())
     }
 }
 

@@ -31,36 +31,66 @@ pub fn packet(byte1: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-pub fn connect(client_id: &str, keep_alive: u16) -> Vec<u8> {
+/// A CONNECT of any protocol `level` and `flags` (MQTT 5 `props` when given).
+pub fn connect_raw(
+    level: u8,
+    flags: u8,
+    keep_alive: u16,
+    id: &[u8],
+    props: Option<&[u8]>,
+) -> Vec<u8> {
     let mut body = Vec::new();
     string(b"MQTT", &mut body);
-    body.push(4);
-    body.push(0x02);
+    body.push(level);
+    body.push(flags);
     body.extend_from_slice(&keep_alive.to_be_bytes());
-    string(client_id.as_bytes(), &mut body);
+    if let Some(p) = props {
+        remaining_length(p.len(), &mut body);
+        body.extend_from_slice(p);
+    }
+    string(id, &mut body);
     packet(0x10, &body)
 }
 
-pub fn subscribe(pkid: u16, filter: &str, qos: u8) -> Vec<u8> {
-    let mut body = pkid.to_be_bytes().to_vec();
-    string(filter.as_bytes(), &mut body);
-    body.push(qos);
-    packet(0x82, &body)
+/// A well-formed MQTT 3.1.1 CONNECT, clean session.
+pub fn connect(client_id: &str, keep_alive: u16) -> Vec<u8> {
+    connect_raw(4, 0x02, keep_alive, client_id.as_bytes(), None)
+}
+
+/// A PUBLISH with any first byte (type, flags), the packet id when given.
+pub fn publish_raw(byte1: u8, topic: &[u8], pkid: Option<u16>, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(topic, &mut body);
+    if let Some(id) = pkid {
+        body.extend_from_slice(&id.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    packet(byte1, &body)
 }
 
 pub fn publish(topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(topic.as_bytes(), &mut body);
-    body.extend_from_slice(payload);
-    packet(0x30, &body)
+    publish_raw(0x30, topic.as_bytes(), None, payload)
 }
 
 pub fn publish_qos1(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(topic.as_bytes(), &mut body);
-    body.extend_from_slice(&pkid.to_be_bytes());
-    body.extend_from_slice(payload);
-    packet(0x32, &body)
+    publish_raw(0x32, topic.as_bytes(), Some(pkid), payload)
+}
+
+/// A SUBSCRIBE of one filter with any first byte.
+pub fn subscribe_raw(byte1: u8, pkid: u16, filter: &[u8], qos: u8) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    string(filter, &mut body);
+    body.push(qos);
+    packet(byte1, &body)
+}
+
+pub fn subscribe(pkid: u16, filter: &str, qos: u8) -> Vec<u8> {
+    subscribe_raw(0x82, pkid, filter.as_bytes(), qos)
+}
+
+/// An acknowledgement (PUBACK, PUBREC, PUBREL, PUBCOMP: the first byte says which).
+pub fn ack(byte1: u8, pkid: u16) -> Vec<u8> {
+    packet(byte1, &pkid.to_be_bytes())
 }
 
 pub const PINGREQ: [u8; 2] = [0xC0, 0x00];

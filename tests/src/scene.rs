@@ -6,6 +6,24 @@ use std::path::PathBuf;
 use crate::channel::Channel;
 use crate::{Agent, BrokerKind, Dom0, TestDir};
 
+/// The default roles, with application topics opened: every VM may read `subscribe` and publish
+/// on `publish` (`{vm}`: the publisher's own name).
+pub fn policy_opening(subscribe: &str, publish: &str) -> String {
+    format!(
+        "[vm.\"*\"]\nroles = [\"agent\"]\nsubscribe = [\"{subscribe}\"]\npublish = [\"{publish}\"]\n\n\
+         [vm.vm-gui]\nroles = [\"client\"]\n\n[vm.sys-usb]\nroles = [\"disk-provider\"]\n"
+    )
+}
+
+/// The default policy, with these VMs (guests without the agent, old guests) asking like vm-gui.
+pub fn policy_with_clients(vms: &[&str]) -> String {
+    let mut p = dom0_broker::policy::DEFAULT_POLICY.to_owned();
+    for vm in vms {
+        p.push_str(&format!("\n[vm.{vm}]\nroles = [\"client\"]\n"));
+    }
+    p
+}
+
 /// What a scene changes from the default one.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SceneOptions<'a> {
@@ -90,5 +108,22 @@ impl Scene {
     /// dom0-broker's extra flags, borrowed.
     pub fn dom0_args(&self) -> Vec<&str> {
         self.dom0_args.iter().map(String::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dom0_broker::policy::Policy;
+    use topics::vm::VmId;
+
+    #[test]
+    fn the_policy_fixtures_are_valid_policies() {
+        let opened = Policy::parse(&policy_opening("app/#", "app/{vm}/#"), "opening").unwrap();
+        let gui = opened.rules_for(&VmId::parse("vm-gui").unwrap());
+        assert!(gui.check_subscribe("app/#").is_ok());
+        let extra = Policy::parse(&policy_with_clients(&["vm-old", "vm-bare"]), "clients").unwrap();
+        assert!(extra.named_vms().any(|n| n == "vm-old"));
+        assert!(extra.named_vms().any(|n| n == "vm-bare"));
     }
 }

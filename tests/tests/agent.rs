@@ -801,27 +801,15 @@ fn one_gib_file() {
 }
 
 fn rss_of(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    system_tests::procfs::rss_kb(pid)
 }
 
 /// True when the process has an O_TMPFILE (a "/#123 (deleted)" descriptor) open.
 fn has_unnamed_file(pid: i32) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| {
-            std::fs::read_link(e.path()).is_ok_and(|t| {
-                let t = t.display().to_string();
-                t.contains("/#") && t.ends_with("(deleted)")
-            })
-        })
+    system_tests::procfs::open_files(pid).iter().any(|t| {
+        let t = t.display().to_string();
+        t.contains("/#") && t.ends_with("(deleted)")
+    })
 }
 
 /// The agent waits for a device that is not there yet (never exits), and when Dom0 stops

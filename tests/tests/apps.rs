@@ -8,23 +8,14 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use system_tests::local::{LocalClient, mosquitto_pub_unix, mosquitto_sub_unix};
-use system_tests::scene::{Scene, SceneOptions};
+use system_tests::scene::{Scene, SceneOptions, policy_opening};
 use system_tests::{BrokerKind, DEADLINE, wait_for};
 
 /// The default roles, and application topics opened: each VM publishes under `app/<itself>/`,
 /// and reads all of `app/`.
-const APP_POLICY: &str = r#"
-[vm."*"]
-roles = ["agent"]
-subscribe = ["app/#"]
-publish = ["app/{vm}/#"]
-
-[vm.vm-gui]
-roles = ["client"]
-
-[vm.sys-usb]
-roles = ["disk-provider"]
-"#;
+fn app_policy() -> String {
+    policy_opening("app/#", "app/{vm}/#")
+}
 
 const STATUS: &str = "app/sys-usb/status";
 
@@ -40,7 +31,7 @@ fn scene_with(name: &str, kind: BrokerKind, policy: Option<&str>, gui_config: &s
 
 /// mosquitto_sub on vm-gui's endpoint gets what mosquitto_pub on sys-usb's publishes.
 fn application_topics_between_two_vms(kind: BrokerKind) {
-    let s = scene("app-topics", kind, Some(APP_POLICY));
+    let s = scene("app-topics", kind, Some(&app_policy()));
     let sub = mosquitto_sub_unix(&s.dir, "gui-sub", &s.gui.mqtt, &[STATUS]);
     let out = mosquitto_pub_unix(&s.usb.mqtt, STATUS, "disk inserted");
     assert!(out.status.success(), "{out:?}");
@@ -138,7 +129,7 @@ fn payloads_until(c: &LocalClient, marker: &[u8]) -> Vec<Vec<u8>> {
 
 /// Overlapping subscriptions: one copy each; when one leaves, the other keeps receiving.
 fn overlapping_subscriptions(kind: BrokerKind) {
-    let s = scene("app-overlap", kind, Some(APP_POLICY));
+    let s = scene("app-overlap", kind, Some(&app_policy()));
     let a = LocalClient::connect(&s.gui.mqtt, "dashboard");
     let b = LocalClient::connect(&s.gui.mqtt, "status-panel");
     assert_eq!(a.subscribe(&["app/#", "app/+/status"]), [true, true]);
@@ -185,7 +176,7 @@ both_brokers!(overlapping_subscriptions: overlapping_subscriptions_embedded, ove
 /// Dom0 restarts: local clients stay connected and receive again; a QoS 1 message published
 /// during the outage arrives exactly once.
 fn dom0_restart_keeps_local_clients(kind: BrokerKind) {
-    let mut s = scene("app-restart", kind, Some(APP_POLICY));
+    let mut s = scene("app-restart", kind, Some(&app_policy()));
     let panel = LocalClient::connect(&s.gui.mqtt, "panel");
     assert_eq!(panel.subscribe(&[STATUS]), [true]);
     let publisher = LocalClient::connect(&s.gui.mqtt, "gui-events");
@@ -236,7 +227,7 @@ fn a_client_that_stops_reading_is_dropped_alone() {
     let s = scene_with(
         "app-slow",
         BrokerKind::Embedded,
-        Some(APP_POLICY),
+        Some(&app_policy()),
         "[local]\nclient_queue = 32\n",
     );
     // A raw client: CONNECT, SUBSCRIBE app/#, then never reads.
@@ -299,7 +290,7 @@ fn a_client_that_stops_reading_is_dropped_alone() {
 /// MQTT 5 and 3.1 clients are told the protocol is not supported; they never hang.
 #[test]
 fn other_protocol_versions_are_refused_at_once() {
-    let s = scene("app-v5", BrokerKind::Embedded, Some(APP_POLICY));
+    let s = scene("app-v5", BrokerKind::Embedded, Some(&app_policy()));
     for version in ["mqttv5", "mqttv31"] {
         let out = Command::new("timeout")
             .args(["10", "mosquitto_sub", "--unix"])

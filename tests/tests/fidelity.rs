@@ -17,10 +17,7 @@ use system_tests::{BrokerKind, DEADLINE, sha256sum, wait_for};
 
 /// The default policy, with vm-bare and vm-psec (guests without the agent) asking like vm-gui.
 fn policy() -> String {
-    format!(
-        "{}\n[vm.vm-bare]\nroles = [\"client\"]\n\n[vm.vm-psec]\nroles = [\"client\"]\n",
-        dom0_broker::policy::DEFAULT_POLICY
-    )
+    system_tests::scene::policy_with_clients(&["vm-bare", "vm-psec"])
 }
 
 fn scene(name: &str, kind: BrokerKind) -> Scene {

@@ -48,13 +48,7 @@ fn peak_rss(pid: i32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut peak = 0;
         while !stop.load(Ordering::SeqCst) {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let kb = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let kb = system_tests::procfs::rss_kb(pid);
             peak = peak.max(kb);
             std::thread::park_timeout(Duration::from_millis(20));
         }
@@ -404,10 +398,7 @@ fn legacy_mode_is_decided_once_per_channel() {
 #[test]
 fn legacy_lines_have_one_limit_and_a_progress_timer() {
     // vm-old, an un-upgraded guest, may ask like vm-gui.
-    let policy = format!(
-        "{}\n[vm.vm-old]\nroles = [\"client\"]\n",
-        dom0_broker::policy::DEFAULT_POLICY
-    );
+    let policy = system_tests::scene::policy_with_clients(&["vm-old"]);
     let opts = SceneOptions {
         policy: Some(&policy),
         ..SceneOptions::default()
