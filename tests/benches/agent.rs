@@ -14,7 +14,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use system_tests::bench::{Report, beyond_channels, guest, interleaved, p50_p99, ratios, tcp};
+use system_tests::bench::{
+    Report, against_direct_and_channel, beyond_channels, guest, p50_p99, ratios, tcp,
+};
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
@@ -134,22 +136,8 @@ fn run(kind: BrokerKind, report: &mut Report) {
         c
     };
     // (c) The simulator's own share: the chain crosses two simulated channels there and back.
-    // Measured in a directory Dom0 does not watch (there, Dom0 would take the channel first).
-    let sim_dir = TestDir::new("bench-agent-sim");
-    let mut sim_channel = SimRoundTrip::new(&sim_dir.path);
-    let mut sim = |_| sim_channel.once();
-    eprintln!("{ROUND_TRIPS} rounds of 3 interleaved round trips…");
-    let s = interleaved(
-        ROUND_TRIPS,
-        100,
-        &mut [
-            &mut direct as &mut dyn FnMut(usize) -> Duration,
-            &mut chained,
-            &mut sim,
-        ],
-    );
-    let (a, b, sim) = (&s[0], &s[1], &s[2]);
-    report.row("round trip direct, p50 / p99", p50_p99(a));
+    let (a, b, sim) = against_direct_and_channel(ROUND_TRIPS, report, &mut direct, &mut chained);
+    let (a, b, sim) = (&a, &b, &sim);
     report.row("vm-gui → sys-usb → vm-gui, p50 / p99", p50_p99(b));
     report.row(
         "**ratio to direct**, p50 / p99 (targets ≤ 3× / ≤ 5×)",
@@ -165,7 +153,7 @@ fn run(kind: BrokerKind, report: &mut Report) {
     );
     report.row(
         "round trips ≥ 40 ms, all paths",
-        s.iter().map(|s| s.stalls).sum::<usize>().to_string(),
+        (a.stalls + b.stalls + sim.stalls).to_string(),
     );
 
     eprintln!("get_file_footprint vs sha256sum, 1 GiB file (page cache warm)");
@@ -268,6 +256,8 @@ fn run(kind: BrokerKind, report: &mut Report) {
         create(0).to_string().as_bytes(),
     )
     .len();
+    let sim_dir = TestDir::new("bench-agent-sim");
+    let mut sim_channel = SimRoundTrip::new(&sim_dir.path);
     let mut crossing = |up| request as f64 / (sim_channel.bulk(request, request, up) * 1e6);
     let t_channels = (0..files)
         .map(|_| crossing(true) + crossing(false))

@@ -14,9 +14,10 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use system_tests::bench::{
-    Report, STEP_DEADLINE, beyond_channels, interleaved, p50_p99, ratios, tcp, throughput,
+    Report, STEP_DEADLINE, against_direct_and_channel, beyond_channels, p50_p99, ratios, tcp,
+    throughput,
 };
-use system_tests::channel::{Channel, SimRoundTrip};
+use system_tests::channel::Channel;
 use system_tests::raw::RawClient;
 use system_tests::scene::policy_opening;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
@@ -127,21 +128,8 @@ fn run(kind: BrokerKind, report: &mut Report) {
         round_trip(&mut app, "app/vm-gui/ping", pkid, payload.as_bytes())
     };
     // The simulator's own share, measured apart from Dom0's socket directory.
-    let sim_dir = TestDir::new("bench-apps-sim");
-    let mut sim = SimRoundTrip::new(&sim_dir.path);
-    let mut sim = move |_| sim.once();
-    eprintln!("{ROUND_TRIPS} rounds of 3 interleaved round trips…");
-    let s = interleaved(
-        ROUND_TRIPS,
-        100,
-        &mut [
-            &mut direct as &mut dyn FnMut(usize) -> Duration,
-            &mut chained,
-            &mut sim,
-        ],
-    );
-    let (a, b, sim) = (&s[0], &s[1], &s[2]);
-    report.row("round trip direct, p50 / p99", p50_p99(a));
+    let (a, b, sim) = against_direct_and_channel(ROUND_TRIPS, report, &mut direct, &mut chained);
+    let (a, b, sim) = (&a, &b, &sim);
     report.row(
         "app in vm-gui ↔ app in sys-usb (both agents), p50 / p99",
         p50_p99(b),

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::channel::Channel;
+use crate::channel::{Channel, SimRoundTrip};
 use crate::raw::RawClient;
-use crate::{BrokerKind, DEADLINE, Dom0, wait_for};
+use crate::{BrokerKind, DEADLINE, Dom0, TestDir, wait_for};
 
 /// Every read of a benchmark's network clients has this deadline: a step that does not happen
 /// ends the run with a message instead of hanging it.
@@ -234,6 +234,28 @@ pub fn interleaved(
         }
     }
     samples.into_iter().map(stats).collect()
+}
+
+/// `direct` and `chained` measured [`interleaved`] with the simulated channel alone (one round
+/// trip, in a directory of its own that Dom0 does not watch: there, Dom0 would take the channel
+/// first), after 100 warm-up rounds: their statistics, in that order. The report's first row.
+pub fn against_direct_and_channel(
+    rounds: usize,
+    report: &mut Report,
+    direct: &mut dyn FnMut(usize) -> Duration,
+    chained: &mut dyn FnMut(usize) -> Duration,
+) -> (Stats, Stats, Stats) {
+    let sim_dir = TestDir::new("bench-sim");
+    let mut sim_channel = SimRoundTrip::new(&sim_dir.path);
+    let mut sim = |_| sim_channel.once();
+    eprintln!("{rounds} rounds of 3 interleaved round trips…");
+    let mut s = interleaved(rounds, 100, &mut [direct, chained, &mut sim]).into_iter();
+    let (a, b, sim) = (s.next(), s.next(), s.next());
+    let (Some(a), Some(b), Some(sim)) = (a, b, sim) else {
+        unreachable!("three paths, three statistics")
+    };
+    report.row("round trip direct, p50 / p99", p50_p99(&a));
+    (a, b, sim)
 }
 
 /// A benchmark's table for `docs/performance.md`: one row per figure, one column per broker.

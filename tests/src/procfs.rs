@@ -58,7 +58,10 @@ mod tests {
         let me = std::process::id() as i32;
         let rss = rss_kb(me);
         assert!(rss > 0);
-        assert!(peak_rss_kb(me) >= rss, "the peak is never below an earlier reading");
+        assert!(
+            peak_rss_kb(me) >= rss,
+            "the peak is never below an earlier reading"
+        );
         let busy = std::time::Instant::now();
         while cpu_ticks(me) == 0 && busy.elapsed().as_secs() < 5 {}
         assert!(cpu_ticks(me) > 0);

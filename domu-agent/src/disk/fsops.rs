@@ -75,19 +75,26 @@ pub fn open_root(path: &Path) -> io::Result<Dir> {
     Dir::open_ambient_dir(path, cap_std::ambient_authority())
 }
 
+/// A folder is `is_folder`; anything else that is not a regular file (a device, a FIFO, a socket,
+/// a symlink when not followed) is `forbidden`.
+fn regular(meta: &cap_std::fs::Metadata, rel: &Path) -> Result<(), FsError> {
+    if meta.is_dir() {
+        Err(FsError::IsFolder(rel.display().to_string()))
+    } else if !meta.is_file() {
+        Err(FsError::Forbidden(
+            rel.display().to_string(),
+            "not a regular file".into(),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// Opens a regular file for reading. Device files, FIFOs, sockets and folders are refused
 /// (`forbidden`), and the open never blocks on a FIFO swapped in meanwhile.
 pub fn open_regular(dir: &Dir, rel: &Path) -> Result<(File, u64), FsError> {
     let meta = dir.metadata(rel).map_err(|e| FsError::from_io(rel, e))?;
-    if meta.is_dir() {
-        return Err(FsError::IsFolder(rel.display().to_string()));
-    }
-    if !meta.is_file() {
-        return Err(FsError::Forbidden(
-            rel.display().to_string(),
-            "not a regular file".into(),
-        ));
-    }
+    regular(&meta, rel)?;
     let mut opts = OpenOptions::new();
     opts.read(true)
         .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY);
@@ -220,15 +227,7 @@ pub fn remove(dir: &Dir, rel: &Path) -> Result<(), FsError> {
     let meta = dir
         .symlink_metadata(rel)
         .map_err(|e| FsError::from_io(rel, e))?;
-    if meta.is_dir() {
-        return Err(FsError::IsFolder(rel.display().to_string()));
-    }
-    if !meta.is_file() {
-        return Err(FsError::Forbidden(
-            rel.display().to_string(),
-            "not a regular file".into(),
-        ));
-    }
+    regular(&meta, rel)?;
     dir.remove_file(rel).map_err(|e| FsError::from_io(rel, e))
 }
 

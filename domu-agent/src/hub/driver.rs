@@ -500,12 +500,10 @@ mod tests {
             .unwrap();
         client
             .publish(
-                Publication {
-                    topic: "system/disks/list_disks/request".into(),
-                    payload: Bytes::from_static(b"request-1"),
-                    qos: QoS::AtLeastOnce,
-                    retain: false,
-                },
+                Publication::at_least_once(
+                    "system/disks/list_disks/request".into(),
+                    Bytes::from_static(b"request-1"),
+                ),
                 None,
             )
             .await;

@@ -215,12 +215,10 @@ fn qos1_is_resent_with_dup_after_a_reconnect_and_subscriptions_renewed() {
     let (mut s, t0) = live(&["system/+/+/response/vm-gui", "app/#"]);
     let id = s
         .publish(
-            Publication {
-                topic: "system/disks/list_disks/request".into(),
-                payload: Bytes::from_static(b"request-1"),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-            },
+            Publication::at_least_once(
+                "system/disks/list_disks/request".into(),
+                Bytes::from_static(b"request-1"),
+            ),
             t0,
         )
         .unwrap()
@@ -367,28 +365,12 @@ fn probes_report_their_round_trip() {
 fn the_in_flight_window_is_bounded() {
     let (mut s, t0) = live(&[]);
     for _ in 0..MAX_INFLIGHT {
-        s.publish(
-            Publication {
-                topic: "a/b".into(),
-                payload: Bytes::new(),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-            },
-            t0,
-        )
-        .unwrap();
+        s.publish(Publication::at_least_once("a/b".into(), Bytes::new()), t0)
+            .unwrap();
     }
     assert!(!s.accepts_publish());
     assert_eq!(
-        s.publish(
-            Publication {
-                topic: "a/b".into(),
-                payload: Bytes::new(),
-                qos: QoS::AtLeastOnce,
-                retain: false
-            },
-            t0
-        ),
+        s.publish(Publication::at_least_once("a/b".into(), Bytes::new()), t0),
         Err(PublishError::Full)
     );
     let big = Bytes::from(vec![0u8; 65 * 1024]);
@@ -411,12 +393,7 @@ fn the_in_flight_window_is_bounded() {
 fn a_closed_tty_waits_and_keeps_what_is_in_flight() {
     let (mut s, t0) = live(&[]);
     s.publish(
-        Publication {
-            topic: "a/b".into(),
-            payload: Bytes::from_static(b"m"),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-        },
+        Publication::at_least_once("a/b".into(), Bytes::from_static(b"m")),
         t0,
     )
     .unwrap();
