@@ -66,7 +66,9 @@ async fn attach_loop(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, stop: Cance
                 // A client id names another party when it is Dom0, a VM Dom0 links, or a VM the
                 // policy names.
                 let (known, named) = (ctx.supervision.clone(), ctx.policy.clone());
-                let mut s = Session::new(vm.clone(), ctx.limits.clone(), rules, Instant::now())
+                let now = Instant::now();
+                let mut s = Session::new(vm.clone(), ctx.limits.clone(), rules, now)
+                    .with_epoch(now, epoch_ms())
                     .with_parties(NamesAParty(Arc::new(move |id: &str| {
                         id.eq_ignore_ascii_case(topics::vm::DOM0)
                             || known.knows(id)
@@ -101,6 +103,13 @@ async fn attach_loop(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, stop: Cance
             _ = stop.cancelled() => {}
         }
     }
+}
+
+/// Dom0's wall clock, in milliseconds since the epoch.
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn emit_state(ctx: &LinkContext, vm: &VmId, state: LinkState, detail: Option<String>) {

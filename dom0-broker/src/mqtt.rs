@@ -404,6 +404,16 @@ pub fn encode_subscribe(pkid: u16, filters: &[(&str, u8)], out: &mut BytesMut) {
     }
 }
 
+pub fn encode_unsubscribe(pkid: u16, filters: &[&str], out: &mut BytesMut) {
+    let len = 2 + filters.iter().map(|f| 2 + f.len()).sum::<usize>();
+    out.put_u8(UNSUBSCRIBE << 4 | 0x02);
+    put_remaining_length(out, len);
+    out.put_u16(pkid);
+    for f in filters {
+        put_binary(out, f.as_bytes());
+    }
+}
+
 /// UNSUBSCRIBE: packet id and filters.
 pub fn parse_unsubscribe(body: &[u8]) -> Result<(u16, Vec<&str>), PacketError> {
     let mut r = Reader { buf: body };
@@ -613,6 +623,12 @@ mod tests {
             parse_subscribe(b"\x00\x09").unwrap_err(),
             PacketError::NoTopics
         );
+
+        let mut out = BytesMut::new();
+        encode_unsubscribe(4, &["a/#", "b"], &mut out);
+        let (h, body) = frame(&out);
+        check_flags(&h).unwrap();
+        assert_eq!(parse_unsubscribe(body).unwrap(), (4, vec!["a/#", "b"]));
         assert_eq!(
             parse_subscribe(b"\x00\x09\x00\x01a\x03").unwrap_err(),
             PacketError::BadQos

@@ -387,13 +387,21 @@ pub fn identity_field(topic: &str) -> Option<&'static str> {
 
 /// Checks the identity field of a payload against the channel's VM: absent, it is filled in (the
 /// payload to send instead is returned; the note writes `{}` and the channel says who it is);
-/// naming anyone else, refused. A request's `request_id`, when present, must be a valid one.
-pub fn stamp_identity(vm: &VmId, field: &str, payload: &[u8]) -> Result<Option<Vec<u8>>, Denial> {
+/// naming anyone else, refused. A request's `request_id`, when present, must be a valid one; with
+/// `now_ms` (Dom0's clock, ms since the epoch), a request gets its `deadline_ms` from its
+/// `timeout_ms` (whatever deadline the VM wrote is replaced).
+pub fn stamp_identity(
+    vm: &VmId,
+    field: &str,
+    payload: &[u8],
+    now_ms: Option<u64>,
+) -> Result<Option<Vec<u8>>, Denial> {
     let mut m = match serde_json::from_slice::<serde_json::Value>(payload) {
         Ok(serde_json::Value::Object(m)) => m,
         Ok(_) => return Err(Denial::Sender("payload must be a JSON object".into())),
         Err(e) => return Err(Denial::Sender(format!("payload is not JSON: {e}"))),
     };
+    let mut rewritten = false;
     if field == "sender" {
         match m.get("request_id") {
             None | Some(serde_json::Value::Null) => {}
@@ -403,32 +411,42 @@ pub fn stamp_identity(vm: &VmId, field: &str, payload: &[u8]) -> Result<Option<V
             }
             Some(_) => return Err(Denial::Sender("request_id must be a string".into())),
         }
+        if let Some(now) = now_ms {
+            let deadline = topics::payload::deadline_for(&m, now);
+            m.insert(topics::payload::DEADLINE_MS.to_owned(), deadline.into());
+            rewritten = true;
+        }
     }
     match m.get(field) {
         None | Some(serde_json::Value::Null) => {
             m.insert(field.to_owned(), serde_json::Value::String(vm.to_string()));
-            Ok(Some(serde_json::Value::Object(m).to_string().into_bytes()))
+            rewritten = true;
         }
-        Some(serde_json::Value::String(r)) if r == vm.as_str() => Ok(None),
-        Some(serde_json::Value::String(r)) => Err(Denial::Sender(format!(
-            "{field} is {:?}, not the channel's VM",
-            r.chars().take(64).collect::<String>()
-        ))),
-        Some(_) => Err(Denial::Sender(format!("{field} must be a string"))),
+        Some(serde_json::Value::String(r)) if r == vm.as_str() => {}
+        Some(serde_json::Value::String(r)) => {
+            return Err(Denial::Sender(format!(
+                "{field} is {:?}, not the channel's VM",
+                r.chars().take(64).collect::<String>()
+            )));
+        }
+        Some(_) => return Err(Denial::Sender(format!("{field} must be a string"))),
     }
+    Ok(rewritten.then(|| serde_json::Value::Object(m).to_string().into_bytes()))
 }
 
 /// The whole publish decision: topic rules, then the identity field of requests, responses and
-/// notifications (see [`stamp_identity`]). Ok(Some(payload)): publish that payload instead.
+/// notifications (see [`stamp_identity`]), and with `now_ms` a request's deadline. Ok(Some(payload)):
+/// publish that payload instead.
 pub fn check_publish(
     rules: &Rules,
     vm: &VmId,
     topic: &str,
     payload: &[u8],
+    now_ms: Option<u64>,
 ) -> Result<Option<Vec<u8>>, Denial> {
     rules.check_publish_topic(topic)?;
     match identity_field(topic) {
-        Some(field) => stamp_identity(vm, field, payload),
+        Some(field) => stamp_identity(vm, field, payload, now_ms),
         None => Ok(None),
     }
 }

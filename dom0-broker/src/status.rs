@@ -89,7 +89,7 @@ pub fn fetch(broker: &BrokerAddr) -> Result<Vec<LinkCounters>, StatusError> {
 /// The table: one line per VM.
 pub fn table(links: &[LinkCounters]) -> String {
     let mut s = format!(
-        "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7}  {:<24} {}\n",
+        "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7} {:>7}  {:<24} {}\n",
         "VM",
         "STATE",
         "SESSION SINCE",
@@ -97,6 +97,7 @@ pub fn table(links: &[LinkCounters]) -> String {
         "OUT",
         "REFUSED",
         "DROPPED",
+        "EXPIRED",
         "COMPONENTS",
         "LAST ERROR"
     );
@@ -119,7 +120,7 @@ pub fn table(links: &[LinkCounters]) -> String {
             components.join(",")
         };
         s.push_str(&format!(
-            "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7}  {:<24} {}\n",
+            "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7} {:>7}  {:<24} {}\n",
             l.vm,
             state,
             l.session_since.as_deref().unwrap_or("-"),
@@ -127,6 +128,7 @@ pub fn table(links: &[LinkCounters]) -> String {
             l.packets_out,
             l.refused,
             l.dropped,
+            l.expired,
             components,
             l.last_error.as_deref().unwrap_or("-"),
         ));

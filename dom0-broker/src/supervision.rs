@@ -27,6 +27,8 @@ pub struct LinkStats {
     pub dropped: AtomicU64,
     /// Bytes discarded while scanning for CONNECT.
     pub garbage_bytes: AtomicU64,
+    /// Requests not delivered: past their deadline.
+    pub expired: AtomicU64,
     /// Seconds since the epoch when the current session came up (0: none).
     pub session_since: AtomicU64,
     /// The last refusal or session loss, for `dom0-broker status`.
@@ -47,6 +49,7 @@ impl LinkStats {
             bytes_out: self.bytes_out.load(Relaxed),
             refused: self.refused.load(Relaxed),
             dropped: self.dropped.load(Relaxed),
+            expired: self.expired.load(Relaxed),
             session_since: match self.session_since.load(Relaxed) {
                 0 => None,
                 t => Some(topics::rfc3339(t)),
@@ -86,6 +89,7 @@ impl LinkStats {
             (&self.refused, c.refused),
             (&self.dropped, c.dropped),
             (&self.garbage_bytes, c.garbage_bytes),
+            (&self.expired, c.expired),
         ] {
             if n > 0 {
                 counter.fetch_add(n, Relaxed);

@@ -242,7 +242,8 @@ pub fn start_mosquitto(dir: &TestDir, port: u16, extra: &str) -> Proc {
         &conf,
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nmax_packet_size 4194304\n\
-             log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\npersistence false\n{extra}\n"
+             log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\npersistence false\n\
+             max_queued_messages 1000\nmax_queued_bytes 16777216\n{extra}\n"
         ),
     )
     .unwrap();

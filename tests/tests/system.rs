@@ -31,6 +31,7 @@ mod hostile;
 mod layout;
 mod legacy;
 mod operations;
+mod outage;
 mod policy;
 mod security;
 mod vendor;

@@ -113,6 +113,8 @@ pub struct Question {
     /// Until when parties not heard from yet may still answer (a broadcast).
     window_end: Instant,
     deadline: Instant,
+    /// How long the asker waits: what its request says (`timeout_ms`).
+    patience: Duration,
     /// Who answered, and whether they are finished.
     heard: BTreeMap<String, bool>,
 }
@@ -142,8 +144,14 @@ impl Question {
             responders,
             window_end: now + window,
             deadline: now + patience,
+            patience,
             heard: BTreeMap::new(),
         }
+    }
+
+    /// How long the asker waits for the answers: the request's `timeout_ms`.
+    pub fn patience(&self) -> Duration {
+        self.patience
     }
 
     pub fn command(&self) -> Command {

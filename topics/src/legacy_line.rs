@@ -323,18 +323,23 @@ pub fn parse(untrusted: &[u8]) -> Result<LegacyLine, LegacyError> {
     }
 }
 
-/// The request a command becomes: its topic and payload (`sender` and `request_id` added, and
-/// `destination` unless it goes to everyone).
+/// The request a command becomes: its topic and payload (`sender`, `request_id` and the asker's
+/// patience, `timeout_ms`, added, and `destination` unless it goes to everyone).
 pub fn request(
     command: Command,
     destination: &Destination,
     arguments: &Map<String, Value>,
     sender: &VmId,
     request_id: &str,
+    patience: std::time::Duration,
 ) -> (String, Vec<u8>) {
     let mut p = arguments.clone();
     p.insert("sender".into(), json!(sender.as_str()));
     p.insert("request_id".into(), json!(request_id));
+    p.insert(
+        crate::payload::TIMEOUT_MS.into(),
+        json!(u64::try_from(patience.as_millis()).unwrap_or(u64::MAX)),
+    );
     match destination.name() {
         Some(d) => p.insert("destination".into(), json!(d)),
         None => p.remove("destination"),
@@ -453,9 +458,12 @@ pub fn command_line(command: Command, payload: &[u8], destination: &str) -> Opti
         Some(Value::String(s)) => s,
         _ => return None,
     };
-    // The request id stays with Dom0 (the translation gives the answer its id back).
+    // The request id stays with Dom0 (the translation gives the answer its id back), and so do
+    // the request's patience and deadline: the MVP knows none of them.
     m.remove("destination");
     m.remove("request_id");
+    m.remove(crate::payload::TIMEOUT_MS);
+    m.remove(crate::payload::DEADLINE_MS);
     let name = legacy::commande(command)?;
     Some(line(
         "commande",

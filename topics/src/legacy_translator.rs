@@ -273,13 +273,19 @@ impl Translator {
             );
         }
         let id = new_id();
-        let (topic, payload) =
-            legacy_line::request(command, destination, arguments, &self.me, id.as_str());
+        let responders = Responders::for_request(command, destination.name());
+        let question = Question::new(command, id.clone(), responders, None, now);
+        let (topic, payload) = legacy_line::request(
+            command,
+            destination,
+            arguments,
+            &self.me,
+            id.as_str(),
+            question.patience(),
+        );
         if let Err(e) = self.fits(&topic, &payload) {
             return refuse(ErrorCode::TooLarge, &e.to_string());
         }
-        let responders = Responders::for_request(command, destination.name());
-        let question = Question::new(command, id.clone(), responders, None, now);
         self.asked.insert(id.clone(), Asked { question, client });
         Out::Request {
             topic,

@@ -173,6 +173,44 @@ fn from_map<T: DeserializeOwned>(map: Map<String, Value>) -> Result<T, PayloadEr
     })
 }
 
+/// The requester's patience in a request, in milliseconds: how long its answer is worth waiting
+/// for. Dom0 turns it into [`DEADLINE_MS`] on its own clock.
+pub const TIMEOUT_MS: &str = "timeout_ms";
+/// When a request stops being worth running, in milliseconds since the epoch on Dom0's clock. Dom0
+/// sets it on every request a VM publishes (a VM's own value is replaced); Dom0's own clients may
+/// set it themselves. A link does not deliver a request past it.
+pub const DEADLINE_MS: &str = "deadline_ms";
+/// The patience of a request that says none.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The longest patience Dom0 grants.
+pub const MAX_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The deadline of a request published at `now_ms` (ms since the epoch) with these fields: its
+/// `timeout_ms` when a positive integer (at most [`MAX_REQUEST_TIMEOUT`]), else the default.
+pub fn deadline_for(fields: &Map<String, Value>, now_ms: u64) -> u64 {
+    let max = MAX_REQUEST_TIMEOUT.as_millis() as u64;
+    let patience = match fields.get(TIMEOUT_MS).and_then(Value::as_u64) {
+        Some(t) if t > 0 => t.min(max),
+        _ => DEFAULT_REQUEST_TIMEOUT.as_millis() as u64,
+    };
+    now_ms.saturating_add(patience)
+}
+
+/// Whether a request is past its `deadline_ms` at `now_ms`; a request without one never is.
+pub fn expired(payload: &[u8], now_ms: u64) -> bool {
+    // Most payloads say nothing of it: no parse for them.
+    if !payload
+        .windows(DEADLINE_MS.len())
+        .any(|w| w == DEADLINE_MS.as_bytes())
+    {
+        return false;
+    }
+    serde_json::from_slice::<Value>(payload)
+        .ok()
+        .and_then(|v| v.get(DEADLINE_MS)?.as_u64())
+        .is_some_and(|deadline| now_ms > deadline)
+}
+
 /// Decodes only the envelope of a request (what Dom0 checks on every request it relays).
 pub fn decode_envelope(payload: &[u8]) -> Result<Envelope, PayloadError> {
     take_envelope(&mut parse_object(payload)?)
@@ -650,6 +688,10 @@ pub struct LinkCounters {
     pub refused: u64,
     /// Sessions dropped (overflow, silence, protocol error).
     pub dropped: u64,
+    /// Requests not delivered to the VM because their deadline had passed (they waited for it
+    /// while it was away).
+    #[serde(default)]
+    pub expired: u64,
     /// When the current session came up (RFC 3339), if one is up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_since: Option<String>,

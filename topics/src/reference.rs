@@ -260,6 +260,7 @@ pub fn example(c: Command) -> (Vec<u8>, Vec<u8>) {
                         bytes_out: 19876,
                         refused: 1,
                         dropped: 0,
+                        expired: 0,
                         session_since: Some("2026-11-22T10:00:00Z".into()),
                         last_error: Some(
                             "2026-11-22T10:05:00Z refused \"system/disks/list_disks/response/vm-gui\": no rule allows it"
@@ -366,6 +367,12 @@ pub fn markdown() -> String {
          - Every request carries `sender`, the requester's VM id: Dom0 fills it in when a VM's request has none (the note writes `{{}}`) \
          and refuses one that names another VM; Dom0's own clients must set it. A request also carries a `request_id` \
          (1 to 64 visible ASCII characters) that the response echoes: the agents use 128 random bits (32 hex digits), never shown to a party that does not need it.\n\
+         - A request may say how long its answer is awaited: `timeout_ms` (the agents' `call` and legacy endpoint set their own timeout; \
+         none: {} s, at most {} s). Dom0 turns it into `deadline_ms`, milliseconds since the epoch on Dom0's clock, when a VM's request \
+         enters the broker (whatever deadline the VM wrote is replaced; Dom0's own clients may set `deadline_ms` themselves). \
+         A request past its deadline is not delivered: it waited in the broker while its responder was away, and its requester \
+         has given up (`dom0-broker status`: EXPIRED). A responder that gets the same `request_id` from the same `sender` again \
+         (a redelivery after a reconnect) answers it as before, without running it again.\n\
          - Every response carries `status`: `ok` or `error` (benchmarks: `started`, then `finished`), \
          and `responder`, who answered: Dom0 fills it in with the channel's VM and refuses one that names someone else \
          (Dom0's own answers say `dom0`). An error carries `error: {{\"code\", \"message\"}}`.\n\
@@ -378,6 +385,8 @@ pub fn markdown() -> String {
          - Disks: `disk`, `source_disk` and `target_disk` name a disk of `list_disks`; the local repository is the disk `repository` \
          (where `read_file` copies to), for every command. `filepath` is always relative to the disk named beside it.\n\n\
          ## System commands\n\nThe note's first category: a request, answered on the requester's response topic.\n",
+        crate::payload::DEFAULT_REQUEST_TIMEOUT.as_secs(),
+        crate::payload::MAX_REQUEST_TIMEOUT.as_secs(),
         ErrorCode::ALL
             .iter()
             .map(|c| format!("`{c}`"))

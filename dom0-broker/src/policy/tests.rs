@@ -15,7 +15,7 @@ fn decide(policy: &Policy, who: &str, act: Act, topic: &str, payload: &str) -> R
     let v = vm(who);
     let rules = policy.rules_for(&v);
     match act {
-        Act::Pub => check_publish(&rules, &v, topic, payload.as_bytes()).map(|_| ()),
+        Act::Pub => check_publish(&rules, &v, topic, payload.as_bytes(), None).map(|_| ()),
         Act::Sub => rules.check_subscribe(topic),
         Act::Deliver => rules.check_deliver(topic),
     }
@@ -516,7 +516,7 @@ fn identity_fields_are_stamped_or_refused() {
         ),
     ];
     for (topic, payload, want) in rows {
-        let got = check_publish(&rules, &usb, topic, payload.as_bytes());
+        let got = check_publish(&rules, &usb, topic, payload.as_bytes(), None);
         match (got, want) {
             (Ok(None), Ok(None)) | (Err(_), Err(())) => {}
             (Ok(Some(stamped)), Ok(Some(field))) => {
@@ -532,10 +532,31 @@ fn identity_fields_are_stamped_or_refused() {
         &gui,
         "system/disks/list_disks/request",
         b"{}",
+        None,
     )
     .unwrap()
     .unwrap();
     assert_eq!(stamped, br#"{"sender":"vm-gui"}"#);
+    // On Dom0's clock, a request gets its deadline: its patience, or the default; whatever
+    // deadline the VM wrote is replaced.
+    let rules = p.rules_for(&gui);
+    let at = |payload: &[u8]| -> serde_json::Value {
+        let out = check_publish(
+            &rules,
+            &gui,
+            "system/disks/list_disks/request",
+            payload,
+            Some(1000),
+        );
+        serde_json::from_slice(&out.unwrap().unwrap()).unwrap()
+    };
+    assert_eq!(at(br#"{"timeout_ms":500}"#)["deadline_ms"], 1500);
+    let default = topics::payload::DEFAULT_REQUEST_TIMEOUT.as_millis() as u64;
+    assert_eq!(
+        at(br#"{"deadline_ms":99999999999}"#)["deadline_ms"],
+        1000 + default
+    );
+    assert_eq!(at(br#"{"sender":"vm-gui"}"#)["sender"], "vm-gui");
 }
 
 #[test]

@@ -175,7 +175,8 @@ impl Session {
     ) -> Result<Option<Vec<u8>>, Refusal> {
         self.budget
             .charge(topic, payload, self.limits.rate_per_sec, now)?;
-        let stamped = policy::check_publish(&self.rules, &self.vm, topic, payload)
+        let now_ms = self.epoch_ms(now);
+        let stamped = policy::check_publish(&self.rules, &self.vm, topic, payload, now_ms)
             .map_err(|d| Refusal::forbidden(d.to_string()))?;
         let size = topic.len() + stamped.as_ref().map_or(payload.len(), Vec::len) + 9;
         if size > self.limits.max_packet {

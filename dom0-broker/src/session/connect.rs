@@ -134,7 +134,7 @@ impl Session {
             return true;
         }
         if let Some(w) = c.will.as_mut() {
-            match policy::check_publish(&self.rules, &self.vm, &w.topic, &w.payload) {
+            match policy::check_publish(&self.rules, &self.vm, &w.topic, &w.payload, None) {
                 Ok(None) => {}
                 Ok(Some(stamped)) => w.payload = stamped.into(),
                 Err(d) => {
@@ -154,6 +154,11 @@ impl Session {
         c.client_id = self.vm.to_string();
         c.username = Some(self.vm.to_string());
         c.password = None;
+        // The broker keeps the VM's session while its link is away (its subscriptions, and what
+        // they catch meanwhile): a new guest session on the channel gets it. The guest is told
+        // what it asked for (a clean session: no session present).
+        self.guest_clean = c.clean_session;
+        c.clean_session = false;
         self.open_session(&c, None, now);
         false
     }

@@ -10,6 +10,7 @@ use topics::payload::LinkState;
 use super::ledger::BrokerPubrel;
 use super::{Effect, Phase, Session};
 use crate::mqtt::{self, FixedHeader, connack};
+use crate::policy;
 
 impl Session {
     /// Bytes read from the broker.
@@ -87,10 +88,17 @@ impl Session {
 
     /// The broker's CONNACK to the guest's CONNECT: the session is up, or the broker refused it.
     pub(super) fn broker_connack(&mut self, frame: &[u8], body: &[u8]) {
-        let rc = mqtt::parse_connack(body)
-            .map(|(_, rc)| rc)
-            .unwrap_or(connack::SERVER_UNAVAILABLE);
-        self.relay_to_guest(frame);
+        let (present, rc) =
+            mqtt::parse_connack(body).unwrap_or((false, connack::SERVER_UNAVAILABLE));
+        if present && self.guest_clean {
+            // The broker kept the VM's session; the guest asked for a clean one and is told so
+            // (MQTT: a client without session state closes on "session present").
+            let mut out = BytesMut::new();
+            mqtt::encode_connack(false, rc, &mut out);
+            self.relay_to_guest(&out);
+        } else {
+            self.relay_to_guest(frame);
+        }
         if rc == connack::ACCEPTED {
             self.phase = Phase::Live { connack_seen: true };
             tracing::info!("session up");
@@ -115,6 +123,10 @@ impl Session {
             self.end_session("bad PUBLISH from broker", false, now);
             return;
         };
+        if self.past_deadline(p.topic, p.payload, now) {
+            self.not_delivered(p.qos, p.pkid, now);
+            return;
+        }
         match self.rules.check_deliver(p.topic) {
             Ok(()) => {
                 self.ledger.delivered(p.qos, p.pkid);
@@ -126,12 +138,31 @@ impl Session {
                     tracing::warn!(topic = p.topic, reason = %d, "delivery refused{unreported}");
                 }
                 self.counters.refused += 1;
-                if let Some((kind, id)) = self.ledger.dropped(p.qos, p.pkid) {
-                    mqtt::encode_ack(kind, id, &mut self.to_broker);
-                }
-                self.last_to_broker = now;
+                self.not_delivered(p.qos, p.pkid, now);
             }
         }
+    }
+
+    /// A delivery the guest does not get: acknowledged to the broker here.
+    fn not_delivered(&mut self, qos: u8, pkid: Option<u16>, now: Instant) {
+        if let Some((kind, id)) = self.ledger.dropped(qos, pkid) {
+            mqtt::encode_ack(kind, id, &mut self.to_broker);
+        }
+        self.last_to_broker = now;
+    }
+
+    /// A request whose deadline passed (it waited in the broker while the VM was away) is not
+    /// delivered: running it now would surprise a requester that gave up. Counted.
+    pub(super) fn past_deadline(&mut self, topic: &str, payload: &[u8], now: Instant) -> bool {
+        let Some(now_ms) = self.epoch_ms(now) else {
+            return false;
+        };
+        if !policy::is_request_topic(topic) || !topics::payload::expired(payload, now_ms) {
+            return false;
+        }
+        tracing::debug!(topic, "request past its deadline not delivered");
+        self.counters.expired += 1;
+        true
     }
 
     /// The broker's SUBACK, merged with the link's own refusals when the SUBSCRIBE had some.

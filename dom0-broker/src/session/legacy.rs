@@ -113,7 +113,9 @@ impl Session {
         self.to_guest.extend_from_slice(b"\n");
         let max = self.limits.max_keepalive;
         let c = mqtt::Connect {
-            clean_session: true,
+            // Persistent, like an MQTT guest's: what its subscriptions catch while it is away
+            // waits in the broker.
+            clean_session: false,
             keep_alive: u16::try_from(max.as_secs()).unwrap_or(u16::MAX).max(1),
             client_id: self.vm.to_string(),
             will: None,
@@ -255,7 +257,9 @@ impl Session {
                 if let Some((kind, id)) = self.ledger.dropped(p.qos, p.pkid) {
                     mqtt::encode_ack(kind, id, &mut self.to_broker);
                 }
-                if self.rules.check_deliver(p.topic).is_ok() {
+                if !self.past_deadline(p.topic, p.payload, now)
+                    && self.rules.check_deliver(p.topic).is_ok()
+                {
                     let line = self
                         .legacy_mode()
                         .and_then(|l| l.translator.on_message(p.topic, p.payload, now));

@@ -87,6 +87,8 @@ pub struct Counters {
     pub dropped: u64,
     /// Bytes discarded while scanning for CONNECT.
     pub garbage_bytes: u64,
+    /// Requests not delivered: past their deadline.
+    pub expired: u64,
 }
 
 impl Counters {
@@ -100,6 +102,7 @@ impl Counters {
             refused: self.refused - earlier.refused,
             dropped: self.dropped - earlier.dropped,
             garbage_bytes: self.garbage_bytes - earlier.garbage_bytes,
+            expired: self.expired - earlier.expired,
         }
     }
 }
@@ -168,9 +171,14 @@ pub struct Session {
     budget: Budget,
     /// Filters of this session forwarded to the broker (checked again when the policy changes).
     subscribed: BTreeSet<String>,
+    /// The guest asked for a clean session (the broker's is persistent).
+    guest_clean: bool,
     /// What the link counted since the session was made, and what of it the driver took.
     counters: Counters,
     reported: Counters,
+    /// Dom0's wall clock: an instant and the milliseconds since the epoch it was (the driver's;
+    /// without one, requests get no deadline and none expires).
+    epoch: Option<(Instant, u64)>,
     effects: Vec<Effect>,
 }
 
@@ -202,8 +210,10 @@ impl Session {
             ledger: Ledger::default(),
             budget,
             subscribed: BTreeSet::new(),
+            guest_clean: true,
             counters: Counters::default(),
             reported: Counters::default(),
+            epoch: None,
             effects: Vec::new(),
         }
     }
@@ -224,9 +234,19 @@ impl Session {
         match denied {
             Some(f) if self.has_broker() => {
                 tracing::info!(filter = %f, "policy reloaded: a subscription is no longer allowed; restarting the session");
-                self.end_session(
+                // The broker keeps the VM's session: what is denied now leaves it first.
+                let denied: Vec<String> = self
+                    .subscribed
+                    .iter()
+                    .filter(|f| self.rules.check_subscribe(f).is_err())
+                    .cloned()
+                    .collect();
+                let denied: Vec<&str> = denied.iter().map(String::as_str).collect();
+                mqtt::encode_unsubscribe(1, &denied, &mut self.to_broker);
+                self.end_session_as(
                     &format!("policy reloaded: subscription {f:?} no longer allowed"),
                     false,
+                    true,
                     now,
                 );
             }
@@ -254,6 +274,21 @@ impl Session {
     pub fn attach(&mut self, now: Instant) {
         self.last_nudge = Some(now);
         self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);
+    }
+
+    /// Dom0's wall clock: `now` was `epoch_ms` milliseconds since the epoch. Requests the guest
+    /// publishes get their deadline on it; requests past theirs are not delivered.
+    pub fn with_epoch(mut self, now: Instant, epoch_ms: u64) -> Session {
+        self.epoch = Some((now, epoch_ms));
+        self
+    }
+
+    /// Milliseconds since the epoch at `now`, on Dom0's clock.
+    fn epoch_ms(&self, now: Instant) -> Option<u64> {
+        self.epoch.map(|(at, ms)| {
+            let since = now.saturating_duration_since(at).as_millis();
+            ms.saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+        })
     }
 
     /// How a client id is told to name another party: the driver gives the registry of the VMs
@@ -398,6 +433,12 @@ impl Session {
     /// Ends the broker session and sends the guest back to CONNECT. `flush` marks the guest's own
     /// DISCONNECT: it is forwarded to the broker first (so no will is published).
     fn end_session(&mut self, why: &str, flush: bool, now: Instant) {
+        self.end_session_as(why, flush, flush, now);
+    }
+
+    /// [`Session::end_session`], with the guest's own leaving (`guest_left`: it is told nothing)
+    /// apart from flushing what the link wrote to the broker first (`flush`).
+    fn end_session_as(&mut self, why: &str, guest_left: bool, flush: bool, now: Instant) {
         // What was partial belonged to the session that ends (or to the legacy translation).
         if self.guest_in.is_empty() {
             self.partial_since = None;
@@ -414,7 +455,7 @@ impl Session {
             // A legacy guest reads lines, not MQTT: it is told nothing; its next line starts a
             // new legacy session.
             self.to_guest.extend_from_slice(b"\n");
-        } else if !flush {
+        } else if !guest_left {
             // Not the guest's own DISCONNECT: tell it to start over. (After its DISCONNECT the guest
             // has gone; a byte sent now would wait in the tty for whoever opens it next.)
             self.to_guest.extend_from_slice(&mqtt::DISCONNECT_PACKET);

@@ -27,6 +27,7 @@ use crate::config::Limits;
 use crate::disk::announce::Announcer;
 use crate::disk::disks::Disks;
 use crate::disk::fsops::{self, FsError};
+use crate::disk::once::{Key, Once, Seen};
 use crate::disk::paths;
 use crate::hub::{Client, Hub, Publication};
 
@@ -52,6 +53,8 @@ pub struct Service {
     /// Disk operations running at once.
     permits: Semaphore,
     benchmark_running: AtomicBool,
+    /// Requests seen and answered: a redelivery is answered alike, not run again.
+    once: std::sync::Mutex<Once>,
 }
 
 fn fs_error(e: FsError) -> ErrorBody {
@@ -77,6 +80,7 @@ impl Service {
             announcer,
             permits,
             benchmark_running: AtomicBool::new(false),
+            once: std::sync::Mutex::new(Once::default()),
         }
     }
 
@@ -198,6 +202,31 @@ impl Service {
         let reply_topic = command.response_topic(&env.sender);
         let rid = env.request_id.clone();
         tracing::debug!(topic, sender = %env.sender, request_id = ?rid.as_ref().map(RequestId::as_str), "request");
+        // At most once: a request with an id seen before is not run again (a benchmark answers
+        // twice and a discover costs nothing: both always run).
+        let key = rid
+            .clone()
+            .filter(|_| !matches!(command, Command::Benchmark | Command::Discover))
+            .map(|request_id| Key {
+                sender: env.sender.clone(),
+                command,
+                request_id,
+            });
+        if let Some(k) = &key {
+            let seen = self.once().seen(k.clone());
+            match seen {
+                Seen::First => {}
+                Seen::Running => {
+                    tracing::debug!(topic, "request delivered again while it runs");
+                    return;
+                }
+                Seen::Answered(body) => {
+                    tracing::debug!(topic, "request delivered again: answered as before");
+                    self.publish(reply_topic, body).await;
+                    return;
+                }
+            }
+        }
         let body = match command {
             Command::ListDisks => self.list_disks(rid).await,
             Command::ListFiles => self.list_files(&payload, rid).await,
@@ -213,7 +242,15 @@ impl Service {
             }
             Command::SupervisionCounters => return,
         };
+        let again = key.map_or(0, |k| self.once().answered(&k, &body));
+        for _ in 0..again {
+            self.publish(reply_topic.clone(), body.clone()).await;
+        }
         self.publish(reply_topic, body).await;
+    }
+
+    fn once(&self) -> std::sync::MutexGuard<'_, Once> {
+        self.once.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Decodes a request's arguments; a bad field is `invalid_argument` naming it.

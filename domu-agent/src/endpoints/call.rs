@@ -211,9 +211,19 @@ async fn ask(
         .and_then(Value::as_str)
         .filter(|d| *d != topics::legacy_line::ALL)
         .map(str::to_owned);
+    let question = Question::new(
+        command,
+        id.clone(),
+        Responders::for_request(command, destination.as_deref()),
+        req.timeout_ms.map(Duration::from_millis),
+        std::time::Instant::now(),
+    );
     let mut payload = req.args;
     payload.insert("sender".into(), Value::String(vm.to_string()));
     payload.insert("request_id".into(), Value::String(id.to_string()));
+    // The request says how long its answer is awaited: Dom0 makes it its deadline.
+    let patience = u64::try_from(question.patience().as_millis()).unwrap_or(u64::MAX);
+    payload.insert(topics::payload::TIMEOUT_MS.into(), Value::from(patience));
     let body = Bytes::from(Value::Object(payload).to_string());
     let topic = command.request_topic();
     if !out
@@ -222,13 +232,7 @@ async fn ask(
     {
         return None;
     }
-    Some(Question::new(
-        command,
-        id,
-        Responders::for_request(command, destination.as_deref()),
-        req.timeout_ms.map(Duration::from_millis),
-        std::time::Instant::now(),
-    ))
+    Some(question)
 }
 
 /// Writes every answer the question takes as it comes (one JSON line each); returns the lines

@@ -103,12 +103,13 @@ fn requests_carry_sender_id_and_destination() {
         &args,
         &vm("vm-gui"),
         "r1",
+        std::time::Duration::from_secs(10),
     );
     assert_eq!(topic, "system/disks/list_files/request");
     let p: Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(
         p,
-        json!({"disk":"usb0","sender":"vm-gui","request_id":"r1","destination":"sys-usb"})
+        json!({"disk":"usb0","sender":"vm-gui","request_id":"r1","destination":"sys-usb","timeout_ms":10000})
     );
     assert!(addressed_to(&payload, "sys-usb"));
     assert!(!addressed_to(&payload, "vm-other"));
@@ -118,6 +119,7 @@ fn requests_carry_sender_id_and_destination() {
         &Map::new(),
         &vm("a"),
         "2",
+        std::time::Duration::from_secs(2),
     );
     assert!(addressed_to(&all, "anyone"));
     let (_, d0) = request(
@@ -126,6 +128,7 @@ fn requests_carry_sender_id_and_destination() {
         &Map::new(),
         &vm("a"),
         "3",
+        std::time::Duration::from_secs(2),
     );
     assert!(addressed_to(&d0, "dom0") && !addressed_to(&d0, "sys-usb"));
 }

@@ -421,3 +421,39 @@ mod prop {
         }
     }
 }
+
+#[test]
+fn a_requests_deadline_comes_from_its_patience_on_dom0s_clock() {
+    let fields = |v: Value| v.as_object().cloned().unwrap();
+    let now = 1_000_000;
+    let default = DEFAULT_REQUEST_TIMEOUT.as_millis() as u64;
+    let max = MAX_REQUEST_TIMEOUT.as_millis() as u64;
+    // (fields, deadline)
+    let table = [
+        (json!({}), now + default),
+        (json!({"timeout_ms": 2500}), now + 2500),
+        (json!({"timeout_ms": 0}), now + default),
+        (json!({"timeout_ms": -5}), now + default),
+        (json!({"timeout_ms": "10"}), now + default),
+        (json!({"timeout_ms": u64::MAX}), now + max),
+    ];
+    for (f, deadline) in table {
+        assert_eq!(deadline_for(&fields(f.clone()), now), deadline, "{f}");
+    }
+}
+
+#[test]
+fn a_request_expires_only_after_its_deadline() {
+    let with = |d: Value| json!({"sender": "vm-gui", "deadline_ms": d}).to_string();
+    assert!(
+        !expired(with(json!(1000)).as_bytes(), 1000),
+        "at the deadline"
+    );
+    assert!(expired(with(json!(1000)).as_bytes(), 1001));
+    assert!(!expired(br#"{"sender":"vm-gui"}"#, u64::MAX), "none: never");
+    assert!(
+        !expired(with(json!("1000")).as_bytes(), 5000),
+        "not a number: none"
+    );
+    assert!(!expired(b"not json deadline_ms", 5000));
+}
