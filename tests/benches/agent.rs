@@ -14,9 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use system_tests::bench::{
-    Report, against_direct_and_channel, beyond_channels, guest, p50_p99, ratios, tcp,
-};
+use system_tests::bench::{Report, against_direct_and_channel, chain_rows, guest, tcp};
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
@@ -138,18 +136,13 @@ fn run(kind: BrokerKind, report: &mut Report) {
     // (c) The simulator's own share: the chain crosses two simulated channels there and back.
     let (a, b, sim) = against_direct_and_channel(ROUND_TRIPS, report, &mut direct, &mut chained);
     let (a, b, sim) = (&a, &b, &sim);
-    report.row("vm-gui → sys-usb → vm-gui, p50 / p99", p50_p99(b));
-    report.row(
+    chain_rows(
+        report,
+        "vm-gui → sys-usb → vm-gui, p50 / p99",
         "**ratio to direct**, p50 / p99 (targets ≤ 3× / ≤ 5×)",
-        ratios(b, a),
-    );
-    report.row(
-        "the simulated channel alone, one round trip, p50",
-        format!("{:.1} µs", sim.p50),
-    );
-    report.row(
-        "ratio p50 to direct + the two channel round trips",
-        beyond_channels(b, a, sim, 2.0),
+        a,
+        b,
+        sim,
     );
     report.row(
         "round trips ≥ 40 ms, all paths",

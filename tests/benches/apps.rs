@@ -14,8 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use system_tests::bench::{
-    Report, STEP_DEADLINE, against_direct_and_channel, beyond_channels, p50_p99, ratios, tcp,
-    throughput,
+    Report, STEP_DEADLINE, against_direct_and_channel, chain_rows, tcp, throughput,
 };
 use system_tests::channel::Channel;
 use system_tests::raw::RawClient;
@@ -130,18 +129,13 @@ fn run(kind: BrokerKind, report: &mut Report) {
     // The simulator's own share, measured apart from Dom0's socket directory.
     let (a, b, sim) = against_direct_and_channel(ROUND_TRIPS, report, &mut direct, &mut chained);
     let (a, b, sim) = (&a, &b, &sim);
-    report.row(
+    chain_rows(
+        report,
         "app in vm-gui ↔ app in sys-usb (both agents), p50 / p99",
-        p50_p99(b),
-    );
-    report.row("**ratio to direct**, p50 / p99", ratios(b, a));
-    report.row(
-        "the simulated channel alone, one round trip, p50",
-        format!("{:.1} µs", sim.p50),
-    );
-    report.row(
-        "ratio p50 to direct + the two channel round trips",
-        beyond_channels(b, a, sim, 2.0),
+        "**ratio to direct**, p50 / p99",
+        a,
+        b,
+        sim,
     );
 
     eprintln!("throughput, {MESSAGES} × 16-byte messages, QoS 0");

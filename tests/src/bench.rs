@@ -258,6 +258,28 @@ pub fn against_direct_and_channel(
     (a, b, sim)
 }
 
+/// The rows of a chain measured against the direct path and the simulated channel (the chain,
+/// its ratio to direct, the channel alone, its ratio to direct plus two channel round trips).
+pub fn chain_rows(
+    report: &mut Report,
+    chain: &str,
+    ratio: &str,
+    direct: &Stats,
+    chained: &Stats,
+    sim: &Stats,
+) {
+    report.row(chain, p50_p99(chained));
+    report.row(ratio, ratios(chained, direct));
+    report.row(
+        "the simulated channel alone, one round trip, p50",
+        format!("{:.1} µs", sim.p50),
+    );
+    report.row(
+        "ratio p50 to direct + the two channel round trips",
+        beyond_channels(chained, direct, sim, 2.0),
+    );
+}
+
 /// A benchmark's table for `docs/performance.md`: one row per figure, one column per broker.
 /// Each figure is also printed to stderr as it comes; `print` writes the Markdown to stdout
 /// (`./scripts/bench` collects it into the document).
