@@ -50,6 +50,21 @@ impl BrokerError {
     }
 }
 
+/// The embedded broker, started: where the links connect, and what it reports of the messages it
+/// dropped (see [`watch_overflows`]).
+pub struct Embedded {
+    pub addr: BrokerAddr,
+    pub alerts: rumqttd::alerts::AlertsLink,
+}
+
+impl std::fmt::Debug for Embedded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedded")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The embedded broker: Dom0 clients reach rumqttd through the front door on `listen` (and the
 /// operator socket), which hands each to rumqttd's server of its MQTT version (`front_door.rs`);
 /// rumqttd itself listens on private loopback ports (the links' connections: the address
@@ -60,7 +75,7 @@ pub async fn start_embedded_service(
     limits: &Limits,
     tasks: &TaskTracker,
     stop: &CancellationToken,
-) -> Result<BrokerAddr, BrokerError> {
+) -> Result<Embedded, BrokerError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| BrokerError::Bind {
@@ -69,7 +84,7 @@ pub async fn start_embedded_service(
         })?;
     let (internal, internal_v5) = (free_loopback_port()?, free_loopback_port()?);
     let limits = limits.clone();
-    let backends =
+    let (backends, alerts) =
         tokio::task::spawn_blocking(move || start_embedded(internal, internal_v5, &limits))
             .await
             .map_err(|e| BrokerError::Interrupted(e.to_string()))??;
@@ -99,7 +114,44 @@ pub async fn start_embedded_service(
             stop.clone(),
         ));
     }
-    Ok(BrokerAddr::Tcp(internal.to_string()))
+    Ok(Embedded {
+        addr: BrokerAddr::Tcp(internal.to_string()),
+        alerts,
+    })
+}
+
+/// How often the embedded broker reports what it dropped.
+const ALERTS_EVERY_S: u64 = 1;
+
+/// rumqttd's metrics settings: alerts pushed every [`ALERTS_EVERY_S`], no meters
+/// (`MetricSettings` has no constructor, only its serde form).
+fn alerts_pushed() -> HashMap<rumqttd::MetricType, rumqttd::MetricSettings> {
+    serde_json::from_value(serde_json::json!({ "alerts": { "push_interval": ALERTS_EVERY_S } }))
+        .unwrap_or_default()
+}
+
+/// Reads the embedded broker's alerts until `stop`: each time it skipped messages a client had
+/// not read yet (a filter's log holds 2 MiB; a VM's persistent session away longer than that
+/// loses the oldest), `lost(client_id, filter, count)`. A link's client id is its VM's name.
+pub async fn watch_overflows(
+    alerts: rumqttd::alerts::AlertsLink,
+    lost: impl Fn(&str, &str, u64),
+    stop: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            _ = stop.cancelled() => return,
+            batch = alerts.next() => batch,
+        };
+        let Ok(batch) = batch else { return };
+        for alert in batch {
+            if let rumqttd::AlertKind::CursorJump { filter, lost: n } = &alert.kind
+                && *n > 0
+            {
+                lost(&alert.client_id, filter, *n as u64);
+            }
+        }
+    }
 }
 
 /// A free port on loopback, for one of the embedded broker's private listeners.
@@ -115,7 +167,7 @@ pub fn start_embedded(
     listen: SocketAddr,
     listen_v5: SocketAddr,
     limits: &Limits,
-) -> Result<front_door::Backends, BrokerError> {
+) -> Result<(front_door::Backends, rumqttd::alerts::AlertsLink), BrokerError> {
     // rumqttd logs a bind failure from its own thread and carries on; find out first.
     for addr in [listen, listen_v5] {
         drop(
@@ -162,6 +214,8 @@ pub fn start_embedded(
         },
         v4: Some(HashMap::from([("v4".to_owned(), server)])),
         v5: Some(HashMap::from([("v5".to_owned(), server_v5)])),
+        // The alerts say what the router dropped for whom (vendored patch: with the count).
+        metrics: Some(alerts_pushed()),
         ..Default::default()
     };
     let mut broker = rumqttd::Broker::new(config);
@@ -169,6 +223,9 @@ pub fn start_embedded(
         v4: broker.handoff("v4"),
         v5: broker.handoff("v5"),
     };
+    let alerts = broker
+        .alerts()
+        .map_err(|e| BrokerError::Interrupted(e.to_string()))?;
     std::thread::Builder::new()
         .name("rumqttd".to_owned())
         .spawn(move || {
@@ -180,7 +237,7 @@ pub fn start_embedded(
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
         if is_listening(listen.port()) && is_listening(listen_v5.port()) {
-            return Ok(front_door);
+            return Ok((front_door, alerts));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -312,6 +369,13 @@ impl BrokerWrite {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_embedded_broker_pushes_its_alerts() {
+        let m = super::alerts_pushed();
+        assert_eq!(m.len(), 1);
+        assert!(m.contains_key(&rumqttd::MetricType::Alerts));
+    }
+
     #[test]
     fn proc_net_tcp() {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue\n   \

@@ -269,16 +269,26 @@ async fn start(
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Fail> {
+    let (supervision, events) = Supervision::new();
     let broker_addr = match &settings.broker {
-        BrokerChoice::Embedded(listen) => broker::start_embedded_service(
-            *listen,
-            settings.operator_socket.clone(),
-            &settings.limits,
-            tasks,
-            stop,
-        )
-        .await
-        .map_err(|e| (e.exit_code(), e.to_string()))?,
+        BrokerChoice::Embedded(listen) => {
+            let embedded = broker::start_embedded_service(
+                *listen,
+                settings.operator_socket.clone(),
+                &settings.limits,
+                tasks,
+                stop,
+            )
+            .await
+            .map_err(|e| (e.exit_code(), e.to_string()))?;
+            let counted = supervision.clone();
+            tasks.spawn(broker::watch_overflows(
+                embedded.alerts,
+                move |client, filter, n| counted.overflowed(client, filter, n),
+                stop.clone(),
+            ));
+            embedded.addr
+        }
         BrokerChoice::External(addr) => {
             if settings.operator_socket.is_some() {
                 return Err((
@@ -294,7 +304,6 @@ async fn start(
             addr.clone()
         }
     };
-    let (supervision, events) = Supervision::new();
     let (policy_tx, policy_rx) = watch::channel(policy);
     acl::install(&settings.mosquitto, &policy_rx.borrow())
         .map_err(|e| (EX_UNAVAILABLE, e.to_string()))?;

@@ -89,7 +89,7 @@ pub fn fetch(broker: &BrokerAddr) -> Result<Vec<LinkCounters>, StatusError> {
 /// The table: one line per VM.
 pub fn table(links: &[LinkCounters]) -> String {
     let mut s = format!(
-        "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7} {:>7}  {:<24} {}\n",
+        "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8}  {:<24} {}\n",
         "VM",
         "STATE",
         "SESSION SINCE",
@@ -98,6 +98,7 @@ pub fn table(links: &[LinkCounters]) -> String {
         "REFUSED",
         "DROPPED",
         "EXPIRED",
+        "OVERFLOW",
         "COMPONENTS",
         "LAST ERROR"
     );
@@ -120,7 +121,7 @@ pub fn table(links: &[LinkCounters]) -> String {
             components.join(",")
         };
         s.push_str(&format!(
-            "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7} {:>7}  {:<24} {}\n",
+            "{:<20} {:<9} {:<21} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8}  {:<24} {}\n",
             l.vm,
             state,
             l.session_since.as_deref().unwrap_or("-"),
@@ -129,6 +130,7 @@ pub fn table(links: &[LinkCounters]) -> String {
             l.refused,
             l.dropped,
             l.expired,
+            l.overflowed,
             components,
             l.last_error.as_deref().unwrap_or("-"),
         ));

@@ -29,6 +29,8 @@ pub struct LinkStats {
     pub garbage_bytes: AtomicU64,
     /// Requests not delivered: past their deadline.
     pub expired: AtomicU64,
+    /// Messages for the VM that the broker dropped, its queue full while its link was away.
+    pub overflowed: AtomicU64,
     /// Seconds since the epoch when the current session came up (0: none).
     pub session_since: AtomicU64,
     /// The last refusal or session loss, for `dom0-broker status`.
@@ -50,6 +52,7 @@ impl LinkStats {
             refused: self.refused.load(Relaxed),
             dropped: self.dropped.load(Relaxed),
             expired: self.expired.load(Relaxed),
+            overflowed: self.overflowed.load(Relaxed),
             session_since: match self.session_since.load(Relaxed) {
                 0 => None,
                 t => Some(topics::rfc3339(t)),
@@ -223,6 +226,19 @@ impl Supervision {
             }
         }
         out
+    }
+
+    /// The broker dropped `n` messages on `filter` for `client` (its queue was full while its
+    /// link was away): counted for the VM of that name (a link's client id), and logged.
+    pub fn overflowed(&self, client: &str, filter: &str, n: u64) {
+        let Ok(vm) = VmId::parse(client) else {
+            tracing::warn!(client = %client.chars().take(64).collect::<String>(), filter, lost = n, "the broker dropped messages for a client");
+            return;
+        };
+        if let Some(stats) = self.stats(&vm) {
+            stats.overflowed.fetch_add(n, Relaxed);
+        }
+        tracing::warn!(vm = %vm, filter, lost = n, "the broker dropped the oldest messages for the VM: its queue was full while its link was away");
     }
 
     pub fn counters(&self) -> Vec<LinkCounters> {

@@ -50,6 +50,11 @@ fn call(s: &Scene, timeout_ms: u64, command: &str, args: &[&str]) -> Child {
 
 /// The EXPIRED column of sys-usb's line in `dom0-broker status --json`.
 fn expired(s: &Scene) -> u64 {
+    usb_counter(s, "expired")
+}
+
+/// One counter of sys-usb's line in `dom0-broker status --json`.
+fn usb_counter(s: &Scene, name: &str) -> u64 {
     let url = format!("mqtt://127.0.0.1:{}", s.dom0.port);
     let out = Command::new(bin("dom0-broker"))
         .args(["status", "--json", "--broker", &url])
@@ -59,7 +64,7 @@ fn expired(s: &Scene) -> u64 {
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|v| v["vm"] == "sys-usb")
-        .and_then(|v| v["expired"].as_u64())
+        .and_then(|v| v[name].as_u64())
         .unwrap_or(0)
 }
 
@@ -160,9 +165,11 @@ fn a_request_delivered_twice_runs_once(kind: BrokerKind) {
 
 both_brokers!(a_request_delivered_twice_runs_once: a_request_delivered_twice_runs_once_embedded, a_request_delivered_twice_runs_once_mosquitto);
 
-/// sys-usb away while 10,000 requests for it pile up: Dom0's memory stays within the bound (the
-/// embedded broker keeps at most 2 MiB per filter; Mosquitto, a process of its own, keeps at most
-/// 1000 per VM), and the requests past their deadline are counted, not run, when it comes back.
+/// sys-usb away while 10,000 requests for it pile up (4 MB, twice what the embedded broker keeps
+/// per filter): Dom0's memory stays within the bound (the embedded broker keeps at most 2 MiB per
+/// filter; Mosquitto, a process of its own, keeps at most 1000 per VM); when sys-usb comes back,
+/// none of them runs, and with the embedded broker every one is counted: past its deadline
+/// (EXPIRED) or dropped by the broker, the oldest first (OVERFLOW).
 fn requests_piled_up_stay_within_the_bound(kind: BrokerKind) {
     let s = scene("outage-pile", kind);
     usb_link_down(&s);
@@ -172,7 +179,14 @@ fn requests_piled_up_stay_within_the_bound(kind: BrokerKind) {
     let dom0 = s.dom0.proc.pid();
     let before = procfs::rss_kb(dom0);
     let mut c = system_tests::bench::tcp(s.dom0.port, "piler");
-    const PILED: u32 = 10_000;
+    const PILED: u64 = 10_000;
+    const PAD: &str = concat!(
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    );
     for i in 0..PILED {
         // Dom0's own clients set the deadline themselves: 1 s of patience each.
         let deadline = std::time::SystemTime::now()
@@ -180,8 +194,9 @@ fn requests_piled_up_stay_within_the_bound(kind: BrokerKind) {
             .unwrap()
             .as_millis() as u64
             + 1000;
-        let body =
-            format!(r#"{{"sender":"vm-gui","request_id":"pile-{i}","deadline_ms":{deadline}}}"#);
+        let body = format!(
+            r#"{{"sender":"vm-gui","request_id":"pile-{i}","deadline_ms":{deadline},"pad":"{PAD}"}}"#
+        );
         assert!(c.try_publish_qos1(
             "system/disks/list_disks/request",
             (i % 60_000 + 1) as u16,
@@ -197,11 +212,25 @@ fn requests_piled_up_stay_within_the_bound(kind: BrokerKind) {
     wait_for("the piled requests to be counted", DEADLINE, || {
         expired(&s) > 0
     });
+    if kind == BrokerKind::Embedded {
+        wait_for("every piled request to be counted", DEADLINE, || {
+            expired(&s) + usb_counter(&s, "overflowed") >= PILED
+        });
+    }
     let grown = piled.saturating_sub(before);
+    let (expired, overflowed) = (expired(&s), usb_counter(&s, "overflowed"));
     eprintln!(
-        "{kind:?}: {PILED} requests piled up: Dom0 {before} → {piled} KiB (+{grown}); {} expired",
-        expired(&s)
+        "{kind:?}: {PILED} requests piled up: Dom0 {before} → {piled} KiB (+{grown}); {expired} expired, {overflowed} counted dropped by the embedded broker"
     );
+    match kind {
+        // Nothing silent: what the broker did not keep is counted, and the rest expired.
+        BrokerKind::Embedded => {
+            assert!(overflowed > 0, "the broker kept all of 4 MB?");
+            assert_eq!(expired + overflowed, PILED);
+        }
+        // Mosquitto keeps the first 1000 (max_queued_messages) and logs the others' drop.
+        BrokerKind::Mosquitto => assert!(expired > 0 && expired <= 1000 + 20, "{expired}"),
+    }
     let bound_kb = match kind {
         // Two 1 MiB segments of the request filter's log, and the broker's bookkeeping.
         BrokerKind::Embedded => 16 * 1024,

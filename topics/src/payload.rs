@@ -692,6 +692,10 @@ pub struct LinkCounters {
     /// while it was away).
     #[serde(default)]
     pub expired: u64,
+    /// Messages for the VM that the broker dropped, oldest first, because its queue was full while
+    /// its link was away (the embedded broker; Mosquitto logs its own drops).
+    #[serde(default)]
+    pub overflowed: u64,
     /// When the current session came up (RFC 3339), if one is up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_since: Option<String>,

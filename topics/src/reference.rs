@@ -261,6 +261,7 @@ pub fn example(c: Command) -> (Vec<u8>, Vec<u8>) {
                         refused: 1,
                         dropped: 0,
                         expired: 0,
+                        overflowed: 0,
                         session_since: Some("2026-11-22T10:00:00Z".into()),
                         last_error: Some(
                             "2026-11-22T10:05:00Z refused \"system/disks/list_disks/response/vm-gui\": no rule allows it"

@@ -23,7 +23,7 @@ use tracing_subscriber::{
 pub use link::alerts;
 pub use link::local;
 pub use link::meters;
-pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
+pub use router::{Alert, AlertKind, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
 pub use server::{Broker, Handoff, HandoffSender, LinkType, Server};
 

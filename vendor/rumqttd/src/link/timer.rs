@@ -30,14 +30,26 @@ pub async fn start(
         .get(&MetricType::Meters)
         .map(|interval| tokio::time::interval(Duration::from_secs(interval.push_interval)));
 
+    // xen-msg patch: a branch's expression is evaluated even when its precondition is false, so
+    // `unwrap()` on the interval that is not configured panicked this thread (alerts without
+    // meters, or meters without alerts, were never pushed). An absent interval never ticks.
+    async fn tick(interval: &mut Option<tokio::time::Interval>) {
+        match interval {
+            Some(i) => {
+                i.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
     loop {
         select! {
-            _ = alerts_push_interval.as_mut().unwrap().tick(), if alerts_push_interval.is_some() => {
+            _ = tick(&mut alerts_push_interval) => {
                 if let Err(e) = router_tx.send_async((0, Event::SendAlerts)).await {
                     error!("Failed to push alerts: {e}");
                 }
             }
-            _ = meters_push_interval.as_mut().unwrap().tick(), if meters_push_interval.is_some() => {
+            _ = tick(&mut meters_push_interval) => {
                 if let Err(e) = router_tx.send_async((0, Event::SendMeters)).await {
                     error!("Failed to push alerts: {e}");
                 }

@@ -25,7 +25,7 @@ mod scheduler;
 pub(crate) mod shared_subs;
 mod waiters;
 
-pub use alertlog::Alert;
+pub use alertlog::{alert::AlertKind, Alert};
 pub use connection::Connection;
 pub use routing::Router;
 pub use waiters::Waiters;

@@ -1522,7 +1522,10 @@ fn forward_device_data(
             error
         );
 
-        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, 0);
+        // xen-msg patch: the alert says how many messages of the filter the client lost (the
+        // cursor's absolute offset only moves forward; a jump skips the difference).
+        let lost = start.1.saturating_sub(request.cursor.1) as usize;
+        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, lost);
         alertlog.log(alert);
     }
 
