@@ -63,6 +63,10 @@ pub struct CallArgs {
     /// Ask N times in a row and print the round trips' p50 and p99 (after the last answer).
     #[arg(long, value_name = "N")]
     pub repeat: Option<usize>,
+    /// `create_file` data larger than this many bytes is uploaded in chunks of this size.
+    #[arg(long, value_name = "BYTES", default_value_t = topics::upload::CHUNK,
+          value_parser = clap::value_parser!(usize))]
+    pub chunk_bytes: usize,
     /// list_disks, list_files, read_file, copy_file, remove_file, get_file_footprint, create_file,
     /// discover, benchmark (or a topic root, or the MVP's name).
     pub command: String,

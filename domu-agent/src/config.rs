@@ -64,6 +64,12 @@ pub struct LimitsConfig {
     pub max_list_entries: Option<usize>,
     /// Disk operations running at once.
     pub max_concurrent: Option<usize>,
+    /// Largest file uploaded in chunks (`create_file` with `upload_id`).
+    pub max_upload_bytes: Option<u64>,
+    /// Bytes of all uploads going at once.
+    pub max_upload_total_bytes: Option<u64>,
+    /// File data per chunk when this agent uploads (its legacy endpoint).
+    pub upload_chunk_bytes: Option<usize>,
 }
 
 /// Flags of `domu-agent run` (they override the file): defined once, flattened into the command
@@ -112,6 +118,9 @@ pub struct Limits {
     pub max_create_bytes: usize,
     pub max_list_entries: usize,
     pub max_concurrent: usize,
+    pub max_upload_bytes: u64,
+    pub max_upload_total: u64,
+    pub upload_chunk: usize,
 }
 
 /// Validated settings.
@@ -234,7 +243,16 @@ fn limits(l: LimitsConfig) -> Result<Limits, ConfigError> {
         max_create_bytes: l.max_create_bytes.unwrap_or(2 * 1024 * 1024),
         max_list_entries: l.max_list_entries.unwrap_or(10_000),
         max_concurrent: l.max_concurrent.unwrap_or(4),
+        max_upload_bytes: l.max_upload_bytes.unwrap_or(1 << 30),
+        max_upload_total: l.max_upload_total_bytes.unwrap_or(4 << 30),
+        upload_chunk: l.upload_chunk_bytes.unwrap_or(topics::upload::CHUNK),
     };
+    if limits.upload_chunk == 0 || limits.upload_chunk > limits.max_create_bytes {
+        return Err(ConfigError::Invalid(format!(
+            "[limits] upload_chunk_bytes {} must be between 1 and max_create_bytes {}",
+            limits.upload_chunk, limits.max_create_bytes
+        )));
+    }
     // Base64 grows data by 4/3; the request must still fit in one packet.
     if limits.max_create_bytes / 3 * 4 + 4096 > limits.max_packet {
         return Err(ConfigError::Invalid(format!(

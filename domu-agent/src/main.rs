@@ -13,6 +13,7 @@ use domu_agent::disk::fsops;
 use domu_agent::disk::service::{self, Service, Uplink};
 use domu_agent::endpoints::admission::bind_unix;
 use domu_agent::endpoints::call::{self as local, LocalRequests};
+use domu_agent::endpoints::call_upload;
 use domu_agent::endpoints::legacy::{Legacy, LegacyLimits};
 use domu_agent::endpoints::mqtt::{self as local_mqtt, EndpointConfig, Listeners};
 use domu_agent::endpoints::mqtt_session::LocalLimits;
@@ -265,6 +266,21 @@ async fn start(
         let responses = vec![(filter::responses_to(s.vm.as_str()), QoS::AtLeastOnce)];
         parts.requests.subscribe(0, responses).await;
     }
+    // Uploads without a chunk for their idle time are dropped, their unnamed files with them
+    // (checked when the next one falls idle, and once per idle time: within twice of it).
+    let (sweeper, stop) = (service.clone(), parts.stop.clone());
+    parts.tasks.spawn(async move {
+        loop {
+            let wake = sweeper.next_idle_upload().map_or_else(
+                || tokio::time::Instant::now() + topics::upload::IDLE,
+                tokio::time::Instant::from_std,
+            );
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(wake) => sweeper.drop_idle_uploads(),
+            }
+        }
+    });
     start_call_socket(s, parts).await?;
     start_legacy(s, parts).await?;
     start_mqtt_endpoint(s, parts).await?;
@@ -496,7 +512,7 @@ fn call(a: CallArgs) -> ExitCode {
     if let Some(t) = a.timeout_ms {
         req.insert("timeout_ms".into(), Value::from(t));
     }
-    let mut line = Value::Object(req).to_string();
+    let mut line = Value::Object(req.clone()).to_string();
     line.push('\n');
     let ask = || -> Result<Vec<String>, String> {
         let mut conn = std::os::unix::net::UnixStream::connect(&a.socket).map_err(|e| {
@@ -512,9 +528,37 @@ fn call(a: CallArgs) -> ExitCode {
             .map_while(Result::ok)
             .collect())
     };
+    // A file larger than a chunk goes as an upload; the caller gets one answer, as ever.
+    let to_upload = (command == topics::Command::CreateFile)
+        .then(|| {
+            req.get("args")
+                .and_then(Value::as_object)
+                .and_then(|args| call_upload::data_to_upload(args, a.chunk_bytes))
+        })
+        .flatten();
     let mut samples = Vec::new();
     let mut lines = Vec::new();
     for _ in 0..a.repeat.unwrap_or(1).max(1) {
+        if let Some(data) = &to_upload {
+            let args = req
+                .get("args")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            let t0 = std::time::Instant::now();
+            lines = match call_upload::upload(
+                &a.socket,
+                &args,
+                data.clone(),
+                a.timeout_ms,
+                a.chunk_bytes,
+            ) {
+                Ok(l) => l,
+                Err(e) => return fail(LOCAL_FAILURE, &e),
+            };
+            samples.push(t0.elapsed());
+            continue;
+        }
         let t0 = std::time::Instant::now();
         lines = match ask() {
             Ok(l) => l,

@@ -31,6 +31,8 @@ pub struct SceneOptions<'a> {
     pub policy: Option<&'a str>,
     /// vm-gui's agent config file (its flags come first).
     pub gui_config: &'a str,
+    /// sys-usb's agent config file (its flags come first).
+    pub usb_config: &'a str,
 }
 
 /// Dom0, sys-usb and vm-gui, all up.
@@ -77,11 +79,14 @@ impl Scene {
         dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
         dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
         let (d, r) = (disks.display().to_string(), repo.display().to_string());
+        let usb_conf = dir.join("sys-usb.toml");
+        std::fs::write(&usb_conf, opts.usb_config).unwrap();
+        let u = usb_conf.display().to_string();
         let usb = Agent::start(
             &dir,
             &usb_ch,
             "sys-usb",
-            &["--disks", &d, "--repository", &r],
+            &["--disks", &d, "--repository", &r, "--config", &u],
         );
         let gui_conf = dir.join("vm-gui.toml");
         std::fs::write(&gui_conf, opts.gui_config).unwrap();

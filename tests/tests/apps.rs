@@ -26,7 +26,15 @@ fn scene(name: &str, kind: BrokerKind, policy: Option<&str>) -> Scene {
 
 /// The same, with `gui_config` as vm-gui's agent config file.
 fn scene_with(name: &str, kind: BrokerKind, policy: Option<&str>, gui_config: &str) -> Scene {
-    Scene::start(name, kind, SceneOptions { policy, gui_config })
+    Scene::start(
+        name,
+        kind,
+        SceneOptions {
+            policy,
+            gui_config,
+            ..Default::default()
+        },
+    )
 }
 
 /// mosquitto_sub on vm-gui's endpoint gets what mosquitto_pub on sys-usb's publishes.

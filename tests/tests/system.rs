@@ -34,4 +34,5 @@ mod operations;
 mod outage;
 mod policy;
 mod security;
+mod upload;
 mod vendor;

@@ -15,6 +15,7 @@ pub mod legacy_translator;
 pub mod payload;
 pub mod reference;
 pub mod topic;
+pub mod upload;
 pub mod vm;
 
 pub use payload::{ErrorBody, ErrorCode, PayloadError, Request, RequestId, Response, Status};

@@ -495,15 +495,38 @@ pub struct FootprintArgs {
     pub filepath: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateFileArgs {
     pub disk: String,
     pub filepath: String,
-    /// File content, standard Base64 with padding.
+    /// File content, standard Base64 with padding: the whole file, or one chunk of an upload.
     pub data: String,
     /// Replace an existing file (default: refuse with `already_exists`).
     #[serde(default, skip_serializing_if = "is_false")]
     pub overwrite: bool,
+    /// An upload in chunks (files larger than a chunk, [`crate::upload`]): its id, chosen by the
+    /// requester, unguessable (32 hex digits), bound to its `sender` by the first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
+    /// Where this chunk goes in the file: the bytes received so far (chunks come in order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// The upload's last chunk, which carries `size` and `sha256`.
+    #[serde(default, rename = "final", skip_serializing_if = "is_false")]
+    pub last: bool,
+    /// The whole file's size in bytes (the last chunk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// The whole file's SHA-256, lowercase hex (the last chunk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// `create_file`'s reply: a status; for a chunk of an upload, the bytes received so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateFileReply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<u64>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -813,7 +836,12 @@ spec!(
     FootprintArgs,
     FootprintReply
 );
-spec!(CreateFile, Command::CreateFile, CreateFileArgs, StatusOnly);
+spec!(
+    CreateFile,
+    Command::CreateFile,
+    CreateFileArgs,
+    CreateFileReply
+);
 spec!(Discover, Command::Discover, NoArgs, DiscoverReply);
 spec!(
     SupervisionCounters,

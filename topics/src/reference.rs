@@ -45,7 +45,7 @@ fn describe(c: Command) -> &'static str {
         }
         Command::GetFileFootprint => "The file's SHA-256, lowercase hex.",
         Command::CreateFile => {
-            "Create a file from Base64 `data` (size-limited before decoding); missing parent folders are created. An existing file is refused with `already_exists` unless `overwrite: true`."
+            "Create a file from Base64 `data` (size-limited before decoding); missing parent folders are created. An existing file is refused with `already_exists` unless `overwrite: true`. A file larger than a chunk (64 KiB of file data) travels as an upload, so that it never holds a channel: a sequence of `create_file` requests with the same unguessable `upload_id` (bound to the first chunk's `sender`), each with its `offset` (the bytes sent before it: chunks come in order) and one chunk of `data`, the last with `final: true`, the file's `size` and its `sha256`. Each chunk is answered with `received` (bytes so far); a requester keeps at most 4 chunks unanswered. The responder writes the chunks to an unnamed file beside the target and names it on the last one, if size and footprint match, announcing `new_file` once; an upload idle for 60 s is dropped. Refused: a chunk out of order or repeated (`invalid_argument`), another sender's upload (`forbidden`), an unknown upload (`not_found`), more than the disk's limit (`too_large`), a wrong size or footprint (`invalid_argument`); nothing is visible until the last chunk succeeds. `call` and the legacy endpoint upload by themselves."
         }
         Command::Discover => {
             "List the system's components. Several parties answer, each with its own part (Dom0: itself and the linked VMs; an agent: itself and its disks)."
@@ -229,11 +229,11 @@ pub fn example(c: Command) -> (Vec<u8>, Vec<u8>) {
                     disk: "usb0".into(),
                     filepath: "notes/hello.txt".into(),
                     data: crate::binary::encode(b"hello\n"),
-                    overwrite: false,
+                    ..Default::default()
                 },
             )
             .to_json(),
-            Response::ok(id, StatusOnly {}).to_json(),
+            Response::ok(id, CreateFileReply::default()).to_json(),
         ),
         Command::Discover => (
             Request::new(gui, id.clone(), NoArgs {}).to_json(),

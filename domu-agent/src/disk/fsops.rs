@@ -256,77 +256,163 @@ pub fn write_atomic<T>(
     overwrite: bool,
     fill: impl FnOnce(&mut std::fs::File) -> io::Result<T>,
 ) -> Result<T, FsError> {
-    let name = rel.file_name().ok_or(FsError::Path(PathError::NoFile))?;
-    let parent_rel = rel.parent().unwrap_or(Path::new(""));
-    let parent_owned;
-    let parent = if parent_rel.as_os_str().is_empty() {
-        dir
-    } else {
-        match dir.create_dir_all(parent_rel) {
-            // "Exists" may be a symlink out of the disk: opening it below says which.
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                return Err(FsError::from_io(parent_rel, e));
-            }
-            _ => {}
-        }
-        parent_owned = dir
-            .open_dir(parent_rel)
-            .map_err(|e| FsError::from_io(parent_rel, e))?;
-        &parent_owned
-    };
-    if let Ok(existing) = parent.symlink_metadata(name) {
-        let what = rel.display().to_string();
-        if !overwrite {
-            // Fail early (the final link/rename checks again, atomically).
-            return Err(FsError::AlreadyExists(what));
-        }
-        if existing.is_dir() {
-            return Err(FsError::IsFolder(what));
-        }
-        if !existing.is_file() {
-            // A symlink (wherever it points) or a special file is never replaced.
-            return Err(FsError::Forbidden(what, "not a regular file".into()));
-        }
+    let mut pending = Pending::open(dir, rel, overwrite)?;
+    let out = fill(pending.file()).map_err(|e| FsError::from_io(rel, e))?;
+    pending.commit()?;
+    Ok(out)
+}
+
+/// A file being written that has no name yet (an unnamed O_TMPFILE beside its target or, on
+/// filesystems without it, a hidden `.name.part-*` file): written through [`Pending::file`],
+/// named by [`Pending::commit`]. Dropped uncommitted, nothing is left (the kernel frees the
+/// unnamed file; the part file is removed; after a kill, [`remove_part_files`] at the next start).
+#[derive(Debug)]
+pub struct Pending {
+    parent: Dir,
+    name: std::ffi::OsString,
+    rel: PathBuf,
+    overwrite: bool,
+    file: std::fs::File,
+    /// The hidden part file's name, when the filesystem has no O_TMPFILE.
+    part: Option<String>,
+}
+
+impl Pending {
+    /// A new unnamed file for `rel` on a disk (missing parent folders created); an existing
+    /// target is refused now unless `overwrite` (and again, atomically, at the commit).
+    pub fn open(dir: &Dir, rel: &Path, overwrite: bool) -> Result<Pending, FsError> {
+        Pending::open_as(dir, rel, overwrite, true)
     }
-    let io = |e: io::Error| FsError::from_io(rel, e);
-    match rustix::fs::openat(
-        parent,
-        ".",
-        rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::from_raw_mode(0o644),
-    ) {
-        Ok(fd) => {
-            // Unnamed until the end: if we die, the kernel frees it; nothing partial is ever visible.
-            let mut f = std::fs::File::from(fd);
-            let out = fill(&mut f).map_err(io)?;
-            f.sync_all().map_err(io)?;
-            let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
-            let link = |target: &OsStr| {
-                rustix::fs::linkat(
-                    rustix::fs::CWD,
-                    proc_path.as_str(),
-                    parent,
-                    target,
-                    rustix::fs::AtFlags::SYMLINK_FOLLOW,
-                )
-            };
-            if overwrite {
+
+    /// [`Pending::open`]; `tmpfile` false: the part file even where O_TMPFILE works (tests).
+    fn open_as(dir: &Dir, rel: &Path, overwrite: bool, tmpfile: bool) -> Result<Pending, FsError> {
+        let name = rel.file_name().ok_or(FsError::Path(PathError::NoFile))?;
+        let parent_rel = rel.parent().unwrap_or(Path::new(""));
+        let parent = if parent_rel.as_os_str().is_empty() {
+            dir.try_clone().map_err(|e| FsError::from_io(rel, e))?
+        } else {
+            match dir.create_dir_all(parent_rel) {
+                // "Exists" may be a symlink out of the disk: opening it below says which.
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(FsError::from_io(parent_rel, e));
+                }
+                _ => {}
+            }
+            dir.open_dir(parent_rel)
+                .map_err(|e| FsError::from_io(parent_rel, e))?
+        };
+        if let Ok(existing) = parent.symlink_metadata(name) {
+            let what = rel.display().to_string();
+            if !overwrite {
+                // Fail early (the final link/rename checks again, atomically).
+                return Err(FsError::AlreadyExists(what));
+            }
+            if existing.is_dir() {
+                return Err(FsError::IsFolder(what));
+            }
+            if !existing.is_file() {
+                // A symlink (wherever it points) or a special file is never replaced.
+                return Err(FsError::Forbidden(what, "not a regular file".into()));
+            }
+        }
+        let io = |e: io::Error| FsError::from_io(rel, e);
+        let unnamed = if tmpfile {
+            rustix::fs::openat(
+                &parent,
+                ".",
+                rustix::fs::OFlags::TMPFILE
+                    | rustix::fs::OFlags::RDWR
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::from_raw_mode(0o644),
+            )
+        } else {
+            Err(rustix::io::Errno::OPNOTSUPP)
+        };
+        let (file, part) = match unnamed {
+            // Unnamed until the end: if we die, the kernel frees it; nothing partial is visible.
+            Ok(fd) => (std::fs::File::from(fd), None),
+            Err(
+                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL,
+            ) => {
+                // vfat, exfat: a hidden part file, renamed at the end.
                 let tmp = part_name(name);
-                link(OsStr::new(&tmp)).map_err(|e| io(e.into()))?;
-                if let Err(e) = rustix::fs::renameat(parent, tmp.as_str(), parent, name) {
+                let mut opts = OpenOptions::new();
+                opts.read(true).write(true).create_new(true);
+                let f = parent.open_with(&tmp, &opts).map_err(io)?;
+                (f.into_std(), Some(tmp))
+            }
+            Err(e) => return Err(io(e.into())),
+        };
+        Ok(Pending {
+            parent,
+            name: name.to_owned(),
+            rel: rel.to_owned(),
+            overwrite,
+            file,
+            part,
+        })
+    }
+
+    /// Where the content goes.
+    pub fn file(&mut self) -> &mut std::fs::File {
+        &mut self.file
+    }
+
+    /// Fsyncs the file, names it (without replacing an existing file unless `overwrite`), and
+    /// fsyncs its directory.
+    pub fn commit(mut self) -> Result<(), FsError> {
+        let rel = self.rel.clone();
+        let io = |e: io::Error| FsError::from_io(&rel, e);
+        self.file.sync_all().map_err(io)?;
+        let (parent, name) = (&self.parent, self.name.as_os_str());
+        match self.part.take() {
+            None => {
+                let proc_path = format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&self.file)
+                );
+                let link = |target: &OsStr| {
+                    rustix::fs::linkat(
+                        rustix::fs::CWD,
+                        proc_path.as_str(),
+                        parent,
+                        target,
+                        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                    )
+                };
+                if self.overwrite {
+                    let tmp = part_name(name);
+                    link(OsStr::new(&tmp)).map_err(|e| io(e.into()))?;
+                    if let Err(e) = rustix::fs::renameat(parent, tmp.as_str(), parent, name) {
+                        let _ = parent.remove_file(&tmp);
+                        return Err(io(e.into()));
+                    }
+                } else {
+                    link(name).map_err(|e| io(e.into()))?;
+                }
+            }
+            Some(tmp) => {
+                let flags = if self.overwrite {
+                    rustix::fs::RenameFlags::empty()
+                } else {
+                    rustix::fs::RenameFlags::NOREPLACE
+                };
+                if let Err(e) = rustix::fs::renameat_with(parent, tmp.as_str(), parent, name, flags)
+                {
                     let _ = parent.remove_file(&tmp);
                     return Err(io(e.into()));
                 }
-            } else {
-                link(name).map_err(|e| io(e.into()))?;
             }
-            sync_dir(parent).map_err(io)?;
-            Ok(out)
         }
-        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL) => {
-            write_via_part_file(parent, name, rel, overwrite, fill)
+        sync_dir(parent).map_err(io)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.part.take() {
+            let _ = self.parent.remove_file(&tmp);
         }
-        Err(e) => Err(io(e.into())),
     }
 }
 
@@ -343,44 +429,6 @@ fn sync_dir(dir: &Dir) -> io::Result<()> {
     match rustix::fs::fsync(&fd) {
         Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(()),
         Err(e) => Err(e.into()),
-    }
-}
-
-/// Fallback for filesystems without O_TMPFILE (vfat, exfat): a hidden `.name.part-*` file, removed
-/// on every error here and, if the agent is killed, at its next start ([`remove_part_files`]).
-fn write_via_part_file<T>(
-    parent: &Dir,
-    name: &OsStr,
-    rel: &Path,
-    overwrite: bool,
-    fill: impl FnOnce(&mut std::fs::File) -> io::Result<T>,
-) -> Result<T, FsError> {
-    let io = |e: io::Error| FsError::from_io(rel, e);
-    let tmp = part_name(name);
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(true).create_new(true);
-    let f = parent.open_with(&tmp, &opts).map_err(io)?;
-    let mut f = f.into_std();
-    let result = (|| {
-        let out = fill(&mut f)?;
-        f.sync_all()?;
-        let flags = if overwrite {
-            rustix::fs::RenameFlags::empty()
-        } else {
-            rustix::fs::RenameFlags::NOREPLACE
-        };
-        rustix::fs::renameat_with(parent, tmp.as_str(), parent, name, flags)?;
-        Ok(out)
-    })();
-    match result {
-        Ok(out) => {
-            sync_dir(parent).map_err(io)?;
-            Ok(out)
-        }
-        Err(e) => {
-            let _ = parent.remove_file(&tmp);
-            Err(io(e))
-        }
     }
 }
 

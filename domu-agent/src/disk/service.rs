@@ -15,8 +15,9 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use topics::payload::{
     self, AnnounceEvent, BenchmarkArgs, BenchmarkReply, Component, CopyFileArgs, CreateFileArgs,
-    DiscoverReply, ErrorEvent, FootprintArgs, FootprintReply, ListDisksReply, ListFilesArgs,
-    ListFilesReply, NoArgs, ReadFileArgs, ReadFileReply, RemoveFileArgs, StatusOnly, level,
+    CreateFileReply, DiscoverReply, ErrorEvent, FootprintArgs, FootprintReply, ListDisksReply,
+    ListFilesArgs, ListFilesReply, NoArgs, ReadFileArgs, ReadFileReply, RemoveFileArgs, StatusOnly,
+    level,
 };
 use topics::topic::{Command, Notification, Topic};
 use topics::vm::VmId;
@@ -29,6 +30,7 @@ use crate::disk::disks::Disks;
 use crate::disk::fsops::{self, FsError};
 use crate::disk::once::{Key, Once, Seen};
 use crate::disk::paths;
+use crate::disk::upload::{self, Chunk, Uploads};
 use crate::hub::{Client, Hub, Publication};
 
 /// The local repository's disk id (in `list_disks`, commands and `new_file` notifications).
@@ -55,6 +57,60 @@ pub struct Service {
     benchmark_running: AtomicBool,
     /// Requests seen and answered: a redelivery is answered alike, not run again.
     once: std::sync::Mutex<Once>,
+    /// The uploads going (`create_file` in chunks), each with its unnamed file.
+    uploads: std::sync::Mutex<Uploads<fsops::Pending>>,
+    /// Chunks are served one at a time in the order they came (each request has its own task).
+    turns: Turns,
+}
+
+/// Serves tasks one at a time in the order they took their ticket: the chunks of an upload come
+/// in order on the channel and must be written in that order.
+#[derive(Debug)]
+struct Turns {
+    next: std::sync::atomic::AtomicU64,
+    serving: tokio::sync::watch::Sender<u64>,
+}
+
+/// A place in the [`Turns`]: the next ticket is served once this one is dropped.
+#[derive(Debug)]
+pub struct Turn<'a> {
+    turns: &'a Turns,
+    ticket: u64,
+}
+
+impl Turns {
+    fn new() -> Turns {
+        Turns {
+            next: std::sync::atomic::AtomicU64::new(0),
+            serving: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    fn ticket(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn wait(&self, ticket: u64) -> Turn<'_> {
+        let mut rx = self.serving.subscribe();
+        let _ = rx.wait_for(|s| *s >= ticket).await;
+        Turn {
+            turns: self,
+            ticket,
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let next = self.ticket + 1;
+        self.turns.serving.send_modify(|s| *s = (*s).max(next));
+    }
+}
+
+/// True when a `create_file` payload is a chunk of an upload (a cheap look: one that only seems
+/// so is served in turn too, which costs nothing but order).
+fn is_chunk(payload: &[u8]) -> bool {
+    payload.windows(11).any(|w| w == b"\"upload_id\"")
 }
 
 fn fs_error(e: FsError) -> ErrorBody {
@@ -71,6 +127,11 @@ impl Service {
         announcer: Announcer,
     ) -> Service {
         let permits = Semaphore::new(limits.max_concurrent);
+        let uploads = Uploads::new(upload::Bounds {
+            max_bytes: limits.max_upload_bytes,
+            max_total: limits.max_upload_total,
+            idle: topics::upload::IDLE,
+        });
         Service {
             vm,
             disks,
@@ -81,6 +142,8 @@ impl Service {
             permits,
             benchmark_running: AtomicBool::new(false),
             once: std::sync::Mutex::new(Once::default()),
+            uploads: std::sync::Mutex::new(uploads),
+            turns: Turns::new(),
         }
     }
 
@@ -104,7 +167,17 @@ impl Service {
         match Topic::parse(&topic) {
             Ok(Topic::Request(c)) => {
                 let me = self.clone();
-                tasks.spawn(async move { me.request(c, &topic, payload).await });
+                // An upload's chunks are served in the order they came.
+                let ticket =
+                    (c == Command::CreateFile && is_chunk(&payload)).then(|| self.turns.ticket());
+                let turns = self.clone();
+                tasks.spawn(async move {
+                    let _turn = match ticket {
+                        Some(t) => Some(turns.turns.wait(t).await),
+                        None => None,
+                    };
+                    me.request(c, &topic, payload).await
+                });
             }
             _ => tracing::debug!(topic, "message not for this agent"),
         }
@@ -234,6 +307,9 @@ impl Service {
             Command::CopyFile => self.copy_file(&payload, rid).await,
             Command::RemoveFile => self.remove_file(&payload, rid).await,
             Command::GetFileFootprint => self.footprint(&payload, rid).await,
+            Command::CreateFile if is_chunk(&payload) => {
+                self.upload_chunk(&env.sender, &payload, rid).await
+            }
             Command::CreateFile => self.create_file(&payload, rid).await,
             Command::Discover => self.discover(rid).await,
             Command::Benchmark => {
@@ -371,12 +447,7 @@ impl Service {
         let announcer = self.announcer.clone();
         self.disk_command(payload, rid, move |a: CreateFileArgs, d| {
             let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
-            let data = topics::binary::decode_limited(&a.data, max).map_err(|e| match e {
-                topics::binary::Base64Error::TooLarge { .. } => {
-                    ErrorBody::new(ErrorCode::TooLarge, format!("field `data`: {e}"))
-                }
-                _ => ErrorBody::new(ErrorCode::InvalidArgument, format!("field `data`: {e}")),
-            })?;
+            let data = Self::data(&a.data, max)?;
             let dir = d.open(&a.disk).map_err(fs_error)?;
             fsops::write_atomic(&dir, &rel, a.overwrite, |f| f.write_all(&data))
                 .map_err(fs_error)?;
@@ -384,6 +455,118 @@ impl Service {
             Ok(StatusOnly {})
         })
         .await
+    }
+
+    /// One chunk of an upload (`topics::upload`): taken in order into the upload's unnamed file;
+    /// the last one names the file if its size and footprint match.
+    async fn upload_chunk(&self, sender: &VmId, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {
+        let r = match (Self::args::<CreateFileArgs>(payload), self.disks()) {
+            (Ok(a), Ok(d)) => self.take_chunk(sender, a, d).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        self.answer(rid, r).await
+    }
+
+    async fn take_chunk(
+        &self,
+        sender: &VmId,
+        a: CreateFileArgs,
+        d: Disks,
+    ) -> Result<CreateFileReply, ErrorBody> {
+        let data = Self::data(&a.data, self.limits.max_create_bytes)?;
+        self.drop_idle_uploads();
+        let id = a.upload_id.clone().unwrap_or_default();
+        let step = self.uploads().chunk(sender, &a, data.len() as u64)?;
+        let announcer = self.announcer.clone();
+        let now = Instant::now;
+        match step {
+            Chunk::First => {
+                let (a2, data2) = (a.clone(), data.clone());
+                let file = self
+                    .blocking(move || {
+                        let rel = paths::check(&a2.filepath).map_err(|e| fs_error(e.into()))?;
+                        let dir = d.open(&a2.disk).map_err(fs_error)?;
+                        let mut file =
+                            fsops::Pending::open(&dir, &rel, a2.overwrite).map_err(fs_error)?;
+                        file.file()
+                            .write_all(&data2)
+                            .map_err(|e| fs_error(FsError::from_io(&rel, e)))?;
+                        Ok(file)
+                    })
+                    .await?;
+                let received = self.uploads().start(sender.clone(), &a, &data, file, now());
+                tracing::debug!(upload = %id, disk = %a.disk, "upload started");
+                Ok(CreateFileReply {
+                    received: Some(received),
+                })
+            }
+            Chunk::Next(entry) => {
+                let rel = paths::check(&a.filepath).map_err(|e| fs_error(e.into()))?;
+                let rel2 = rel.clone();
+                // A chunk that cannot be written ends its upload: the entry and its unnamed file
+                // are dropped with the error.
+                let entry = self
+                    .blocking(move || {
+                        let mut entry = entry;
+                        entry
+                            .file
+                            .file()
+                            .write_all(&data)
+                            .map_err(|e| fs_error(FsError::from_io(&rel2, e)))?;
+                        entry.took(&data, now());
+                        Ok(entry)
+                    })
+                    .await?;
+                let received = entry.received;
+                if !a.last {
+                    self.uploads().put_back(&id, *entry);
+                    return Ok(CreateFileReply {
+                        received: Some(received),
+                    });
+                }
+                let disk = a.disk.clone();
+                let file = (*entry).check_final(&a).map_err(|(_, why)| why)?;
+                self.blocking(move || file.commit().map_err(fs_error))
+                    .await?;
+                announcer.announce(&disk, &rel, received);
+                tracing::debug!(upload = %id, %disk, size = received, "upload done");
+                Ok(CreateFileReply {
+                    received: Some(received),
+                })
+            }
+        }
+    }
+
+    /// A request's Base64 `data`, decoded if at most `max` bytes.
+    fn data(encoded: &str, max: usize) -> Result<Vec<u8>, ErrorBody> {
+        topics::binary::decode_limited(encoded, max).map_err(|e| match e {
+            topics::binary::Base64Error::TooLarge { .. } => {
+                ErrorBody::new(ErrorCode::TooLarge, format!("field `data`: {e}"))
+            }
+            _ => ErrorBody::new(ErrorCode::InvalidArgument, format!("field `data`: {e}")),
+        })
+    }
+
+    fn uploads(&self) -> std::sync::MutexGuard<'_, Uploads<fsops::Pending>> {
+        self.uploads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the uploads idle for too long (their unnamed files go with them).
+    pub fn drop_idle_uploads(&self) {
+        let mut u = self.uploads();
+        let gone = u.drop_idle(Instant::now());
+        if !gone.is_empty() {
+            tracing::info!(
+                dropped = gone.len(),
+                total = u.dropped_idle,
+                "idle uploads dropped"
+            );
+        }
+    }
+
+    /// When the next upload becomes idle, if any is going.
+    pub fn next_idle_upload(&self) -> Option<Instant> {
+        self.uploads().next_idle()
     }
 
     async fn copy_file(&self, payload: &[u8], rid: Option<RequestId>) -> Vec<u8> {

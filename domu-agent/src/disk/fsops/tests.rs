@@ -117,16 +117,23 @@ fn atomic_write_never_overwrites_silently() {
 fn part_file_fallback_and_cleanup() {
     let t = Tmp::new("parts");
     let d = t.disk();
-    let name = OsStr::new("x.bin");
-    write_via_part_file(&d, name, Path::new("x.bin"), false, |f| {
-        f.write_all(b"data")
-    })
-    .unwrap();
+    let part = |data: &[u8]| {
+        let mut p = Pending::open_as(&d, Path::new("x.bin"), false, false)?;
+        p.file().write_all(data).unwrap();
+        p.commit()
+    };
+    part(b"data").unwrap();
     assert_eq!(std::fs::read(t.0.join("disk/x.bin")).unwrap(), b"data");
-    let e = write_via_part_file(&d, name, Path::new("x.bin"), false, |f| {
-        f.write_all(b"again")
-    })
-    .unwrap_err();
+    // Dropped uncommitted: its part file goes with it.
+    let mut p = Pending::open_as(&d, Path::new("z.bin"), false, false).unwrap();
+    p.file().write_all(b"half").unwrap();
+    drop(p);
+    let (entries, _) = list(&d, 100).unwrap();
+    assert!(
+        entries.iter().all(|e| !e.name.contains("z.bin")),
+        "{entries:?}"
+    );
+    let e = part(b"again").unwrap_err();
     assert_eq!(
         e.code(),
         ErrorCode::AlreadyExists,
