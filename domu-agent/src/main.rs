@@ -377,8 +377,11 @@ async fn start_legacy(s: &Settings, parts: &mut Parts) -> Result<(), Fail> {
     tracing::info!(path = %path.display(), "legacy endpoint listening");
     let limits = LegacyLimits {
         max_packet: s.limits.max_packet,
+        max_line: topics::legacy_line::MAX_LINE,
+        chunk: s.limits.upload_chunk,
         max_clients: s.local.max_clients,
-        max_held: s.limits.max_packet.saturating_mul(4),
+        // One longest line and a few packets' worth of others.
+        max_held: topics::legacy_line::MAX_LINE + s.limits.max_packet.saturating_mul(4),
     };
     let legacy = Legacy::new(
         s.vm.clone(),

@@ -43,7 +43,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(t.partial().len() <= LIMIT + 97);
         let _ = t.on_tick(now);
     }
-    let _ = t.on_message("system/disks/list_disks/request", data, now);
-    let _ = t.on_message("system/disk/new_file/notification", data, now);
-    let _ = t.on_message("system/disks/list_disks/response/vm-old", data, now);
+    let _ = t.on_message("system/disks/list_disks/request", data, now, &mut ids);
+    let _ = t.on_message("system/disk/new_file/notification", data, now, &mut ids);
+    let _ = t.on_message("system/disks/list_disks/response/vm-old", data, now, &mut ids);
+    let _ = t.on_message("system/disks/create_file/response/vm-old", data, now, &mut ids);
 });

@@ -38,7 +38,6 @@ pub struct SceneOptions<'a> {
 /// Dom0, sys-usb and vm-gui, all up.
 #[derive(Debug)]
 pub struct Scene {
-    pub dir: TestDir,
     pub kind: BrokerKind,
     pub dom0: Dom0,
     pub usb_ch: Channel,
@@ -53,6 +52,8 @@ pub struct Scene {
     pub policy: Option<PathBuf>,
     /// dom0-broker's extra flags, to restart it the same way.
     pub dom0_args: Vec<String>,
+    /// Last: dropped after the processes, so that a failing test still shows their logs.
+    pub dir: TestDir,
 }
 
 impl Scene {

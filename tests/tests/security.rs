@@ -449,9 +449,22 @@ fn legacy_lines_have_one_limit_and_a_progress_timer() {
             .len(),
         1_100_000
     );
-    // The agent's legacy endpoint: the same 5 MB line, then a command on the same connection.
+    // The agent's legacy endpoint: the same 5 MB line is uploaded in chunks (issue 28: its line
+    // limit is the legacy one, not a packet's) and answered; a line over that limit is refused,
+    // then a command on the same connection works.
     let mut app = LegacyClient::connect(&s.gui.legacy);
     app.send_raw(big.as_bytes());
+    let r = app.next_of("reponse");
+    assert!(r["payload"].get("erreur").is_none(), "{r}");
+    assert_eq!(
+        std::fs::metadata(s.disks.join("usb1/big.bin"))
+            .unwrap()
+            .len(),
+        3_750_000
+    );
+    let mut over = vec![b'{'; topics::legacy_line::MAX_LINE + 100];
+    over.push(b'\n');
+    app.send_raw(&over);
     let e = app.next_of("erreur");
     assert!(e.to_string().contains("over the limit"), "{e}");
     let r = app.command("liste_disques", "sys-usb", json!({}));

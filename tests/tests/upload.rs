@@ -81,6 +81,36 @@ fn a_large_file_is_uploaded_through_call(kind: BrokerKind) {
 
 both_brokers!(a_large_file_is_uploaded_through_call: a_large_file_is_uploaded_through_call_embedded, a_large_file_is_uploaded_through_call_mosquitto);
 
+/// An MVP application on vm-gui's legacy endpoint sends a 16 MiB file in one `create_file` line
+/// (22 MB of Base64, far over a packet): the agent uploads it in chunks and answers the line once.
+fn a_large_file_is_uploaded_through_the_legacy_endpoint(kind: BrokerKind) {
+    let s = scene("upload-legacy", kind);
+    let file = s.dir.join("big.bin");
+    random_file(&file, 16 << 20);
+    let data = topics::binary::encode(&std::fs::read(&file).unwrap());
+    let mut app = system_tests::legacy::LegacyClient::connect(&s.gui.legacy);
+    let answer = app.command(
+        "create_file",
+        "sys-usb",
+        json!({"disk": "usb1", "filepath": "from-mvp.bin", "data": data}),
+    );
+    assert_eq!(answer["source"], "sys-usb", "{answer}");
+    assert!(answer["payload"].get("erreur").is_none(), "{answer}");
+    assert_eq!(answer["payload"]["data"]["received"], 16 << 20, "{answer}");
+    assert!(
+        app.next(std::time::Duration::from_millis(300))
+            .is_none_or(|v| v["type"] != "reponse"),
+        "one answer"
+    );
+    assert_eq!(
+        sha256sum(&s.disks.join("usb1/from-mvp.bin")),
+        sha256sum(&file)
+    );
+    assert_eq!(names(&s.disks.join("usb1")), ["from-mvp.bin"]);
+}
+
+both_brokers!(a_large_file_is_uploaded_through_the_legacy_endpoint: a_large_file_is_uploaded_through_the_legacy_endpoint_embedded, a_large_file_is_uploaded_through_the_legacy_endpoint_mosquitto);
+
 /// sys-usb's agent killed in the middle of an upload: no file, partial or hidden, on its disk; the
 /// caller hears a failure, not success.
 fn an_agent_killed_mid_upload_leaves_nothing(kind: BrokerKind) {

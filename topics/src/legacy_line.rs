@@ -23,8 +23,10 @@ use crate::payload::{ErrorCode, Status};
 use crate::topic::{Command, Notification};
 use crate::vm::{DOM0, VmId};
 
-/// Longest line accepted, in bytes (a `create_file` carries its data in Base64).
-pub const MAX_LINE: usize = 8 * 1024 * 1024;
+/// Longest line accepted, in bytes (a `create_file` carries its data in Base64: up to 24 MiB of
+/// file data, which the agent's legacy endpoint uploads in chunks). Where a line becomes one
+/// message (Dom0's legacy mode), the packet limit of the way is the line limit.
+pub const MAX_LINE: usize = 32 * 1024 * 1024;
 /// The MVP's "every domain".
 pub const ALL: &str = "tous";
 
@@ -45,6 +47,8 @@ pub struct LineReader {
     buf: Vec<u8>,
     /// Where the unread part of `buf` starts.
     start: usize,
+    /// How far `buf` was searched for a newline (0: from `start`).
+    scanned: usize,
     /// Inside an over-long line.
     skipping: bool,
     /// Longest line, in bytes.
@@ -63,6 +67,7 @@ impl LineReader {
         LineReader {
             buf: Vec::new(),
             start: 0,
+            scanned: 0,
             skipping: false,
             limit,
         }
@@ -83,8 +88,10 @@ impl LineReader {
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
+            self.scanned = 0;
         } else if self.start > 64 * 1024 {
             self.buf.drain(..self.start);
+            self.scanned = self.scanned.saturating_sub(self.start);
             self.start = 0;
         }
         self.buf.extend_from_slice(bytes);
@@ -94,7 +101,20 @@ impl LineReader {
     pub fn next_line(&mut self) -> Option<LineItem> {
         loop {
             let rest = self.buf.get(self.start..).unwrap_or_default();
-            match rest.iter().position(|b| *b == b'\n') {
+            // The bytes of the unfinished line already looked at hold no newline: a long line
+            // arriving in pieces is scanned once, not once per piece.
+            let from = self.scanned.saturating_sub(self.start).min(rest.len());
+            let found = rest
+                .get(from..)
+                .unwrap_or_default()
+                .iter()
+                .position(|b| *b == b'\n')
+                .map(|i| i + from);
+            self.scanned = match found {
+                Some(_) => 0,
+                None => self.buf.len(),
+            };
+            match found {
                 Some(at) => {
                     let line = rest.get(..at).unwrap_or_default();
                     let line = line.strip_suffix(b"\r").unwrap_or(line).to_vec();
@@ -104,11 +124,16 @@ impl LineReader {
                     {
                         continue;
                     }
+                    // Over the limit, however its bytes arrived (whole in one read too).
+                    if line.len() > self.limit {
+                        return Some(LineItem::TooLong);
+                    }
                     return Some(LineItem::Line(line));
                 }
                 None if rest.len() > self.limit || (self.skipping && !rest.is_empty()) => {
                     self.buf.clear();
                     self.start = 0;
+                    self.scanned = 0;
                     if !std::mem::replace(&mut self.skipping, true) {
                         return Some(LineItem::TooLong);
                     }
@@ -130,6 +155,7 @@ impl LineReader {
         let rest = self.partial().to_vec();
         self.buf.clear();
         self.start = 0;
+        self.scanned = 0;
         self.skipping = false;
         rest
     }

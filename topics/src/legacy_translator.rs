@@ -13,9 +13,13 @@
 //! - Requests delivered to the speaker become command lines without their `request_id` (an id is
 //!   never shown to a party that does not need it); notifications become lines whose `source` is
 //!   their `origin` as Dom0 stamped it (or Dom0).
-//! - One limit holds end to end: a line over the packet limit of the way is skipped to its newline;
-//!   a line whose message would not fit is answered `too_large` before anything is sent. An
-//!   unfinished line is dropped once no byte of it came for [`LINE_IDLE`] (progress, not age).
+//! - One limit holds end to end: a line over the line limit (the packet limit of the way, unless
+//!   the driver sets one) is skipped to its newline; a line whose message would not fit is answered
+//!   `too_large` before anything is sent. An unfinished line is dropped once no byte of it came for
+//!   [`LINE_IDLE`] (progress, not age).
+//! - A `create_file` whose data is larger than a chunk travels as an upload ([`crate::upload`]):
+//!   its chunks are requests of their own, sent as the window allows while the answers come; the
+//!   speaker gets one answer line, the last chunk's (or the first error, or one timeout).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -24,8 +28,9 @@ use serde_json::{Map, Value, json};
 
 use crate::answers::{Question, Responders};
 use crate::legacy_line::{self, Destination, LegacyError, LegacyLine, LineItem, LineReader};
-use crate::payload::{ErrorCode, RequestId};
+use crate::payload::{CreateFileArgs, ErrorCode, RequestId};
 use crate::topic::{Command, Notification, Topic};
+use crate::upload::{self, Progress, Upload};
 use crate::vm::VmId;
 
 /// An unfinished line with no new byte for this long is dropped.
@@ -92,6 +97,18 @@ struct Asked {
     question: Question,
     /// Who the answer lines are addressed to (the line's `source`, for display only).
     client: String,
+    /// A chunk of an upload: its upload id and offset.
+    chunk: Option<(String, u64)>,
+}
+
+/// An upload of the speaker going: its chunks are [`Asked`] with their upload's id.
+#[derive(Debug)]
+struct Uploading {
+    upload: Upload,
+    destination: Destination,
+    /// The line's arguments (the caller's), which travel with every chunk.
+    arguments: Map<String, Value>,
+    client: String,
 }
 
 /// One speaker's translation.
@@ -111,6 +128,9 @@ pub struct Translator {
     asked: HashMap<RequestId, Asked>,
     /// Requests handed to the speaker: (command, requester, request id), oldest first.
     served: VecDeque<(Command, VmId, RequestId)>,
+    /// File data per chunk of an upload.
+    chunk: usize,
+    uploads: HashMap<String, Uploading>,
 }
 
 impl Translator {
@@ -126,7 +146,17 @@ impl Translator {
             last_byte: None,
             asked: HashMap::new(),
             served: VecDeque::new(),
+            chunk: upload::CHUNK,
+            uploads: HashMap::new(),
         }
+    }
+
+    /// Lines of up to `line_limit` bytes (a `create_file` larger than a packet travels as an
+    /// upload), uploads in chunks of `chunk` bytes of file data.
+    pub fn with_uploads(mut self, line_limit: usize, chunk: usize) -> Translator {
+        self.input = LineReader::with_limit(line_limit);
+        self.chunk = chunk.max(1);
+        self
     }
 
     /// Bytes waiting in an unfinished line.
@@ -216,7 +246,7 @@ impl Translator {
                 command,
                 destination,
                 arguments,
-            } => out.push(self.command(command, &destination, &arguments, client, now, new_id)),
+            } => self.command(command, &destination, &arguments, client, now, new_id, out),
             LegacyLine::Response {
                 command,
                 destination,
@@ -248,12 +278,62 @@ impl Translator {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn command(
         &mut self,
         command: Command,
         destination: &Destination,
         arguments: &Map<String, Value>,
         client: String,
+        now: Instant,
+        new_id: &mut dyn FnMut() -> RequestId,
+        out: &mut Vec<Out>,
+    ) {
+        let refuse = |code, message: &str| {
+            Out::Line(legacy_line::command_error_line(
+                command,
+                &self.router,
+                &client,
+                code,
+                message,
+            ))
+        };
+        if self.asked.len() >= MAX_ASKED {
+            return out.push(refuse(
+                ErrorCode::Busy,
+                &format!("{MAX_ASKED} commands already wait for their answers"),
+            ));
+        }
+        if command == Command::CreateFile {
+            if let Some((base, data)) = self.to_upload(arguments) {
+                // An unguessable upload id: the driver's random request ids are.
+                let id = new_id().to_string();
+                let upload = Upload::new(base, data, id.clone(), self.chunk, upload::WINDOW);
+                self.uploads.insert(
+                    id.clone(),
+                    Uploading {
+                        upload,
+                        destination: destination.clone(),
+                        arguments: arguments.clone(),
+                        client,
+                    },
+                );
+                return self.send_chunks(&id, now, new_id, out);
+            }
+        }
+        out.push(self.ask(command, destination, arguments, client, None, now, new_id));
+    }
+
+    /// A request for `command` as the speaker's VM, waiting for its answers (a chunk of an upload
+    /// when `chunk`); a line instead when it would not fit.
+    #[allow(clippy::too_many_arguments)]
+    fn ask(
+        &mut self,
+        command: Command,
+        destination: &Destination,
+        arguments: &Map<String, Value>,
+        client: String,
+        chunk: Option<(String, u64)>,
         now: Instant,
         new_id: &mut dyn FnMut() -> RequestId,
     ) -> Out {
@@ -266,12 +346,6 @@ impl Translator {
                 message,
             ))
         };
-        if self.asked.len() >= MAX_ASKED {
-            return refuse(
-                ErrorCode::Busy,
-                &format!("{MAX_ASKED} commands already wait for their answers"),
-            );
-        }
         let id = new_id();
         let responders = Responders::for_request(command, destination.name());
         let question = Question::new(command, id.clone(), responders, None, now);
@@ -286,11 +360,121 @@ impl Translator {
         if let Err(e) = self.fits(&topic, &payload) {
             return refuse(ErrorCode::TooLarge, &e.to_string());
         }
-        self.asked.insert(id.clone(), Asked { question, client });
+        self.asked.insert(
+            id.clone(),
+            Asked {
+                question,
+                client,
+                chunk,
+            },
+        );
         Out::Request {
             topic,
             payload,
             request_id: id,
+        }
+    }
+
+    /// A `create_file`'s arguments and data when the data is larger than a chunk.
+    fn to_upload(&self, arguments: &Map<String, Value>) -> Option<(CreateFileArgs, Vec<u8>)> {
+        let data = arguments.get("data")?.as_str()?;
+        let len = crate::binary::decoded_len(data).ok()?;
+        if !upload::needed(len, self.chunk) || arguments.contains_key("upload_id") {
+            return None;
+        }
+        let base: CreateFileArgs = serde_json::from_value(Value::Object(arguments.clone())).ok()?;
+        let data = crate::binary::decode_limited(data, len).ok()?;
+        Some((base, data))
+    }
+
+    /// Sends the chunks of upload `id` the window has room for.
+    fn send_chunks(
+        &mut self,
+        id: &str,
+        now: Instant,
+        new_id: &mut dyn FnMut() -> RequestId,
+        out: &mut Vec<Out>,
+    ) {
+        loop {
+            let Some(u) = self.uploads.get_mut(id) else {
+                return;
+            };
+            let Some((offset, chunk)) = u.upload.next_chunk() else {
+                return;
+            };
+            let mut arguments = u.arguments.clone();
+            if let Ok(Value::Object(c)) = serde_json::to_value(&chunk) {
+                arguments.extend(c);
+            }
+            let (destination, client) = (u.destination.clone(), u.client.clone());
+            let o = self.ask(
+                Command::CreateFile,
+                &destination,
+                &arguments,
+                client,
+                Some((id.to_owned(), offset)),
+                now,
+                new_id,
+            );
+            let sent = matches!(o, Out::Request { .. });
+            out.push(o);
+            if !sent {
+                // Its refusal line is the speaker's answer: the upload is over.
+                self.end_upload(id);
+                return;
+            }
+        }
+    }
+
+    /// Forgets upload `id` and its chunks still waiting.
+    fn end_upload(&mut self, id: &str) {
+        self.uploads.remove(id);
+        self.asked
+            .retain(|_, a| a.chunk.as_ref().is_none_or(|(u, _)| u != id));
+    }
+
+    /// The answer (accepted) to the chunk at `offset` of upload `id`: more chunks, or the line
+    /// that ends the upload.
+    #[allow(clippy::too_many_arguments)]
+    fn chunk_answered(
+        &mut self,
+        id: &str,
+        offset: u64,
+        payload: &[u8],
+        responder: &str,
+        now: Instant,
+        new_id: &mut dyn FnMut() -> RequestId,
+        out: &mut Vec<Out>,
+    ) {
+        let Some(u) = self.uploads.get_mut(id) else {
+            return;
+        };
+        let command = Command::CreateFile;
+        match u.upload.on_answer(offset, payload) {
+            Progress::Going => self.send_chunks(id, now, new_id, out),
+            Progress::Done => {
+                out.push(Out::Line(legacy_line::response_line(
+                    command, payload, &u.client, responder,
+                )));
+                self.end_upload(id);
+            }
+            Progress::Failed => {
+                let refused = serde_json::from_slice::<Value>(payload)
+                    .is_ok_and(|v| v.get("status").and_then(Value::as_str) == Some("error"));
+                let line = if refused {
+                    legacy_line::response_line(command, payload, &u.client, responder)
+                } else {
+                    legacy_line::command_error_line(
+                        command,
+                        responder,
+                        &u.client,
+                        ErrorCode::Internal,
+                        "upload: the responder's count of bytes received is wrong",
+                    )
+                };
+                out.push(Out::Line(line));
+                self.end_upload(id);
+            }
         }
     }
 
@@ -310,8 +494,11 @@ impl Translator {
             let id = crate::payload::decode_envelope(payload)
                 .ok()
                 .and_then(|e| e.request_id);
-            let client = id
-                .and_then(|id| self.asked.remove(&id))
+            let asked = id.and_then(|id| self.asked.remove(&id));
+            if let Some((upload, _)) = asked.as_ref().and_then(|a| a.chunk.clone()) {
+                self.end_upload(&upload);
+            }
+            let client = asked
                 .map(|a| a.client)
                 .unwrap_or_else(|| self.me.to_string());
             return legacy_line::command_error_line(
@@ -329,9 +516,31 @@ impl Translator {
         )
     }
 
-    /// A message for the speaker's VM: the line the speaker gets, if any. Responses are taken only
-    /// under the rule of [`crate::answers`]; requests only when the speaker serves them.
-    pub fn on_message(&mut self, topic: &str, payload: &[u8], now: Instant) -> Option<Vec<u8>> {
+    /// A message for the speaker's VM: the line the speaker gets, if any, and the next chunks of
+    /// an upload whose chunk it answers. Responses are taken only under the rule of
+    /// [`crate::answers`]; requests only when the speaker serves them.
+    pub fn on_message(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: Instant,
+        new_id: &mut dyn FnMut() -> RequestId,
+    ) -> Vec<Out> {
+        let mut out = Vec::new();
+        if let Some(line) = self.message(topic, payload, now, new_id, &mut out) {
+            out.push(Out::Line(line));
+        }
+        out
+    }
+
+    fn message(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: Instant,
+        new_id: &mut dyn FnMut() -> RequestId,
+        out: &mut Vec<Out>,
+    ) -> Option<Vec<u8>> {
         match Topic::parse(topic).ok()? {
             Topic::Response { command, requester } if requester == self.me => {
                 let id = serde_json::from_slice::<Value>(payload)
@@ -341,6 +550,13 @@ impl Translator {
                     .and_then(|s| RequestId::parse(s).ok())?;
                 let asked = self.asked.get_mut(&id)?;
                 let accepted = asked.question.accept(command, payload, now).ok()?;
+                if let Some((upload, offset)) = asked.chunk.clone() {
+                    // A chunk has one answer.
+                    self.asked.remove(&id);
+                    let responder = accepted.responder.clone();
+                    self.chunk_answered(&upload, offset, payload, &responder, now, new_id, out);
+                    return None;
+                }
                 let line = legacy_line::response_line(
                     command,
                     payload,
@@ -420,6 +636,13 @@ impl Translator {
             let Some(a) = self.asked.remove(&id) else {
                 continue;
             };
+            if let Some((upload, _)) = &a.chunk {
+                // One timeout line for the upload, whichever of its chunks ran out first.
+                if !self.uploads.contains_key(upload) {
+                    continue;
+                }
+                self.end_upload(upload);
+            }
             let command = a.question.command();
             let timeout = |source: &str, message: &str| {
                 legacy_line::command_error_line(

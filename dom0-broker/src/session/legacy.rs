@@ -260,13 +260,18 @@ impl Session {
                 if !self.past_deadline(p.topic, p.payload, now)
                     && self.rules.check_deliver(p.topic).is_ok()
                 {
-                    let line = self
+                    let outs = self
                         .legacy_mode()
-                        .and_then(|l| l.translator.on_message(p.topic, p.payload, now));
-                    if let Some(line) = line {
+                        .map(|l| {
+                            l.translator
+                                .on_message(p.topic, p.payload, now, &mut random_request_id)
+                        })
+                        .unwrap_or_default();
+                    if outs.iter().any(|o| matches!(o, Out::Line(_))) {
                         self.budget.owe_answers(p.topic);
-                        self.relay_to_guest(&line);
                     }
+                    // A line for the guest, and an upload's next chunks.
+                    self.legacy_outs(outs, now);
                 }
             }
             mqtt::PUBREL => {

@@ -11,7 +11,8 @@
 //!
 //! Bounds: a connection must send a line (an empty one will do) within
 //! [`FIRST_PACKET_TIMEOUT`]; at most `max_clients` connections that did, and a few that did not
-//! yet (the oldest of those is closed to make room); one line at most the channel's packet size,
+//! yet (the oldest of those is closed to make room); one line at most `max_line` (a `create_file`
+//! larger than a packet is uploaded in chunks, `topics::upload`),
 //! an unfinished line dropped when no byte of it came for `LINE_IDLE`, and the unfinished lines of
 //! all connections together at most `max_held` bytes (the connection that would go beyond is
 //! closed); a client that does not read its answers is closed.
@@ -44,8 +45,12 @@ const NOTES_BUFFER: usize = 256;
 /// Bounds of the endpoint.
 #[derive(Debug, Clone)]
 pub struct LegacyLimits {
-    /// Largest line (and message): the channel's packet limit.
+    /// Largest message: the channel's packet limit.
     pub max_packet: usize,
+    /// Largest line (a `create_file` larger than a message is uploaded in chunks).
+    pub max_line: usize,
+    /// File data per chunk of an upload.
+    pub chunk: usize,
     /// Connections that sent their first line.
     pub max_clients: usize,
     /// Bytes of unfinished lines held for all connections together.
@@ -328,7 +333,8 @@ async fn connection(
     let (routes, mut responses) = mpsc::channel::<Delivery>(256);
     let me = legacy.vm.clone();
     let mut c = Conn {
-        t: Translator::new(me.clone(), me.as_str(), None, legacy.limits.max_packet),
+        t: Translator::new(me.clone(), me.as_str(), None, legacy.limits.max_packet)
+            .with_uploads(legacy.limits.max_line, legacy.limits.chunk),
         legacy: legacy.clone(),
         mine: Vec::new(),
         routes,
@@ -373,9 +379,9 @@ async fn connection(
                 };
             }
             Some((topic, payload)) = responses.recv() => {
-                if let Some(line) = c.t.on_message(&topic, &payload, Instant::now()) {
-                    c.out.extend_from_slice(&line);
-                }
+                // A line for the client, and an upload's next chunks.
+                let outs = c.t.on_message(&topic, &payload, Instant::now(), &mut random_request_id);
+                c.carry_out(outs).await;
                 c.prune();
             }
             _ = or_never(next_tick.map(tokio::time::sleep_until)) => c.tick(),

@@ -266,3 +266,36 @@ fn lines_are_cut_and_over_long_ones_skipped() {
     assert_eq!(l.take_partial(), b"half");
     assert!(l.partial().is_empty());
 }
+
+#[test]
+fn lines_split_at_every_byte_or_in_pieces_read_the_same() {
+    let input = b"{\"a\":1}\n{\"bb\":22}\r\n\n{\"ccc\":333}\n{\"d\"";
+    let read = |pieces: &mut dyn Iterator<Item = &[u8]>| {
+        let mut l = LineReader::with_limit(64);
+        let mut lines = Vec::new();
+        for p in pieces {
+            l.push(p);
+            while let Some(item) = l.next_line() {
+                lines.push(item);
+            }
+        }
+        (lines, l.partial().to_vec())
+    };
+    let whole = read(&mut std::iter::once(&input[..]));
+    assert_eq!(whole.0.len(), 3);
+    assert_eq!(whole.1, b"{\"d\"");
+    for size in 1..input.len() {
+        assert_eq!(read(&mut input.chunks(size)), whole, "pieces of {size}");
+    }
+    // After a line skipped for its length, the next one is found whatever the pieces.
+    let mut long = vec![b'x'; 100];
+    long.extend_from_slice(b"\n{\"e\":5}\n");
+    for size in [1, 7, 64, 200] {
+        let (lines, _) = read(&mut long.chunks(size));
+        assert_eq!(
+            lines,
+            [LineItem::TooLong, LineItem::Line(b"{\"e\":5}".to_vec())],
+            "pieces of {size}"
+        );
+    }
+}

@@ -3,6 +3,22 @@
 
 use super::*;
 
+/// The line a message gives the speaker (no upload going in these tests).
+trait MessageLine {
+    fn on_message_line(&mut self, topic: &str, payload: &[u8], now: Instant) -> Option<Vec<u8>>;
+}
+
+impl MessageLine for Translator {
+    fn on_message_line(&mut self, topic: &str, payload: &[u8], now: Instant) -> Option<Vec<u8>> {
+        let mut outs = self.on_message(topic, payload, now, &mut ids());
+        assert!(outs.len() <= 1, "{outs:?}");
+        outs.pop().map(|o| match o {
+            Out::Line(l) => l,
+            other => panic!("a line, not {other:?}"),
+        })
+    }
+}
+
 fn vm(s: &str) -> VmId {
     VmId::parse(s).unwrap()
 }
@@ -77,7 +93,7 @@ fn a_command_becomes_a_request_as_the_vm_with_a_random_id() {
         r#"{{"status":"ok","request_id":"{id}","responder":"sys-usb","disk":"usb0","files":[]}}"#
     );
     let line = t
-        .on_message(
+        .on_message_line(
             "system/disks/list_files/response/vm-old",
             resp.as_bytes(),
             now,
@@ -134,7 +150,7 @@ fn forged_answers_never_become_lines() {
         ];
         for (topic, payload) in &forged {
             assert_eq!(
-                t.on_message(topic, payload.as_bytes(), now),
+                t.on_message_line(topic, payload.as_bytes(), now),
                 None,
                 "{payload}"
             );
@@ -143,10 +159,10 @@ fn forged_answers_never_become_lines() {
             r#"{{"status":"ok","request_id":"{id}","responder":"sys-usb","footprint":"ab"}}"#
         );
         let topic = "system/disks/get_file_footprint/response/vm-gui";
-        let v = json_line(&t.on_message(topic, real.as_bytes(), now).unwrap());
+        let v = json_line(&t.on_message_line(topic, real.as_bytes(), now).unwrap());
         assert_eq!(v["source"], "sys-usb");
         assert_eq!(v["payload"]["data"]["footprint"], "ab");
-        assert_eq!(t.on_message(topic, real.as_bytes(), now), None, "once");
+        assert_eq!(t.on_message_line(topic, real.as_bytes(), now), None, "once");
     }
 }
 
@@ -169,7 +185,9 @@ fn a_response_is_named_after_its_checked_responder_in_both_paths() {
             if let Some(r) = responder {
                 p["responder"] = r.into();
             }
-            let line = t.on_message(topic, p.to_string().as_bytes(), now).unwrap();
+            let line = t
+                .on_message_line(topic, p.to_string().as_bytes(), now)
+                .unwrap();
             sources.push(json_line(&line)["source"].as_str().unwrap().to_owned());
         }
         assert_eq!(sources, ["dom0", "sys-usb"]);
@@ -196,7 +214,7 @@ fn a_benchmark_answers_started_then_finished_in_both_paths() {
             ("dom0", "finished"),
         ] {
             let p = json!({"status":status,"request_id":id.as_str(),"responder":who,"module":"messaging"});
-            if let Some(l) = t.on_message(topic, p.to_string().as_bytes(), now) {
+            if let Some(l) = t.on_message_line(topic, p.to_string().as_bytes(), now) {
                 let v = json_line(&l);
                 etats.push(format!("{} {}", v["source"], v["payload"]["data"]["etat"]));
             }
@@ -352,7 +370,7 @@ fn requests_served_become_lines_without_their_id_and_answers_get_it_back() {
     let mut t = dom0_mode("sys-old");
     let now = Instant::now();
     let note = t
-        .on_message(
+        .on_message_line(
             "system/disk/new_file/notification",
             br#"{"disk":"usb0","filepath":"a","size_in_bytes":1,"origin":"sys-usb"}"#,
             now,
@@ -362,7 +380,7 @@ fn requests_served_become_lines_without_their_id_and_answers_get_it_back() {
     assert_eq!(v["payload"]["evenement"], "fichier");
     assert_eq!(v["source"], "sys-usb", "the origin Dom0 stamped");
     let req = t
-        .on_message(
+        .on_message_line(
             "system/disks/list_disks/request",
             br#"{"sender":"vm-gui","request_id":"r1"}"#,
             now,
@@ -373,7 +391,7 @@ fn requests_served_become_lines_without_their_id_and_answers_get_it_back() {
         json!({"type":"commande","source":"vm-gui","destination":"sys-old","payload":{"commande":"liste_disques","arguments":{}}})
     );
     assert!(
-        t.on_message(
+        t.on_message_line(
             "system/disks/list_disks/request",
             br#"{"sender":"vm-gui","destination":"sys-usb"}"#,
             now
@@ -452,4 +470,145 @@ fn commands_in_flight_are_bounded() {
     }
     let out = t.on_bytes(LIST_FILES, now, &mut next);
     assert_eq!(line_of(&out[0])["payload"]["erreur"]["code"], "busy");
+}
+
+/// An MVP `create_file` line for `data`.
+fn create_file_line(data: &[u8]) -> Vec<u8> {
+    let mut l = json!({"type": "commande", "source": "app", "destination": "sys-usb",
+        "payload": {"commande": "create_file", "arguments": {
+            "disk": "usb0", "filepath": "big.bin", "data": crate::binary::encode(data)}}})
+    .to_string()
+    .into_bytes();
+    l.push(b'\n');
+    l
+}
+
+/// The requests among `outs`: (request id, payload).
+fn requests(outs: &[Out]) -> Vec<(RequestId, Value)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Out::Request {
+                payload,
+                request_id,
+                ..
+            } => Some((request_id.clone(), serde_json::from_slice(payload).unwrap())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn chunk_answer(id: &RequestId, received: u64) -> Vec<u8> {
+    format!(r#"{{"status":"ok","request_id":"{id}","responder":"sys-usb","received":{received}}}"#)
+        .into_bytes()
+}
+
+const CREATE_RESPONSE: &str = "system/disks/create_file/response/vm-gui";
+
+#[test]
+fn a_create_file_larger_than_a_chunk_is_uploaded_and_answered_once() {
+    let mut t = agent_endpoint("vm-gui").with_uploads(1 << 20, 4);
+    let now = Instant::now();
+    let mut new_id = ids();
+    let data: Vec<u8> = (0..14u8).collect();
+    let first = requests(&t.on_bytes(&create_file_line(&data), now, &mut new_id));
+    // 14 bytes in chunks of 4: 4 chunks, all within the window of 4.
+    assert_eq!(first.len(), 4);
+    let upload_id = first[0].1["upload_id"].as_str().unwrap().to_owned();
+    assert!(crate::upload::valid_id(&upload_id));
+    for (i, (_, p)) in first.iter().enumerate() {
+        assert_eq!(p["offset"], i as u64 * 4);
+        assert_eq!(p["upload_id"], upload_id.as_str());
+        assert_eq!(p["sender"], "vm-gui");
+        assert_eq!(p["destination"], "sys-usb");
+        assert_eq!(p["disk"], "usb0");
+    }
+    assert_eq!(first[3].1["final"], true);
+    assert_eq!(first[3].1["size"], 14);
+    assert_eq!(
+        first[3].1["sha256"],
+        crate::upload::sha256_hex(&data).as_str()
+    );
+    // Three answers: no line yet; the last: one `reponse` line from sys-usb.
+    for (i, (id, _)) in first.iter().take(3).enumerate() {
+        let outs = t.on_message(
+            CREATE_RESPONSE,
+            &chunk_answer(id, (i as u64 + 1) * 4),
+            now,
+            &mut new_id,
+        );
+        assert!(outs.is_empty(), "{outs:?}");
+    }
+    let outs = t.on_message(
+        CREATE_RESPONSE,
+        &chunk_answer(&first[3].0, 14),
+        now,
+        &mut new_id,
+    );
+    let [Out::Line(line)] = outs.as_slice() else {
+        panic!("{outs:?}")
+    };
+    let v = json_line(line);
+    assert_eq!(v["type"], "reponse");
+    assert_eq!(v["source"], "sys-usb");
+    assert!(v["payload"].get("erreur").is_none(), "{v}");
+    assert_eq!(v["payload"]["data"]["received"], 14);
+    assert!(
+        t.on_tick(now + Duration::from_secs(3600)).is_empty(),
+        "nothing left waiting"
+    );
+}
+
+#[test]
+fn an_upload_sends_as_the_window_allows_and_ends_at_the_first_error_or_timeout() {
+    let mut t = agent_endpoint("vm-gui").with_uploads(1 << 20, 2);
+    let now = Instant::now();
+    let mut new_id = ids();
+    let first = requests(&t.on_bytes(&create_file_line(&[9; 20]), now, &mut new_id));
+    assert_eq!(first.len(), 4, "a window of 4 chunks of 2 bytes");
+    let more = requests(&t.on_message(
+        CREATE_RESPONSE,
+        &chunk_answer(&first[0].0, 2),
+        now,
+        &mut new_id,
+    ));
+    assert_eq!(more.len(), 1, "one answer, one more chunk");
+    assert_eq!(more[0].1["offset"], 8);
+    let refused = format!(
+        r#"{{"status":"error","request_id":"{}","responder":"sys-usb","error":{{"code":"too_large","message":"x"}}}}"#,
+        first[1].0
+    );
+    let outs = t.on_message(CREATE_RESPONSE, refused.as_bytes(), now, &mut new_id);
+    let [Out::Line(line)] = outs.as_slice() else {
+        panic!("{outs:?}")
+    };
+    assert_eq!(json_line(line)["payload"]["erreur"]["code"], "too_large");
+    assert!(
+        t.on_message(
+            CREATE_RESPONSE,
+            &chunk_answer(&first[2].0, 6),
+            now,
+            &mut new_id
+        )
+        .is_empty(),
+        "the upload is over"
+    );
+    assert!(
+        t.on_tick(now + Duration::from_secs(3600)).is_empty(),
+        "no timeout after the error"
+    );
+    // Another upload nobody answers: one timeout line, not one per chunk.
+    let again = requests(&t.on_bytes(&create_file_line(&[9; 20]), now, &mut new_id));
+    assert_eq!(again.len(), 4);
+    let lines = t.on_tick(now + Duration::from_secs(3600));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(json_line(&lines[0])["payload"]["erreur"]["code"], "timeout");
+}
+
+#[test]
+fn a_small_create_file_stays_one_message() {
+    let mut t = agent_endpoint("vm-gui").with_uploads(1 << 20, 64);
+    let outs = t.on_bytes(&create_file_line(b"hello"), Instant::now(), &mut ids());
+    let (_, p, _) = request_of(&outs);
+    assert_eq!(p["data"], crate::binary::encode(b"hello").as_str());
+    assert!(p.get("upload_id").is_none());
 }
