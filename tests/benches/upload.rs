@@ -1,0 +1,182 @@
+//! Benchmark of uploads in chunks (issue 28), in one run:
+//! - a small request's round trip from an MVP application on vm-gui's legacy endpoint
+//!   (`liste_disques` to sys-usb), idle, then while `domu-agent call` on the same vm-gui uploads
+//!   1 MiB files to sys-usb one after the other: the small message must not wait behind a file;
+//! - `create_file` throughput of 1 MiB and 16 MiB files through `call` (chunks of 64 KiB, 4 in
+//!   flight), against the ceiling of the same run: the chunks' bytes across the slower of the two
+//!   simulated channels alone (with chunks in flight both channels work at once).
+//!
+//! Run with `./scripts/bench` (which builds the release binaries). Prints figures; asserts nothing
+//! about speed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use system_tests::bench::{Report, STEP_DEADLINE, p50_p99, stats};
+use system_tests::channel::{Channel, SimRoundTrip};
+use system_tests::legacy::LegacyClient;
+use system_tests::{Agent, BrokerKind, Dom0, TestDir, bin};
+
+const SMALL: usize = 300;
+
+fn main() {
+    system_tests::bench::run_all("Uploads in chunks (`tests/benches/upload.rs`)", run);
+}
+
+/// `domu-agent call create_file` of `file` to sys-usb's `usb1` as `name`; its duration.
+fn upload(socket: &Path, file: &Path, name: &str) -> Duration {
+    let t0 = Instant::now();
+    let out = Command::new(bin("domu-agent"))
+        .args(["call", "--json", "--timeout-ms", "20000", "--socket"])
+        .arg(socket)
+        .args(["create_file", "disk=usb1", "overwrite=true"])
+        .arg(format!("filepath={name}"))
+        .arg(format!("data=@{}", file.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "upload failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    t0.elapsed()
+}
+
+/// `n` small round trips (`liste_disques` to sys-usb) from the MVP application.
+fn small_requests(app: &mut LegacyClient, n: usize) -> Vec<Duration> {
+    let deadline = Instant::now() + STEP_DEADLINE * 3;
+    (0..n)
+        .map(|_| {
+            assert!(
+                Instant::now() < deadline,
+                "small requests past their deadline"
+            );
+            let t0 = Instant::now();
+            let r = app.command("liste_disques", "sys-usb", json!({}));
+            assert_eq!(r["source"], "sys-usb", "{r}");
+            t0.elapsed()
+        })
+        .collect()
+}
+
+fn run(kind: BrokerKind, report: &mut Report) {
+    let dir = TestDir::new("bench-upload");
+    let conf = dir.join("dom0.toml");
+    std::fs::write(
+        &conf,
+        "[limits]\nrate_per_sec = 10000000\nburst = 10000000\n",
+    )
+    .unwrap();
+    let c = conf.display().to_string();
+    let dom0 = Dom0::start_logging(&dir, kind, &["--config", &c], "info,rumqttd=error");
+    let usb_ch = Channel::new(&dir.path, "sys-usb");
+    let gui_ch = Channel::new(&dir.path, "vm-gui");
+    dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
+    dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
+    let disks = dir.join("disks");
+    std::fs::create_dir_all(disks.join("usb1")).unwrap();
+    let d = disks.display().to_string();
+    let usb = Agent::start_logging(&dir, &usb_ch, "sys-usb", &["--disks", &d], "info");
+    let gui = Agent::start_logging(&dir, &gui_ch, "vm-gui", &[], "info");
+    dom0.proc.wait_log("link{vm=sys-usb}: session up");
+    dom0.proc.wait_log("link{vm=vm-gui}: session up");
+    let one_mib = dir.join("1m.bin");
+    let sixteen = dir.join("16m.bin");
+    std::fs::write(&one_mib, vec![0x5au8; 1 << 20]).unwrap();
+    std::fs::write(&sixteen, vec![0xa5u8; 16 << 20]).unwrap();
+
+    eprintln!("small requests idle, then while 1 MiB files are uploaded");
+    let mut app = LegacyClient::connect(&gui.legacy);
+    let _ = small_requests(&mut app, 20);
+    let idle = stats(small_requests(&mut app, SMALL));
+    let uploading = Arc::new(AtomicBool::new(true));
+    let uploaded = Arc::new(AtomicUsize::new(0));
+    let loader = {
+        let (uploading, uploaded) = (uploading.clone(), uploaded.clone());
+        let (socket, file) = (gui.socket.clone(), one_mib.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while uploading.load(Ordering::Relaxed) {
+                upload(&socket, &file, &format!("load/{}.bin", i % 8));
+                uploaded.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        })
+    };
+    // Uploads follow one another before the measure starts (the first one done).
+    let start_by = Instant::now() + STEP_DEADLINE;
+    while uploaded.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < start_by, "no upload done");
+        std::thread::park_timeout(Duration::from_millis(5));
+    }
+    let t0 = Instant::now();
+    let busy = stats(small_requests(&mut app, SMALL));
+    let during = t0.elapsed();
+    uploading.store(false, Ordering::Relaxed);
+    loader.join().unwrap();
+    let files = uploaded.load(Ordering::Relaxed);
+    report.row(
+        "small request (MVP `liste_disques`), vm-gui idle, p50 / p99",
+        p50_p99(&idle),
+    );
+    report.row(
+        "the same while vm-gui uploads 1 MiB files, p50 / p99 (**p99 ratio to idle**, target ≤ 2×)",
+        format!(
+            "{}: {:.2}× ({files} files, {:.1} MB/s meanwhile)",
+            p50_p99(&busy),
+            busy.p99 / idle.p99,
+            files as f64 * 1.048576 / during.as_secs_f64()
+        ),
+    );
+
+    // The ceiling: the chunk requests' bytes across the slower simulated channel, in chunk-sized
+    // writes (a chunk of 64 KiB is about 87.5 KB of Base64 plus its envelope).
+    let sim_dir = TestDir::new("bench-upload-sim");
+    let mut sim = SimRoundTrip::new(&sim_dir.path);
+    let request = 87_382 + 400;
+    let mut ceiling = |file: usize| {
+        let bytes = file.div_ceil(topics::upload::CHUNK) * request;
+        let up = bytes as f64 / (sim.bulk(bytes, request, true) * 1e6);
+        let down = bytes as f64 / (sim.bulk(bytes, request, false) * 1e6);
+        up.max(down)
+    };
+    for (label, file, size, n) in [
+        ("1 MiB", &one_mib, 1usize << 20, 16),
+        ("16 MiB", &sixteen, 16 << 20, 2),
+    ] {
+        eprintln!("create_file of {n} × {label} through call");
+        let t = (0..n)
+            .map(|i| upload(&gui.socket, file, &format!("t/{i}.bin")).as_secs_f64())
+            .sum::<f64>()
+            / n as f64;
+        let c = ceiling(size);
+        let mb = size as f64 / 1e6;
+        report.row(
+            &format!(
+                "`create_file` of {label} files through `call`, file data (**ratio to the ceiling**, target ≥ 0.8×)"
+            ),
+            format!(
+                "{:.1} MB/s ({:.1} ms per file): {:.2}×; ceiling {:.1} MB/s",
+                mb / t,
+                t * 1e3,
+                c / t,
+                mb / c
+            ),
+        );
+    }
+    report.row(
+        "sys-usb agent RSS / vm-gui agent RSS / Dom0 RSS after the runs",
+        format!(
+            "{:.1} / {:.1} / {:.1} MiB",
+            usb.proc.rss_kb() as f64 / 1024.0,
+            gui.proc.rss_kb() as f64 / 1024.0,
+            dom0.proc.rss_kb() as f64 / 1024.0
+        ),
+    );
+}
