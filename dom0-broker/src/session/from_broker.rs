@@ -34,12 +34,13 @@ impl Session {
             if !self.has_broker() {
                 break;
             }
-            if self.to_guest.len() > self.limits.queue_bytes {
-                let queued = self.to_guest.len();
+            if self.guest_queued() > self.limits.queue_bytes {
+                let queued = self.guest_queued();
                 tracing::warn!("guest does not read; dropping its session");
                 self.counters.dropped += 1;
                 self.state(LinkState::Overflow, Some(format!("{queued} bytes queued")));
                 self.to_guest.clear();
+                self.drop_bulk();
                 self.end_session("guest queue overflow", false, now);
                 break;
             }
@@ -131,7 +132,7 @@ impl Session {
             Ok(()) => {
                 self.ledger.delivered(p.qos, p.pkid);
                 self.budget.owe_answers(p.topic);
-                self.relay_to_guest(frame)
+                self.relay_publish_to_guest(frame, p.topic)
             }
             Err(d) => {
                 if let Some(unreported) = self.may_report(now) {

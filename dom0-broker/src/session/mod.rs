@@ -23,11 +23,11 @@ mod from_guest;
 mod ledger;
 pub mod legacy;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use topics::RequestId;
 use topics::payload::LinkState;
 use topics::vm::VmId;
@@ -42,6 +42,10 @@ use crate::policy::Rules;
 use budget::Budget;
 use ledger::Ledger;
 use legacy::{Dialect, LegacyMode};
+
+/// A delivery larger than this (bytes on the wire) is written to the guest after the small ones
+/// waiting (one large one at a time).
+pub const BULK_FRAME: usize = 8 * 1024;
 
 /// Bounds of one link. Defaults in `config.rs`.
 #[derive(Debug, Clone)]
@@ -148,6 +152,10 @@ pub struct Session {
     broker_in: BytesMut,
     /// Bytes waiting to be written to the guest.
     to_guest: BytesMut,
+    /// Large deliveries waiting for `to_guest` to be written, oldest first: each goes once what is
+    /// small has gone, so a small message waits for one large one at most (an upload's chunks).
+    guest_bulk: VecDeque<(String, Bytes)>,
+    guest_bulk_bytes: usize,
     /// Bytes waiting to be written to the broker.
     to_broker: BytesMut,
     /// The rewritten CONNECT, sent once the broker connection is open.
@@ -198,6 +206,8 @@ impl Session {
             guest_in: BytesMut::new(),
             broker_in: BytesMut::new(),
             to_guest: BytesMut::new(),
+            guest_bulk: VecDeque::new(),
+            guest_bulk_bytes: 0,
             to_broker: BytesMut::new(),
             pending_connect: BytesMut::new(),
             window,
@@ -319,6 +329,28 @@ impl Session {
     /// The driver wrote the first `n` bytes of [`Session::to_guest`].
     pub fn guest_written(&mut self, n: usize) {
         self.to_guest.advance(n.min(self.to_guest.len()));
+        self.next_bulk();
+    }
+
+    /// Bytes for the guest not written yet, large deliveries waiting included.
+    pub(super) fn guest_queued(&self) -> usize {
+        self.to_guest.len() + self.guest_bulk_bytes
+    }
+
+    /// When everything before has been written, the next large delivery.
+    fn next_bulk(&mut self) {
+        if self.to_guest.is_empty() {
+            if let Some((_, frame)) = self.guest_bulk.pop_front() {
+                self.guest_bulk_bytes -= frame.len();
+                self.to_guest.extend_from_slice(&frame);
+            }
+        }
+    }
+
+    /// Forgets the large deliveries waiting (the session ends: the broker delivers them again).
+    fn drop_bulk(&mut self) {
+        self.guest_bulk.clear();
+        self.guest_bulk_bytes = 0;
     }
 
     /// Bytes waiting to be written to the broker.
@@ -450,6 +482,7 @@ impl Session {
         };
         let was_legacy = matches!(self.phase, Phase::Legacy(_) | Phase::Connecting(Some(_)));
         self.phase = Phase::Scanning;
+        self.drop_bulk();
         self.effects.push(Effect::CloseBroker { flush });
         if was_legacy {
             // A legacy guest reads lines, not MQTT: it is told nothing; its next line starts a
@@ -471,6 +504,20 @@ impl Session {
         self.counters.packets_out += 1;
         self.counters.bytes_out += frame.len() as u64;
         self.to_guest.extend_from_slice(frame);
+    }
+
+    /// A delivery on `topic` for the guest: a large one (or one on the topic of a large one
+    /// waiting: a topic's messages stay in order) waits for its turn after what is small.
+    fn relay_publish_to_guest(&mut self, frame: &[u8], topic: &str) {
+        if frame.len() <= BULK_FRAME && !self.guest_bulk.iter().any(|(t, _)| t == topic) {
+            return self.relay_to_guest(frame);
+        }
+        self.counters.packets_out += 1;
+        self.counters.bytes_out += frame.len() as u64;
+        self.guest_bulk_bytes += frame.len();
+        self.guest_bulk
+            .push_back((topic.to_owned(), Bytes::copy_from_slice(frame)));
+        self.next_bulk();
     }
 
     fn forward(&mut self, frame: &[u8], now: Instant) {

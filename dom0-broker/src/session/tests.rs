@@ -428,6 +428,43 @@ fn connect_on_live_session_restarts_it() {
 }
 
 #[test]
+fn a_small_delivery_goes_before_large_ones_waiting_but_not_before_its_own_topic() {
+    let (mut s, now) = live();
+    s.limits.queue_bytes = 1 << 20;
+    let big = "system/disks/create_file/response/vm-gui";
+    let chunk = |i: u16| publish(big, 1, i, &[b'c'; 20_000]);
+    let small = publish("system/disks/list_disks/response/vm-gui", 1, 9, b"{}");
+    let small_on_big = publish(big, 1, 4, b"{}");
+    for p in [
+        chunk(1),
+        chunk(2),
+        small.clone(),
+        chunk(3),
+        small_on_big.clone(),
+    ] {
+        s.broker_in.extend_from_slice(&p);
+    }
+    s.on_broker_input(&[], now);
+    let mut sizes = Vec::new();
+    while !s.to_guest.is_empty() {
+        sizes.extend(
+            packets(&s.to_guest)
+                .into_iter()
+                .map(|(_, body)| body.len() + 2),
+        );
+        let n = s.to_guest.len();
+        s.guest_written(n);
+    }
+    // The first large one was alone when it came: written first; then the small one; then the
+    // other large ones, and the small one on their topic after them.
+    let (c, sm, sb) = (chunk(1).len(), small.len(), small_on_big.len());
+    assert_eq!(sizes.len(), 5, "{sizes:?}");
+    assert!(sizes[0] >= c - 4 && sizes[1] == sm, "{sizes:?}");
+    assert!(sizes[2] >= c - 4 && sizes[3] >= c - 4, "{sizes:?}");
+    assert_eq!(sizes[4], sb, "{sizes:?}");
+}
+
+#[test]
 fn guest_that_stops_reading_overflows_alone() {
     let (mut s, now) = live();
     let p = publish("system/disk/new_file/notification", 0, 0, &[b'x'; 1000]);

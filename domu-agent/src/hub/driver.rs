@@ -134,6 +134,8 @@ async fn drive(cfg: ChannelConfig, mut rx: mpsc::Receiver<ToHub>, stop: Cancella
                 None => return,
             },
             _ = or_never(deadline.map(sleep_until)) => d.session.on_tick(Instant::now()),
+            // The next large publish, once what came meanwhile (small first) was taken.
+            _ = std::future::ready(()), if ch.tty.is_some() && d.session.has_bulk() => Vec::new(),
         };
     }
 }

@@ -29,6 +29,9 @@ use rumqttc::mqttbytes::{self, QoS};
 use tokio::time::Instant;
 use topics::vm::VmId;
 
+/// A publish larger than this (bytes on the wire) is written after the small ones waiting.
+pub const BULK_FRAME: usize = 8 * 1024;
+
 use topics::backoff::Backoff;
 
 /// QoS 1 publishes waiting for Dom0's PUBACK at most; beyond, [`Session::publish`] refuses.
@@ -138,6 +141,9 @@ pub struct Session {
     input: BytesMut,
     /// Bytes waiting to be written to the channel.
     output: BytesMut,
+    /// Large publishes waiting to be written, one per [`Session::take_output`] after everything
+    /// small: a small message waits for one large one at most, not for a whole upload's window.
+    bulk: VecDeque<(String, Bytes)>,
     /// Filters renewed on every CONNACK, with their QoS.
     subscriptions: BTreeMap<String, QoS>,
     /// SUBSCRIBEs awaiting their SUBACK: packet id → filters, in order.
@@ -170,6 +176,7 @@ impl Session {
             phase: Phase::Closed,
             input: BytesMut::new(),
             output: BytesMut::new(),
+            bulk: VecDeque::new(),
             subscriptions: BTreeMap::new(),
             pending_subs: HashMap::new(),
             next_pkid: 0,
@@ -199,9 +206,18 @@ impl Session {
         self.inflight.len()
     }
 
-    /// Bytes to write to the channel, handed over to the driver.
+    /// Bytes to write to the channel, handed over to the driver: everything small, then at most
+    /// one large publish ([`BULK_FRAME`]); [`Session::has_bulk`] says whether more wait.
     pub fn take_output(&mut self) -> BytesMut {
+        if let Some((_, frame)) = self.bulk.pop_front() {
+            self.output.extend_from_slice(&frame);
+        }
         self.output.split()
+    }
+
+    /// Large publishes wait for their turn in the output.
+    pub fn has_bulk(&self) -> bool {
+        !self.bulk.is_empty()
     }
 
     /// The tty is open: start a session.
@@ -216,6 +232,8 @@ impl Session {
         self.phase = Phase::Closed;
         self.input.clear();
         self.output.clear();
+        // They are in flight: resent after the next CONNACK.
+        self.bulk.clear();
         (self.backoff.next_delay(), self.take_events())
     }
 
@@ -277,6 +295,7 @@ impl Session {
         if qos != QoS::AtMostOnce && self.inflight.len() >= MAX_INFLIGHT {
             return Err(PublishError::Full);
         }
+        let bulk_topic = topic.clone();
         let mut p = Publish::from_bytes(topic, qos, payload);
         p.retain = retain;
         let size = p.size();
@@ -302,7 +321,13 @@ impl Session {
         let frame = frame.freeze();
         let live = self.is_live();
         if live {
-            self.output.extend_from_slice(&frame);
+            // A large publish waits for its turn; so does a small one on the topic of a waiting
+            // large one (one topic's messages stay in order).
+            if frame.len() > BULK_FRAME || self.bulk.iter().any(|(t, _)| *t == bulk_topic) {
+                self.bulk.push_back((bulk_topic, frame.clone()));
+            } else {
+                self.output.extend_from_slice(&frame);
+            }
             self.last_write = now;
         }
         self.inflight.insert(p.pkid, InFlight { frame, sent: live });

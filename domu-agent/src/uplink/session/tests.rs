@@ -452,3 +452,42 @@ fn a_frame_from_dom0_stopped_half_way_means_a_new_connect() {
     assert!(s.on_input(&publish, t1 + FRAME_STALL).len() == 1);
     assert_eq!(s.next_deadline(), Some(t1 + FRAME_STALL + KEEPALIVE));
 }
+
+#[test]
+fn a_small_publish_goes_before_large_ones_waiting_but_not_before_its_own_topic() {
+    let (mut s, t0) = live(&[]);
+    let publish = |s: &mut Session, topic: &str, len: usize| {
+        s.publish(
+            Publication::at_least_once(topic.to_owned(), Bytes::from(vec![b'x'; len])),
+            t0,
+        )
+        .unwrap()
+    };
+    let topics_of = |packets: Vec<Packet>| -> Vec<(String, usize)> {
+        packets
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) => Some((p.topic, p.payload.len())),
+                _ => None,
+            })
+            .collect()
+    };
+    publish(&mut s, "up/chunk", 20_000);
+    publish(&mut s, "up/chunk", 20_000);
+    publish(&mut s, "small/a", 10);
+    publish(&mut s, "up/chunk", 10);
+    assert!(s.has_bulk());
+    // The small one first, then one large at a time; the small one on the large ones' topic
+    // keeps its place after them.
+    assert_eq!(
+        topics_of(sent(&mut s)),
+        [("small/a".to_owned(), 10), ("up/chunk".to_owned(), 20_000)]
+    );
+    publish(&mut s, "small/b", 10);
+    assert_eq!(
+        topics_of(sent(&mut s)),
+        [("small/b".to_owned(), 10), ("up/chunk".to_owned(), 20_000)]
+    );
+    assert_eq!(topics_of(sent(&mut s)), [("up/chunk".to_owned(), 10)]);
+    assert!(!s.has_bulk());
+}
