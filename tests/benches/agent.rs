@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use system_tests::bench::{Report, against_direct_and_channel, chain_rows, guest, tcp};
+use system_tests::bench::{Report, against_direct_and_channel, chain_rows, guest, rss_mib, tcp};
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
@@ -273,10 +273,6 @@ fn run(kind: BrokerKind, report: &mut Report) {
     );
     report.row(
         "sys-usb agent RSS after / Dom0 RSS",
-        format!(
-            "{:.1} / {:.1} MiB",
-            usb.proc.rss_kb() as f64 / 1024.0,
-            dom0.proc.rss_kb() as f64 / 1024.0
-        ),
+        rss_mib(&[&usb.proc, &dom0.proc]),
     );
 }

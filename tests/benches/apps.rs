@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use system_tests::bench::{
-    Report, STEP_DEADLINE, against_direct_and_channel, chain_rows, tcp, throughput,
+    Report, STEP_DEADLINE, against_direct_and_channel, chain_rows, rss_mib, tcp, throughput,
 };
 use system_tests::channel::Channel;
 use system_tests::raw::RawClient;
@@ -158,11 +158,6 @@ fn run(kind: BrokerKind, report: &mut Report) {
     );
     report.row(
         "RSS after the runs: vm-gui agent / sys-usb agent / Dom0",
-        format!(
-            "{:.1} / {:.1} / {:.1} MiB",
-            gui.proc.rss_kb() as f64 / 1024.0,
-            usb.proc.rss_kb() as f64 / 1024.0,
-            dom0.proc.rss_kb() as f64 / 1024.0
-        ),
+        rss_mib(&[&gui.proc, &usb.proc, &dom0.proc]),
     );
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use system_tests::bench::{Report, STEP_DEADLINE, p50_p99, stats};
+use system_tests::bench::{Report, STEP_DEADLINE, p50_p99, rss_mib, stats};
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::legacy::LegacyClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir, bin};
@@ -184,12 +184,7 @@ fn run(kind: BrokerKind, report: &mut Report) {
         );
     }
     report.row(
-        "sys-usb agent RSS / vm-gui agent RSS / Dom0 RSS after the runs",
-        format!(
-            "{:.1} / {:.1} / {:.1} MiB",
-            usb.proc.rss_kb() as f64 / 1024.0,
-            gui.proc.rss_kb() as f64 / 1024.0,
-            dom0.proc.rss_kb() as f64 / 1024.0
-        ),
+        "RSS after the runs: vm-gui agent / sys-usb agent / Dom0",
+        rss_mib(&[&gui.proc, &usb.proc, &dom0.proc]),
     );
 }

@@ -280,6 +280,15 @@ pub fn chain_rows(
     );
 }
 
+/// "a / b / c MiB": the resident memory of `procs`, in order.
+pub fn rss_mib(procs: &[&crate::Proc]) -> String {
+    let each: Vec<String> = procs
+        .iter()
+        .map(|p| format!("{:.1}", p.rss_kb() as f64 / 1024.0))
+        .collect();
+    format!("{} MiB", each.join(" / "))
+}
+
 /// A benchmark's table for `docs/performance.md`: one row per figure, one column per broker.
 /// Each figure is also printed to stderr as it comes; `print` writes the Markdown to stdout
 /// (`./scripts/bench` collects it into the document).

@@ -289,20 +289,9 @@ impl Translator {
         new_id: &mut dyn FnMut() -> RequestId,
         out: &mut Vec<Out>,
     ) {
-        let refuse = |code, message: &str| {
-            Out::Line(legacy_line::command_error_line(
-                command,
-                &self.router,
-                &client,
-                code,
-                message,
-            ))
-        };
         if self.asked.len() >= MAX_ASKED {
-            return out.push(refuse(
-                ErrorCode::Busy,
-                &format!("{MAX_ASKED} commands already wait for their answers"),
-            ));
+            let busy = format!("{MAX_ASKED} commands already wait for their answers");
+            return out.push(self.refusal(command, &client, ErrorCode::Busy, &busy));
         }
         if command == Command::CreateFile {
             if let Some((base, data)) = self.to_upload(arguments) {
@@ -337,15 +326,6 @@ impl Translator {
         now: Instant,
         new_id: &mut dyn FnMut() -> RequestId,
     ) -> Out {
-        let refuse = |code, message: &str| {
-            Out::Line(legacy_line::command_error_line(
-                command,
-                &self.router,
-                &client,
-                code,
-                message,
-            ))
-        };
         let id = new_id();
         let responders = Responders::for_request(command, destination.name());
         let question = Question::new(command, id.clone(), responders, None, now);
@@ -358,7 +338,7 @@ impl Translator {
             question.patience(),
         );
         if let Err(e) = self.fits(&topic, &payload) {
-            return refuse(ErrorCode::TooLarge, &e.to_string());
+            return self.refusal(command, &client, ErrorCode::TooLarge, &e.to_string());
         }
         self.asked.insert(
             id.clone(),
@@ -373,6 +353,17 @@ impl Translator {
             payload,
             request_id: id,
         }
+    }
+
+    /// The `reponse` error line to `client` for its `command`, from the router.
+    fn refusal(&self, command: Command, client: &str, code: ErrorCode, message: &str) -> Out {
+        Out::Line(legacy_line::command_error_line(
+            command,
+            &self.router,
+            client,
+            code,
+            message,
+        ))
     }
 
     /// A `create_file`'s arguments and data when the data is larger than a chunk.
