@@ -14,7 +14,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use system_tests::bench::{
-    Report, STEP_DEADLINE, against_direct_and_channel, chain_rows, rss_mib, tcp, throughput,
+    Cpu, Report, STEP_DEADLINE, against_direct_and_channel, chain_rows, cpu_during, rss_mib, tcp,
+    throughput, us_each,
 };
 use system_tests::channel::Channel;
 use system_tests::raw::RawClient;
@@ -139,22 +140,46 @@ fn run(kind: BrokerKind, report: &mut Report) {
     );
 
     eprintln!("throughput, {MESSAGES} × 16-byte messages, QoS 0");
-    let d = throughput(
-        MESSAGES,
-        "bench/direct/flow",
-        tcp(broker_port, "bench-pub"),
-        tcp(broker_port, "bench-sub"),
-    );
-    report.row("throughput direct, 16-byte QoS 0", format!("{d:.0} msg/s"));
-    let t = throughput(
-        MESSAGES,
-        "app/vm-gui/flow",
-        local(&gui.mqtt, "gui-flow"),
-        local(&usb.mqtt, "usb-flow"),
-    );
+    // CPU per message beside the rates: the broker's own in the direct run; through the agents,
+    // each process on the path (Dom0's includes the embedded broker) and the channels' relays.
+    let broker_pid = dom0.mosquitto.as_ref().map_or(dom0.proc.pid(), |m| m.pid());
+    let (d, t) = cpu_during(&[Cpu::Process(broker_pid)], || {
+        throughput(
+            MESSAGES,
+            "bench/direct/flow",
+            tcp(broker_port, "bench-pub"),
+            tcp(broker_port, "bench-sub"),
+        )
+    });
+    let broker = us_each(t[0], MESSAGES as f64);
     report.row(
-        "throughput app → agents → app (**ratio to direct**)",
-        format!("{t:.0} msg/s ({:.2}×)", t / d),
+        "throughput direct, 16-byte QoS 0; the broker's CPU per message",
+        format!("{d:.0} msg/s; {broker:.2} µs"),
+    );
+    let mut watched = vec![
+        Cpu::Process(gui.proc.pid()),
+        Cpu::Process(dom0.proc.pid()),
+        Cpu::Process(usb.proc.pid()),
+        Cpu::Relay,
+    ];
+    if let Some(m) = &dom0.mosquitto {
+        watched.push(Cpu::Process(m.pid()));
+    }
+    let (t, cpu) = cpu_during(&watched, || {
+        throughput(
+            MESSAGES,
+            "app/vm-gui/flow",
+            local(&gui.mqtt, "gui-flow"),
+            local(&usb.mqtt, "usb-flow"),
+        )
+    });
+    let each: Vec<String> = cpu
+        .iter()
+        .map(|t| format!("{:.2}", us_each(*t, MESSAGES as f64)))
+        .collect();
+    report.row(
+        "throughput app → agents → app (**ratio to direct**); CPU per message: vm-gui agent / Dom0 / sys-usb agent / the channels' relays (/ Mosquitto)",
+        format!("{t:.0} msg/s ({:.2}×); {} µs", t / d, each.join(" / ")),
     );
     report.row(
         "RSS after the runs: vm-gui agent / sys-usb agent / Dom0",

@@ -12,8 +12,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use system_tests::bench::{
-    Report, STEP_DEADLINE, Stats, guest, interleaved, p50_p99, ratios, tcp, tcp_plain, throughput,
-    throughput_of,
+    Cpu, Report, STEP_DEADLINE, Stats, cpu_during, guest, interleaved, p50_p99, ratios, tcp,
+    tcp_plain, throughput, throughput_of, us_each,
 };
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
@@ -180,42 +180,74 @@ fn run(kind: BrokerKind, report: &mut Report) {
     }
 
     eprintln!("throughput, {MESSAGES} × 16-byte messages, QoS 0");
-    let d = throughput(
-        MESSAGES,
-        NOTIFY,
-        tcp(broker_port, "bench-pub-a"),
-        tcp(broker_port, "bench-sub-a"),
-    );
+    // CPU per message and per MB beside every rate (a figure that does not depend on how many
+    // cores the machine has): the broker's own in the direct runs; through a link, the link's
+    // (Dom0's, less the broker's own of the direct run when the broker is inside Dom0) and the
+    // simulated channel's relay threads'.
+    let dom0_pid = dom0.proc.pid();
+    let broker_pid = dom0.mosquitto.as_ref().map_or(dom0_pid, |m| m.pid());
+    let embedded = kind == BrokerKind::Embedded;
+    let through = [Cpu::Process(dom0_pid), Cpu::Relay];
+    let (d, t) = cpu_during(&[Cpu::Process(broker_pid)], || {
+        throughput(
+            MESSAGES,
+            NOTIFY,
+            tcp(broker_port, "bench-pub-a"),
+            tcp(broker_port, "bench-sub-a"),
+        )
+    });
+    let broker_msg = us_each(t[0], MESSAGES as f64);
     report.row(
-        "throughput direct (broker's own port), 16-byte QoS 0",
-        format!("{d:.0} msg/s"),
+        "throughput direct (broker's own port), 16-byte QoS 0; the broker's CPU per message",
+        format!("{d:.0} msg/s; {broker_msg:.2} µs"),
     );
+    // The link's and the relay's CPU per unit (µs per message, or ms per MB with units in MB),
+    // against the broker's own per unit in the direct run: "link L (R× the broker's), relay C".
+    let link_cpu = |t: &[u64], units: f64, broker: f64| {
+        let dom0 = us_each(t[0], units);
+        let link = if embedded { dom0 - broker } else { dom0 };
+        (link, us_each(t[1], units))
+    };
     // A second channel for the throughput runs, so the responder above stays out of the way.
     let ch2 = Channel::new(&dir.path, "vm-gui");
     dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
-    let down = throughput(
-        MESSAGES,
-        NOTIFY,
-        tcp(broker_port, "bench-pub-b"),
-        guest(&ch2, "vm-gui"),
-    );
+    let (down, t) = cpu_during(&through, || {
+        throughput(
+            MESSAGES,
+            NOTIFY,
+            tcp(broker_port, "bench-pub-b"),
+            guest(&ch2, "vm-gui"),
+        )
+    });
+    let (link, relay) = link_cpu(&t, MESSAGES as f64, broker_msg);
     report.row(
-        "Dom0 → guest through the link (**ratio to direct**, target ≥ 0.9×)",
-        format!("{down:.0} msg/s ({:.2}×)", down / d),
+        "Dom0 → guest through the link (**ratio to direct**, target ≥ 0.9×); CPU per message: the link's (**ratio to the broker's**, target ≤ 1×), the channel relay's",
+        format!(
+            "{down:.0} msg/s ({:.2}×); link {link:.2} µs ({:.2}×), relay {relay:.2} µs",
+            down / d,
+            link / broker_msg
+        ),
     );
     let ch3 = Channel::new(&dir.path, "vm-three");
     dom0.proc.wait_log("link{vm=vm-three}: attached to channel");
     // Any VM may publish under `bench/<itself>/` (the policy of this run); a notification would
     // have to be a JSON object naming its origin.
-    let up = throughput(
-        MESSAGES,
-        "bench/vm-three/up",
-        guest(&ch3, "vm-three"),
-        tcp(broker_port, "bench-sub-c"),
-    );
+    let (up, t) = cpu_during(&through, || {
+        throughput(
+            MESSAGES,
+            "bench/vm-three/up",
+            guest(&ch3, "vm-three"),
+            tcp(broker_port, "bench-sub-c"),
+        )
+    });
+    let (link, relay) = link_cpu(&t, MESSAGES as f64, broker_msg);
     report.row(
-        "guest → Dom0 through the link (**ratio to direct**, target ≥ 0.9×)",
-        format!("{up:.0} msg/s ({:.2}×)", up / d),
+        "guest → Dom0 through the link (**ratio to direct**, target ≥ 0.9×); CPU per message: the link's (**ratio to the broker's**, target ≤ 1×), the channel relay's",
+        format!(
+            "{up:.0} msg/s ({:.2}×); link {link:.2} µs ({:.2}×), relay {relay:.2} µs",
+            up / d,
+            link / broker_msg
+        ),
     );
     // Bulk: 4 KiB publishes through one channel against the simulated channel's own bulk
     // throughput (a pty behind a UNIX socket), same direction, same run.
@@ -238,54 +270,69 @@ fn run(kind: BrokerKind, report: &mut Report) {
             .map(|c| system_tests::channel::pty_bulk(BULK_BYTES, *c, up))
             .fold(0.0, f64::max)
     };
-    let direct4 = throughput_of(
-        (BULK_BYTES / 4096) as u64,
-        "bench/all/direct",
-        4096,
-        tcp(broker_port, "bench-pub-f"),
-        tcp(broker_port, "bench-sub-f"),
-    ) * 4096.0
-        / 1e6;
+    let mb = BULK_BYTES as f64 / 1e6;
+    // ms per MB: µs per MB / 1000.
+    let (direct4, t) = cpu_during(&[Cpu::Process(broker_pid)], || {
+        throughput_of(
+            (BULK_BYTES / 4096) as u64,
+            "bench/all/direct",
+            4096,
+            tcp(broker_port, "bench-pub-f"),
+            tcp(broker_port, "bench-sub-f"),
+        ) * 4096.0
+            / 1e6
+    });
+    let broker_mb = us_each(t[0], mb) / 1e3;
     report.row(
-        "4 KiB publishes direct (broker's own port), payload MB/s",
-        format!("{direct4:.0} MB/s"),
+        "4 KiB publishes direct (broker's own port), payload MB/s; the broker's CPU per MB",
+        format!("{direct4:.0} MB/s; {broker_mb:.1} ms"),
     );
     let raw_up = best(&mut bulk, true);
-    let up4 = throughput_of(
-        (BULK_BYTES / 4096) as u64,
-        "bench/vm-four/bulk",
-        4096,
-        guest(&ch4, "vm-four"),
-        tcp(broker_port, "bench-sub-d"),
-    ) * 4096.0
-        / 1e6;
+    let (up4, t) = cpu_during(&through, || {
+        throughput_of(
+            (BULK_BYTES / 4096) as u64,
+            "bench/vm-four/bulk",
+            4096,
+            guest(&ch4, "vm-four"),
+            tcp(broker_port, "bench-sub-d"),
+        ) * 4096.0
+            / 1e6
+    });
+    let (link, relay) = link_cpu(&t, mb, broker_mb * 1e3);
+    let (link, relay) = (link / 1e3, relay / 1e3);
     let pty_up = best_pty(true);
     report.row(
-        "4 KiB publishes guest → Dom0, payload MB/s (**ratio to the simulated channel's / a bare pty's bulk**, target ≥ 0.5×)",
+        "4 KiB publishes guest → Dom0, payload MB/s (**ratio to the simulated channel's / a bare pty's bulk**, target ≥ 0.5×); CPU per MB: the link's, the channel relay's (**link / relay**, target ≤ 2×)",
         format!(
-            "{up4:.0} MB/s; channel {raw_up:.0} MB/s ({:.2}×); pty {pty_up:.0} MB/s ({:.2}×)",
+            "{up4:.0} MB/s; channel {raw_up:.0} MB/s ({:.2}×); pty {pty_up:.0} MB/s ({:.2}×); link {link:.1} ms, relay {relay:.1} ms ({:.2}×)",
             up4 / raw_up,
-            up4 / pty_up
+            up4 / pty_up,
+            link / relay.max(1e-9)
         ),
     );
     let raw_down = best(&mut bulk, false);
     let ch5 = Channel::new(&dir.path, "vm-five");
     dom0.proc.wait_log("link{vm=vm-five}: attached to channel");
-    let down4 = throughput_of(
-        (BULK_BYTES / 4096) as u64,
-        "bench/all/bulk",
-        4096,
-        tcp(broker_port, "bench-pub-e"),
-        guest(&ch5, "vm-five"),
-    ) * 4096.0
-        / 1e6;
+    let (down4, t) = cpu_during(&through, || {
+        throughput_of(
+            (BULK_BYTES / 4096) as u64,
+            "bench/all/bulk",
+            4096,
+            tcp(broker_port, "bench-pub-e"),
+            guest(&ch5, "vm-five"),
+        ) * 4096.0
+            / 1e6
+    });
+    let (link, relay) = link_cpu(&t, mb, broker_mb * 1e3);
+    let (link, relay) = (link / 1e3, relay / 1e3);
     let pty_down = best_pty(false);
     report.row(
-        "4 KiB publishes Dom0 → guest, payload MB/s (**ratio to the simulated channel's / a bare pty's bulk**, target ≥ 0.5×)",
+        "4 KiB publishes Dom0 → guest, payload MB/s (**ratio to the simulated channel's / a bare pty's bulk**, target ≥ 0.5×); CPU per MB: the link's, the channel relay's (**link / relay**, target ≤ 2×)",
         format!(
-            "{down4:.0} MB/s; channel {raw_down:.0} MB/s ({:.2}×); pty {pty_down:.0} MB/s ({:.2}×)",
+            "{down4:.0} MB/s; channel {raw_down:.0} MB/s ({:.2}×); pty {pty_down:.0} MB/s ({:.2}×); link {link:.1} ms, relay {relay:.1} ms ({:.2}×)",
             down4 / raw_down,
-            down4 / pty_down
+            down4 / pty_down,
+            link / relay.max(1e-9)
         ),
     );
     // What Dom0's messaging costs in memory: dom0-broker (with the embedded broker inside it), or

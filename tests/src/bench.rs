@@ -280,6 +280,40 @@ pub fn chain_rows(
     );
 }
 
+/// What a benchmark reads the CPU time of: a process, or this process's simulated channels'
+/// relay threads (the backend's share).
+#[derive(Debug, Clone, Copy)]
+pub enum Cpu {
+    Process(i32),
+    Relay,
+}
+
+/// The CPU time (ns) each of `watched` spends while `f` runs, beside `f`'s result.
+pub fn cpu_during<T>(watched: &[Cpu], f: impl FnOnce() -> T) -> (T, Vec<u64>) {
+    let now = || -> Vec<u64> {
+        watched
+            .iter()
+            .map(|w| match w {
+                Cpu::Process(pid) => crate::procfs::cpu_ns(*pid),
+                Cpu::Relay => crate::procfs::own_threads_ns(crate::channel::RELAY_THREAD),
+            })
+            .collect()
+    };
+    let before = now();
+    let r = f();
+    let spent = now()
+        .into_iter()
+        .zip(before)
+        .map(|(a, b)| a.saturating_sub(b))
+        .collect();
+    (r, spent)
+}
+
+/// CPU time per unit in µs: `ns` shared by `units`.
+pub fn us_each(ns: u64, units: f64) -> f64 {
+    ns as f64 / 1e3 / units.max(1.0)
+}
+
 /// "a / b / c MiB": the resident memory of `procs`, in order.
 pub fn rss_mib(procs: &[&crate::Proc]) -> String {
     let each: Vec<String> = procs

@@ -43,6 +43,17 @@ pub struct Channel {
     shared: Arc<Shared>,
 }
 
+/// The name of the simulator's relay threads, whose CPU time the benchmarks read
+/// ([`crate::procfs::own_threads_ns`]): the backend's share of a run.
+pub const RELAY_THREAD: &str = "sim-relay";
+
+fn relay_thread(f: impl FnOnce() + Send + 'static) {
+    thread::Builder::new()
+        .name(RELAY_THREAD.into())
+        .spawn(f)
+        .expect("spawn a relay thread");
+}
+
 impl Channel {
     /// Creates the pty and serves `<dir>/<vm>-msg.sock`.
     pub fn new(dir: &Path, vm: &str) -> Channel {
@@ -76,7 +87,7 @@ impl Channel {
     fn start_guest_reader(&self) {
         let master = self.master.clone();
         let shared = self.shared.clone();
-        thread::spawn(move || {
+        relay_thread(move || {
             let mut buf = [0u8; 16384];
             loop {
                 let n = match (&*master).read(&mut buf) {
@@ -108,7 +119,7 @@ impl Channel {
         let generation = self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let shared = self.shared.clone();
         let master = self.master.clone();
-        thread::spawn(move || {
+        relay_thread(move || {
             for conn in listener.incoming() {
                 if shared.stop.load(Ordering::SeqCst)
                     || shared.generation.load(Ordering::SeqCst) != generation

@@ -14,6 +14,7 @@ pub mod guest;
 pub mod hostile;
 pub mod legacy;
 pub mod local;
+pub mod plot;
 pub mod procfs;
 pub mod raw;
 pub mod scene;

@@ -263,6 +263,12 @@ impl<S: std::io::Read + std::io::Write> RawClient<S> {
 
     /// The next PUBLISH's payload, or None when the stream ends. A QoS 1 PUBLISH is acknowledged.
     pub fn try_next_publish(&mut self) -> Option<Vec<u8>> {
+        self.try_next_publish_on().map(|(_, payload)| payload)
+    }
+
+    /// The next PUBLISH's topic and payload, or None when the stream ends. A QoS 1 PUBLISH is
+    /// acknowledged.
+    pub fn try_next_publish_on(&mut self) -> Option<(String, Vec<u8>)> {
         loop {
             let (t, body) = self.try_next_packet()?;
             if t & 0xF0 == 0x30 {
@@ -272,8 +278,9 @@ impl<S: std::io::Read + std::io::Write> RawClient<S> {
                     let ack = [0x40, 2, body[2 + tlen], body[3 + tlen]];
                     self.stream.write_all(&ack).ok()?;
                 }
+                let topic = String::from_utf8_lossy(&body[2..2 + tlen]).into_owned();
                 let skip = 2 + tlen + if qos > 0 { 2 } else { 0 };
-                return Some(body[skip..].to_vec());
+                return Some((topic, body[skip..].to_vec()));
             }
         }
     }
