@@ -354,7 +354,14 @@ impl Driver {
         }
         let lossless = self.clients.get(&h.client).is_none_or(|c| c.lossless);
         if lossless {
-            tracing::warn!("too many messages waiting for the session; one dropped");
+            // An application (or a Dom0 that never acknowledges) can cause this at any rate.
+            static SAID: Quiet = Quiet::new();
+            if let Some(unsaid) = SAID.may_say() {
+                tracing::warn!(
+                    unsaid,
+                    "too many messages waiting for the session; one dropped"
+                );
+            }
         } else {
             self.detach(
                 h.client,
