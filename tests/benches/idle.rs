@@ -58,7 +58,7 @@ fn run(kind: BrokerKind, report: &mut Report) {
         ),
     );
     report.row(
-        "**per link**, attached / with its session (target ≤ 64 KB)",
+        "**per link**, attached / with its session (target ≤ 16 KiB)",
         format!(
             "{:.1} / {:.1} KiB{}",
             (rss_linked.saturating_sub(rss0)) as f64 / VMS as f64,
