@@ -396,42 +396,41 @@ pub fn stamp_identity(
     payload: &[u8],
     now_ms: Option<u64>,
 ) -> Result<Option<Vec<u8>>, Denial> {
-    let mut m = match serde_json::from_slice::<serde_json::Value>(payload) {
-        Ok(serde_json::Value::Object(m)) => m,
-        Ok(_) => return Err(Denial::Sender("payload must be a JSON object".into())),
-        Err(e) => return Err(Denial::Sender(format!("payload is not JSON: {e}"))),
-    };
+    // The other fields stay as they came (a chunk's data is not decoded and encoded again).
+    let mut m = topics::raw_object::RawObject::parse(payload)
+        .map_err(|e| Denial::Sender(e.to_string()))?;
     let mut rewritten = false;
     if field == "sender" {
-        match m.get("request_id") {
-            None | Some(serde_json::Value::Null) => {}
-            Some(serde_json::Value::String(id)) => {
-                topics::RequestId::parse(id)
+        match m.get::<serde_json::Value>("request_id") {
+            None | Some(Ok(serde_json::Value::Null)) => {}
+            Some(Ok(serde_json::Value::String(id))) => {
+                topics::RequestId::parse(&id)
                     .map_err(|e| Denial::Sender(format!("request_id: {e}")))?;
             }
             Some(_) => return Err(Denial::Sender("request_id must be a string".into())),
         }
         if let Some(now) = now_ms {
             let deadline = topics::payload::deadline_for(&m, now);
-            m.insert(topics::payload::DEADLINE_MS.to_owned(), deadline.into());
+            m.set(topics::payload::DEADLINE_MS, &deadline.into());
             rewritten = true;
         }
     }
-    match m.get(field) {
-        None | Some(serde_json::Value::Null) => {
-            m.insert(field.to_owned(), serde_json::Value::String(vm.to_string()));
-            rewritten = true;
+    if m.is_unset(field) {
+        m.set(field, &serde_json::Value::String(vm.to_string()));
+        rewritten = true;
+    } else {
+        match m.get::<serde_json::Value>(field) {
+            Some(Ok(serde_json::Value::String(r))) if r == vm.as_str() => {}
+            Some(Ok(serde_json::Value::String(r))) => {
+                return Err(Denial::Sender(format!(
+                    "{field} is {:?}, not the channel's VM",
+                    r.chars().take(64).collect::<String>()
+                )));
+            }
+            _ => return Err(Denial::Sender(format!("{field} must be a string"))),
         }
-        Some(serde_json::Value::String(r)) if r == vm.as_str() => {}
-        Some(serde_json::Value::String(r)) => {
-            return Err(Denial::Sender(format!(
-                "{field} is {:?}, not the channel's VM",
-                r.chars().take(64).collect::<String>()
-            )));
-        }
-        Some(_) => return Err(Denial::Sender(format!("{field} must be a string"))),
     }
-    Ok(rewritten.then(|| serde_json::Value::Object(m).to_string().into_bytes()))
+    Ok(rewritten.then(|| m.to_vec()))
 }
 
 /// The whole publish decision: topic rules, then the identity field of requests, responses and

@@ -13,6 +13,7 @@ pub mod legacy;
 pub mod legacy_line;
 pub mod legacy_translator;
 pub mod payload;
+pub mod raw_object;
 pub mod reference;
 pub mod topic;
 pub mod upload;

@@ -187,9 +187,9 @@ pub const MAX_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 
 /// The deadline of a request published at `now_ms` (ms since the epoch) with these fields: its
 /// `timeout_ms` when a positive integer (at most [`MAX_REQUEST_TIMEOUT`]), else the default.
-pub fn deadline_for(fields: &Map<String, Value>, now_ms: u64) -> u64 {
+pub fn deadline_for(fields: &crate::raw_object::RawObject<'_>, now_ms: u64) -> u64 {
     let max = MAX_REQUEST_TIMEOUT.as_millis() as u64;
-    let patience = match fields.get(TIMEOUT_MS).and_then(Value::as_u64) {
+    let patience = match fields.get::<u64>(TIMEOUT_MS).and_then(Result::ok) {
         Some(t) if t > 0 => t.min(max),
         _ => DEFAULT_REQUEST_TIMEOUT.as_millis() as u64,
     };
@@ -205,9 +205,9 @@ pub fn expired(payload: &[u8], now_ms: u64) -> bool {
     {
         return false;
     }
-    serde_json::from_slice::<Value>(payload)
+    crate::raw_object::RawObject::parse(payload)
         .ok()
-        .and_then(|v| v.get(DEADLINE_MS)?.as_u64())
+        .and_then(|o| o.get::<u64>(DEADLINE_MS)?.ok())
         .is_some_and(|deadline| now_ms > deadline)
 }
 

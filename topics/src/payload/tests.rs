@@ -424,7 +424,6 @@ mod prop {
 
 #[test]
 fn a_requests_deadline_comes_from_its_patience_on_dom0s_clock() {
-    let fields = |v: Value| v.as_object().cloned().unwrap();
     let now = 1_000_000;
     let default = DEFAULT_REQUEST_TIMEOUT.as_millis() as u64;
     let max = MAX_REQUEST_TIMEOUT.as_millis() as u64;
@@ -436,9 +435,12 @@ fn a_requests_deadline_comes_from_its_patience_on_dom0s_clock() {
         (json!({"timeout_ms": -5}), now + default),
         (json!({"timeout_ms": "10"}), now + default),
         (json!({"timeout_ms": u64::MAX}), now + max),
+        (json!({"timeout_ms": 2500.0}), now + default),
     ];
     for (f, deadline) in table {
-        assert_eq!(deadline_for(&fields(f.clone()), now), deadline, "{f}");
+        let text = f.to_string();
+        let fields = crate::raw_object::RawObject::parse(text.as_bytes()).unwrap();
+        assert_eq!(deadline_for(&fields, now), deadline, "{f}");
     }
 }
 
