@@ -397,8 +397,8 @@ pub fn stamp_identity(
     now_ms: Option<u64>,
 ) -> Result<Option<Vec<u8>>, Denial> {
     // The other fields stay as they came (a chunk's data is not decoded and encoded again).
-    let mut m = topics::raw_object::RawObject::parse(payload)
-        .map_err(|e| Denial::Sender(e.to_string()))?;
+    let mut m =
+        topics::raw_object::RawObject::parse(payload).map_err(|e| Denial::Sender(e.to_string()))?;
     let mut rewritten = false;
     if field == "sender" {
         match m.get::<serde_json::Value>("request_id") {
