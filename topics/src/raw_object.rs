@@ -45,13 +45,17 @@ pub enum RawObjectError {
 impl<'a> RawObject<'a> {
     /// Reads `payload` as a JSON object.
     pub fn parse(payload: &'a [u8]) -> Result<RawObject<'a>, RawObjectError> {
-        let raw: &RawValue =
-            serde_json::from_slice(payload).map_err(|e| RawObjectError::NotJson(e.to_string()))?;
-        if !raw.get().starts_with('{') {
-            return Err(RawObjectError::NotObject);
-        }
-        let fields: BTreeMap<String, &RawValue> =
-            serde_json::from_str(raw.get()).map_err(|e| RawObjectError::NotJson(e.to_string()))?;
+        let fields: BTreeMap<String, &RawValue> = match serde_json::from_slice(payload) {
+            Ok(fields) => fields,
+            // Said apart (a second read, on the refusal's path only): JSON that is not an
+            // object, or not JSON.
+            Err(e) => {
+                return Err(match serde_json::from_slice::<&RawValue>(payload) {
+                    Ok(_) => RawObjectError::NotObject,
+                    Err(_) => RawObjectError::NotJson(e.to_string()),
+                });
+            }
+        };
         Ok(RawObject {
             fields: fields
                 .into_iter()
