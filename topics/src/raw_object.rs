@@ -56,6 +56,20 @@ impl<'a> RawObject<'a> {
                 });
             }
         };
+        // Reading a value raw checks its syntax, not all that decoding checks (a lone surrogate
+        // escape, a number out of range): every value but a plain string (no escape in it: the
+        // raw read has checked all there is) is decoded once, so what is refused is what
+        // `serde_json::Value`, and so every consumer, refuses. (Of duplicate keys only the last
+        // value is kept, and checked; an earlier one is checked for its syntax only: a consumer
+        // refuses the payload if Dom0 forwards it as it came.)
+        for raw in fields.values() {
+            let text = raw.get();
+            let plain = text.starts_with('"') && !text.contains('\\');
+            if !plain {
+                serde_json::from_str::<serde_json::Value>(text)
+                    .map_err(|e| RawObjectError::NotJson(e.to_string()))?;
+            }
+        }
         Ok(RawObject {
             fields: fields
                 .into_iter()
@@ -163,5 +177,26 @@ mod tests {
             ));
         }
         assert_eq!(RawObject::parse(b" {} ").unwrap().to_vec(), b"{}");
+        // Values are judged as serde_json::Value judges them: a lone surrogate or a number out of
+        // range is not JSON anyone here reads; a surrogate pair is.
+        for payload in [
+            &br#"{"a":"\ud800"}"#[..],
+            br#"{"a":["x","\uDC00"]}"#,
+            br#"{"a":"\ud83d\ud83d"}"#,
+            br#"{"a":1e400}"#,
+            br#"{"a":{"b":[-1e999]}}"#,
+        ] {
+            assert!(serde_json::from_slice::<Value>(payload).is_err());
+            assert!(matches!(
+                RawObject::parse(payload),
+                Err(RawObjectError::NotJson(_))
+            ));
+        }
+        let pair = br#"{"a":"\ud83d\ude00","b":"\\ud800"}"#;
+        assert!(serde_json::from_slice::<Value>(pair).is_ok());
+        assert_eq!(
+            RawObject::parse(pair).unwrap().raw("a"),
+            Some(r#""\ud83d\ude00""#)
+        );
     }
 }
