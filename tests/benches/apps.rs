@@ -75,13 +75,10 @@ fn run(kind: BrokerKind, report: &mut Report) {
     let dir = TestDir::new("bench-apps");
     let policy = dir.join("policy.toml");
     std::fs::write(&policy, policy_opening("app/#", "app/{vm}/#")).unwrap();
-    let conf = dir.join("dom0.toml");
-    std::fs::write(
-        &conf,
-        "[limits]\nrate_per_sec = 10000000\nburst = 10000000\n",
-    )
-    .unwrap();
-    let (p, c) = (policy.display().to_string(), conf.display().to_string());
+    let (p, c) = (
+        policy.display().to_string(),
+        system_tests::bench::unlimited_config(&dir),
+    );
     let dom0 = Dom0::start_logging(
         &dir,
         kind,

@@ -75,14 +75,7 @@ fn main() {
 
 fn run(kind: BrokerKind, report: &mut Report) {
     let dir = TestDir::new("bench");
-    let conf = dir.join("dom0.toml");
-    // Guest publishes are rate-limited by default; the benchmark measures capacity.
-    std::fs::write(
-        &conf,
-        "[limits]\nrate_per_sec = 10000000\nburst = 10000000\n",
-    )
-    .unwrap();
-    let conf_arg = conf.display().to_string();
+    let conf_arg = system_tests::bench::unlimited_config(&dir);
     let policy = dir.join("policy.toml");
     std::fs::write(&policy, policy_opening("bench/all/#", "bench/{vm}/#")).unwrap();
     let policy_arg = policy.display().to_string();

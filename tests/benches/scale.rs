@@ -12,11 +12,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use system_tests::bench::{Report, Stats, guest, stats, tcp};
+use system_tests::bench::{Report, STEP_DEADLINE, Stats, guest, stats, tcp};
 use system_tests::channel::Channel;
 use system_tests::plot::{Panel, Series, svg};
 use system_tests::procfs::cpu_ns;
@@ -96,6 +96,8 @@ struct Run {
     errors: u64,
     /// CPU time (ns) of each watched process over the measured window.
     cpu: Vec<u64>,
+    /// The measured window's length: requests counted began within it.
+    secs: f64,
 }
 
 impl Run {
@@ -103,7 +105,7 @@ impl Run {
         self.per_vm.iter().sum()
     }
     fn per_sec(&self) -> f64 {
-        self.total() as f64 / MEASURE.as_secs_f64()
+        self.total() as f64 / self.secs.max(1e-3)
     }
     fn fairness(&self) -> f64 {
         let min = self.per_vm.iter().copied().min().unwrap_or(0) as f64;
@@ -123,7 +125,9 @@ impl Run {
 }
 
 /// Every asker asks `q` from its own thread for WARMUP + MEASURE, in a closed loop or at `rate`
-/// requests per second each; the CPU time of `pids` is read at both ends of the measured window.
+/// requests per second each. The measured window starts once every asker is past its warm-up
+/// (a condition, waited for with a deadline) and ends with the last request begun before the
+/// end; the CPU time of `pids` is read at its start and once every asker has finished.
 fn load<S: Read + Write + Send>(
     askers: &mut [Asker<S>],
     q: &Question,
@@ -134,20 +138,27 @@ fn load<S: Read + Write + Send>(
     let start = Instant::now();
     let from = start + WARMUP;
     let end = from + MEASURE;
+    // How many askers are past their warm-up (or gone).
+    let warm = (Mutex::new(0usize), Condvar::new());
+    let warmed = || {
+        *warm.0.lock().unwrap() += 1;
+        warm.1.notify_all();
+    };
     std::thread::scope(|s| {
         let threads: Vec<_> = askers
             .iter_mut()
             .enumerate()
             .map(|(v, a)| {
+                let warmed = &warmed;
                 s.spawn(move || {
-                    let mut samples = Vec::new();
-                    let mut errors = 0u64;
+                    // (when it began, how long it took, answered ok)
+                    let mut samples: Vec<(Instant, Duration, bool)> = Vec::new();
+                    let mut is_warm = false;
                     // Spread the VMs' first requests over one period (fixed rate).
                     let phase = v as f64 / n as f64;
                     for k in 0u64.. {
                         if let Some(r) = rate {
-                            // Pacing: the offered rate is the thing measured, not a wait for
-                            // a condition.
+                            // The offered rate is the load itself: the request waits for its turn.
                             let at = start + Duration::from_secs_f64((k as f64 + phase) / r);
                             if at >= end {
                                 break;
@@ -158,46 +169,62 @@ fn load<S: Read + Write + Send>(
                         if t0 >= end {
                             break;
                         }
-                        let answer = a.ask(q, k);
-                        if t0 >= from {
-                            samples.push(t0.elapsed());
-                            if answer != Some(true) {
-                                errors += 1;
-                            }
+                        if t0 >= from && !is_warm {
+                            is_warm = true;
+                            warmed();
                         }
+                        let answer = a.ask(q, k);
+                        samples.push((t0, t0.elapsed(), answer == Some(true)));
                         if answer.is_none() {
                             break;
                         }
                     }
-                    (samples, errors)
+                    if !is_warm {
+                        warmed();
+                    }
+                    samples
                 })
             })
             .collect();
-        std::thread::sleep(from.saturating_duration_since(Instant::now()));
+        let deadline = from + STEP_DEADLINE;
+        let mut count = warm.0.lock().unwrap();
+        while *count < n && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            count = warm.1.wait_timeout(count, left).unwrap().0;
+        }
+        drop(count);
+        let began = Instant::now();
         let t0: Vec<u64> = pids.iter().map(|p| cpu_ns(*p)).collect();
-        std::thread::sleep(end.saturating_duration_since(Instant::now()));
-        let cpu = pids
-            .iter()
-            .zip(t0)
-            .map(|(p, t)| cpu_ns(*p).saturating_sub(t))
-            .collect();
         let mut per_vm = Vec::new();
         let mut all = Vec::new();
         let mut worst_p99 = 0.0f64;
         let mut errors = 0;
         for t in threads {
-            let (samples, e) = t.join().unwrap();
-            per_vm.push(samples.len() as u64);
+            let counted: Vec<(Duration, bool)> = t
+                .join()
+                .unwrap()
+                .into_iter()
+                .filter(|(at, _, _)| *at >= began)
+                .map(|(_, d, ok)| (d, ok))
+                .collect();
+            per_vm.push(counted.len() as u64);
+            errors += counted.iter().filter(|(_, ok)| !ok).count() as u64;
+            let samples: Vec<Duration> = counted.into_iter().map(|(d, _)| d).collect();
             worst_p99 = worst_p99.max(stats(samples.clone()).p99);
             all.extend(samples);
-            errors += e;
         }
+        let cpu = pids
+            .iter()
+            .zip(t0)
+            .map(|(p, t)| cpu_ns(*p).saturating_sub(t))
+            .collect();
         Run {
             per_vm,
             all: stats(all),
             worst_p99,
             errors,
             cpu,
+            secs: end.saturating_duration_since(began).as_secs_f64(),
         }
     })
 }
@@ -255,17 +282,11 @@ fn run(kind: BrokerKind, report: &mut Report) {
     let names: Vec<String> = (0..NS[NS.len() - 1])
         .map(|i| format!("vm-{i:03}"))
         .collect();
-    let conf = dir.join("dom0.toml");
-    // Guest publishes are rate-limited by default; the benchmark measures capacity.
-    std::fs::write(
-        &conf,
-        "[limits]\nrate_per_sec = 10000000\nburst = 10000000\n",
-    )
-    .unwrap();
+    let conf = system_tests::bench::unlimited_config(&dir);
     let policy = dir.join("policy.toml");
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     std::fs::write(&policy, policy_with_clients(&refs)).unwrap();
-    let (conf, policy) = (conf.display().to_string(), policy.display().to_string());
+    let policy = policy.display().to_string();
     let dom0 = Dom0::start_logging(
         &dir,
         kind,

@@ -67,13 +67,7 @@ fn small_requests(app: &mut LegacyClient, n: usize) -> Vec<Duration> {
 
 fn run(kind: BrokerKind, report: &mut Report) {
     let dir = TestDir::new("bench-upload");
-    let conf = dir.join("dom0.toml");
-    std::fs::write(
-        &conf,
-        "[limits]\nrate_per_sec = 10000000\nburst = 10000000\n",
-    )
-    .unwrap();
-    let c = conf.display().to_string();
+    let c = system_tests::bench::unlimited_config(&dir);
     let dom0 = Dom0::start_logging(&dir, kind, &["--config", &c], "info,rumqttd=error");
     let usb_ch = Channel::new(&dir.path, "sys-usb");
     let gui_ch = Channel::new(&dir.path, "vm-gui");

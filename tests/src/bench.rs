@@ -280,6 +280,18 @@ pub fn chain_rows(
     );
 }
 
+/// A dom0-broker config file in `dir` with the guests' rate limit lifted (a benchmark measures
+/// capacity, not the limiter): its path, as the `--config` argument.
+pub fn unlimited_config(dir: &TestDir) -> String {
+    let conf = dir.join("dom0.toml");
+    std::fs::write(
+        &conf,
+        "[limits]\nrate_per_sec = 10000000\nburst = 10000000\n",
+    )
+    .unwrap();
+    conf.display().to_string()
+}
+
 /// What a benchmark reads the CPU time of: a process, or this process's simulated channels'
 /// relay threads (the backend's share).
 #[derive(Debug, Clone, Copy)]
