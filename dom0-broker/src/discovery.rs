@@ -36,9 +36,9 @@ pub fn classify(file_name: &OsStr, glob: &SocketGlob) -> NameVerdict {
         return NameVerdict::NotMatching;
     };
     match VmId::parse(candidate) {
-        Ok(vm) if vm.is_dom0() => {
-            NameVerdict::Invalid("`dom0` is reserved to Dom0's own services".into())
-        }
+        Ok(vm) if vm.is_reserved() => NameVerdict::Invalid(format!(
+            "`{vm}` is reserved to Dom0's own services (dom0, fleet)"
+        )),
         Ok(vm) => NameVerdict::Vm(vm),
         Err(e) => NameVerdict::Invalid(e.to_string()),
     }

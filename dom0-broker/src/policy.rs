@@ -1,7 +1,8 @@
 //! Per-VM policy: which topics a VM may publish to and subscribe to. Deny by default.
 //!
 //! Evaluation (order-independent, written down in `docs/security.md`):
-//! 1. `$`-topics are never reachable from a VM, whatever the rules say.
+//! 1. `$`-topics and the fleet's `fleet/` tree (the bridge to the operations centre) are never
+//!    reachable from a VM, whatever the rules say.
 //! 2. A VM's effective rules are its own section plus the `*` section; `{vm}` becomes its name;
 //!    roles expand to plain filters.
 //! 3. A `deny_*` filter that matches wins over every allow.
@@ -43,7 +44,9 @@ pub enum Denial {
 impl fmt::Display for Denial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Denial::Reserved => f.write_str("$-topics are reserved to the broker"),
+            Denial::Reserved => {
+                f.write_str("$-topics and fleet/ topics are reserved to the broker and Dom0")
+            }
             Denial::Invalid(e) => write!(f, "invalid topic: {e}"),
             Denial::NotAllowed => f.write_str("no rule allows it"),
             Denial::Denied(rule) => write!(f, "denied by rule {rule:?}"),
@@ -189,6 +192,11 @@ impl Policy {
                 if name == topics::vm::DOM0 {
                     return Err(invalid("`dom0` is Dom0 itself, not a VM".into()));
                 }
+                if name == topics::vm::FLEET {
+                    return Err(invalid(
+                        "`fleet` is the operations centre's requester, not a VM".into(),
+                    ));
+                }
             }
             let lists = [
                 ("publish", &section.publish),
@@ -300,7 +308,7 @@ impl Rules {
     /// May the VM publish to `topic` (a name)? The topic alone: [`check_publish`] adds the
     /// `sender` check of requests.
     pub fn check_publish_topic(&self, topic: &str) -> Result<(), Denial> {
-        if topic.starts_with('$') {
+        if topic.starts_with('$') || filter_matches(&topics::fleet::everything(), topic) {
             return Err(Denial::Reserved);
         }
         topics::topic::validate_name(topic).map_err(|e| Denial::Invalid(e.to_string()))?;
@@ -316,7 +324,7 @@ impl Rules {
 
     /// May the VM subscribe to `filter`? Every topic it can match must be readable.
     pub fn check_subscribe(&self, filter: &str) -> Result<(), Denial> {
-        if filter.starts_with('$') {
+        if filter.starts_with('$') || filters_intersect(&topics::fleet::everything(), filter) {
             return Err(Denial::Reserved);
         }
         validate_filter(filter).map_err(|e| Denial::Invalid(e.to_string()))?;
@@ -336,7 +344,7 @@ impl Rules {
 
     /// May a message on `topic` be delivered to the VM? (Defence in depth at delivery.)
     pub fn check_deliver(&self, topic: &str) -> Result<(), Denial> {
-        if topic.starts_with('$') {
+        if topic.starts_with('$') || filter_matches(&topics::fleet::everything(), topic) {
             return Err(Denial::Reserved);
         }
         if let Some(d) = self

@@ -480,24 +480,11 @@ async fn shutdown_signal() {
     }
 }
 
-/// Builds the `args` object of a local request from KEY=VALUE words.
+/// Builds the `args` object of a local request from KEY=VALUE words (`data=@FILE` reads FILE).
 fn call_args(words: &[String]) -> Result<Map<String, Value>, String> {
-    let mut args = Map::new();
-    for w in words {
-        let (k, v) = w
-            .split_once('=')
-            .ok_or_else(|| format!("argument {w:?} is not KEY=VALUE"))?;
-        let value = if let Some(file) = v.strip_prefix('@') {
-            let bytes = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
-            Value::String(topics::binary::encode(&bytes))
-        } else if v == "true" || v == "false" {
-            Value::Bool(v == "true")
-        } else {
-            Value::String(v.to_owned())
-        };
-        args.insert(k.to_owned(), value);
-    }
-    Ok(args)
+    topics::call_output::args_from_words(words, |file| {
+        std::fs::read(file).map_err(|e| format!("{file}: {e}"))
+    })
 }
 
 fn call(a: CallArgs) -> ExitCode {

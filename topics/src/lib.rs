@@ -7,8 +7,10 @@
 pub mod answers;
 pub mod backoff;
 pub mod binary;
+pub mod call_output;
 pub mod config_file;
 pub mod filter;
+pub mod fleet;
 pub mod legacy;
 pub mod legacy_line;
 pub mod legacy_translator;

@@ -74,6 +74,25 @@ impl Command {
         Command::ALL.into_iter().find(|c| c.root() == root)
     }
 
+    /// The command a person names: its topic root, its last level (`list_disks`), or the MVP's
+    /// names (`liste_disques`, `LISTE_DISQUES`).
+    pub fn by_name(name: &str) -> Option<Command> {
+        Command::from_root(name)
+            .or_else(|| {
+                Command::ALL
+                    .into_iter()
+                    .find(|c| c.root().rsplit('/').next() == Some(name))
+            })
+            .or_else(|| crate::legacy::from_commande(name))
+            .or_else(|| crate::legacy::from_type_commande(name))
+    }
+
+    /// The last level of its root (`list_disks`): what people type.
+    pub fn short_name(self) -> &'static str {
+        let root = self.root();
+        root.rsplit('/').next().unwrap_or(root)
+    }
+
     /// True for the commands of the messaging note; false for Dom0's extensions.
     pub const fn in_note(self) -> bool {
         !matches!(self, Command::SupervisionCounters)

@@ -15,6 +15,10 @@ pub const MAX_VM_ID_LEN: usize = 32;
 /// The id of Dom0's own services (the controller). Reserved: no channel may carry it.
 pub const DOM0: &str = "dom0";
 
+/// The requester the Dom0 controller re-issues the operations centre's commands as (issue 22's
+/// fleet). Reserved like [`DOM0`]: no channel and no policy section may carry it.
+pub const FLEET: &str = "fleet";
+
 /// A validated VM id.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VmId(String);
@@ -47,6 +51,16 @@ impl VmId {
     /// True for the reserved Dom0 id.
     pub fn is_dom0(&self) -> bool {
         self.0 == DOM0
+    }
+
+    /// The requester of the centre's commands on a host.
+    pub fn fleet() -> VmId {
+        VmId(FLEET.to_owned())
+    }
+
+    /// True for an id no VM may have: Dom0's own, and the fleet's requester.
+    pub fn is_reserved(&self) -> bool {
+        self.0 == DOM0 || self.0 == FLEET
     }
 
     pub fn as_str(&self) -> &str {

@@ -212,12 +212,35 @@ fn default_policy_table() {
             na(),
         ),
         ("vm-gui", Sub, "system/#", "", na()),
-        ("vm-gui", Sub, "#", "", na()),
-        ("vm-gui", Sub, "+/+/+/response/vm-gui", "", na()),
+        // `#` reaches the fleet's tree too: refused as reserved, never narrowed.
+        ("vm-gui", Sub, "#", "", Err(Denial::Reserved)),
+        ("vm-gui", Sub, "fleet/#", "", Err(Denial::Reserved)),
+        ("vm-gui", Sub, "+/in/#", "", Err(Denial::Reserved)),
+        (
+            "vm-gui",
+            Sub,
+            "+/+/+/response/vm-gui",
+            "",
+            Err(Denial::Reserved),
+        ),
         // ... never the disk requests.
         ("vm-gui", Sub, "system/disks/list_disks/request", "", na()),
         ("vm-gui", Sub, "system/disks/+/request", "", na()),
         ("vm-gui", Sub, "$SYS/#", "", Err(Denial::Reserved)),
+        (
+            "vm-gui",
+            Pub,
+            "fleet/in/system/disks/list_disks/request",
+            "{}",
+            Err(Denial::Reserved),
+        ),
+        (
+            "vm-gui",
+            Deliver,
+            "fleet/out/snapshot",
+            "",
+            Err(Denial::Reserved),
+        ),
         (
             "vm-gui",
             Sub,

@@ -109,14 +109,7 @@ pub struct LocalRequest {
 
 /// The command a local request names.
 pub fn command_by_name(name: &str) -> Option<Command> {
-    Command::from_root(name)
-        .or_else(|| {
-            Command::ALL
-                .into_iter()
-                .find(|c| c.root().rsplit('/').next() == Some(name))
-        })
-        .or_else(|| topics::legacy::from_commande(name))
-        .or_else(|| topics::legacy::from_type_commande(name))
+    Command::by_name(name)
 }
 
 /// Serves local requests until `stop`; removes the socket. At most `max_clients` requests at once

@@ -6,7 +6,7 @@
 
 pub mod admission;
 pub mod call;
-pub mod call_output;
+pub use topics::call_output;
 pub mod call_upload;
 pub mod legacy;
 pub mod mqtt;

@@ -1,22 +1,46 @@
-//! What `domu-agent call` prints and how it exits, from the response lines the agent wrote back.
+//! What `domu-agent call` and `dom0-broker fleet call` print and how they exit, from the response
+//! lines they received.
 //! Pure: lines in, text and an exit code out.
 //!
 //! Exit codes, like `qrexec-client-vm`: 0 ok; 1 the command answered `error` (its message on
 //! stderr); 124 no answer before the timeout; 125 local failure (agent not running, bad
 //! arguments); 126 refused by Dom0's policy.
 
-use serde_json::Value;
-use topics::Command;
-use topics::payload::{
+use crate::Command;
+use crate::payload::{
     self, BenchmarkReply, CountersReply, DiscoverReply, FootprintReply, ListDisksReply,
     ListFilesReply, ReadFileReply,
 };
+use serde_json::Value;
 
 pub const OK: u8 = 0;
 pub const ERROR: u8 = 1;
 pub const TIMEOUT: u8 = 124;
 pub const LOCAL_FAILURE: u8 = 125;
 pub const REFUSED: u8 = 126;
+
+/// The `args` of a request from a caller's KEY=VALUE words: `KEY=@FILE` is FILE's content in
+/// Base64 (read by `read`, the caller's I/O), `true`/`false` are booleans, anything else a string.
+pub fn args_from_words(
+    words: &[String],
+    mut read: impl FnMut(&str) -> Result<Vec<u8>, String>,
+) -> Result<serde_json::Map<String, Value>, String> {
+    let mut args = serde_json::Map::new();
+    for w in words {
+        let (k, v) = w
+            .split_once('=')
+            .ok_or_else(|| format!("argument {w:?} is not KEY=VALUE"))?;
+        let value = if let Some(file) = v.strip_prefix('@') {
+            Value::String(crate::binary::encode(&read(file)?))
+        } else if v == "true" || v == "false" {
+            Value::Bool(v == "true")
+        } else {
+            Value::String(v.to_owned())
+        };
+        args.insert(k.to_owned(), value);
+    }
+    Ok(args)
+}
 
 /// What to print and the exit code.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -137,7 +161,7 @@ fn one(command: Command, line: &str) -> (String, u8, String) {
         };
         let exit = match code {
             "timeout" if responder.is_empty() => TIMEOUT,
-            "forbidden" if responder == topics::vm::DOM0 => REFUSED,
+            "forbidden" if responder == crate::vm::DOM0 => REFUSED,
             _ => ERROR,
         };
         return (String::new(), exit, format!("{from}{code}: {message}\n"));
@@ -249,7 +273,7 @@ fn counters_table(r: CountersReply) -> String {
     s
 }
 
-use topics::Response;
+use crate::Response;
 
 #[cfg(test)]
 mod tests {
