@@ -33,6 +33,16 @@ pub enum Cmd {
         #[arg(long)]
         policy: Option<PathBuf>,
     },
+    /// Render Mosquitto's bridge to the operations centre from [fleet] of the config (it holds
+    /// the password: install it readable by Mosquitto only; restart Mosquitto to apply).
+    RenderBridge {
+        /// The config file with a [fleet] section.
+        #[arg(long, default_value = "/etc/dom0-broker/dom0-broker.toml")]
+        config: PathBuf,
+    },
+    /// The operations centre's tools: every host's status, a command to a host's VM.
+    #[command(subcommand)]
+    Fleet(FleetCmd),
     /// Validate the config file and the policy it names; exit 64 with the reason if either is bad.
     CheckConfig {
         /// The config file [default: /etc/dom0-broker/dom0-broker.toml if it exists].
@@ -66,6 +76,60 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCmd {
+    /// Every host that reports: its VMs, their links and counters, how fresh (the fleet's `xl
+    /// list`). Exit 0; 1 when a host named with --hosts (or any host) did not report; 125 when
+    /// the centre cannot be reached.
+    Status {
+        #[command(flatten)]
+        centre: crate::fleet::operator::CentreArgs,
+        /// Stop waiting once these hosts reported (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// How long to listen for the hosts' snapshots (they come every snapshot_secs and after
+        /// every reconnection), in milliseconds.
+        #[arg(long, default_value_t = 35_000)]
+        wait_ms: u64,
+        /// One JSON object per host (its snapshot and `age_ms`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a host's VM a command through the centre; exit codes as `domu-agent call`: 0 ok, 1
+    /// the command answered `error`, 124 no answer in time, 125 local failure (centre
+    /// unreachable, command not acknowledged, bad arguments), 126 refused by the host.
+    Call {
+        #[command(flatten)]
+        centre: crate::fleet::operator::CentreArgs,
+        /// How long the VM has to answer, in milliseconds (the host adds its own margin).
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// Print the answers as the JSON lines they are.
+        #[arg(long)]
+        json: bool,
+        /// The host id.
+        host: String,
+        /// The VM on that host (or dom0).
+        vm: String,
+        /// The command (list_disks, list_files, get_file_footprint, counters, ...).
+        command: String,
+        /// Arguments as KEY=VALUE; `data=@FILE` sends FILE's content (Base64).
+        args: Vec<String>,
+    },
+    /// At the centre: the login check of RabbitMQ's HTTP auth backend (password and a client
+    /// id of the user's own).
+    LoginCheck {
+        /// Where RabbitMQ reaches it (auth_http.user_path).
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+        /// The users file (`USER SALT SHA256HEX` lines, from hash-password).
+        #[arg(long)]
+        users: PathBuf,
+    },
+    /// Print a users file line for USER, the password read from standard input.
+    HashPassword { user: String },
 }
 
 #[derive(Debug, clap::Args)]

@@ -34,6 +34,8 @@ pub struct FileConfig {
     /// `[mosquitto]`: with Mosquitto as the broker, the ACL rendered from the policy.
     #[serde(default)]
     pub mosquitto: MosquittoConfig,
+    /// `[fleet]`: this host at the operations centre (`docs/fleet.md`); absent: no fleet.
+    pub fleet: Option<crate::fleet::config::FleetConfig>,
 }
 
 /// `[mosquitto]`: where the rendered ACL goes and how to tell Mosquitto to reread it.
@@ -151,6 +153,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub log: Option<String>,
     pub mosquitto: MosquittoConfig,
+    pub fleet: Option<crate::fleet::config::FleetSettings>,
 }
 
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run";
@@ -267,6 +270,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> 
         connect_timeout: Duration::from_millis(l.broker_connect_timeout_ms.unwrap_or(2000)),
         log: file.log,
         mosquitto: file.mosquitto,
+        fleet: file.fleet.map(|f| f.validate()).transpose()?,
     })
 }
 

@@ -19,6 +19,7 @@ use topics::vm::VmId;
 
 use crate::bench::{self, Bench, BenchRequest, Reply};
 use crate::config::BrokerAddr;
+use crate::fleet::duties::Duties;
 use crate::supervision::{Event, Supervision};
 use crate::throttle::Reports;
 
@@ -207,6 +208,7 @@ pub async fn run(
     max_packet: usize,
     supervision: Supervision,
     mut events: mpsc::Receiver<Event>,
+    fleet: Option<Duties>,
     stop: CancellationToken,
 ) {
     let (client, mut eventloop) = AsyncClient::new(options(&broker, max_packet), 256);
@@ -220,9 +222,11 @@ pub async fn run(
         running: None,
         // Replies the client could not queue (a flood of requests): said once a second at most.
         dropped: Reports::new(1.0, "replies dropped", std::time::Instant::now()),
+        fleet,
     };
     loop {
         let bench_deadline = c.running.as_ref().map(Bench::deadline);
+        let fleet_deadline = c.fleet.as_ref().map(Duties::next_deadline);
         tokio::select! {
             _ = stop.cancelled() => break,
             ev = eventloop.poll() => match ev {
@@ -249,6 +253,12 @@ pub async fn run(
                     None => std::future::pending().await,
                 }
             } => c.benchmark_timed_out(),
+            _ = async {
+                match fleet_deadline {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => c.fleet_tick(),
             Some(event) = events.recv() => c.on_event(&event),
         }
     }
@@ -264,6 +274,8 @@ struct Controller {
     running: Option<Bench>,
     /// The budget of "reply dropped" lines.
     dropped: Reports,
+    /// The fleet's commands and snapshots, with `[fleet]`.
+    fleet: Option<Duties>,
 }
 
 impl Controller {
@@ -275,7 +287,8 @@ impl Controller {
             Bench::probe_topic().to_owned(),
             Notification::Announce.topic(),
         ]);
-        for t in topics {
+        let fleet = self.fleet.iter().flat_map(Duties::filters);
+        for t in topics.chain(fleet) {
             if let Err(e) = self.client.try_subscribe(t, QoS::AtLeastOnce) {
                 tracing::warn!(error = %e, "controller subscribe failed");
             }
@@ -288,6 +301,19 @@ impl Controller {
 
     fn on_publish(&mut self, topic: &str, payload: &[u8]) {
         let mut replies = Vec::new();
+        let fleet = self.fleet.as_mut().and_then(|f| {
+            f.on_publish(
+                topic,
+                payload,
+                &self.supervision,
+                std::time::Instant::now(),
+                crate::session::random_request_id,
+            )
+        });
+        if let Some(out) = fleet {
+            self.publish_all(out);
+            return;
+        }
         if topic == Notification::Announce.topic() {
             announced(payload, &self.supervision);
         } else if topic == Bench::probe_topic() {
@@ -330,6 +356,31 @@ impl Controller {
             if let Some(unreported) = self.dropped.may_report(std::time::Instant::now()) {
                 tracing::warn!(error = %e, "controller reply dropped{unreported}");
             }
+        }
+    }
+
+    /// The fleet's messages as they are: answers keep the responder that answered, refusals and
+    /// snapshots carry Dom0's own.
+    fn publish_all(&mut self, out: Vec<Reply>) {
+        for Reply { topic, body } in out {
+            if let Err(e) = self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, body)
+            {
+                if let Some(unreported) = self.dropped.may_report(std::time::Instant::now()) {
+                    tracing::warn!(error = %e, "controller fleet message dropped{unreported}");
+                }
+            }
+        }
+    }
+
+    fn fleet_tick(&mut self) {
+        let out = match self.fleet.as_mut() {
+            Some(f) => f.tick(&self.supervision, std::time::Instant::now()),
+            None => return,
+        };
+        if self.connected {
+            self.publish_all(out);
         }
     }
 

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod discovery;
+pub mod fleet;
 pub mod front_door;
 pub mod link;
 pub mod mqtt;

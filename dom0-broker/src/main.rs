@@ -147,6 +147,8 @@ fn main() -> ExitCode {
             watch,
             json,
         } => status(broker, config, watch, json),
+        Cmd::RenderBridge { config } => dom0_broker::fleet::tools::render_bridge(&config),
+        Cmd::Fleet(cmd) => dom0_broker::fleet::tools::run(cmd),
         Cmd::RenderAcl { policy } => {
             let p = match policy {
                 Some(f) => Policy::load(&f),
@@ -314,11 +316,16 @@ async fn start(
         supervision.clone(),
         stop.clone(),
     ));
+    let duties = match &settings.fleet {
+        None => None,
+        Some(f) => Some(start_fleet(settings, f, &broker_addr, tasks, stop)?),
+    };
     tasks.spawn(controller::run(
         broker_addr.clone(),
         settings.limits.max_packet,
         supervision.clone(),
         events,
+        duties,
         stop.clone(),
     ));
     let ctx = Arc::new(LinkContext {
@@ -335,6 +342,60 @@ async fn start(
         stop.clone(),
     );
     Ok(tasks.spawn(async move { discovery::run(dir, glob, ctx, stop).await }))
+}
+
+/// `[fleet]`: with the embedded broker, the forwarder to the centre (its TLS files and password
+/// read now: a bad one stops the start with its reason); the controller's fleet duties either way
+/// (with Mosquitto, its bridge from `render-bridge` carries the messages).
+fn start_fleet(
+    settings: &Settings,
+    f: &dom0_broker::fleet::config::FleetSettings,
+    broker_addr: &BrokerAddr,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> Result<dom0_broker::fleet::duties::Duties, Fail> {
+    use dom0_broker::fleet::{centre, duties::Duties, forwarder};
+    let stats = match settings.broker {
+        BrokerChoice::External(_) => {
+            tracing::info!(host = %f.host, "fleet: Mosquitto's bridge carries this host's messages (render-bridge)");
+            None
+        }
+        BrokerChoice::Embedded(_) => {
+            let access = fleet_access(f);
+            let centre = centre::Centre::new(
+                &access,
+                &f.host.client_id(),
+                f.keepalive,
+                false,
+                settings.limits.max_packet,
+            )
+            .map_err(|e| (EX_USAGE, format!("[fleet] {e}")))?;
+            let stats = Arc::new(forwarder::FleetStats::default());
+            tasks.spawn(forwarder::run(
+                f.clone(),
+                centre,
+                broker_addr.clone(),
+                settings.limits.max_packet,
+                stats.clone(),
+                stop.clone(),
+            ));
+            Some(stats)
+        }
+    };
+    Ok(Duties::new(f.clone(), stats, std::time::Instant::now()))
+}
+
+fn fleet_access(
+    f: &dom0_broker::fleet::config::FleetSettings,
+) -> dom0_broker::fleet::centre::CentreAccess {
+    dom0_broker::fleet::centre::CentreAccess {
+        addresses: f.centre.clone(),
+        ca_file: f.ca_file.clone(),
+        cert_file: f.cert_file.clone(),
+        key_file: f.key_file.clone(),
+        username: f.username.clone(),
+        password_file: f.password_file.clone(),
+    }
 }
 
 /// SIGHUP (`rc-service dom0-broker reload`) rereads the policy file. A valid policy is in force at
