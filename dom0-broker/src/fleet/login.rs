@@ -5,7 +5,7 @@
 //! valid credentials of its own could otherwise connect with another host's client id and
 //! disconnect it. The decision is pure ([`decide`]); the HTTP side is a thin, bounded driver.
 //!
-//! Users file: one line per user, `USER SALT SHA256HEX` where the hash is of `SALT:PASSWORD`
+//! Users file (read at every login, so adding a host needs no restart): one line per user, `USER SALT SHA256HEX` where the hash is of `SALT:PASSWORD`
 //! (`dom0-broker fleet hash-password USER` prints such a line). `#` starts a comment.
 
 use std::collections::HashMap;
@@ -144,7 +144,7 @@ pub fn decide(path: &str, fields: &HashMap<String, String>, users: &Users) -> &'
 }
 
 /// Reads one HTTP request (GET with a query, or POST with a form body) and answers it.
-async fn serve_one(mut conn: tokio::net::TcpStream, users: Arc<Users>) -> std::io::Result<()> {
+async fn serve_one(mut conn: tokio::net::TcpStream, users: Arc<Path>) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let request = loop {
@@ -179,7 +179,14 @@ async fn serve_one(mut conn: tokio::net::TcpStream, users: Arc<Users>) -> std::i
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut fields = query_fields(query);
     fields.extend(query_fields(body.trim()));
-    let verdict = decide(path, &fields, &users);
+    // Read at every login: a host added (add-host.sh appends its line) logs in without a restart.
+    let verdict = match Users::load(&users) {
+        Ok(users) => decide(path, &fields, &users),
+        Err(e) => {
+            tracing::error!(error = %e, "centre login check: no users file; every login refused");
+            "deny"
+        }
+    };
     if verdict == "deny" && path == "/auth/user" {
         tracing::warn!(
             user = fields.get("username").map(String::as_str).unwrap_or("-"),
@@ -198,13 +205,13 @@ async fn serve_one(mut conn: tokio::net::TcpStream, users: Arc<Users>) -> std::i
 /// Serves RabbitMQ's HTTP backend on `listen` until `stop`.
 pub async fn run(
     listen: SocketAddr,
-    users: Users,
+    users: &Path,
     tasks: tokio_util::task::TaskTracker,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "centre login check listening");
-    let users = Arc::new(users);
+    let users: Arc<Path> = Arc::from(users);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let (conn, _) = tokio::select! {

@@ -101,16 +101,15 @@ pub fn run(cmd: FleetCmd) -> ExitCode {
             ExitCode::from(out.code)
         }
         FleetCmd::LoginCheck { listen, users } => {
-            let users = match login::Users::load(&users) {
-                Ok(u) => u,
-                Err(e) => return fail(EX_USAGE, &e.to_string()),
-            };
+            if let Err(e) = login::Users::load(&users) {
+                return fail(EX_USAGE, &e.to_string());
+            }
             init_logging();
             let stop = CancellationToken::new();
             let tasks = TaskTracker::new();
             let served = rt.block_on(async {
                 let r = tokio::select! {
-                    r = login::run(listen, users, tasks.clone(), stop.clone()) => r,
+                    r = login::run(listen, &users, tasks.clone(), stop.clone()) => r,
                     _ = shutdown_signal() => Ok(()),
                 };
                 stop.cancel();
