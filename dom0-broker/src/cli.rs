@@ -109,6 +109,9 @@ pub enum FleetCmd {
         /// Print the answers as the JSON lines they are.
         #[arg(long)]
         json: bool,
+        /// Ask N times in a row (one connection) and print the round trips' p50 and p99.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        repeat: usize,
         /// The host id.
         host: String,
         /// The VM on that host (or dom0).

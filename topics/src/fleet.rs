@@ -420,6 +420,9 @@ pub struct Snapshot {
     /// Messages waiting for the centre (the forwarder), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbound_queued: Option<u64>,
+    /// The bytes they hold (topics and payloads), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_queued_bytes: Option<u64>,
 }
 
 #[cfg(test)]

@@ -129,12 +129,13 @@ impl Duties {
 
     fn snapshot(&mut self, supervision: &Supervision, now: Instant) -> Reply {
         self.next_snapshot = now + self.settings.snapshot_every;
-        let (dropped, queued) = match &self.stats {
+        let (dropped, queued, bytes) = match &self.stats {
             Some(s) => (
                 s.dropped.load(Ordering::Relaxed),
                 Some(s.queued.load(Ordering::Relaxed)),
+                Some(s.queued_bytes.load(Ordering::Relaxed)),
             ),
-            None => (self.broker_dropped, None),
+            None => (self.broker_dropped, None, None),
         };
         let s = Snapshot {
             host: self.settings.host.to_string(),
@@ -149,6 +150,7 @@ impl Duties {
             links: supervision.counters(),
             outbound_dropped: dropped,
             outbound_queued: queued,
+            outbound_queued_bytes: bytes,
         };
         Reply {
             topic: fleet::local_snapshot(),

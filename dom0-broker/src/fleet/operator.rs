@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::Value;
 use topics::answers::{Question, Responders};
 use topics::call_output::{self, LOCAL_FAILURE, TIMEOUT};
@@ -214,7 +214,9 @@ pub struct CallOutcome {
 }
 
 /// `fleet call HOST VM COMMAND KEY=VALUE...`: the command through the centre to the host, which
-/// checks it and asks its VM; the answers as `domu-agent call` prints them.
+/// checks it and asks its VM; the answers as `domu-agent call` prints them. `repeat`: asked that
+/// many times in a row on one connection, and the round trips' p50 and p99 printed.
+#[allow(clippy::too_many_arguments)]
 pub async fn call(
     args: &CentreArgs,
     host: &str,
@@ -223,6 +225,7 @@ pub async fn call(
     words: &[String],
     timeout: Duration,
     json: bool,
+    repeat: usize,
 ) -> CallOutcome {
     let fail = |code: u8, why: String| CallOutcome {
         stdout: String::new(),
@@ -246,33 +249,94 @@ pub async fn call(
         Ok(c) => c,
         Err(e) => return fail(LOCAL_FAILURE, e.0),
     };
-    let mut bits = [0u8; 16];
-    let _ = getrandom::getrandom(&mut bits);
-    let request_id = RequestId::random(bits);
-    let cmd = FleetCommand {
-        command,
-        request_id: request_id.clone(),
-        destination: vm.to_owned(),
-        issued_at_ms: crate::fleet::duties::now_ms(),
-        timeout_ms: Some(timeout.as_millis() as u64),
-        args: fields,
-    };
     let answers = fleet::answer_topic(&host, command);
-    let started = Instant::now();
-    // The host's own margin: its answer (even a timeout) comes after the VM's patience.
-    let end = started + timeout + Duration::from_secs(5);
-    let mut question = Question::new(
-        command,
-        request_id,
-        Responders::Named(vm.to_owned()),
-        Some(timeout + Duration::from_secs(5)),
-        started,
-    );
-    let sub = client.subscribe(answers.clone(), QoS::AtLeastOnce).await;
-    if let Err(e) = sub {
+    if let Err(e) = client.subscribe(answers.clone(), QoS::AtLeastOnce).await {
         return fail(LOCAL_FAILURE, e.to_string());
     }
-    let mut published = false;
+    // The subscription is in place before the first command goes.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return fail(LOCAL_FAILURE, format!("lost the centre: {e}")),
+            Err(_) => {
+                return fail(
+                    LOCAL_FAILURE,
+                    "the centre did not confirm the subscription".into(),
+                );
+            }
+        }
+    }
+    let mut samples = Vec::new();
+    let mut lines = Vec::new();
+    for _ in 0..repeat.max(1) {
+        let mut bits = [0u8; 16];
+        let _ = getrandom::getrandom(&mut bits);
+        let cmd = FleetCommand {
+            command,
+            request_id: RequestId::random(bits),
+            destination: vm.to_owned(),
+            issued_at_ms: crate::fleet::duties::now_ms(),
+            timeout_ms: Some(timeout.as_millis() as u64),
+            args: fields.clone(),
+        };
+        let t0 = Instant::now();
+        lines = match exchange(&client, &mut ev, &host, &answers, &cmd, timeout).await {
+            Ok(l) => l,
+            Err((code, why)) => return fail(code, why),
+        };
+        samples.push(t0.elapsed());
+    }
+    let _ = client.disconnect().await;
+    let mut out = call_output::render(command, &lines, json);
+    if repeat > 1 {
+        samples.sort();
+        let us = |q| {
+            topics::payload::quantile(&samples, q).map_or(0.0, |d: Duration| d.as_secs_f64() * 1e6)
+        };
+        out.stdout.push_str(&format!(
+            "round trip: p50 {:.1} us  p99 {:.1} us  ({} calls)\n",
+            us(0.5),
+            us(0.99),
+            samples.len()
+        ));
+    }
+    CallOutcome {
+        stdout: out.stdout,
+        stderr: out.stderr,
+        code: out.code,
+    }
+}
+
+/// One command and its answers (the host's refusal is its only answer).
+async fn exchange(
+    client: &AsyncClient,
+    ev: &mut EventLoop,
+    host: &HostId,
+    answers: &str,
+    cmd: &FleetCommand,
+    timeout: Duration,
+) -> Result<Vec<String>, (u8, String)> {
+    let started = Instant::now();
+    // The host's own margin: its answer (even a timeout) comes after the VM's patience.
+    let patience = timeout + Duration::from_secs(5);
+    let end = started + patience;
+    let mut question = Question::new(
+        cmd.command,
+        cmd.request_id.clone(),
+        Responders::Named(cmd.destination.clone()),
+        Some(patience),
+        started,
+    );
+    client
+        .publish(
+            fleet::command_topic(host, cmd.command),
+            QoS::AtLeastOnce,
+            false,
+            cmd.to_json(),
+        )
+        .await
+        .map_err(|e| (LOCAL_FAILURE, e.to_string()))?;
     let mut acknowledged = false;
     let mut lines = Vec::new();
     loop {
@@ -288,26 +352,11 @@ pub async fn call(
                 } else {
                     format!("the centre did not take the command (no acknowledgement): {e}")
                 };
-                return fail(LOCAL_FAILURE, why);
-            }
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) if !published => {
-                published = true;
-                if let Err(e) = client
-                    .publish(
-                        fleet::command_topic(&host, command),
-                        QoS::AtLeastOnce,
-                        false,
-                        cmd.to_json(),
-                    )
-                    .await
-                {
-                    return fail(LOCAL_FAILURE, e.to_string());
-                }
+                return Err((LOCAL_FAILURE, why));
             }
             Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acknowledged = true,
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == answers => {
-                let now = Instant::now();
-                let taken = match question.accept(command, &p.payload, now) {
+                let taken = match question.accept(cmd.command, &p.payload, Instant::now()) {
                     Ok(_) => true,
                     // The host itself refuses (allow list, age): its answer is the last.
                     Err(topics::answers::Refusal::NotAsked(r)) if r == DOM0 => {
@@ -319,35 +368,29 @@ pub async fn call(
                     Err(_) => false,
                 };
                 if taken {
-                    let done_by_host = !question_answered_by_vm(&p.payload, vm);
                     lines.push(String::from_utf8_lossy(&p.payload).into_owned());
-                    if done_by_host {
+                    if !question_answered_by_vm(&p.payload, &cmd.destination) {
                         break;
                     }
                 }
             }
-            Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => break,
             Ok(Ok(_)) => {}
         }
     }
-    let _ = client.disconnect().await;
     if lines.is_empty() {
-        let why = if acknowledged {
-            format!(
-                "no answer from {host} within {} ms",
-                timeout.as_millis() + 5000
+        return Err(if acknowledged {
+            (
+                TIMEOUT,
+                format!("no answer from {host} within {} ms", patience.as_millis()),
             )
         } else {
-            "the centre did not acknowledge the command".to_owned()
-        };
-        return fail(if acknowledged { TIMEOUT } else { LOCAL_FAILURE }, why);
+            (
+                LOCAL_FAILURE,
+                "the centre did not acknowledge the command".to_owned(),
+            )
+        });
     }
-    let out = call_output::render(command, &lines, json);
-    CallOutcome {
-        stdout: out.stdout,
-        stderr: out.stderr,
-        code: out.code,
-    }
+    Ok(lines)
 }
 
 fn question_answered_by_vm(payload: &[u8], vm: &str) -> bool {

@@ -82,6 +82,7 @@ pub fn run(cmd: FleetCmd) -> ExitCode {
             centre,
             timeout_ms,
             json,
+            repeat,
             host,
             vm,
             command,
@@ -95,6 +96,7 @@ pub fn run(cmd: FleetCmd) -> ExitCode {
                 &args,
                 Duration::from_millis(timeout_ms),
                 json,
+                repeat,
             ));
             print!("{}", out.stdout);
             eprint!("{}", out.stderr);
