@@ -252,6 +252,20 @@ pub fn local_snapshot() -> String {
     format!("{}{SNAPSHOT}", local_out_prefix())
 }
 
+/// The level under which a host publishes one VM's counters for metrics exporters.
+pub const METRICS: &str = "metrics";
+
+/// Where the controller publishes a VM's counters on the host: `fleet/out/metrics/<vm>` (one
+/// flat object per VM, for exporters that read one device per topic, such as mqtt2prometheus).
+pub fn local_metrics(vm: &str) -> String {
+    format!("{}{METRICS}/{vm}", local_out_prefix())
+}
+
+/// Every host's per-VM counters: `fleet/+/out/metrics/+`.
+pub fn metrics() -> String {
+    format!("{FLEET}/+/{OUT}/{METRICS}/+")
+}
+
 /// Where the centre sends a host a command: `fleet/<host>/in/<root>/request`.
 pub fn command_topic(host: &HostId, command: Command) -> String {
     format!("{}{}/{REQUEST}", remote_in_prefix(host), command.root())

@@ -76,7 +76,7 @@ impl Duties {
         if topic == fleet::LOCAL_BRIDGE_STATE {
             return Some(if payload == b"1" {
                 tracing::info!("fleet: bridge to the centre up; snapshot sent");
-                vec![self.snapshot(supervision, now)]
+                self.snapshot(supervision, now)
             } else {
                 Vec::new()
             });
@@ -116,7 +116,7 @@ impl Duties {
     pub fn tick(&mut self, supervision: &Supervision, now: Instant) -> Vec<Reply> {
         let mut out = self.relay.expire(now);
         if now >= self.next_snapshot {
-            out.push(self.snapshot(supervision, now));
+            out.extend(self.snapshot(supervision, now));
         }
         out
     }
@@ -127,7 +127,8 @@ impl Duties {
             .map_or(self.next_snapshot, |d| d.min(self.next_snapshot))
     }
 
-    fn snapshot(&mut self, supervision: &Supervision, now: Instant) -> Reply {
+    /// The host's snapshot, then each VM's counters on its own topic (for metrics exporters).
+    fn snapshot(&mut self, supervision: &Supervision, now: Instant) -> Vec<Reply> {
         self.next_snapshot = now + self.settings.snapshot_every;
         let (dropped, queued, bytes) = match &self.stats {
             Some(s) => (
@@ -152,10 +153,16 @@ impl Duties {
             outbound_queued: queued,
             outbound_queued_bytes: bytes,
         };
-        Reply {
+        let per_vm = s.links.iter().map(|l| Reply {
+            topic: fleet::local_metrics(&l.vm),
+            body: serde_json::to_vec(l).unwrap_or_default(),
+        });
+        let mut out = vec![Reply {
             topic: fleet::local_snapshot(),
             body: serde_json::to_vec(&s).unwrap_or_default(),
-        }
+        }];
+        out.extend(per_vm);
+        out
     }
 
     /// Snapshot period (for logs).
