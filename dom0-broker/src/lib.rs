@@ -18,6 +18,7 @@ pub mod mqtt;
 pub mod policy;
 pub mod probe;
 pub mod session;
+pub mod signals;
 pub mod status;
 pub mod supervision;
 pub mod throttle;

@@ -9,6 +9,7 @@ use dom0_broker::cli::{Cli, Cmd, RunArgs};
 use dom0_broker::config::{self, BrokerAddr, BrokerChoice, ConfigError, MosquittoConfig, Settings};
 use dom0_broker::link::LinkContext;
 use dom0_broker::policy::Policy;
+use dom0_broker::signals::shutdown_signal;
 use dom0_broker::supervision::{Event, Supervision};
 use dom0_broker::{acl, broker, controller, discovery};
 use tokio::sync::watch;
@@ -60,8 +61,21 @@ fn check_config(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {
             return fail(EX_USAGE, &format!("invalid policy: {e}{hint}"));
         }
     }
+    // [fleet]: its TLS files and password are read now, as `run` reads them.
+    let fleet = match &s.fleet {
+        None => String::new(),
+        Some(f) => {
+            let access = fleet_access(f);
+            if let Err(e) = dom0_broker::fleet::centre::tls_config(&access)
+                .and_then(|_| dom0_broker::fleet::centre::read_password(&access.password_file))
+            {
+                return fail(EX_USAGE, &format!("[fleet] {e}"));
+            }
+            format!("; fleet: host {} ok", f.host)
+        }
+    };
     println!(
-        "config ok; policy: {}",
+        "config ok; policy: {}{fleet}",
         s.policy
             .as_ref()
             .map_or("built-in".to_owned(), |p| format!("{} ok", p.display()))
@@ -441,19 +455,5 @@ async fn reload_on_hangup(
                 });
             }
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

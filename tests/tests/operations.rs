@@ -288,6 +288,48 @@ fn check_config_refuses_bad_files() {
     }
 }
 
+/// `[fleet]`: check-config reads its TLS files and password as `run` would, and says which one is
+/// missing; render-bridge refuses a config without the section, and renders one with it.
+#[test]
+fn check_config_and_render_bridge_read_the_fleet_section() {
+    let dir = TestDir::new("fleetconf");
+    let fleet = |d: &std::path::Path| {
+        format!(
+            "listen = \"127.0.0.1:1883\"\n[fleet]\nhost = \"host-a\"\ncentre = [\"127.0.0.1:8883\"]\n\
+             ca_file = \"{0}/ca.pem\"\ncert_file = \"{0}/host.pem\"\nkey_file = \"{0}/host.key\"\n\
+             password_file = \"{0}/password\"\n[fleet.allow]\n\"sys-usb\" = [\"list_disks\"]\n",
+            d.display()
+        )
+    };
+    let conf = dir.join("fleet.toml");
+    std::fs::write(&conf, fleet(&dir.path)).unwrap();
+    let run = |cmd: &str, c: &std::path::Path| {
+        Command::new(system_tests::bin("dom0-broker"))
+            .args([cmd, "--config"])
+            .arg(c)
+            .output()
+            .unwrap()
+    };
+    let out = run("check-config", &conf);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ca.pem") && err.lines().count() == 1, "{err}");
+    std::fs::write(dir.join("password"), "s3cret\n").unwrap();
+    let out = run("render-bridge", &conf);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("remote_clientid fleet-host-a"), "{text}");
+    assert!(
+        text.contains("topic system/+/+/request in 1 fleet/in/ fleet/host-a/in/"),
+        "{text}"
+    );
+    let plain = dir.join("plain.toml");
+    std::fs::write(&plain, "listen = \"127.0.0.1:1883\"\n").unwrap();
+    let out = run("render-bridge", &plain);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no [fleet] section"));
+}
+
 /// The embedded broker to Dom0 clients, like Mosquitto: keepalive 0 accepted.
 #[test]
 fn embedded_broker_accepts_keepalive_zero() {

@@ -167,6 +167,7 @@ pub async fn run(
     net.set_tcp_nodelay(true);
     local_loop.set_network_options(net);
     let (centre_client, mut centre_loop) = AsyncClient::new(centre.next_options(), WINDOW * 2 + 16);
+    centre_loop.set_network_options(Centre::network_options());
     let mut f = Forwarder {
         routes,
         outbox: Outbox::new(settings.queue_messages),

@@ -77,6 +77,7 @@ async fn connect(args: &CentreArgs) -> Result<(AsyncClient, EventLoop), Operator
         let options = centre.next_options();
         let node = Centre::describe(&options);
         let (client, mut ev) = AsyncClient::new(options, 64);
+        ev.set_network_options(Centre::network_options());
         match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok((client, ev)),
             Ok(Ok(other)) => why.push(format!("{node}: unexpected {other:?}")),

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cli::FleetCmd;
 use crate::fleet::{bridge_conf, centre, login, operator};
+use crate::signals::shutdown_signal;
 
 /// Bad usage or configuration (sysexits' EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -153,18 +154,4 @@ fn init_logging() {
         .with_ansi(false)
         .with_target(false)
         .try_init();
-}
-
-async fn shutdown_signal() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
