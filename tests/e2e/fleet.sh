@@ -19,6 +19,8 @@ ROOT_DIR=$PWD
 need=()
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+[ -x /usr/bin/prometheus-mqtt-exporter ] || need+=(prometheus-mqtt-exporter)
+command -v curl >/dev/null || need+=(curl)
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 command -v openssl >/dev/null || need+=(openssl)
 if ((${#need[@]})); then
@@ -60,13 +62,14 @@ now_ms() { date +%s%3N; }
 
 # ---------------------------------------------------------------------------------------------
 say "the centre: certificates, three RabbitMQ nodes, users"
-make_certs host-a host-b ops
+make_certs host-a host-b ops exporter
 : > "$W/fleet-users"
 start_cluster
 make_ctl_wrapper 1
 for h in host-a host-b; do echo "pw-$h" | RABBITMQCTL=$W/bin/rabbitmqctl DOM0_BROKER=$BIN/dom0-broker deploy/fleet/add-host.sh host "$h" "$W/fleet-users"; done
 echo pw-ops | RABBITMQCTL=$W/bin/rabbitmqctl DOM0_BROKER=$BIN/dom0-broker deploy/fleet/add-host.sh operator ops "$W/fleet-users"
 echo pw-ops > "$W/ops-password"
+echo pw-exporter | RABBITMQCTL=$W/bin/rabbitmqctl DOM0_BROKER=$BIN/dom0-broker deploy/fleet/add-host.sh operator exporter "$W/fleet-users"
 P=$W/pki
 NODES="mqtts://127.0.0.1:${MQTTS[1]},mqtts://127.0.0.1:${MQTTS[2]},mqtts://127.0.0.1:${MQTTS[3]}"
 OPS=(--broker "$NODES" --ca-file "$P/ca.pem" --cert-file "$P/ops.pem" --key-file "$P/ops.key" --username ops --password-file "$W/ops-password")
@@ -168,6 +171,18 @@ until_ok 30 counter_grew || fail 2-status "host-b's sys-usb counter did not move
 rows=$(grep -cE '^  (sys-usb|vm-gui) +session ' "$W/status.out" || true)
 [ "$rows" = 4 ] && ok 2-status "both hosts, 4 VMs in session, host-b's sys-usb IN $before -> $(in_of host-b sys-usb)" || fail 2-status "$(cat "$W/status.out")"
 cat "$W/status.out"
+
+# The per-VM counters reach Prometheus: Debian's prometheus-mqtt-exporter with deploy/fleet's
+# configuration (its placeholders filled in), an operator of the centre.
+EXPORTER_PORT=$(free_port)
+sed -e "s|server: .*|server: ssl://127.0.0.1:${MQTTS[2]}|; s|password: .*|password: pw-exporter|" \
+    -e "s|/etc/prometheus/fleet/ca.pem|$P/ca.pem|; s|/etc/prometheus/fleet/exporter.pem|$P/exporter.pem|; s|/etc/prometheus/fleet/exporter.key|$P/exporter.key|" \
+    deploy/fleet/mqtt2prometheus.yaml > "$W/mqtt2prometheus.yaml"
+/usr/bin/prometheus-mqtt-exporter -config "$W/mqtt2prometheus.yaml" -listen-address 127.0.0.1 -listen-port "$EXPORTER_PORT" \
+  > "$W/exporter.log" 2>&1 & PIDS+=($!)
+metric_seen() { curl -s "http://127.0.0.1:$EXPORTER_PORT/metrics" | grep -E '^fleet_vm_packets_in_total\{.*topic="fleet/host-b/out/metrics/sys-usb"' ; }
+until_ok 30 metric_seen || fail 2-metrics "no per-VM counter at the exporter: $(tail -5 "$W/exporter.log")"
+ok 2-metrics "prometheus-mqtt-exporter: $(metric_seen | head -1)"
 
 # ---------------------------------------------------------------------------------------------
 # 3. A host cannot publish or read on another host's topics; another host's client id does not
@@ -299,10 +314,11 @@ echo "FIGURE forwarder-memory: dom0-broker RSS $rss_before KiB before the outage
 # ---------------------------------------------------------------------------------------------
 # 7. Two of three nodes down: a QoS 1 publisher sees the failure. The whole cluster stopped and
 #    restarted: both hosts reconnect by themselves.
+# On a topic an operator's durable (quorum) queue binds, so the publish must be confirmed by a
+# majority (a message no queue takes is confirmed at once).
+mosquitto_sub $(tls ops 1) -c -i fleet-ops.s7 -q 1 -t fleet/host-a/out/e2e/probe -E > /dev/null 2>&1 || fail 7-majority "operator session"
 stop_node 2; stop_node 3
-# On a topic an operator's durable queue binds (host-a's events): the publish must be confirmed.
-rc=0; timeout 30 mosquitto_pub $(tls host-a 1) -i fleet-host-a.p7 -q 1 -t "fleet/host-a/out/$ev_topic" \
-  -m '{"module":"e2e","datetime":"now","level":5,"description":"majority-probe"}' 2> "$W/q7.err" || rc=$?
+rc=0; timeout 30 mosquitto_pub $(tls host-a 1) -i fleet-host-a.p7 -q 1 -t fleet/host-a/out/e2e/probe -m probe 2> "$W/q7.err" || rc=$?
 [ "$rc" != 0 ] || fail 7-majority "a QoS 1 publish with 2 of 3 nodes down succeeded"
 ok 7-majority "2 of 3 nodes down: the QoS 1 publisher failed (exit $rc: $(head -c 120 "$W/q7.err" | tr '\n' ' '))"
 stop_node 1
