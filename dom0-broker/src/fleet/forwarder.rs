@@ -24,8 +24,9 @@ use crate::throttle::Reports;
 
 /// Messages unacknowledged by the centre at once.
 pub const WINDOW: usize = 64;
-/// The local client's id on the embedded broker.
-pub const LOCAL_CLIENT_ID: &str = "dom0-fleet";
+/// The local client's id on the embedded broker: not a valid VM id (a dot), so no VM's link can
+/// ever connect with it and take the forwarder's session.
+pub const LOCAL_CLIENT_ID: &str = "dom0.fleet";
 
 /// What the forwarder tells the controller's snapshots.
 #[derive(Debug, Default)]
@@ -259,5 +260,13 @@ async fn sleep_until(t: Option<tokio::time::Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn no_vm_can_carry_the_forwarders_client_id() {
+        assert!(topics::VmId::parse(super::LOCAL_CLIENT_ID).is_err());
     }
 }

@@ -27,9 +27,10 @@ pub struct CentreArgs {
     /// The centre's CA certificate (PEM).
     #[arg(long)]
     pub ca_file: PathBuf,
-    /// This operator's certificate and key (PEM).
+    /// This operator's certificate (PEM), signed by the fleet's CA.
     #[arg(long)]
     pub cert_file: PathBuf,
+    /// Its private key (PEM).
     #[arg(long)]
     pub key_file: PathBuf,
     /// The operator's user at the centre.
