@@ -6,7 +6,7 @@
 #   host-a: Mosquitto, bridged to the centre by the configuration `dom0-broker render-bridge` writes;
 #   host-b: the embedded broker, bridged by dom0-broker's forwarder.
 #
-#   ./tests/e2e/fleet.sh      # root (apt-get installs what is missing); about 6 minutes
+#   ./tests/e2e/fleet.sh      # root (apt-get installs what is missing); 7 to 8 minutes here
 #
 # Every step prints `RESULT <step> ok|FAIL ...`; the script fails on the first FAIL. The figures of
 # docs/fleet.md are printed as `FIGURE ...` lines. Binaries: target/static (scripts/build-static)
