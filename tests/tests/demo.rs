@@ -100,8 +100,9 @@ fn the_demo_works_as_printed() {
     let sub = Proc::spawn(
         "dom0-sub",
         &dir,
+        // `exec`: the shell becomes the client, so stopping it leaves no orphan behind.
         Command::new("stdbuf")
-            .args(["-oL", "sh", "-c", watch])
+            .args(["-oL", "sh", "-c", &format!("exec {watch}")])
             .current_dir(repo()),
     );
     wait_for("the printed mosquitto_sub to subscribe", DEADLINE, || {
@@ -122,7 +123,10 @@ fn the_demo_works_as_printed() {
             background.push(Proc::spawn(
                 "printed",
                 &dir,
-                Command::new("sh").arg("-c").arg(c).current_dir(repo()),
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("exec {c}"))
+                    .current_dir(repo()),
             ));
             continue;
         }
