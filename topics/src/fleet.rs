@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::payload::{LinkCounters, RequestId};
-use crate::topic::{Command, NOTIFICATION, Notification, REQUEST, RESPONSE, Topic};
+use crate::topic::{Command, Notification, REQUEST, RESPONSE, Topic};
 use crate::vm::{self, VmIdError};
 
 /// The first level of every fleet topic, at the centre and on a host.
@@ -261,11 +261,6 @@ pub fn local_metrics(vm: &str) -> String {
     format!("{}{METRICS}/{vm}", local_out_prefix())
 }
 
-/// Every host's per-VM counters: `fleet/+/out/metrics/+`.
-pub fn metrics() -> String {
-    format!("{FLEET}/+/{OUT}/{METRICS}/+")
-}
-
 /// Where the centre sends a host a command: `fleet/<host>/in/<root>/request`.
 pub fn command_topic(host: &HostId, command: Command) -> String {
     format!("{}{}/{REQUEST}", remote_in_prefix(host), command.root())
@@ -281,20 +276,10 @@ pub fn snapshots() -> String {
     format!("{FLEET}/+/{OUT}/{SNAPSHOT}")
 }
 
-/// Every host's link events: `fleet/+/out/system/supervision/links/notification`.
-pub fn link_events() -> String {
-    format!("{FLEET}/+/{OUT}/{}", Notification::LinkState.topic())
-}
-
 /// The whole fleet tree, on a host (`fleet/in`, `fleet/out`, the bridge's state) and at the
 /// centre: `fleet/#`. No VM may publish, read or subscribe under it.
 pub fn everything() -> String {
     format!("{FLEET}/#")
-}
-
-/// Every host's outgoing tree: `fleet/+/out/#`.
-pub fn everything_out() -> String {
-    format!("{FLEET}/+/{OUT}/#")
 }
 
 /// The host a centre topic belongs to (`fleet/<host>/...`).
@@ -304,14 +289,6 @@ pub fn host_of(topic: &str) -> Option<HostId> {
         .then(|| levels.next())
         .flatten()
         .and_then(|h| HostId::parse(h).ok())
-}
-
-/// The notification a centre topic carries under a host's `out` tree, if any.
-pub fn notification_of(topic: &str) -> Option<Notification> {
-    let host = host_of(topic)?;
-    let rest = topic.strip_prefix(&remote_out_prefix(&host))?;
-    let root = rest.strip_suffix(&format!("/{NOTIFICATION}"))?;
-    Notification::from_root(root)
 }
 
 /// When the centre issued a command, in milliseconds since the epoch (MQTT 3.1.1 has no expiry:

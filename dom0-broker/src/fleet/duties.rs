@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use topics::RequestId;
 use topics::fleet::{self, Snapshot};
@@ -163,10 +163,5 @@ impl Duties {
         }];
         out.extend(per_vm);
         out
-    }
-
-    /// Snapshot period (for logs).
-    pub fn snapshot_every(&self) -> Duration {
-        self.settings.snapshot_every
     }
 }

@@ -116,11 +116,6 @@ fn centre_topics_name_their_host() {
     );
     assert_eq!(host_of("fleet/A/out/x"), None);
     assert_eq!(host_of("other/host-b/out"), None);
-    assert_eq!(
-        notification_of("fleet/host-b/out/system/events/error/notification"),
-        Some(Notification::Error)
-    );
-    assert_eq!(notification_of("fleet/host-b/out/snapshot"), None);
 }
 
 #[test]
