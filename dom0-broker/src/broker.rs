@@ -50,10 +50,12 @@ impl BrokerError {
     }
 }
 
-/// The embedded broker, started: where the links connect, and what it reports of the messages it
-/// dropped (see [`watch_overflows`]).
+/// The embedded broker, started: where Dom0's own clients connect (`addr`), where the links are
+/// handed over (`links`), and what it reports of the messages it dropped (see
+/// [`watch_overflows`]).
 pub struct Embedded {
     pub addr: BrokerAddr,
+    pub links: rumqttd::HandoffSender,
     pub alerts: rumqttd::alerts::AlertsLink,
 }
 
@@ -89,6 +91,7 @@ pub async fn start_embedded_service(
             .await
             .map_err(|e| BrokerError::Interrupted(e.to_string()))??;
     tracing::info!(listen = %listen, internal = %internal, internal_v5 = %internal_v5, "embedded broker listening");
+    let links = backends.v4.clone();
     let door = front_door::run(
         listener,
         None,
@@ -116,6 +119,7 @@ pub async fn start_embedded_service(
     }
     Ok(Embedded {
         addr: BrokerAddr::Tcp(internal.to_string()),
+        links,
         alerts,
     })
 }
@@ -290,6 +294,55 @@ pub enum BrokerRead {
 pub enum BrokerWrite {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
+}
+
+/// How a link reaches the broker.
+#[derive(Clone)]
+pub enum LinkRoute {
+    /// The embedded rumqttd, without a TCP connection: each link's connection is one end of a
+    /// UNIX socket pair, the other end handed to rumqttd's MQTT 3.1.1 server (`Broker::handoff`,
+    /// vendored patch 0004). Saves the loopback TCP stack on every message (docs/performance.md).
+    InProcess(rumqttd::HandoffSender),
+    /// A broker at an address: an external one, or the embedded one over loopback TCP
+    /// (`embedded_links = "tcp"`). `quickack`: see [`connect`].
+    Connect { addr: BrokerAddr, quickack: bool },
+}
+
+impl std::fmt::Display for LinkRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkRoute::InProcess(_) => f.write_str("the embedded broker (in process)"),
+            LinkRoute::Connect { addr, .. } => addr.fmt(f),
+        }
+    }
+}
+
+impl std::fmt::Debug for LinkRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl LinkRoute {
+    /// Opens a link's connection to the broker.
+    pub async fn open(&self) -> io::Result<(BrokerRead, BrokerWrite)> {
+        match self {
+            LinkRoute::Connect { addr, quickack } => connect(addr, *quickack).await,
+            LinkRoute::InProcess(server) => {
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+                ours.set_nonblocking(true)?;
+                let ours = UnixStream::from_std(ours)?;
+                server
+                    .send_async(rumqttd::Handoff::Unix(theirs, Vec::new()))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::NotConnected, "the embedded broker stopped")
+                    })?;
+                let (r, w) = ours.into_split();
+                Ok((BrokerRead::Unix(r), BrokerWrite::Unix(w)))
+            }
+        }
+    }
 }
 
 /// Opens a connection to the broker (TCP_NODELAY on TCP). `quickack`: re-arm TCP_QUICKACK after

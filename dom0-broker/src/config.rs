@@ -24,6 +24,9 @@ pub struct FileConfig {
     pub policy: Option<PathBuf>,
     /// UNIX socket for Dom0 operators (`mosquitto_pub --unix`), served by the embedded broker.
     pub operator_socket: Option<PathBuf>,
+    /// How the links reach the embedded broker: `in-process` (default: a UNIX socket pair handed
+    /// to rumqttd, no TCP) or `tcp` (its private loopback port, as Dom0's own clients).
+    pub embedded_links: Option<EmbeddedLinks>,
     /// Allow `listen` on a non-loopback address. Off by default: nothing listens beyond Dom0.
     #[serde(default)]
     pub allow_non_loopback: bool,
@@ -103,6 +106,17 @@ impl std::fmt::Display for BrokerAddr {
     }
 }
 
+/// How the links reach the embedded broker (`embedded_links`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EmbeddedLinks {
+    /// One end of a UNIX socket pair each, the other handed to rumqttd: no TCP stack per message.
+    #[default]
+    InProcess,
+    /// rumqttd's private loopback port.
+    Tcp,
+}
+
 /// Which broker the service uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerChoice {
@@ -147,6 +161,8 @@ pub struct Settings {
     pub socket_dir: PathBuf,
     pub socket_glob: SocketGlob,
     pub broker: BrokerChoice,
+    /// With the embedded broker: how the links reach it.
+    pub embedded_links: EmbeddedLinks,
     pub policy: Option<PathBuf>,
     pub operator_socket: Option<PathBuf>,
     pub limits: Limits,
@@ -207,6 +223,12 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> 
         .unwrap_or_else(|| DEFAULT_SOCKET_GLOB.to_owned());
     let socket_glob = SocketGlob::parse(&glob)?;
     let broker = match flags.broker.or(file.broker) {
+        Some(_) if file.embedded_links.is_some() => {
+            return Err(ConfigError::Invalid(
+                "embedded_links is for the embedded broker; an external broker is reached at its URL"
+                    .into(),
+            ));
+        }
         Some(url) => BrokerChoice::External(parse_broker_url(&url)?),
         None => {
             let listen = flags
@@ -264,6 +286,7 @@ pub fn resolve(file: FileConfig, flags: Flags) -> Result<Settings, ConfigError> 
         socket_dir,
         socket_glob,
         broker,
+        embedded_links: file.embedded_links.unwrap_or_default(),
         policy: flags.policy.or(file.policy),
         operator_socket: flags.operator_socket.or(file.operator_socket),
         limits,
@@ -368,6 +391,31 @@ mod tests {
         );
         let bad = parse_file("[limits]\nmax_packet_size = 10\n", "f").unwrap();
         assert!(resolve(bad, Flags::default()).is_err());
+    }
+
+    #[test]
+    fn embedded_links() {
+        let links = |text: &str| {
+            resolve(parse_file(text, "f")?, Flags::default()).map(|s| s.embedded_links)
+        };
+        assert_eq!(links("").unwrap(), EmbeddedLinks::InProcess, "the default");
+        assert_eq!(
+            links("embedded_links = \"in-process\"\n").unwrap(),
+            EmbeddedLinks::InProcess
+        );
+        assert_eq!(
+            links("embedded_links = \"tcp\"\n").unwrap(),
+            EmbeddedLinks::Tcp
+        );
+        let err = links("embedded_links = \"udp\"\n").unwrap_err().to_string();
+        assert!(err.contains("unknown variant"), "{err}");
+        let err = links("broker = \"mqtt://127.0.0.1:1883\"\nembedded_links = \"tcp\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("embedded_links is for the embedded broker"),
+            "{err}"
+        );
     }
 }
 

@@ -21,7 +21,6 @@ use topics::vm::VmId;
 use tracing::Instrument;
 
 use crate::broker::{self, BrokerRead, BrokerWrite};
-use crate::config::BrokerAddr;
 use crate::policy::Policy;
 use crate::session::{Effect, Limits, NamesAParty, Session};
 use crate::supervision::{Event, LinkStats, Supervision};
@@ -32,16 +31,13 @@ const READ_BUF: usize = 64 * 1024;
 /// What every link shares.
 #[derive(Debug)]
 pub struct LinkContext {
-    pub broker: BrokerAddr,
+    pub broker: broker::LinkRoute,
     pub limits: Limits,
     /// The policy in force; a reload sends the new one (every link applies it at once).
     pub policy: watch::Receiver<Arc<Policy>>,
     pub supervision: Supervision,
     /// How long opening a broker connection may take before the guest is told "server unavailable".
     pub connect_timeout: Duration,
-    /// Re-arm TCP_QUICKACK after every read from the broker (external brokers; see
-    /// `broker::connect`).
-    pub broker_quickack: bool,
 }
 
 /// Runs a VM's link until `stop` turns true. Its log lines carry the VM in a `link` span.
@@ -229,7 +225,7 @@ async fn carry_out(
         match effect {
             Effect::OpenBroker => {
                 let opened = tokio::select! {
-                    r = timeout(ctx.connect_timeout, broker::connect(&ctx.broker, ctx.broker_quickack)) => r,
+                    r = timeout(ctx.connect_timeout, ctx.broker.open()) => r,
                     _ = stop.cancelled() => return Err("service stopping".to_owned()),
                 };
                 match opened {

@@ -286,7 +286,7 @@ async fn start(
     stop: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Fail> {
     let (supervision, events) = Supervision::new();
-    let broker_addr = match &settings.broker {
+    let (broker_addr, link_route) = match &settings.broker {
         BrokerChoice::Embedded(listen) => {
             let embedded = broker::start_embedded_service(
                 *listen,
@@ -303,7 +303,15 @@ async fn start(
                 move |client, filter, n| counted.overflowed(client, filter, n),
                 stop.clone(),
             ));
-            embedded.addr
+            let route = match settings.embedded_links {
+                config::EmbeddedLinks::InProcess => broker::LinkRoute::InProcess(embedded.links),
+                config::EmbeddedLinks::Tcp => broker::LinkRoute::Connect {
+                    addr: embedded.addr.clone(),
+                    // rumqttd sets TCP_NODELAY itself (vendored patch 0003).
+                    quickack: false,
+                },
+            };
+            (embedded.addr, route)
         }
         BrokerChoice::External(addr) => {
             if settings.operator_socket.is_some() {
@@ -317,7 +325,11 @@ async fn start(
                 .await
                 .map_err(|e| (EX_UNAVAILABLE, e.to_string()))?;
             tracing::info!(broker = %addr, "using external broker");
-            addr.clone()
+            let route = broker::LinkRoute::Connect {
+                addr: addr.clone(),
+                quickack: true,
+            };
+            (addr.clone(), route)
         }
     };
     let (policy_tx, policy_rx) = watch::channel(policy);
@@ -343,12 +355,11 @@ async fn start(
         stop.clone(),
     ));
     let ctx = Arc::new(LinkContext {
-        broker: broker_addr,
+        broker: link_route,
         limits: settings.limits.clone(),
         policy: policy_rx,
         supervision,
         connect_timeout: settings.connect_timeout,
-        broker_quickack: !matches!(settings.broker, BrokerChoice::Embedded(_)),
     });
     let (dir, glob, stop) = (
         settings.socket_dir.clone(),

@@ -7,13 +7,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use system_tests::bench::{
-    Cpu, Report, STEP_DEADLINE, Stats, cpu_during, guest, interleaved, p50_p99, ratios, tcp,
-    tcp_plain, throughput, throughput_of, us_each,
+    Cpu, Report, STEP_DEADLINE, Stats, cpu_during, guest, interleaved, p50_p99, ratios, requester,
+    responder, tcp, tcp_plain, throughput, throughput_of, us_each,
 };
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
@@ -32,42 +31,6 @@ const WARMUP: usize = 200;
 const MESSAGES: u64 = 200_000;
 /// Bytes of the bulk runs (4 KiB publishes and the raw channel).
 const BULK_BYTES: usize = 64 * 1024 * 1024;
-
-/// A responder that answers every request of `command` on its response topic, at QoS 1.
-fn responder<S: Read + Write + Send + 'static>(mut c: RawClient<S>, command: &'static str) {
-    // Request and response at the same QoS (1), as the requester's.
-    c.subscribe_qos1(&format!("{command}/request"));
-    let response = format!("{command}/response/dom0");
-    std::thread::spawn(move || {
-        let mut pkid = 0u16;
-        while let Some(p) = c.try_next_publish() {
-            pkid = pkid % 60_000 + 1;
-            if !c.try_publish_qos1(&response, pkid, &p) {
-                return;
-            }
-        }
-    });
-}
-
-/// A requester of `command`: each call is one QoS 1 round trip.
-fn requester<S: Read + Write>(
-    mut c: RawClient<S>,
-    command: &str,
-) -> impl FnMut(usize) -> Duration + use<S> {
-    c.subscribe_qos1(&format!("{command}/response/dom0"));
-    let request = format!("{command}/request");
-    move |i| {
-        let payload = format!(r#"{{"sender":"dom0","request_id":"{i}"}}"#);
-        let t0 = Instant::now();
-        assert!(c.try_publish_qos1(&request, (i % 60_000 + 1) as u16, payload.as_bytes()));
-        let got = c.next_publish();
-        let dt = t0.elapsed();
-        // The answer is the request echoed; on a channel, Dom0 fills in its `responder`.
-        let answer: serde_json::Value = serde_json::from_slice(&got).unwrap();
-        assert_eq!(answer["request_id"], i.to_string(), "{answer}");
-        dt
-    }
-}
 
 fn main() {
     system_tests::bench::run_all("Dom0 link (`tests/benches/chain.rs`)", run);

@@ -1,6 +1,7 @@
 //! Helpers shared by the benchmarks (`tests/benches/*.rs`).
 
 use std::fs::File;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -447,4 +448,40 @@ pub fn p50_p99(s: &Stats) -> String {
 /// `p50 / p99` of `b` against `a`, as ratios.
 pub fn ratios(b: &Stats, a: &Stats) -> String {
     format!("{:.2}× / {:.2}×", b.p50 / a.p50, b.p99 / a.p99)
+}
+
+/// A responder that answers every request of `command` on its response topic, at QoS 1.
+pub fn responder<S: Read + Write + Send + 'static>(mut c: RawClient<S>, command: &'static str) {
+    // Request and response at the same QoS (1), as the requester's.
+    c.subscribe_qos1(&format!("{command}/request"));
+    let response = format!("{command}/response/dom0");
+    std::thread::spawn(move || {
+        let mut pkid = 0u16;
+        while let Some(p) = c.try_next_publish() {
+            pkid = pkid % 60_000 + 1;
+            if !c.try_publish_qos1(&response, pkid, &p) {
+                return;
+            }
+        }
+    });
+}
+
+/// A requester of `command`: each call is one QoS 1 round trip.
+pub fn requester<S: Read + Write>(
+    mut c: RawClient<S>,
+    command: &str,
+) -> impl FnMut(usize) -> Duration + use<S> {
+    c.subscribe_qos1(&format!("{command}/response/dom0"));
+    let request = format!("{command}/request");
+    move |i| {
+        let payload = format!(r#"{{"sender":"dom0","request_id":"{i}"}}"#);
+        let t0 = Instant::now();
+        assert!(c.try_publish_qos1(&request, (i % 60_000 + 1) as u16, payload.as_bytes()));
+        let got = c.next_publish();
+        let dt = t0.elapsed();
+        // The answer is the request echoed; on a channel, Dom0 fills in its `responder`.
+        let answer: serde_json::Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!(answer["request_id"], i.to_string(), "{answer}");
+        dt
+    }
 }
