@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixStream, tcp, unix};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,7 +55,7 @@ impl BrokerError {
 /// [`watch_overflows`]).
 pub struct Embedded {
     pub addr: BrokerAddr,
-    pub links: rumqttd::HandoffSender,
+    pub links: rumqttd::LocalServer,
     pub alerts: rumqttd::alerts::AlertsLink,
 }
 
@@ -86,12 +86,11 @@ pub async fn start_embedded_service(
         })?;
     let (internal, internal_v5) = (free_loopback_port()?, free_loopback_port()?);
     let limits = limits.clone();
-    let (backends, alerts) =
+    let (backends, links, alerts) =
         tokio::task::spawn_blocking(move || start_embedded(internal, internal_v5, &limits))
             .await
             .map_err(|e| BrokerError::Interrupted(e.to_string()))??;
     tracing::info!(listen = %listen, internal = %internal, internal_v5 = %internal_v5, "embedded broker listening");
-    let links = backends.v4.clone();
     let door = front_door::run(
         listener,
         None,
@@ -171,7 +170,14 @@ pub fn start_embedded(
     listen: SocketAddr,
     listen_v5: SocketAddr,
     limits: &Limits,
-) -> Result<(front_door::Backends, rumqttd::alerts::AlertsLink), BrokerError> {
+) -> Result<
+    (
+        front_door::Backends,
+        rumqttd::LocalServer,
+        rumqttd::alerts::AlertsLink,
+    ),
+    BrokerError,
+> {
     // rumqttd logs a bind failure from its own thread and carries on; find out first.
     for addr in [listen, listen_v5] {
         drop(
@@ -227,6 +233,9 @@ pub fn start_embedded(
         v4: broker.handoff("v4"),
         v5: broker.handoff("v5"),
     };
+    let links = broker
+        .local_v4("v4")
+        .ok_or_else(|| BrokerError::Interrupted("no MQTT 3.1.1 server configured".into()))?;
     let alerts = broker
         .alerts()
         .map_err(|e| BrokerError::Interrupted(e.to_string()))?;
@@ -241,7 +250,7 @@ pub fn start_embedded(
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
         if is_listening(listen.port()) && is_listening(listen_v5.port()) {
-            return Ok((front_door, alerts));
+            return Ok((front_door, links, alerts));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -287,6 +296,8 @@ pub enum BrokerRead {
         quickack: bool,
     },
     Unix(unix::OwnedReadHalf),
+    /// In process (see [`LinkRoute::InProcess`]).
+    Pipe(ReadHalf<DuplexStream>),
 }
 
 /// Write half of a broker connection.
@@ -294,15 +305,20 @@ pub enum BrokerRead {
 pub enum BrokerWrite {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
+    Pipe(WriteHalf<DuplexStream>),
 }
 
 /// How a link reaches the broker.
 #[derive(Clone)]
 pub enum LinkRoute {
-    /// The embedded rumqttd, without a TCP connection: each link's connection is one end of a
-    /// UNIX socket pair, the other end handed to rumqttd's MQTT 3.1.1 server (`Broker::handoff`,
-    /// vendored patch 0004). Saves the loopback TCP stack on every message (docs/performance.md).
-    InProcess(rumqttd::HandoffSender),
+    /// The embedded rumqttd in process: each link's connection is an in-memory pipe whose other
+    /// end rumqttd's MQTT 3.1.1 connection code serves on this runtime, as a task of `tasks`
+    /// (`rumqttd::LocalServer`, vendored patch 0011): no socket, no system call and no thread
+    /// between the link and rumqttd's router (docs/performance.md).
+    InProcess {
+        server: rumqttd::LocalServer,
+        tasks: TaskTracker,
+    },
     /// A broker at an address: an external one, or the embedded one over loopback TCP
     /// (`embedded_links = "tcp"`). `quickack`: see [`connect`].
     Connect { addr: BrokerAddr, quickack: bool },
@@ -311,7 +327,7 @@ pub enum LinkRoute {
 impl std::fmt::Display for LinkRoute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LinkRoute::InProcess(_) => f.write_str("the embedded broker (in process)"),
+            LinkRoute::InProcess { .. } => f.write_str("the embedded broker (in process)"),
             LinkRoute::Connect { addr, .. } => addr.fmt(f),
         }
     }
@@ -323,23 +339,27 @@ impl std::fmt::Debug for LinkRoute {
     }
 }
 
+/// Bytes an in-process link's pipe holds each way before a writer waits.
+const PIPE_BYTES: usize = 256 * 1024;
+
 impl LinkRoute {
-    /// Opens a link's connection to the broker.
-    pub async fn open(&self) -> io::Result<(BrokerRead, BrokerWrite)> {
+    /// Opens a link's connection to the broker; in process, with the task serving the broker's
+    /// side (it ends after the link closes its end).
+    pub async fn open(
+        &self,
+    ) -> io::Result<(BrokerRead, BrokerWrite, Option<tokio::task::JoinHandle<()>>)> {
         match self {
-            LinkRoute::Connect { addr, quickack } => connect(addr, *quickack).await,
-            LinkRoute::InProcess(server) => {
-                let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-                ours.set_nonblocking(true)?;
-                let ours = UnixStream::from_std(ours)?;
-                server
-                    .send_async(rumqttd::Handoff::Unix(theirs, Vec::new()))
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(io::ErrorKind::NotConnected, "the embedded broker stopped")
-                    })?;
-                let (r, w) = ours.into_split();
-                Ok((BrokerRead::Unix(r), BrokerWrite::Unix(w)))
+            LinkRoute::Connect { addr, quickack } => {
+                let (r, w) = connect(addr, *quickack).await?;
+                Ok((r, w, None))
+            }
+            LinkRoute::InProcess { server, tasks } => {
+                let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+                // It ends when the link drops its end (end of stream) or rumqttd drops the
+                // connection.
+                let served = tasks.spawn(server.serve(theirs));
+                let (r, w) = tokio::io::split(ours);
+                Ok((BrokerRead::Pipe(r), BrokerWrite::Pipe(w), Some(served)))
             }
         }
     }
@@ -381,12 +401,17 @@ impl BrokerRead {
         let mut n = match self {
             BrokerRead::Tcp { half, .. } => half.read_buf(buf).await?,
             BrokerRead::Unix(r) => r.read_buf(buf).await?,
+            BrokerRead::Pipe(r) => r.read_buf(buf).await?,
         };
         while n > 0 && n < READ_BATCH {
             buf.reserve(16 * 1024);
             let more = match self {
                 BrokerRead::Tcp { half, .. } => half.try_read_buf(buf),
                 BrokerRead::Unix(r) => r.try_read_buf(buf),
+                // What the pipe holds now, without waiting.
+                BrokerRead::Pipe(r) => {
+                    futures_util::FutureExt::now_or_never(r.read_buf(buf)).unwrap_or(Ok(0))
+                }
             };
             match more {
                 Ok(m) if m > 0 => n += m,
@@ -409,6 +434,7 @@ impl BrokerWrite {
         match self {
             BrokerWrite::Tcp(w) => w.write(buf).await,
             BrokerWrite::Unix(w) => w.write(buf).await,
+            BrokerWrite::Pipe(w) => w.write(buf).await,
         }
     }
 
@@ -416,6 +442,7 @@ impl BrokerWrite {
         match self {
             BrokerWrite::Tcp(w) => w.write_all(buf).await,
             BrokerWrite::Unix(w) => w.write_all(buf).await,
+            BrokerWrite::Pipe(w) => w.write_all(buf).await,
         }
     }
 }

@@ -24,8 +24,9 @@ pub struct FileConfig {
     pub policy: Option<PathBuf>,
     /// UNIX socket for Dom0 operators (`mosquitto_pub --unix`), served by the embedded broker.
     pub operator_socket: Option<PathBuf>,
-    /// How the links reach the embedded broker: `in-process` (default: a UNIX socket pair handed
-    /// to rumqttd, no TCP) or `tcp` (its private loopback port, as Dom0's own clients).
+    /// How the links reach the embedded broker: `in-process` (default: an in-memory pipe served by
+    /// rumqttd's connection code on our runtime, no socket) or `tcp` (its private loopback port,
+    /// as Dom0's own clients).
     pub embedded_links: Option<EmbeddedLinks>,
     /// Allow `listen` on a non-loopback address. Off by default: nothing listens beyond Dom0.
     #[serde(default)]
@@ -110,7 +111,7 @@ impl std::fmt::Display for BrokerAddr {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EmbeddedLinks {
-    /// One end of a UNIX socket pair each, the other handed to rumqttd: no TCP stack per message.
+    /// An in-memory pipe each, its other end served by rumqttd's connection code on our runtime.
     #[default]
     InProcess,
     /// rumqttd's private loopback port.

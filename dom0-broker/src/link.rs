@@ -48,6 +48,10 @@ pub async fn run(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, stop: Cancellat
 
 async fn attach_loop(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, stop: CancellationToken) {
     let stats = ctx.supervision.register(&vm);
+    let mut held = Held {
+        policy: ctx.policy.clone(),
+        broker: Broker::default(),
+    };
     let mut backoff = Backoff::new();
     let mut attempts = 0u64;
     while !stop.is_cancelled() {
@@ -57,8 +61,7 @@ async fn attach_loop(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, stop: Cance
                 tracing::info!(path = %path.display(), "attached to channel");
                 emit_state(&ctx, &vm, LinkState::Linked, None);
                 let started = Instant::now();
-                let mut policy = ctx.policy.clone();
-                let rules = policy.borrow_and_update().rules_for(&vm);
+                let rules = held.policy.borrow_and_update().rules_for(&vm);
                 // A client id names another party when it is Dom0, a VM Dom0 links, or a VM the
                 // policy names.
                 let (known, named) = (ctx.supervision.clone(), ctx.policy.clone());
@@ -71,7 +74,8 @@ async fn attach_loop(vm: VmId, path: PathBuf, ctx: Arc<LinkContext>, stop: Cance
                             || named.borrow().named_vms().any(|n| n == id)
                     })));
                 let ended =
-                    serve_attachment(&vm, &stats, &mut s, stream, &ctx, &mut policy, &stop).await;
+                    serve_attachment(&vm, &stats, &mut s, stream, &ctx, &mut held, &stop).await;
+                held.broker.close();
                 stats.add(&s.take_counters());
                 let why = match ended {
                     Ok(never) => match never {},
@@ -125,16 +129,47 @@ async fn or_never<F: Future>(f: Option<F>) -> F::Output {
 }
 
 /// The broker connection of the session, while there is one.
+/// What a link keeps across its attachments.
+struct Held {
+    /// The policy in force for this VM (a reload's new one is applied at once).
+    policy: watch::Receiver<Arc<Policy>>,
+    /// The broker connection of the session: one at a time, so that a new one follows the end of
+    /// the previous one (see `Broker::open`).
+    broker: Broker,
+}
+
 #[derive(Default)]
 struct Broker {
     read: Option<BrokerRead>,
     write: Option<BrokerWrite>,
+    /// In process: the broker's side of the last connection, which ends after the connection is
+    /// closed (it tells rumqttd's router of the departure).
+    served: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// How long opening a connection waits for the broker's side of the previous one to end.
+const PREVIOUS_ENDS: Duration = Duration::from_secs(1);
+
 impl Broker {
+    /// Closes the connection (its broker side, in process, ends on the end of stream).
     fn close(&mut self) {
         self.read = None;
         self.write = None;
+    }
+
+    /// Opens a connection, once the previous one's broker side has ended: in process, a new
+    /// connection under the same client id must reach rumqttd's router after the previous one's
+    /// departure, or that departure (by connection slot) would end the new one.
+    async fn open(&mut self, route: &broker::LinkRoute) -> std::io::Result<()> {
+        self.close();
+        if let Some(previous) = self.served.take() {
+            let _ = timeout(PREVIOUS_ENDS, previous).await;
+        }
+        let (r, w, served) = route.open().await?;
+        self.read = Some(r);
+        self.write = Some(w);
+        self.served = served;
+        Ok(())
     }
 }
 
@@ -145,12 +180,13 @@ async fn serve_attachment(
     s: &mut Session,
     stream: UnixStream,
     ctx: &LinkContext,
-    policy: &mut watch::Receiver<Arc<Policy>>,
+    held: &mut Held,
     stop: &CancellationToken,
 ) -> Result<std::convert::Infallible, String> {
+    let Held { policy, broker } = held;
     let (mut gr, mut gw) = stream.into_split();
     s.attach(Instant::now());
-    let mut broker = Broker::default();
+    broker.close();
     let mut guest_buf = BytesMut::with_capacity(READ_BUF);
     let mut broker_buf = BytesMut::with_capacity(READ_BUF);
     let mut pending: VecDeque<Effect> = VecDeque::new();
@@ -207,7 +243,7 @@ async fn serve_attachment(
         };
         pending.extend(effects);
         stats.add(&s.take_counters());
-        carry_out(vm, s, ctx, stop, &mut broker, &mut pending).await?;
+        carry_out(vm, s, ctx, stop, broker, &mut pending).await?;
     }
 }
 
@@ -225,13 +261,11 @@ async fn carry_out(
         match effect {
             Effect::OpenBroker => {
                 let opened = tokio::select! {
-                    r = timeout(ctx.connect_timeout, ctx.broker.open()) => r,
+                    r = timeout(ctx.connect_timeout, broker.open(&ctx.broker)) => r,
                     _ = stop.cancelled() => return Err("service stopping".to_owned()),
                 };
                 match opened {
-                    Ok(Ok((r, w))) => {
-                        broker.read = Some(r);
-                        broker.write = Some(w);
+                    Ok(Ok(())) => {
                         pending.extend(s.broker_connected(Instant::now()));
                     }
                     Ok(Err(e)) => {

@@ -304,7 +304,10 @@ async fn start(
                 stop.clone(),
             ));
             let route = match settings.embedded_links {
-                config::EmbeddedLinks::InProcess => broker::LinkRoute::InProcess(embedded.links),
+                config::EmbeddedLinks::InProcess => broker::LinkRoute::InProcess {
+                    server: embedded.links,
+                    tasks: tasks.clone(),
+                },
                 config::EmbeddedLinks::Tcp => broker::LinkRoute::Connect {
                     addr: embedded.addr.clone(),
                     // rumqttd sets TCP_NODELAY itself (vendored patch 0003).

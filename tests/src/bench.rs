@@ -357,6 +357,16 @@ impl Report {
         }
     }
 
+    /// A table whose columns are not brokers (an A/B of one broker).
+    pub fn with_columns(title: &str, columns: &[&str]) -> Report {
+        Report {
+            title: title.to_owned(),
+            columns: columns.iter().map(|c| (*c).to_owned()).collect(),
+            column: 0,
+            rows: Vec::new(),
+        }
+    }
+
     /// The figures that follow are for the `i`-th broker.
     pub fn column(&mut self, i: usize) {
         self.column = i;
@@ -484,4 +494,127 @@ pub fn requester<S: Read + Write>(
         assert_eq!(answer["request_id"], i.to_string(), "{answer}");
         dt
     }
+}
+
+/// What `perf stat` counted for a process over a stretch of work.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PerfCounts {
+    pub syscalls: f64,
+    pub switches: f64,
+    /// task-clock: CPU time, ms.
+    pub cpu_ms: f64,
+}
+
+impl PerfCounts {
+    /// Per unit of work, and CPU time in µs.
+    pub fn per(&self, units: f64) -> PerfCounts {
+        let u = units.max(1.0);
+        PerfCounts {
+            syscalls: self.syscalls / u,
+            switches: self.switches / u,
+            cpu_ms: self.cpu_ms * 1e3 / u,
+        }
+    }
+
+    /// `self - other`, field by field.
+    pub fn less(&self, other: &PerfCounts) -> PerfCounts {
+        PerfCounts {
+            syscalls: self.syscalls - other.syscalls,
+            switches: self.switches - other.switches,
+            cpu_ms: self.cpu_ms - other.cpu_ms,
+        }
+    }
+}
+
+/// System calls, context switches and CPU time of every thread of `pid` while `f` runs, counted
+/// by `perf stat` (Debian's linux-perf): started with its events disabled, enabled and disabled
+/// around `f` through its control FIFOs (each command waited for by its acknowledgement, with the
+/// step deadline). `None` beside `f`'s result when perf is missing or may not watch the process.
+pub fn perf_during<T>(dir: &TestDir, pid: i32, f: impl FnOnce() -> T) -> (T, Option<PerfCounts>) {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let (ctl, ack, out) = (
+        dir.join(&format!("perf{n}.ctl")),
+        dir.join(&format!("perf{n}.ack")),
+        dir.join(&format!("perf{n}.csv")),
+    );
+    for fifo in [&ctl, &ack] {
+        if nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::S_IRWXU).is_err() {
+            return (f(), None);
+        }
+    }
+    let perf = std::process::Command::new("perf")
+        .args([
+            "stat",
+            "-x,",
+            "-e",
+            "raw_syscalls:sys_enter,context-switches,task-clock",
+        ])
+        .args(["-D", "-1", "--control"])
+        .arg(format!("fifo:{},{}", ctl.display(), ack.display()))
+        .arg("-o")
+        .arg(&out)
+        .args(["-p", &pid.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut perf) = perf else {
+        return (f(), None);
+    };
+    // Read and write ends held by us (O_RDWR never blocks on a FIFO): perf's opening of either end
+    // never waits for us, and a perf that died leaves us a deadline, not a hang.
+    let open = |p: &std::path::Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .ok()
+    };
+    let (Some(mut ctl_w), Some(ack_r)) = (open(&ctl), open(&ack)) else {
+        let _ = perf.kill();
+        let _ = perf.wait();
+        return (f(), None);
+    };
+    let mut ack_r = TimedTty(ack_r);
+    let mut command = |what: &str| -> bool {
+        let mut got = [0u8; 16];
+        ctl_w.write_all(format!("{what}\n").as_bytes()).is_ok()
+            && ack_r
+                .read(&mut got)
+                .is_ok_and(|n| got[..n].starts_with(b"ack"))
+    };
+    let enabled = command("enable");
+    let r = f();
+    let disabled = enabled && command("disable");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(perf.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = perf.wait();
+    if !disabled {
+        return (r, None);
+    }
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let value = |event: &str| {
+        text.lines()
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split(',').collect();
+                (cols.get(2) == Some(&event)).then(|| cols[0].parse::<f64>().ok())?
+            })
+            .next()
+    };
+    let counts = match (
+        value("raw_syscalls:sys_enter"),
+        value("context-switches"),
+        value("task-clock"),
+    ) {
+        (Some(syscalls), Some(switches), Some(cpu_ms)) => Some(PerfCounts {
+            syscalls,
+            switches,
+            cpu_ms,
+        }),
+        _ => None,
+    };
+    (r, counts)
 }

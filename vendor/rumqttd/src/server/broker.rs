@@ -73,6 +73,43 @@ pub struct Broker {
     router_tx: Sender<(ConnectionId, Event)>,
     // xen-msg patch: connections handed to a server by the embedding program, by server name.
     handoffs: HashMap<String, flume::Receiver<super::Handoff>>,
+    // xen-msg patch: the wills awaited by a server, shared with its local servers (by name).
+    local_wills: HashMap<String, WillHandlers>,
+}
+
+type WillHandlers = Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>;
+
+/// xen-msg patch: an MQTT 3.1.1 server whose connections run on the embedding program's runtime
+/// (see `Broker::local_v4`): its connections are streams the program made (an in-memory pipe),
+/// served by the same code as the server's own and sharing its wills, without a socket or a
+/// thread between the program and the router.
+#[derive(Clone)]
+pub struct LocalServer {
+    config: Arc<ConnectionSettings>,
+    router_tx: Sender<(ConnectionId, Event)>,
+    will_handlers: WillHandlers,
+}
+
+impl LocalServer {
+    /// Serves one connection on `stream` until it ends: a future to spawn on the caller's runtime.
+    pub fn serve<S>(&self, stream: S) -> impl std::future::Future<Output = ()> + Send + 'static
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        remote(
+            self.config.clone(),
+            None,
+            self.router_tx.clone(),
+            Box::new(stream),
+            V4,
+            self.will_handlers.clone(),
+        )
+        .instrument(tracing::error_span!(
+            "local_link",
+            client_id = field::Empty,
+            connection_id = field::Empty,
+        ))
+    }
 }
 
 impl Broker {
@@ -93,11 +130,11 @@ impl Broker {
                 // Start router first and then cluster in the background
                 let router_tx = router.spawn();
                 // cluster.spawn();
-                Broker { config, router_tx, handoffs: HashMap::new() }
+                Broker { config, router_tx, handoffs: HashMap::new(), local_wills: HashMap::new() }
             }
             None => {
                 let router_tx = router.spawn();
-                Broker { config, router_tx, handoffs: HashMap::new() }
+                Broker { config, router_tx, handoffs: HashMap::new(), local_wills: HashMap::new() }
             }
         }
     }
@@ -118,7 +155,7 @@ impl Broker {
     //     let router_tx = router.spawn();
     //     cluster.spawn();
 
-    //     (Broker { config, router_tx, handoffs: HashMap::new() }, tx)
+    //     (Broker { config, router_tx, handoffs: HashMap::new(), local_wills: HashMap::new() }, tx)
     // }
 
     // fn setup_remote_cluster(router: &mut Router, node_id: NodeId, cluster: &mut RemoteCluster) {
@@ -147,6 +184,22 @@ impl Broker {
         let (tx, rx) = flume::bounded(64);
         self.handoffs.insert(server.to_owned(), rx);
         tx
+    }
+
+    /// xen-msg patch: a local server with the connection settings of the MQTT 3.1.1 server named
+    /// `server` (its `ServerSettings::name`), sharing its wills; `None` without such a server.
+    pub fn local_v4(&mut self, server: &str) -> Option<LocalServer> {
+        let config = self.config.v4.as_ref()?.get(server)?;
+        let will_handlers = self
+            .local_wills
+            .entry(server.to_owned())
+            .or_insert_with(|| Arc::new(Mutex::new(HashMap::default())))
+            .clone();
+        Some(LocalServer {
+            config: Arc::new(config.connections.clone()),
+            router_tx: self.router_tx.clone(),
+            will_handlers,
+        })
     }
 
     // Link to get meters
@@ -220,8 +273,12 @@ impl Broker {
             for (_, config) in v4_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
                 let handoff = self.handoffs.remove(&config.name);
+                let wills = self.local_wills.remove(&config.name);
                 let mut server = Server::new(config, self.router_tx.clone(), V4);
                 server.handoff = handoff;
+                if let Some(wills) = wills {
+                    server.awaiting_will_handler = wills;
+                }
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -610,13 +667,17 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    // xen-msg patch: the previous connection of this client id may be gone already (its link
+    // failed before it took its will): nothing to tell it. Upstream unwrapped here, under the lock:
+    // the panic poisoned the wills' map and every later connection to this server panicked too.
+    let previous = will_handlers.lock().unwrap().remove(&client_id);
+    if let Some(sender) = previous {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        let _ = sender.try_send(awaiting_will);
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);

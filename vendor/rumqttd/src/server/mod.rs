@@ -5,7 +5,7 @@ mod handoff;
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 mod tls;
 
-pub use broker::{Broker, LinkType, Server};
+pub use broker::{Broker, LinkType, LocalServer, Server};
 pub use handoff::{Handoff, HandoffSender};
 
 // pub trait IO: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
