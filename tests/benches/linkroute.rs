@@ -76,6 +76,9 @@ struct Figures {
 }
 
 fn main() {
+    if !system_tests::bench::kinds_from_args().contains(&BrokerKind::Embedded) {
+        return;
+    }
     let mut report = Report::with_columns(
         "The links' route to the embedded broker, A/B (`tests/benches/linkroute.rs`)",
         &[

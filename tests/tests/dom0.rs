@@ -10,8 +10,23 @@ const REQUEST: &str = "system/disks/list_disks/request";
 /// Off-the-shelf clients in the guest (mosquitto_sub/pub through socat on the pty) exchange
 /// messages with mosquitto_pub/sub on Dom0, through the service.
 fn guest_and_dom0_exchange(kind: BrokerKind) {
+    exchange(kind, "");
+}
+
+/// The same, the links reaching the embedded broker over its loopback TCP port instead of in
+/// process (`embedded_links = "tcp"`).
+#[test]
+fn guest_and_dom0_exchange_embedded_over_tcp() {
+    exchange(BrokerKind::Embedded, "embedded_links = \"tcp\"\n");
+}
+
+/// The exchanges of [`guest_and_dom0_exchange`], Dom0 run with `config` as its config file.
+fn exchange(kind: BrokerKind, config: &str) {
     let dir = TestDir::new("exchange");
-    let dom0 = Dom0::start(&dir, kind, &[]);
+    let conf = dir.join("dom0.toml");
+    std::fs::write(&conf, config).unwrap();
+    let conf = conf.display().to_string();
+    let dom0 = Dom0::start(&dir, kind, &["--config", &conf]);
     let ch = Channel::new(&dir.path, "vm-gui");
     // The attach signal (a DISCONNECT) waits in the tty; an off-the-shelf client must not read it
     // first (our agent skips it; mosquitto_sub would call it a protocol error).

@@ -698,6 +698,19 @@ async fn remote<P: Protocol>(
     .await
     {
         Ok(l) => l,
+        // xen-msg patch: a peer that leaves before its CONNACK is written is a routine departure
+        // (an in-memory pipe's writer sees its reader gone as a broken pipe).
+        Err(remote::Error::Network(network::Error::Io(err)) | remote::Error::Io(err))
+            if matches!(
+                err.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+            ) =>
+        {
+            tracing::debug!(error=?err, "left before CONNACK");
+            return;
+        }
         Err(e) => {
             error!(error=?e, "Remote link error");
             return;
