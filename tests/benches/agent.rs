@@ -14,9 +14,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use system_tests::bench::{Report, against_direct_and_channel, chain_rows, guest, rss_mib, tcp};
+use std::cell::RefCell;
+
+use system_tests::bench::{Report, Stats, chain_rows, guest, interleaved, p50_p99, rss_mib, tcp};
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::raw::RawClient;
+use system_tests::scene::policy_opening;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir};
 
 const ROUND_TRIPS: usize = 1000;
@@ -61,6 +64,80 @@ fn one_gib_against(d: Duration, baseline: Duration) -> String {
     )
 }
 
+/// The per-hop paths' topics: who asks, what comes back, the path.
+const DOM0_ASKS: &str = "bench/dom0/";
+const GUI_ASKS: &str = "bench/vm-gui/";
+const ECHO_BACK: &str = "bench/vm-echo/";
+const ONE: &str = "one";
+const TWO: &str = "two";
+
+/// A guest without the agent that echoes every request of the per-hop paths back at QoS 1, on its
+/// own tree under the same last level.
+fn echo<S: std::io::Read + std::io::Write + Send + 'static>(mut c: RawClient<S>) {
+    c.subscribe_qos1(&format!("{DOM0_ASKS}{ONE}"));
+    c.subscribe_qos1(&format!("{GUI_ASKS}{TWO}"));
+    std::thread::spawn(move || {
+        let mut pkid = 0u16;
+        while let Some((topic, p)) = c.try_next_publish_on() {
+            let path = topic.rsplit('/').next().unwrap_or_default();
+            pkid = pkid % 60_000 + 1;
+            if !c.try_publish_qos1(&format!("{ECHO_BACK}{path}"), pkid, &p) {
+                return;
+            }
+        }
+    });
+}
+
+/// One QoS 1 round trip to the echo guest on `topic`; its duration.
+fn echo_round_trip<S: std::io::Read + std::io::Write>(
+    c: &mut RawClient<S>,
+    topic: &str,
+    i: usize,
+) -> Duration {
+    let id = format!("hop{i}");
+    let v = json!({ "request_id": id });
+    let t0 = Instant::now();
+    let got = ask(c, topic, &v, &id);
+    let d = t0.elapsed();
+    assert_eq!(got, v);
+    d
+}
+
+/// The chain's time hop by hop, by difference of round trips measured in the same run (p50): the
+/// first link with its channel (Dom0 ↔ vm-echo less direct and one channel round trip), the
+/// second (vm-gui ↔ vm-echo less Dom0 ↔ vm-echo and one channel round trip), the agent with the
+/// dictionary's checks (vm-gui ↔ sys-usb's agent less vm-gui ↔ vm-echo).
+fn hop_rows(
+    report: &mut Report,
+    direct: &Stats,
+    chain: &Stats,
+    sim: &Stats,
+    one: &Stats,
+    two: &Stats,
+) {
+    report.row(
+        "per hop, p50: Dom0 ↔ a guest without the agent (one link) · vm-gui ↔ that guest (two links) · the chain",
+        format!("{:.1} · {:.1} · {:.1} µs", one.p50, two.p50, chain.p50),
+    );
+    let first = one.p50 - direct.p50 - sim.p50;
+    let second = two.p50 - one.p50 - sim.p50;
+    let agent = chain.p50 - two.p50;
+    let share = |x: f64| 100.0 * x / chain.p50;
+    report.row(
+        "**the chain, hop by hop** (p50, share of the chain): direct · 2 channel round trips · first link · second link · the agent and the dictionary's checks",
+        format!(
+            "{:.1} µs ({:.0} %) · {:.1} µs ({:.0} %) · {first:.1} µs ({:.0} %) · {second:.1} µs ({:.0} %) · {agent:.1} µs ({:.0} %)",
+            direct.p50,
+            share(direct.p50),
+            2.0 * sim.p50,
+            share(2.0 * sim.p50),
+            share(first),
+            share(second),
+            share(agent),
+        ),
+    );
+}
+
 fn main() {
     system_tests::bench::run_all("The chain with the agent (`tests/benches/agent.rs`)", run);
 }
@@ -70,11 +147,17 @@ fn run(kind: BrokerKind, report: &mut Report) {
     let disks = dir.join("disks");
     std::fs::create_dir_all(disks.join("usb0")).unwrap();
     std::fs::create_dir_all(disks.join("usb1")).unwrap();
-    let dom0 = Dom0::start_logging(&dir, kind, &[], "info,rumqttd=error");
+    // The default roles, and `bench/` open to every VM for the per-hop paths.
+    let policy = dir.join("policy.toml");
+    std::fs::write(&policy, policy_opening("bench/#", "bench/{vm}/#")).unwrap();
+    let policy = policy.display().to_string();
+    let dom0 = Dom0::start_logging(&dir, kind, &["--policy", &policy], "info,rumqttd=error");
     let usb_ch = Channel::new(&dir.path, "sys-usb");
     let gui_ch = Channel::new(&dir.path, "vm-gui");
+    let echo_ch = Channel::new(&dir.path, "vm-echo");
     dom0.proc.wait_log("link{vm=sys-usb}: attached to channel");
     dom0.proc.wait_log("link{vm=vm-gui}: attached to channel");
+    dom0.proc.wait_log("link{vm=vm-echo}: attached to channel");
     let d = disks.display().to_string();
     let repo = dir.join("repository");
     std::fs::create_dir_all(&repo).unwrap();
@@ -118,13 +201,16 @@ fn run(kind: BrokerKind, report: &mut Report) {
     };
     // (b) vm-gui (a client on its channel) asks sys-usb's agent for list_disks: two channels,
     // two links, policy checks, the agent's session and service.
-    let mut gui = guest(&gui_ch, "vm-gui");
-    gui.subscribe_qos1("system/+/+/response/vm-gui");
+    let gui = RefCell::new(guest(&gui_ch, "vm-gui"));
+    gui.borrow_mut()
+        .subscribe_qos1("system/+/+/response/vm-gui");
+    gui.borrow_mut()
+        .subscribe_qos1(&format!("{ECHO_BACK}{TWO}"));
     let mut chained = |i: usize| {
         let id = format!("rt{i}");
         let t0 = Instant::now();
         let v = ask(
-            &mut gui,
+            &mut gui.borrow_mut(),
             "system/disks/list_disks/request",
             &json!({"sender": "vm-gui", "request_id": id}),
             &id,
@@ -133,9 +219,28 @@ fn run(kind: BrokerKind, report: &mut Report) {
         assert_eq!(v["status"], "ok", "{v}");
         c
     };
+    // The hops one at a time (the per-hop timeline, by difference, same run): an echo guest with
+    // no agent (a raw client on its channel, vm-echo) answers (d) a Dom0 client — one link and its
+    // channel — and (e) vm-gui — two links, two channels, no agent.
+    echo(guest(&echo_ch, "vm-echo"));
+    let mut dom0_asker = tcp(broker_port, "bench-hop-requester");
+    dom0_asker.subscribe_qos1(&format!("{ECHO_BACK}{ONE}"));
+    let mut one = |i: usize| echo_round_trip(&mut dom0_asker, &format!("{DOM0_ASKS}{ONE}"), i);
+    let mut two = |i: usize| echo_round_trip(&mut gui.borrow_mut(), &format!("{GUI_ASKS}{TWO}"), i);
     // (c) The simulator's own share: the chain crosses two simulated channels there and back.
-    let (a, b, sim) = against_direct_and_channel(ROUND_TRIPS, report, &mut direct, &mut chained);
-    let (a, b, sim) = (&a, &b, &sim);
+    let sim_dir = TestDir::new("bench-sim");
+    let mut sim_channel = SimRoundTrip::new(&sim_dir.path);
+    let mut sim = |_| sim_channel.once();
+    eprintln!("{ROUND_TRIPS} rounds of 5 interleaved round trips…");
+    let s = interleaved(
+        ROUND_TRIPS,
+        100,
+        &mut [&mut direct, &mut chained, &mut sim, &mut one, &mut two],
+    );
+    let [a, b, sim, one, two] = &s[..] else {
+        unreachable!("five paths, five statistics")
+    };
+    report.row("round trip direct, p50 / p99", p50_p99(a));
     chain_rows(
         report,
         "vm-gui → sys-usb → vm-gui, p50 / p99",
@@ -144,6 +249,8 @@ fn run(kind: BrokerKind, report: &mut Report) {
         b,
         sim,
     );
+    hop_rows(report, a, b, sim, one, two);
+    let mut gui = gui.into_inner();
     report.row(
         "round trips ≥ 40 ms, all paths",
         (a.stalls + b.stalls + sim.stalls).to_string(),
