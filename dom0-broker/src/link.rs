@@ -129,6 +129,14 @@ async fn or_never<F: Future>(f: Option<F>) -> F::Output {
 }
 
 /// The broker connection of the session, while there is one.
+/// Room for the next read: 1 KiB at first (an idle link reads a few packets), [`READ_BUF`] once
+/// a read has filled what there was.
+fn room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(if buf.capacity() == 0 { 1024 } else { READ_BUF });
+    }
+}
+
 /// What a link keeps across its attachments.
 struct Held {
     /// The policy in force for this VM (a reload's new one is applied at once).
@@ -187,10 +195,13 @@ async fn serve_attachment(
     let (mut gr, mut gw) = stream.into_split();
     s.attach(Instant::now());
     broker.close();
-    let mut guest_buf = BytesMut::with_capacity(READ_BUF);
-    let mut broker_buf = BytesMut::with_capacity(READ_BUF);
+    // Allocated as they are used: an idle link holds a few hundred bytes, a busy one READ_BUF.
+    let mut guest_buf = BytesMut::new();
+    let mut broker_buf = BytesMut::new();
     let mut pending: VecDeque<Effect> = VecDeque::new();
     loop {
+        room(&mut guest_buf);
+        room(&mut broker_buf);
         let deadline = s.next_deadline();
         let want_guest = s.wants_guest_input();
         let has_broker = broker.read.is_some();
