@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use system_tests::bench::{Report, STEP_DEADLINE, p50_p99, rss_mib, stats};
+use system_tests::bench::{Report, STEP_DEADLINE, flag_numbers, p50_p99, rss_mib, stats};
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::legacy::LegacyClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir, bin};
@@ -77,7 +77,20 @@ fn run(kind: BrokerKind, report: &mut Report) {
     std::fs::create_dir_all(disks.join("usb1")).unwrap();
     let d = disks.display().to_string();
     let usb = Agent::start_logging(&dir, &usb_ch, "sys-usb", &["--disks", &d], "info");
-    let gui = Agent::start_logging(&dir, &gui_ch, "vm-gui", &[], "info");
+    // `--chunk N`: vm-gui's agent uploads in chunks of N bytes of file data (its
+    // `upload_chunk_bytes`; default topics::upload::CHUNK).
+    let chunk = flag_numbers::<usize>("--chunk")
+        .first()
+        .copied()
+        .unwrap_or(topics::upload::CHUNK);
+    let gui_conf = dir.join("vm-gui.toml");
+    std::fs::write(
+        &gui_conf,
+        format!("[limits]\nupload_chunk_bytes = {chunk}\n"),
+    )
+    .unwrap();
+    let gui_conf = gui_conf.display().to_string();
+    let gui = Agent::start_logging(&dir, &gui_ch, "vm-gui", &["--config", &gui_conf], "info");
     dom0.proc.wait_log("link{vm=sys-usb}: session up");
     dom0.proc.wait_log("link{vm=vm-gui}: session up");
     let one_mib = dir.join("1m.bin");
@@ -133,9 +146,9 @@ fn run(kind: BrokerKind, report: &mut Report) {
     // writes (a chunk of 64 KiB is about 87.5 KB of Base64 plus its envelope).
     let sim_dir = TestDir::new("bench-upload-sim");
     let mut sim = SimRoundTrip::new(&sim_dir.path);
-    let request = 87_382 + 400;
+    let request = chunk.div_ceil(3) * 4 + 400;
     let mut ceiling = |file: usize| {
-        let bytes = file.div_ceil(topics::upload::CHUNK) * request;
+        let bytes = file.div_ceil(chunk) * request;
         let up = bytes as f64 / (sim.bulk(bytes, request, true) * 1e6);
         let down = bytes as f64 / (sim.bulk(bytes, request, false) * 1e6);
         up.max(down)

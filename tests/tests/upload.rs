@@ -282,3 +282,45 @@ fn an_upload_over_the_limit_is_refused(kind: BrokerKind) {
 }
 
 both_brokers!(an_upload_over_the_limit_is_refused: an_upload_over_the_limit_is_refused_embedded, an_upload_over_the_limit_is_refused_mosquitto);
+
+/// Small requests while vm-gui uploads: sys-usb's link writes the upload's chunks after the small
+/// requests waiting, so sys-usb acknowledges them in another order than the broker sent them; the
+/// link gives the broker its acknowledgements in the broker's order (rumqttd ends a connection on
+/// one out of order). No session ends, nothing is logged at ERROR, every request is answered.
+fn small_requests_during_an_upload_keep_every_session(kind: BrokerKind) {
+    let s = scene("upload-busy", kind);
+    let file = s.dir.join("busy.bin");
+    random_file(&file, 8 << 20);
+    let socket = s.gui.socket.clone();
+    let data = format!("data=@{}", file.display());
+    let upload = std::thread::spawn(move || {
+        Command::new(bin("domu-agent"))
+            .args(["call", "--json", "--timeout-ms", "60000", "--socket"])
+            .arg(&socket)
+            .args(["create_file", "disk=usb1", "filepath=busy.bin", &data])
+            .output()
+            .unwrap()
+    });
+    let mut asked = 0;
+    while !upload.is_finished() {
+        let (ok, answers) = s.gui.call("list_disks", &[]);
+        assert!(ok, "list_disks during the upload: {answers:?}");
+        asked += 1;
+    }
+    let out = upload.join().unwrap();
+    assert!(
+        out.status.success(),
+        "upload: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(asked > 0, "no small request during the upload");
+    assert_eq!(sha256sum(&s.disks.join("usb1/busy.bin")), sha256sum(&file));
+    let log = s.dom0.log();
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains("session ended"))
+        .collect();
+    assert!(bad.is_empty(), "after {asked} small requests: {bad:#?}");
+}
+
+both_brokers!(small_requests_during_an_upload_keep_every_session: small_requests_during_an_upload_keep_every_session_embedded, small_requests_during_an_upload_keep_every_session_mosquitto);

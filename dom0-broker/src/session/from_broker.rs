@@ -146,10 +146,8 @@ impl Session {
 
     /// A delivery the guest does not get: acknowledged to the broker here.
     fn not_delivered(&mut self, qos: u8, pkid: Option<u16>, now: Instant) {
-        if let Some((kind, id)) = self.ledger.dropped(qos, pkid) {
-            mqtt::encode_ack(kind, id, &mut self.to_broker);
-        }
-        self.last_to_broker = now;
+        let acks = self.ledger.dropped(qos, pkid);
+        self.acks_to_broker(&acks, now);
     }
 
     /// A request whose deadline passed (it waited in the broker while the VM was away) is not

@@ -41,7 +41,7 @@ impl Session {
             }
             mqtt::PUBLISH => self.guest_publish(&h, &frame, now),
             kind @ (mqtt::PUBACK | mqtt::PUBREC | mqtt::PUBCOMP) => {
-                mqtt::parse_pkid(body).map(|id| self.guest_ack(kind, id, &frame, now))
+                mqtt::parse_pkid(body).map(|id| self.guest_ack(kind, id, now))
             }
             mqtt::PUBREL => mqtt::parse_pkid(body).map(|id| self.guest_pubrel(id, &frame, now)),
             mqtt::SUBSCRIBE => self.guest_subscribe(body, now),
@@ -85,12 +85,12 @@ impl Session {
         }
     }
 
-    /// The guest's PUBACK, PUBREC or PUBCOMP: forwarded only for what the broker sent it.
-    pub(super) fn guest_ack(&mut self, kind: u8, id: u16, frame: &[u8], now: Instant) {
-        if self.ledger.guest_ack(kind, id) {
-            self.forward(frame, now);
-        } else {
-            self.unsolicited(kind, id, now);
+    /// The guest's PUBACK, PUBREC or PUBCOMP: given to the broker only for what it sent the guest,
+    /// in the order it sent it (see the ledger).
+    pub(super) fn guest_ack(&mut self, kind: u8, id: u16, now: Instant) {
+        match self.ledger.guest_ack(kind, id) {
+            Some(acks) => self.acks_to_broker(&acks, now),
+            None => self.unsolicited(kind, id, now),
         }
     }
 

@@ -1,10 +1,25 @@
 //! The acknowledgement ledger of one broker session: what each side is owed and awaits, so the
 //! link answers what it refused or dropped itself and never shows one side an acknowledgement the
 //! other did not earn. Pure: packet ids in, decisions out; the session encodes the packets.
+//!
+//! The broker gets the first acknowledgement of its deliveries (PUBACK, PUBREC) in the order it
+//! made them, as MQTT asks of a client (3.1.1, 4.6) and rumqttd enforces (an acknowledgement out
+//! of order ends the connection): the link writes a large delivery to the guest after the small
+//! ones waiting, and drops some itself, so the guest's acknowledgements can come in another order;
+//! each waits here until every earlier delivery is acknowledged.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::mqtt;
+
+/// The first acknowledgement a delivery at `qos` awaits: (kind, id).
+fn first_ack(qos: u8, pkid: Option<u16>) -> Option<(u8, u16)> {
+    match (qos, pkid) {
+        (1, Some(id)) => Some((mqtt::PUBACK, id)),
+        (2, Some(id)) => Some((mqtt::PUBREC, id)),
+        _ => None,
+    }
+}
 
 /// What becomes of the guest's PUBREL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +50,9 @@ pub struct Ledger {
     /// Broker QoS 1/2 deliveries relayed to the guest: the acknowledgement each one awaits. A
     /// guest's acknowledgement for anything else is dropped, never shown to the broker.
     awaiting: HashMap<u16, u8>,
+    /// The first acknowledgement (kind, id) of every QoS 1/2 delivery, in the broker's order, and
+    /// whether it may go (the guest gave it, or the link answers it): released from the front.
+    to_ack: VecDeque<(u8, u16, bool)>,
     /// QoS 2 deliveries from the broker that were not delivered (we answered PUBREC).
     dropped_qos2: HashSet<u16>,
     /// SUBSCRIBEs with refused filters: packet id → refused positions.
@@ -104,35 +122,55 @@ impl Ledger {
 
     /// A delivery of the broker relayed to the guest: its acknowledgement is awaited.
     pub fn delivered(&mut self, qos: u8, pkid: Option<u16>) {
-        match (qos, pkid) {
-            (1, Some(id)) => self.awaiting.insert(id, mqtt::PUBACK),
-            (2, Some(id)) => self.awaiting.insert(id, mqtt::PUBREC),
-            _ => None,
+        if let Some((kind, id)) = first_ack(qos, pkid) {
+            self.awaiting.insert(id, kind);
+            self.to_ack.push_back((kind, id, false));
+        }
+    }
+
+    /// A delivery of the broker the guest may not read: the link answers it. The acknowledgements
+    /// (kind, id) the broker may have now, in order (this one once every earlier one is given).
+    pub fn dropped(&mut self, qos: u8, pkid: Option<u16>) -> Vec<(u8, u16)> {
+        let Some((kind, id)) = first_ack(qos, pkid) else {
+            return Vec::new();
         };
+        if kind == mqtt::PUBREC {
+            self.dropped_qos2.insert(id);
+        }
+        self.to_ack.push_back((kind, id, true));
+        self.release()
     }
 
-    /// A delivery of the broker the guest may not read: the acknowledgement the link answers the
-    /// broker with (kind, id).
-    pub fn dropped(&mut self, qos: u8, pkid: Option<u16>) -> Option<(u8, u16)> {
-        match (qos, pkid) {
-            (1, Some(id)) => Some((mqtt::PUBACK, id)),
-            (2, Some(id)) => {
-                self.dropped_qos2.insert(id);
-                Some((mqtt::PUBREC, id))
-            }
-            _ => None,
+    /// The guest's PUBACK, PUBREC or PUBCOMP. None when the broker does not await exactly this
+    /// (dropped, never shown to it); else the acknowledgements (kind, id) the broker may have now,
+    /// in its order: a PUBCOMP at once (after a PUBREC the broker's PUBREL comes and awaits it),
+    /// a PUBACK or PUBREC once every earlier delivery is acknowledged.
+    pub fn guest_ack(&mut self, kind: u8, id: u16) -> Option<Vec<(u8, u16)>> {
+        if self.awaiting.get(&id) != Some(&kind) {
+            return None;
         }
+        self.awaiting.remove(&id);
+        if kind == mqtt::PUBCOMP {
+            return Some(vec![(kind, id)]);
+        }
+        if let Some(entry) = self
+            .to_ack
+            .iter_mut()
+            .find(|(k, i, ready)| *k == kind && *i == id && !*ready)
+        {
+            entry.2 = true;
+        }
+        Some(self.release())
     }
 
-    /// The guest's PUBACK, PUBREC or PUBCOMP: true when the broker awaits exactly this (it is then
-    /// forwarded; after a PUBREC the broker's PUBREL comes and awaits the PUBCOMP).
-    pub fn guest_ack(&mut self, kind: u8, id: u16) -> bool {
-        if self.awaiting.get(&id) == Some(&kind) {
-            self.awaiting.remove(&id);
-            true
-        } else {
-            false
+    /// The acknowledgements at the front that may go, taken.
+    fn release(&mut self) -> Vec<(u8, u16)> {
+        let mut out = Vec::new();
+        while let Some(&(kind, id, true)) = self.to_ack.front() {
+            self.to_ack.pop_front();
+            out.push((kind, id));
         }
+        out
     }
 
     pub fn broker_pubrel(&mut self, id: u16) -> BrokerPubrel {
@@ -234,28 +272,57 @@ mod tests {
         l.delivered(1, Some(1));
         l.delivered(2, Some(2));
         l.delivered(0, None);
-        // (kind, id, forwarded)
-        let table = [
-            (mqtt::PUBREC, 1, false),
-            (mqtt::PUBACK, 1, true),
-            (mqtt::PUBACK, 1, false),
-            (mqtt::PUBCOMP, 2, false),
-            (mqtt::PUBREC, 2, true),
-            (mqtt::PUBACK, 9, false),
+        // (kind, id, what the broker gets: None = dropped)
+        let table: [(u8, u16, Option<Vec<(u8, u16)>>); 6] = [
+            (mqtt::PUBREC, 1, None),
+            (mqtt::PUBACK, 1, Some(vec![(mqtt::PUBACK, 1)])),
+            (mqtt::PUBACK, 1, None),
+            (mqtt::PUBCOMP, 2, None),
+            (mqtt::PUBREC, 2, Some(vec![(mqtt::PUBREC, 2)])),
+            (mqtt::PUBACK, 9, None),
         ];
-        for (kind, id, forwarded) in table {
-            assert_eq!(l.guest_ack(kind, id), forwarded, "kind {kind} id {id}");
+        for (kind, id, got) in table {
+            assert_eq!(l.guest_ack(kind, id), got, "kind {kind} id {id}");
         }
         assert_eq!(l.broker_pubrel(2), BrokerPubrel::Relay);
-        assert!(l.guest_ack(mqtt::PUBCOMP, 2));
+        assert_eq!(
+            l.guest_ack(mqtt::PUBCOMP, 2),
+            Some(vec![(mqtt::PUBCOMP, 2)])
+        );
+    }
+
+    #[test]
+    fn the_broker_gets_its_acknowledgements_in_the_order_of_its_deliveries() {
+        let mut l = Ledger::default();
+        // Deliveries 1 (a large one, written to the guest last), 2, 3 (the link drops it), 4.
+        l.delivered(1, Some(1));
+        l.delivered(1, Some(2));
+        assert_eq!(l.dropped(1, Some(3)), vec![], "waits for 1 and 2");
+        l.delivered(2, Some(4));
+        // The guest acknowledges in the order it got them: 2, 4, then 1.
+        assert_eq!(l.guest_ack(mqtt::PUBACK, 2), Some(vec![]));
+        assert_eq!(l.guest_ack(mqtt::PUBREC, 4), Some(vec![]));
+        assert_eq!(
+            l.guest_ack(mqtt::PUBACK, 1),
+            Some(vec![
+                (mqtt::PUBACK, 1),
+                (mqtt::PUBACK, 2),
+                (mqtt::PUBACK, 3),
+                (mqtt::PUBREC, 4)
+            ])
+        );
+        // Nothing waits any more: the next goes at once.
+        assert_eq!(l.dropped(1, Some(5)), vec![(mqtt::PUBACK, 5)]);
+        // A second acknowledgement of the same id is dropped, not queued.
+        assert_eq!(l.guest_ack(mqtt::PUBACK, 1), None);
     }
 
     #[test]
     fn dropped_deliveries_are_completed_with_the_broker() {
         let mut l = Ledger::default();
-        assert_eq!(l.dropped(1, Some(1)), Some((mqtt::PUBACK, 1)));
-        assert_eq!(l.dropped(2, Some(2)), Some((mqtt::PUBREC, 2)));
-        assert_eq!(l.dropped(0, None), None);
+        assert_eq!(l.dropped(1, Some(1)), vec![(mqtt::PUBACK, 1)]);
+        assert_eq!(l.dropped(2, Some(2)), vec![(mqtt::PUBREC, 2)]);
+        assert_eq!(l.dropped(0, None), vec![]);
         assert_eq!(l.broker_pubrel(2), BrokerPubrel::Complete);
         assert_eq!(l.broker_pubrel(2), BrokerPubrel::Relay, "only once");
     }

@@ -254,9 +254,8 @@ impl Session {
                     return;
                 };
                 // Every delivery is handled here: acknowledged to the broker at once.
-                if let Some((kind, id)) = self.ledger.dropped(p.qos, p.pkid) {
-                    mqtt::encode_ack(kind, id, &mut self.to_broker);
-                }
+                let acks = self.ledger.dropped(p.qos, p.pkid);
+                self.acks_to_broker(&acks, now);
                 if !self.past_deadline(p.topic, p.payload, now)
                     && self.rules.check_deliver(p.topic).is_ok()
                 {

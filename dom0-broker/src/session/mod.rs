@@ -525,6 +525,14 @@ impl Session {
         self.last_to_broker = now;
     }
 
+    /// Acknowledgements (kind, id) for the broker, written in this order.
+    fn acks_to_broker(&mut self, acks: &[(u8, u16)], now: Instant) {
+        for &(kind, id) in acks {
+            mqtt::encode_ack(kind, id, &mut self.to_broker);
+            self.last_to_broker = now;
+        }
+    }
+
     /// The next instant at which [`Session::on_tick`] has something to check.
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;

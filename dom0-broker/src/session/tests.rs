@@ -465,6 +465,39 @@ fn a_small_delivery_goes_before_large_ones_waiting_but_not_before_its_own_topic(
 }
 
 #[test]
+fn the_broker_gets_acknowledgements_in_its_order_when_the_guest_got_a_large_one_last() {
+    let (mut s, now) = live();
+    s.limits.queue_bytes = 1 << 20;
+    let big = "system/disks/create_file/response/vm-gui";
+    // Two large deliveries, then a small one: the guest gets 1, then 3 (small first), then 2.
+    for p in [
+        publish(big, 1, 1, &[b'c'; 20_000]),
+        publish(big, 1, 2, &[b'c'; 20_000]),
+        publish("system/disks/list_disks/response/vm-gui", 1, 3, b"{}"),
+    ] {
+        s.broker_in.extend_from_slice(&p);
+    }
+    s.on_broker_input(&[], now);
+    while !s.to_guest.is_empty() {
+        let n = s.to_guest.len();
+        s.guest_written(n);
+    }
+    s.to_broker.clear();
+    // The guest acknowledges in the order it got them: 1, 3, 2.
+    let acked = |s: &mut Session, id: u16| {
+        s.on_guest_input(&[0x40, 2, 0, id as u8], now);
+        packets(&s.to_broker)
+            .into_iter()
+            .map(|(kind, body)| (kind, u16::from_be_bytes([body[0], body[1]])))
+            .collect::<Vec<_>>()
+    };
+    // (PUBACK, id) written to the broker so far.
+    assert_eq!(acked(&mut s, 1), vec![(4, 1)]);
+    assert_eq!(acked(&mut s, 3), vec![(4, 1)], "3 waits for 2");
+    assert_eq!(acked(&mut s, 2), vec![(4, 1), (4, 2), (4, 3)]);
+}
+
+#[test]
 fn guest_that_stops_reading_overflows_alone() {
     let (mut s, now) = live();
     let p = publish("system/disk/new_file/notification", 0, 0, &[b'x'; 1000]);
