@@ -69,8 +69,10 @@ impl std::fmt::Debug for Embedded {
 
 /// The embedded broker: Dom0 clients reach rumqttd through the front door on `listen` (and the
 /// operator socket), which hands each to rumqttd's server of its MQTT version (`front_door.rs`);
-/// rumqttd itself listens on private loopback ports (the links' connections: the address
-/// returned). The front door's tasks run on `tasks` until `stop`.
+/// rumqttd itself listens on private loopback ports (Dom0's own clients — the controller, the
+/// forwarder — and links with `embedded_links = "tcp"`: the address returned); in-process links
+/// are served through the returned `LocalServer`. The front door's tasks run on `tasks` until
+/// `stop`.
 pub async fn start_embedded_service(
     listen: SocketAddr,
     operator_socket: Option<PathBuf>,

@@ -1,6 +1,7 @@
 //! The links' route to the embedded broker, A/B in the same run (issue 26, part 3): loopback TCP
-//! to rumqttd's private port (`embedded_links = "tcp"`, before) against the in-process route (one
-//! end of a UNIX socket pair per link, the other handed to rumqttd's server: the default, after).
+//! to rumqttd's private port (`embedded_links = "tcp"`, before) against the in-process route (an
+//! in-memory pipe per link, served by rumqttd's connection code on Dom0's runtime: the default,
+//! after).
 //! Two Dom0s with the embedded broker, one per route, each with a guest responder on a simulated
 //! channel; per run, round trips interleaved (direct on each broker's own port, through each link,
 //! the simulated channel alone; the order of the two Dom0s alternates from run to run), then
