@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -19,8 +19,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::throttle::Reports;
+
 /// Largest request read (RabbitMQ's requests are a line of query string).
 pub const MAX_REQUEST: usize = 8192;
+/// Lines a second about refused logins (the rest counted in the next line).
+const REPORTS_PER_SEC: f64 = 5.0;
 /// A connection that has not sent its request within this is closed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests served at once.
@@ -144,7 +148,11 @@ pub fn decide(path: &str, fields: &HashMap<String, String>, users: &Users) -> &'
 }
 
 /// Reads one HTTP request (GET with a query, or POST with a form body) and answers it.
-async fn serve_one(mut conn: tokio::net::TcpStream, users: Arc<Path>) -> std::io::Result<()> {
+async fn serve_one(
+    mut conn: tokio::net::TcpStream,
+    users: Arc<Path>,
+    reports: Arc<Mutex<Reports>>,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let request = loop {
@@ -180,18 +188,30 @@ async fn serve_one(mut conn: tokio::net::TcpStream, users: Arc<Path>) -> std::io
     let mut fields = query_fields(query);
     fields.extend(query_fields(body.trim()));
     // Read at every login: a host added (add-host.sh appends its line) logs in without a restart.
+    // A flood of logins must not flood the log: a few lines a second, the rest counted.
+    let may_report = || {
+        reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .may_report(std::time::Instant::now())
+    };
     let verdict = match Users::load(&users) {
         Ok(users) => decide(path, &fields, &users),
         Err(e) => {
-            tracing::error!(error = %e, "centre login check: no users file; every login refused");
+            if let Some(unreported) = may_report() {
+                tracing::error!(error = %e, "centre login check: no users file; every login refused{unreported}");
+            }
             "deny"
         }
     };
-    if verdict == "deny" && path == "/auth/user" {
+    if verdict == "deny"
+        && path == "/auth/user"
+        && let Some(unreported) = may_report()
+    {
         tracing::warn!(
             user = fields.get("username").map(String::as_str).unwrap_or("-"),
             client_id = fields.get("client_id").map(String::as_str).unwrap_or("-"),
-            "centre login refused"
+            "centre login refused{unreported}"
         );
     }
     let reply = format!(
@@ -212,6 +232,11 @@ pub async fn run(
     let listener = TcpListener::bind(listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "centre login check listening");
     let users: Arc<Path> = Arc::from(users);
+    let reports = Arc::new(Mutex::new(Reports::new(
+        REPORTS_PER_SEC,
+        "refused logins",
+        std::time::Instant::now(),
+    )));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let (conn, _) = tokio::select! {
@@ -221,9 +246,9 @@ pub async fn run(
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue;
         };
-        let users = users.clone();
+        let (users, reports) = (users.clone(), reports.clone());
         tasks.spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, serve_one(conn, users)).await;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, serve_one(conn, users, reports)).await;
             drop(permit);
         });
     }
