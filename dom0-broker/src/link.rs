@@ -128,7 +128,6 @@ async fn or_never<F: Future>(f: Option<F>) -> F::Output {
     }
 }
 
-/// The broker connection of the session, while there is one.
 /// Room for the next read: 1 KiB at first (an idle link reads a few packets), [`READ_BUF`] once
 /// a read has filled what there was.
 fn room(buf: &mut BytesMut) {
@@ -146,6 +145,7 @@ struct Held {
     broker: Broker,
 }
 
+/// The broker connection of the session, while there is one.
 #[derive(Default)]
 struct Broker {
     read: Option<BrokerRead>,

@@ -349,12 +349,8 @@ pub struct Report {
 
 impl Report {
     pub fn new(title: &str, kinds: &[BrokerKind]) -> Report {
-        Report {
-            title: title.to_owned(),
-            columns: kinds.iter().map(|k| broker_name(*k)).collect(),
-            column: 0,
-            rows: Vec::new(),
-        }
+        let names: Vec<String> = kinds.iter().map(|k| broker_name(*k)).collect();
+        Report::with_columns(title, &names.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// A table whose columns are not brokers (an A/B of one broker).

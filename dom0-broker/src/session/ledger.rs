@@ -122,8 +122,11 @@ impl Ledger {
 
     /// A delivery of the broker relayed to the guest: its acknowledgement is awaited.
     pub fn delivered(&mut self, qos: u8, pkid: Option<u16>) {
-        if let Some((kind, id)) = first_ack(qos, pkid) {
-            self.awaiting.insert(id, kind);
+        // One place in the order per id awaited: a second delivery of an id still awaited (the
+        // broker does not redeliver within a connection) would otherwise hold every later one.
+        if let Some((kind, id)) = first_ack(qos, pkid)
+            && self.awaiting.insert(id, kind) != Some(kind)
+        {
             self.to_ack.push_back((kind, id, false));
         }
     }
@@ -315,6 +318,16 @@ mod tests {
         assert_eq!(l.dropped(1, Some(5)), vec![(mqtt::PUBACK, 5)]);
         // A second acknowledgement of the same id is dropped, not queued.
         assert_eq!(l.guest_ack(mqtt::PUBACK, 1), None);
+    }
+
+    #[test]
+    fn a_second_delivery_of_an_awaited_id_takes_no_second_place() {
+        let mut l = Ledger::default();
+        l.delivered(1, Some(7));
+        l.delivered(1, Some(7));
+        l.delivered(1, Some(8));
+        assert_eq!(l.guest_ack(mqtt::PUBACK, 7), Some(vec![(mqtt::PUBACK, 7)]));
+        assert_eq!(l.guest_ack(mqtt::PUBACK, 8), Some(vec![(mqtt::PUBACK, 8)]));
     }
 
     #[test]
