@@ -5,11 +5,11 @@
 //! delayed ACK). For external brokers configured without it, we re-arm TCP_QUICKACK after every
 //! read so that our ACK is never delayed (see docs/performance.md for the measurement).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::BrokerAddr;
 use crate::front_door;
 use crate::session::Limits;
+use crate::throttle::Reports;
 
 /// Why the broker cannot be used (exit code: [`BrokerError::exit_code`]).
 #[derive(Debug, thiserror::Error)]
@@ -136,28 +137,51 @@ fn alerts_pushed() -> HashMap<rumqttd::MetricType, rumqttd::MetricSettings> {
 }
 
 /// Reads the embedded broker's alerts until `stop`: each time it skipped messages a client had
-/// not read yet (a filter's log holds 2 MiB; a VM's persistent session away longer than that
-/// loses the oldest), `lost(client_id, filter, count)`. A link's client id is its VM's name.
+/// not read yet (a filter's log holds 2 MiB: a subscriber slower than its publishers, or a VM's
+/// persistent session away longer than that, loses the oldest), `lost(client_id, count)` with
+/// the counts of one push summed per client and filter. A link's client id is its VM's name.
+/// Logged at most [`OVERFLOW_REPORTS_PER_S`] lines a second (a guest can cause them), the rest
+/// counted in the next line.
 pub async fn watch_overflows(
     alerts: rumqttd::alerts::AlertsLink,
-    lost: impl Fn(&str, &str, u64),
+    lost: impl Fn(&str, u64),
     stop: CancellationToken,
 ) {
+    let mut reports = Reports::new(
+        OVERFLOW_REPORTS_PER_S,
+        "reports of dropped messages",
+        Instant::now(),
+    );
     loop {
         let batch = tokio::select! {
             _ = stop.cancelled() => return,
             batch = alerts.next() => batch,
         };
         let Ok(batch) = batch else { return };
+        let mut sums: BTreeMap<(String, String), u64> = BTreeMap::new();
         for alert in batch {
-            if let rumqttd::AlertKind::CursorJump { filter, lost: n } = &alert.kind
-                && *n > 0
+            if let rumqttd::AlertKind::CursorJump { filter, lost: n } = alert.kind
+                && n > 0
             {
-                lost(&alert.client_id, filter, *n as u64);
+                *sums.entry((alert.client_id, filter)).or_default() += n as u64;
+            }
+        }
+        for ((client, filter), n) in sums {
+            lost(&client, n);
+            if let Some(unreported) = reports.may_report(Instant::now()) {
+                tracing::warn!(
+                    client = %client.chars().take(64).collect::<String>(),
+                    filter = %filter.chars().take(128).collect::<String>(),
+                    lost = n,
+                    "the broker dropped messages for a client: it took them more slowly than they came, or its link was away{unreported}"
+                );
             }
         }
     }
 }
+
+/// Lines a second at most about messages the embedded broker dropped.
+const OVERFLOW_REPORTS_PER_S: f64 = 5.0;
 
 /// A free port on loopback, for one of the embedded broker's private listeners.
 fn free_loopback_port() -> Result<SocketAddr, BrokerError> {

@@ -300,7 +300,7 @@ async fn start(
             let counted = supervision.clone();
             tasks.spawn(broker::watch_overflows(
                 embedded.alerts,
-                move |client, filter, n| counted.overflowed(client, filter, n),
+                move |client, n| counted.overflowed(client, n),
                 stop.clone(),
             ));
             let route = match settings.embedded_links {

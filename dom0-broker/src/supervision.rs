@@ -228,17 +228,15 @@ impl Supervision {
         out
     }
 
-    /// The broker dropped `n` messages on `filter` for `client` (its queue was full while its
-    /// link was away): counted for the VM of that name (a link's client id), and logged.
-    pub fn overflowed(&self, client: &str, filter: &str, n: u64) {
-        let Ok(vm) = VmId::parse(client) else {
-            tracing::warn!(client = %client.chars().take(64).collect::<String>(), filter, lost = n, "the broker dropped messages for a client");
-            return;
-        };
-        if let Some(stats) = self.stats(&vm) {
+    /// The broker dropped `n` messages for `client` (it read more slowly than its publishers, or
+    /// its link was away): counted for the VM of that name (a link's client id). Logged by the
+    /// broker's watcher.
+    pub fn overflowed(&self, client: &str, n: u64) {
+        if let Ok(vm) = VmId::parse(client)
+            && let Some(stats) = self.stats(&vm)
+        {
             stats.overflowed.fetch_add(n, Relaxed);
         }
-        tracing::warn!(vm = %vm, filter, lost = n, "the broker dropped the oldest messages for the VM: its queue was full while its link was away");
     }
 
     pub fn counters(&self) -> Vec<LinkCounters> {
