@@ -502,8 +502,25 @@ fn call(a: CallArgs) -> ExitCode {
     if let Some(t) = a.timeout_ms {
         req.insert("timeout_ms".into(), Value::from(t));
     }
-    let mut line = Value::Object(req.clone()).to_string();
-    line.push('\n');
+    // A file larger than a chunk goes as an upload; the caller gets one answer, as ever.
+    let to_upload = match (command == topics::Command::CreateFile)
+        .then(|| {
+            req.get("args")
+                .and_then(Value::as_object)
+                .and_then(|args| topics::upload::prepare(args, a.chunk_bytes))
+        })
+        .flatten()
+    {
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => return fail(LOCAL_FAILURE, &e),
+        None => None,
+    };
+    // The request in one message (not built for an upload: it would hold the whole file again).
+    let mut line = String::new();
+    if to_upload.is_none() {
+        line = Value::Object(req).to_string();
+        line.push('\n');
+    }
     let ask = || -> Result<Vec<String>, String> {
         let mut conn = std::os::unix::net::UnixStream::connect(&a.socket).map_err(|e| {
             format!(
@@ -518,31 +535,12 @@ fn call(a: CallArgs) -> ExitCode {
             .map_while(Result::ok)
             .collect())
     };
-    // A file larger than a chunk goes as an upload; the caller gets one answer, as ever.
-    let to_upload = (command == topics::Command::CreateFile)
-        .then(|| {
-            req.get("args")
-                .and_then(Value::as_object)
-                .and_then(|args| call_upload::data_to_upload(args, a.chunk_bytes))
-        })
-        .flatten();
     let mut samples = Vec::new();
     let mut lines = Vec::new();
     for _ in 0..a.repeat.unwrap_or(1).max(1) {
-        if let Some(data) = &to_upload {
-            let args = req
-                .get("args")
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default();
+        if let Some(prepared) = &to_upload {
             let t0 = std::time::Instant::now();
-            lines = match call_upload::upload(
-                &a.socket,
-                &args,
-                data.clone(),
-                a.timeout_ms,
-                a.chunk_bytes,
-            ) {
+            lines = match call_upload::upload(&a.socket, prepared, a.timeout_ms, a.chunk_bytes) {
                 Ok(l) => l,
                 Err(e) => return fail(LOCAL_FAILURE, &e),
             };

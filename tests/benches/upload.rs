@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use system_tests::bench::{Report, STEP_DEADLINE, flag_numbers, p50_p99, rss_mib, stats};
+use system_tests::bench::{
+    Cpu, Report, STEP_DEADLINE, cpu_during, flag_numbers, p50_p99, rss_mib, stats,
+};
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::legacy::LegacyClient;
 use system_tests::{Agent, BrokerKind, Dom0, TestDir, bin};
@@ -123,8 +125,13 @@ fn run(kind: BrokerKind, report: &mut Report) {
         std::thread::park_timeout(Duration::from_millis(5));
     }
     let t0 = Instant::now();
+    let machine = system_tests::procfs::machine_ticks();
     let busy = stats(small_requests(&mut app, SMALL));
     let during = t0.elapsed();
+    let machine_busy = {
+        let (b, t) = system_tests::procfs::machine_ticks();
+        (b - machine.0) as f64 / (t - machine.1).max(1) as f64
+    };
     uploading.store(false, Ordering::Relaxed);
     loader.join().unwrap();
     let files = uploaded.load(Ordering::Relaxed);
@@ -135,48 +142,79 @@ fn run(kind: BrokerKind, report: &mut Report) {
     report.row(
         "the same while vm-gui uploads 1 MiB files, p50 / p99 (**p99 ratio to idle**, target ≤ 2×)",
         format!(
-            "{}: {:.2}× ({files} files, {:.1} MB/s meanwhile)",
+            "{}: {:.2}× ({files} files, {:.1} MB/s meanwhile; the machine's CPUs {:.0} % busy)",
             p50_p99(&busy),
             busy.p99 / idle.p99,
-            files as f64 * 1.048576 / during.as_secs_f64()
+            files as f64 * 1.048576 / during.as_secs_f64(),
+            machine_busy * 100.0
         ),
     );
 
     // The ceiling: the chunk requests' bytes across the slower simulated channel, in chunk-sized
-    // writes (a chunk of 64 KiB is about 87.5 KB of Base64 plus its envelope).
+    // writes (a chunk of 64 KiB is about 87.5 KB of Base64 plus its envelope). With the CPU this
+    // process spends on it (the relay, the writer and the reader), per MB of file data.
     let sim_dir = TestDir::new("bench-upload-sim");
     let mut sim = SimRoundTrip::new(&sim_dir.path);
     let request = chunk.div_ceil(3) * 4 + 400;
+    let me = Cpu::Process(std::process::id() as i32);
     let mut ceiling = |file: usize| {
         let bytes = file.div_ceil(chunk) * request;
-        let up = bytes as f64 / (sim.bulk(bytes, request, true) * 1e6);
-        let down = bytes as f64 / (sim.bulk(bytes, request, false) * 1e6);
-        up.max(down)
+        let ((up, down), cpu) = cpu_during(&[me], || {
+            (
+                bytes as f64 / (sim.bulk(bytes, request, true) * 1e6),
+                bytes as f64 / (sim.bulk(bytes, request, false) * 1e6),
+            )
+        });
+        // Both directions were measured: the CPU of one, per MB of file data.
+        (up.max(down), cpu[0] as f64 / 2e6 / (file as f64 / 1e6))
     };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     for (label, file, size, n) in [
         ("1 MiB", &one_mib, 1usize << 20, 16),
         ("16 MiB", &sixteen, 16 << 20, 2),
     ] {
         eprintln!("create_file of {n} × {label} through call");
-        let procs = [dom0.proc.pid(), gui.proc.pid(), usb.proc.pid()];
-        let before = procs.map(system_tests::procfs::cpu_ticks);
-        let t = (0..n)
-            .map(|i| upload(&gui.socket, file, &format!("t/{i}.bin")).as_secs_f64())
-            .sum::<f64>()
-            / n as f64;
-        let after = procs.map(system_tests::procfs::cpu_ticks);
-        // CPU per MB of file data: ticks are 10 ms; the call processes (Base64 of the file,
-        // a connection per chunk) are not counted.
-        let per_mb =
-            |i: usize| (after[i] - before[i]) as f64 * 10.0 / (n as f64 * size as f64 / 1e6);
-        let cpu = format!(
-            "CPU per MB: Dom0 {:.1} ms, vm-gui agent {:.1} ms, sys-usb agent {:.1} ms",
-            per_mb(0),
-            per_mb(1),
-            per_mb(2)
-        );
-        let c = ceiling(size);
+        let watched = [
+            Cpu::Process(dom0.proc.pid()),
+            Cpu::Process(gui.proc.pid()),
+            Cpu::Process(usb.proc.pid()),
+            Cpu::Relay,
+            Cpu::Children,
+        ];
+        let machine = system_tests::procfs::machine_ticks();
+        let (t, spent) = cpu_during(&watched, || {
+            (0..n)
+                .map(|i| upload(&gui.socket, file, &format!("t/{i}.bin")).as_secs_f64())
+                .sum::<f64>()
+                / n as f64
+        });
+        let machine_busy = {
+            let (b, t) = system_tests::procfs::machine_ticks();
+            (b - machine.0) as f64 / (t - machine.1).max(1) as f64
+        };
+        // CPU per MB of file data, in ms: Dom0, both agents, both channels' relays, the `call`s
+        // (Base64 of the file, a connection per chunk).
+        let per_mb: Vec<f64> = spent
+            .iter()
+            .map(|ns| *ns as f64 / 1e6 / (n as f64 * size as f64 / 1e6))
+            .collect();
+        let total: f64 = per_mb.iter().sum();
+        let (c, c_cpu) = ceiling(size);
         let mb = size as f64 / 1e6;
+        // What the machine's CPUs allow at that cost, all of them busy all the time.
+        let cpu_bound = cpus as f64 * 1e3 / total;
+        let cpu = format!(
+            "CPU per MB: Dom0 {:.1} ms, vm-gui agent {:.1}, sys-usb agent {:.1}, both relays {:.1}, \
+             `call` {:.1}; total {total:.1} ms: {cpus} CPUs allow {cpu_bound:.1} MB/s ({:.2}× of it \
+             reached; the machine's CPUs {:.0} % busy); the ceiling's own CPU {c_cpu:.1} ms per MB",
+            per_mb[0],
+            per_mb[1],
+            per_mb[2],
+            per_mb[3],
+            per_mb[4],
+            (mb / t) / cpu_bound,
+            machine_busy * 100.0,
+        );
         report.row(
             &format!(
                 "`create_file` of {label} files through `call`, file data (**ratio to the ceiling**, target ≥ 0.8×)"

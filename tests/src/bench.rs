@@ -299,6 +299,8 @@ pub fn unlimited_config(dir: &TestDir) -> String {
 pub enum Cpu {
     Process(i32),
     Relay,
+    /// This process's children that ended and were waited for (`domu-agent call`s; 10 ms ticks).
+    Children,
 }
 
 /// The CPU time (ns) each of `watched` spends while `f` runs, beside `f`'s result.
@@ -309,6 +311,7 @@ pub fn cpu_during<T>(watched: &[Cpu], f: impl FnOnce() -> T) -> (T, Vec<u64>) {
             .map(|w| match w {
                 Cpu::Process(pid) => crate::procfs::cpu_ns(*pid),
                 Cpu::Relay => crate::procfs::own_threads_ns(crate::channel::RELAY_THREAD),
+                Cpu::Children => crate::procfs::children_ticks() * 10_000_000,
             })
             .collect()
     };

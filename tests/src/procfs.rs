@@ -63,7 +63,39 @@ fn tasks_ns(dir: &str, keep: impl Fn(&std::path::Path) -> bool) -> u64 {
 }
 
 /// utime + stime of a `stat` line.
+/// The machine's CPU time so far, all CPUs: (busy, total) in clock ticks (/proc/stat; idle and
+/// I/O wait are not busy).
+pub fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+/// CPU time (user + system) of this process's children that ended and were waited for, in clock
+/// ticks of 10 ms.
+pub fn children_ticks() -> u64 {
+    stat_ticks_at(
+        &std::fs::read_to_string("/proc/self/stat").unwrap_or_default(),
+        13,
+    )
+}
+
 fn stat_ticks(stat: &str) -> u64 {
+    stat_ticks_at(stat, 11)
+}
+
+/// The sum of the two tick fields at `i` and `i + 1` after the command name (utime and stime at
+/// 11, the waited-for children's at 13).
+fn stat_ticks_at(stat: &str, i: usize) -> u64 {
     // Fields after the command name (which may hold spaces): state is the 3rd, utime the 14th.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -73,7 +105,7 @@ fn stat_ticks(stat: &str) -> u64 {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    tick(11) + tick(12)
+    tick(i) + tick(i + 1)
 }
 
 /// What the process's file descriptors point to.

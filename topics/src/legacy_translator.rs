@@ -28,7 +28,7 @@ use serde_json::{Map, Value, json};
 
 use crate::answers::{Question, Responders};
 use crate::legacy_line::{self, Destination, LegacyError, LegacyLine, LineItem, LineReader};
-use crate::payload::{CreateFileArgs, ErrorCode, RequestId};
+use crate::payload::{ErrorCode, RequestId};
 use crate::topic::{Command, Notification, Topic};
 use crate::upload::{self, Progress, Upload};
 use crate::vm::VmId;
@@ -106,7 +106,7 @@ struct Asked {
 struct Uploading {
     upload: Upload,
     destination: Destination,
-    /// The line's arguments (the caller's), which travel with every chunk.
+    /// The line's arguments (the caller's) but its data, which travel with every chunk.
     arguments: Map<String, Value>,
     client: String,
 }
@@ -294,16 +294,17 @@ impl Translator {
             return out.push(self.refusal(command, &client, ErrorCode::Busy, &busy));
         }
         if command == Command::CreateFile {
-            if let Some((base, data)) = self.to_upload(arguments) {
+            // Arguments that do not make a `create_file` go whole: its responder says why.
+            if let Some(Ok(p)) = upload::prepare(arguments, self.chunk) {
                 // An unguessable upload id: the driver's random request ids are.
                 let id = new_id().to_string();
-                let upload = Upload::new(base, data, id.clone(), self.chunk, upload::WINDOW);
+                let upload = Upload::new(p.base, p.data, id.clone(), self.chunk, upload::WINDOW);
                 self.uploads.insert(
                     id.clone(),
                     Uploading {
                         upload,
                         destination: destination.clone(),
-                        arguments: arguments.clone(),
+                        arguments: p.rest,
                         client,
                     },
                 );
@@ -366,18 +367,6 @@ impl Translator {
         ))
     }
 
-    /// A `create_file`'s arguments and data when the data is larger than a chunk.
-    fn to_upload(&self, arguments: &Map<String, Value>) -> Option<(CreateFileArgs, Vec<u8>)> {
-        let data = arguments.get("data")?.as_str()?;
-        let len = crate::binary::decoded_len(data).ok()?;
-        if !upload::needed(len, self.chunk) || arguments.contains_key("upload_id") {
-            return None;
-        }
-        let base: CreateFileArgs = serde_json::from_value(Value::Object(arguments.clone())).ok()?;
-        let data = crate::binary::decode_limited(data, len).ok()?;
-        Some((base, data))
-    }
-
     /// Sends the chunks of upload `id` the window has room for.
     fn send_chunks(
         &mut self,
@@ -393,10 +382,7 @@ impl Translator {
             let Some((offset, chunk)) = u.upload.next_chunk() else {
                 return;
             };
-            let mut arguments = u.arguments.clone();
-            if let Ok(Value::Object(c)) = serde_json::to_value(&chunk) {
-                arguments.extend(c);
-            }
+            let arguments = upload::chunk_arguments(&u.arguments, &chunk);
             let (destination, client) = (u.destination.clone(), u.client.clone());
             let o = self.ask(
                 Command::CreateFile,

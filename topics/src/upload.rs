@@ -13,7 +13,7 @@
 
 use std::collections::BTreeSet;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::payload::CreateFileArgs;
@@ -28,6 +28,51 @@ pub const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// True when `data` bytes of a file travel as an upload rather than in one message.
 pub fn needed(data: usize, chunk: usize) -> bool {
     data > chunk
+}
+
+/// A `create_file` ready to go as an upload.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The caller's arguments but `data` (disk, filepath, a destination...): every chunk repeats
+    /// them. Without the data, so that a chunk's arguments cost a chunk, not the file.
+    pub rest: Map<String, Value>,
+    pub base: CreateFileArgs,
+    /// The file data, decoded.
+    pub data: Vec<u8>,
+}
+
+/// A `create_file`'s arguments as an upload, when its data is larger than `chunk` bytes and it is
+/// not a chunk already: None when it goes in one message; Some(Err) when the other arguments do
+/// not make a `create_file` (what is wrong).
+pub fn prepare(args: &Map<String, Value>, chunk: usize) -> Option<Result<Prepared, String>> {
+    let data = args.get("data")?.as_str()?;
+    let len = crate::binary::decoded_len(data).ok()?;
+    if !needed(len, chunk) || args.contains_key("upload_id") {
+        return None;
+    }
+    // Data that is not Base64 goes whole too: its responder refuses it with its code.
+    let data = crate::binary::decode_limited(data, len).ok()?;
+    let rest: Map<String, Value> = args
+        .iter()
+        .filter(|(k, _)| k.as_str() != "data")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut fields = rest.clone();
+    fields.insert("data".into(), Value::String(String::new()));
+    Some(
+        serde_json::from_value::<CreateFileArgs>(Value::Object(fields))
+            .map_err(|e| format!("create_file arguments: {e}"))
+            .map(|base| Prepared { rest, base, data }),
+    )
+}
+
+/// One chunk's arguments: the caller's other arguments ([`Prepared::rest`]) and the chunk's own.
+pub fn chunk_arguments(rest: &Map<String, Value>, chunk: &CreateFileArgs) -> Map<String, Value> {
+    let mut a = rest.clone();
+    if let Ok(Value::Object(c)) = serde_json::to_value(chunk) {
+        a.extend(c);
+    }
+    a
 }
 
 /// An upload id from 128 random bits: 32 lowercase hex digits.
@@ -240,6 +285,38 @@ mod tests {
         u.next_chunk();
         assert_eq!(u.on_answer(4, &ok(8)), Progress::Going);
         assert_eq!(u.on_answer(0, &ok(4)), Progress::Going);
+    }
+
+    #[test]
+    fn a_large_create_file_is_prepared_once_and_its_chunks_repeat_the_other_arguments() {
+        let data = vec![7u8; 10];
+        let args = |data: &[u8]| -> Map<String, Value> {
+            serde_json::from_value(serde_json::json!({
+                "disk": "usb0",
+                "filepath": "big.bin",
+                "overwrite": true,
+                "destination": "sys-usb",
+                "data": crate::binary::encode(data),
+            }))
+            .unwrap()
+        };
+        assert!(prepare(&args(&data[..4]), 4).is_none(), "one message");
+        let p = prepare(&args(&data), 4).unwrap().unwrap();
+        assert_eq!(p.data, data);
+        assert!(!p.rest.contains_key("data"), "the file is not repeated");
+        assert_eq!((p.base.disk.as_str(), p.base.overwrite), ("usb0", true));
+        let mut u = Upload::new(p.base.clone(), p.data.clone(), "e".repeat(32), 4, 4);
+        let (_, c) = u.next_chunk().unwrap();
+        let a = chunk_arguments(&p.rest, &c);
+        assert_eq!(a["destination"], "sys-usb");
+        assert_eq!(a["data"], crate::binary::encode(&data[..4]));
+        assert_eq!(a["offset"], 0);
+        let mut chunk = args(&data);
+        chunk.insert("upload_id".into(), "f".repeat(32).into());
+        assert!(prepare(&chunk, 4).is_none(), "already a chunk");
+        let mut bad = args(&data);
+        bad.remove("disk");
+        assert!(prepare(&bad, 4).unwrap().is_err());
     }
 
     #[test]

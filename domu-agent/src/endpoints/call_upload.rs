@@ -9,41 +9,31 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use serde_json::{Map, Value};
-use topics::payload::CreateFileArgs;
-use topics::upload::{self, Progress, Upload};
+use topics::upload::{self, Prepared, Progress, Upload};
 
-/// True when a `create_file` with these arguments travels as an upload; its file data if so.
-pub fn data_to_upload(args: &Map<String, Value>, chunk: usize) -> Option<Vec<u8>> {
-    let data = args.get("data")?.as_str()?;
-    let len = topics::binary::decoded_len(data).ok()?;
-    if !upload::needed(len, chunk) || args.contains_key("upload_id") {
-        return None;
-    }
-    topics::binary::decode_limited(data, len).ok()
-}
-
-/// Uploads `data` as `args` asks through the call socket at `socket`; returns the answer lines
-/// for the caller (one: the last chunk's answer, or the first error).
+/// Uploads `prepared` (a `create_file` larger than a chunk: [`upload::prepare`]) through the call
+/// socket at `socket`; returns the answer lines for the caller (one: the last chunk's answer, or
+/// the first error).
 pub fn upload(
     socket: &Path,
-    args: &Map<String, Value>,
-    data: Vec<u8>,
+    prepared: &Prepared,
     timeout_ms: Option<u64>,
     chunk: usize,
 ) -> Result<Vec<String>, String> {
-    let base: CreateFileArgs = serde_json::from_value(Value::Object(args.clone()))
-        .map_err(|e| format!("create_file arguments: {e}"))?;
     let mut bits = [0u8; 16];
     getrandom::getrandom(&mut bits).map_err(|e| format!("no randomness for the upload id: {e}"))?;
-    let mut up = Upload::new(base, data, upload::new_id(bits), chunk, upload::WINDOW);
+    let mut up = Upload::new(
+        prepared.base.clone(),
+        prepared.data.clone(),
+        upload::new_id(bits),
+        chunk,
+        upload::WINDOW,
+    );
     let mut waiting: VecDeque<(u64, BufReader<UnixStream>)> = VecDeque::new();
     loop {
         while let Some((offset, chunk_args)) = up.next_chunk() {
             // The caller's other arguments (a destination) travel with every chunk.
-            let mut a = args.clone();
-            if let Ok(Value::Object(c)) = serde_json::to_value(&chunk_args) {
-                a.extend(c);
-            }
+            let a = upload::chunk_arguments(&prepared.rest, &chunk_args);
             let mut req = Map::new();
             req.insert("command".into(), Value::String("create_file".into()));
             req.insert("args".into(), Value::Object(a));
