@@ -2,7 +2,7 @@
 //! - a small request's round trip from an MVP application on vm-gui's legacy endpoint
 //!   (`liste_disques` to sys-usb), idle, then while `domu-agent call` on the same vm-gui uploads
 //!   1 MiB files to sys-usb one after the other: the small message must not wait behind a file;
-//! - `create_file` throughput of 1 MiB and 16 MiB files through `call` (chunks of 64 KiB, 4 in
+//! - `create_file` throughput of 1 MiB and 16 MiB files through `call` (chunks of 16 KiB, 4 in
 //!   flight), against the ceiling of the same run: the chunks' bytes across the slower of the two
 //!   simulated channels alone (with chunks in flight both channels work at once).
 //!
@@ -31,12 +31,14 @@ fn main() {
     system_tests::bench::run_all("Uploads in chunks (`tests/benches/upload.rs`)", run);
 }
 
-/// `domu-agent call create_file` of `file` to sys-usb's `usb1` as `name`; its duration.
-fn upload(socket: &Path, file: &Path, name: &str) -> Duration {
+/// `domu-agent call create_file` of `file` to sys-usb's `usb1` as `name`, in chunks of `chunk`
+/// bytes; its duration.
+fn upload(socket: &Path, file: &Path, name: &str, chunk: usize) -> Duration {
     let t0 = Instant::now();
     let out = Command::new(bin("domu-agent"))
         .args(["call", "--json", "--timeout-ms", "20000", "--socket"])
         .arg(socket)
+        .arg(format!("--chunk-bytes={chunk}"))
         .args(["create_file", "disk=usb1", "overwrite=true"])
         .arg(format!("filepath={name}"))
         .arg(format!("data=@{}", file.display()))
@@ -79,8 +81,8 @@ fn run(kind: BrokerKind, report: &mut Report) {
     std::fs::create_dir_all(disks.join("usb1")).unwrap();
     let d = disks.display().to_string();
     let usb = Agent::start_logging(&dir, &usb_ch, "sys-usb", &["--disks", &d], "info");
-    // `--chunk N`: vm-gui's agent uploads in chunks of N bytes of file data (its
-    // `upload_chunk_bytes`; default topics::upload::CHUNK).
+    // `--chunk N`: uploads in chunks of N bytes of file data (`call --chunk-bytes`, and vm-gui's
+    // `upload_chunk_bytes` for its legacy endpoint; default topics::upload::CHUNK).
     let chunk = flag_numbers::<usize>("--chunk")
         .first()
         .copied()
@@ -112,7 +114,7 @@ fn run(kind: BrokerKind, report: &mut Report) {
         std::thread::spawn(move || {
             let mut i = 0;
             while uploading.load(Ordering::Relaxed) {
-                upload(&socket, &file, &format!("load/{}.bin", i % 8));
+                upload(&socket, &file, &format!("load/{}.bin", i % 8), chunk);
                 uploaded.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
@@ -151,7 +153,7 @@ fn run(kind: BrokerKind, report: &mut Report) {
     );
 
     // The ceiling: the chunk requests' bytes across the slower simulated channel, in chunk-sized
-    // writes (a chunk of 64 KiB is about 87.5 KB of Base64 plus its envelope). With the CPU this
+    // writes (a chunk of 16 KiB is about 21.8 KB of Base64 plus its envelope). With the CPU this
     // process spends on it (the relay, the writer and the reader), per MB of file data.
     let sim_dir = TestDir::new("bench-upload-sim");
     let mut sim = SimRoundTrip::new(&sim_dir.path);
@@ -184,7 +186,7 @@ fn run(kind: BrokerKind, report: &mut Report) {
         let machine = system_tests::procfs::machine_ticks();
         let (t, spent) = cpu_during(&watched, || {
             (0..n)
-                .map(|i| upload(&gui.socket, file, &format!("t/{i}.bin")).as_secs_f64())
+                .map(|i| upload(&gui.socket, file, &format!("t/{i}.bin"), chunk).as_secs_f64())
                 .sum::<f64>()
                 / n as f64
         });
