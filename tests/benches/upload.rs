@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use system_tests::bench::{
-    Cpu, Report, STEP_DEADLINE, cpu_during, flag_numbers, p50_p99, rss_mib, stats,
+    Cpu, Report, STEP_DEADLINE, cpu_during, flag_numbers, machine_busy_during, p50_p99, rss_mib,
+    stats,
 };
 use system_tests::channel::{Channel, SimRoundTrip};
 use system_tests::legacy::LegacyClient;
@@ -127,13 +128,8 @@ fn run(kind: BrokerKind, report: &mut Report) {
         std::thread::park_timeout(Duration::from_millis(5));
     }
     let t0 = Instant::now();
-    let machine = system_tests::procfs::machine_ticks();
-    let busy = stats(small_requests(&mut app, SMALL));
+    let (busy, machine_busy) = machine_busy_during(|| stats(small_requests(&mut app, SMALL)));
     let during = t0.elapsed();
-    let machine_busy = {
-        let (b, t) = system_tests::procfs::machine_ticks();
-        (b - machine.0) as f64 / (t - machine.1).max(1) as f64
-    };
     uploading.store(false, Ordering::Relaxed);
     loader.join().unwrap();
     let files = uploaded.load(Ordering::Relaxed);
@@ -183,17 +179,14 @@ fn run(kind: BrokerKind, report: &mut Report) {
             Cpu::Relay,
             Cpu::Children,
         ];
-        let machine = system_tests::procfs::machine_ticks();
-        let (t, spent) = cpu_during(&watched, || {
-            (0..n)
-                .map(|i| upload(&gui.socket, file, &format!("t/{i}.bin"), chunk).as_secs_f64())
-                .sum::<f64>()
-                / n as f64
+        let ((t, spent), machine_busy) = machine_busy_during(|| {
+            cpu_during(&watched, || {
+                (0..n)
+                    .map(|i| upload(&gui.socket, file, &format!("t/{i}.bin"), chunk).as_secs_f64())
+                    .sum::<f64>()
+                    / n as f64
+            })
         });
-        let machine_busy = {
-            let (b, t) = system_tests::procfs::machine_ticks();
-            (b - machine.0) as f64 / (t - machine.1).max(1) as f64
-        };
         // CPU per MB of file data, in ms: Dom0, both agents, both channels' relays, the `call`s
         // (Base64 of the file, a connection per chunk).
         let per_mb: Vec<f64> = spent

@@ -325,6 +325,15 @@ pub fn cpu_during<T>(watched: &[Cpu], f: impl FnOnce() -> T) -> (T, Vec<u64>) {
     (r, spent)
 }
 
+/// How busy the machine's CPUs were (0 to 1, all CPUs) while `f` ran, beside `f`'s result.
+pub fn machine_busy_during<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let (busy0, total0) = crate::procfs::machine_ticks();
+    let r = f();
+    let (busy, total) = crate::procfs::machine_ticks();
+    let share = busy.saturating_sub(busy0) as f64 / total.saturating_sub(total0).max(1) as f64;
+    (r, share)
+}
+
 /// CPU time per unit in µs: `ns` shared by `units`.
 pub fn us_each(ns: u64, units: f64) -> f64 {
     ns as f64 / 1e3 / units.max(1.0)

@@ -62,7 +62,6 @@ fn tasks_ns(dir: &str, keep: impl Fn(&std::path::Path) -> bool) -> u64 {
         .sum()
 }
 
-/// utime + stime of a `stat` line.
 /// The machine's CPU time so far, all CPUs: (busy, total) in clock ticks (/proc/stat; idle and
 /// I/O wait are not busy).
 pub fn machine_ticks() -> (u64, u64) {
@@ -89,6 +88,7 @@ pub fn children_ticks() -> u64 {
     )
 }
 
+/// utime + stime of a `stat` line.
 fn stat_ticks(stat: &str) -> u64 {
     stat_ticks_at(stat, 11)
 }
